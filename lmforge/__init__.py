@@ -1,0 +1,27 @@
+"""lmforge: from raw text to a trained GPT-style language model.
+
+The public API::
+
+    from lmforge import TrainConfig, load_train_config, train, load_run, generate_text
+
+Names are imported on first use, so ``import lmforge.config`` does not pull in the trainer.
+Token-level decoding is ``lmforge.generate.generate``.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "TrainConfig": "lmforge.config", "load_train_config": "lmforge.config", "UserError": "lmforge.errors",
+    "generate_text": "lmforge.generate",
+    "LoadedRun": "lmforge.run", "load_run": "lmforge.run",
+    "TrainResult": "lmforge.train.loop", "train": "lmforge.train.loop",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

@@ -1,0 +1,167 @@
+"""The ``lmforge`` command: parse arguments, call one function per subcommand.
+
+A :class:`UserError` becomes one line on stderr and exit status 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from lmforge.errors import UserError
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def _config_reference(cls: type, prefix: str = "") -> list[str]:
+    """``key (type, default)`` lines for every config field, recursing into sections."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += _config_reference(hints[f.name], key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {key} = {default!r}")
+    return lines
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from lmforge.config import DataConfig
+    from lmforge.data.prepare import format_summary, prepare
+
+    cfg = DataConfig(sources=args.sources, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                     val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
+                     workers=args.workers)
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+    meta = prepare(cfg, args.out, progress=True, overwrite=args.overwrite)
+    print(format_summary(meta))
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a shipped recipe (``tinyshakespeare-char``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = PACKAGED_CONFIGS / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise UserError(f"config '{name}' is neither a file nor a shipped recipe (shipped: {known})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lmforge.config import load_train_config
+    from lmforge.train.loop import train
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
+        # The run's own config, plus any overrides (e.g. a larger train.max_steps).
+        cfg = load_train_config(run_dir / "config.yaml", overrides + [f"out_dir={run_dir}"])
+        train(cfg, resume=True)
+        return
+    config_path = resolve_config_path(args.config) if args.config else PACKAGED_CONFIGS / "default.yaml"
+    train(load_train_config(config_path, overrides))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lmforge.generate import generate_text
+    from lmforge.run import load_run
+    from lmforge.train.runtime import setup_runtime
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"--prompt-file '{path}' does not exist")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        prompts = [""]
+    rt = setup_runtime(args.device, args.precision)
+    run = load_run(args.run, rt.device)
+    if len(prompts) == 1:  # the continuation streams right after its prompt
+        print(prompts[0], end="", flush=True)
+    with rt.autocast():
+        texts = generate_text(
+            run.model, run.tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+            stop_strings=args.stop or (), stream=sys.stdout if len(prompts) == 1 else None,
+        )
+    if len(prompts) == 1:
+        print()
+        return
+    for prompt, text in zip(prompts, texts, strict=False):
+        print(f"{prompt}{text}\n----")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmforge.config import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="lmforge", description="Train, evaluate and use GPT-style models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="turn text files into tokenized train/val shards",
+                       description="Read text/markdown/code/JSONL/Parquet files, folders or globs; drop "
+                                   "duplicates; split train/val; train a tokenizer; write train.bin/val.bin.")
+    p.add_argument("sources", nargs="*", help="files, folders or globs (none: the Python standard library)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tokenizer", default="bpe", help="'bpe', 'char', or a path to a tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction held out (default 0.05)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
+    p.add_argument("--text-field", default="text", help="field with the text in .jsonl/.parquet (default text)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per core)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="pretrain a model (no arguments: the default corpus and recipe)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config keys (set in YAML or as key=value):\n"
+                              + "\n".join(_config_reference(TrainConfig)))
+    p.add_argument("--config", "-c", help="YAML recipe, or a shipped recipe's name (e.g. tinyshakespeare-char)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a trained model")
+    p.add_argument("run", help="run directory or checkpoint directory")
+    p.add_argument("--prompt", "-p", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", help="file with one prompt per line")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=200)
+    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

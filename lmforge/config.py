@@ -1,0 +1,326 @@
+"""Typed configuration: dataclasses with defaults in code, YAML recipes that override them, and
+dotted ``key=value`` overrides from the command line.
+
+Every field's docstring-like comment is user-facing: ``lmforge train --help-config`` prints them.
+Unknown keys and values of the wrong type raise :class:`~lmforge.errors.UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmforge.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and how it becomes tokens (``lmforge prepare``)."""
+
+    sources: list[str] = field(default_factory=list)
+    """Files, folders (recursive) or globs; empty means the embedded default corpus."""
+    dataset_dir: str | None = None
+    """An already prepared dataset folder (train.bin/val.bin/meta.json); skips preparation."""
+    tokenizer: str = "bpe"
+    """'bpe' (byte-level BPE trained on the corpus), 'char', or a path to a tokenizer.json."""
+    vocab_size: int = 4096
+    """Vocabulary size for a newly trained BPE tokenizer."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation."""
+    seed: int = 1337
+    """Seed of the train/val split."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl and .parquet inputs."""
+    workers: int = 0
+    """Tokenizer worker processes; 0 means one per CPU core."""
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer's shape. ``preset`` fills in defaults; explicit keys override them."""
+
+    preset: str | None = None
+    """A named preset (see ``lmforge.model.presets``); its values are defaults for this section."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 means 'take it from the tokenizer'."""
+    block_size: int = 256
+    """Context length in tokens."""
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None
+    """Key/value heads for grouped-query attention; None means n_head (multi-head attention)."""
+    n_embd: int = 256
+    intermediate_size: int | None = None
+    """MLP hidden width; None means 4*n_embd (gelu) or the Llama 8/3*n_embd rounded to 64 (swiglu)."""
+    pos_embedding: Literal["learned", "rope"] = "learned"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = True
+    """Biases in linear layers and norms (GPT-2 has them, Llama does not)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.mlp == "swiglu":
+            return 64 * ((8 * self.n_embd // 3 + 63) // 64)
+        return 4 * self.n_embd
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise UserError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.kv_heads}")
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise UserError(f"RoPE needs an even head size, got n_embd/n_head={self.head_dim}")
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr``."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    """Steps of the cosine decay; None means train.max_steps."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainLoopConfig:
+    """How long and how to train, evaluate and checkpoint."""
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_minutes: float | None = None
+    """Stop (with a checkpoint) after this much training wall time, whatever max_steps says."""
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    keep_last: int = 2
+    """Checkpoints to keep (older ones are deleted)."""
+    patience: int | None = None
+    """Stop after this many evaluations without a new best val loss; None disables early stopping."""
+    seed: int = 1337
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', 'cuda:1', 'mps'."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """'auto' picks bf16 autocast where the hardware supports it, fp16 + GradScaler on older GPUs."""
+    compile: bool = False
+    """torch.compile the model (falls back to eager with a warning if compilation is unavailable)."""
+    threads: int = 0
+    """CPU threads for PyTorch; 0 leaves PyTorch's default."""
+
+
+@dataclass
+class SampleConfig:
+    """Samples printed at the end of training."""
+
+    num_samples: int = 3
+    max_new_tokens: int = 200
+    prompt: str = ""
+    temperature: float = 0.8
+    top_k: int | None = 50
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``lmforge train`` needs."""
+
+    out_dir: str = "runs/lmforge"
+    """Run directory; if it already holds a run (and --resume is not given) a numbered sibling is used."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: dict/YAML -> dataclass, with type checking and key names in every error
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` where that is lossless, else raise UserError naming key."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except UserError:
+                pass
+        raise UserError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise UserError(f"config key '{key}': expected one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):  # a single source given on the command line
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"config key '{key}': expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    names = [getattr(a, "__name__", str(a)) for a in args]
+    return " or ".join(names) + (" or null" if len(args) < len(typing.get_args(tp)) else "")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    where = f"'{prefix}'" if prefix else "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config section {where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = dict(data)
+    if cls is ModelConfig and data.get("preset"):
+        from lmforge.model.presets import preset_values
+
+        data = {**preset_values(data["preset"]), **data}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise UserError(f"unknown config key '{full}' (known keys in {where}: {known})")
+        kwargs[key] = _check_value(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (so 3, 1e-3, true, [a, b] work)."""
+    if "=" not in text:
+        raise UserError(f"override '{text}': expected key=value, e.g. train.max_steps=500")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    return key.strip().split("."), value
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"config file '{p}' is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{p}': expected a mapping of keys at the top level")
+    return data
+
+
+def merge_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _deepcopy_dict(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override '{text}': '{k}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _deepcopy_dict(d: dict) -> dict:
+    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults in code, then the YAML file, then the dotted overrides; validated."""
+    data = load_yaml(path) if path else {}
+    data = merge_overrides(data, overrides or [])
+    cfg = from_dict(TrainConfig, data)
+    cfg.model.validate()
+    return cfg
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

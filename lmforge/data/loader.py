@@ -1,0 +1,71 @@
+"""Token shards on disk -> training batches.
+
+Batches are a pure function of (seed, rank, step, micro-step): the loader holds no hidden state, so
+resuming at step N replays exactly the batches an uninterrupted run would have seen, and every
+rank of a distributed run draws its own. Shards are memory-mapped: memory stays constant whatever
+the corpus size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.errors import UserError
+
+
+class TokenShard:
+    """One split (train.bin / val.bin) of a prepared dataset, memory-mapped."""
+
+    def __init__(self, dataset_dir: str | Path, split: str, dtype: str, block_size: int):
+        path = Path(dataset_dir) / f"{split}.bin"
+        if not path.is_file():
+            raise UserError(f"dataset file '{path}' is missing (run `lmforge prepare` first)")
+        self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        self.block_size = block_size
+        if len(self.tokens) < block_size + 2:
+            raise UserError(f"'{path}' has {len(self.tokens)} tokens, fewer than one block of "
+                            f"{block_size} + 1; use more text or a smaller model.block_size")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def windows(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets for windows starting at the given offsets."""
+        idx = offsets[:, None] + np.arange(self.block_size + 1)
+        chunk = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+class BatchSampler:
+    """Random windows from a shard; batch k is determined by (seed, rank, step, micro)."""
+
+    def __init__(self, shard: TokenShard, batch_size: int, seed: int, rank: int = 0):
+        self.shard, self.batch_size, self.seed, self.rank = shard, batch_size, seed, rank
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        high = len(self.shard) - self.shard.block_size - 1
+        return self.shard.windows(rng.integers(0, high, size=self.batch_size))
+
+
+def eval_offsets(n_tokens: int, block_size: int, n_batches: int, batch_size: int) -> np.ndarray:
+    """Evenly spaced window starts covering the split (the same every evaluation, so comparable)."""
+    n = min(n_batches * batch_size, max(1, (n_tokens - 1) // block_size))
+    high = n_tokens - block_size - 1
+    return np.linspace(0, high, num=n).astype(np.int64) if n > 1 else np.zeros(1, dtype=np.int64)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to the device; on CUDA through pinned memory so the copy overlaps compute."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
+    """Cross-entropy in nats/token -> bits per UTF-8 byte, comparable across tokenizers."""
+    return loss_nats / math.log(2) * tokens / max(1, n_bytes)

@@ -1,0 +1,415 @@
+"""Documents → dedupe → train/val split → tokens → ``train.bin``/``val.bin`` + ``meta.json``.
+
+Three streaming passes over the sources, so memory does not grow with the corpus (only a hash and a
+one-byte flag per document are kept, never the texts):
+
+1. read every document: drop exact duplicates and empty ones, assign each kept one to train or val
+   by a seeded hash of its content (independent of document order and of the number of workers);
+2. train the tokenizer (BPE on the train documents, char on all of them), re-reading the sources;
+3. tokenize in worker processes, in chunks of ~1 MB with a bounded number in flight, appending the
+   tokens of each document followed by the end-of-text id to the split's ``.bin`` file, in order,
+   so the output is byte-identical whatever the number of workers.
+
+The dataset is built in a temporary folder next to ``out_dir`` and renamed into place at the end,
+so a dataset folder with a ``meta.json`` is always complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge.config import DataConfig
+from lmforge.data.corpus import default_corpus_id, default_corpus_sources
+from lmforge.data.sources import SourceStats, iter_documents
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+
+FORMAT = 1
+DEFAULT_CORPUS_NAME = "<python stdlib>"
+CHUNK_CHARS = 1 << 20
+"""Characters of text per tokenization task: large enough to amortise inter-process overhead."""
+SPLITS = ("train", "val")
+_SKIP, _TRAIN, _VAL, _KEPT = 0, 1, 2, 3
+"""Per-document flags of pass 1: dropped, train, val, or kept for the tail split (both)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Pass 1: dedupe, skip empties, split
+
+
+def _val_draw(seed: int, digest: bytes) -> float:
+    """A uniform number in [0, 1) from (seed, content hash): the same wherever the document appears."""
+    h = hashlib.sha256(seed.to_bytes(8, "little", signed=True) + digest).digest()
+    return int.from_bytes(h[:8], "little") / 2**64
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What pass 1 learned: one flag per document read, and the counts for meta.json."""
+
+    flags: bytearray
+    stats: SourceStats
+    kept: int = 0
+    duplicates: int = 0
+    empty: int = 0
+    kept_bytes: int = 0
+    content_hash: str = ""
+    split: str = "document"
+
+
+def _scan(sources: list[str], cfg: DataConfig) -> _Scan:
+    stats = SourceStats()
+    scan = _Scan(bytearray(), stats)
+    # 8 bytes of sha256 per document: a collision among 10^9 documents has probability ~3%, and
+    # costs one wrongly dropped document; the full digest would triple the memory per document.
+    seen: set[int] = set()
+    content = hashlib.sha256()
+    n_val = 0
+    for doc in iter_documents(sources, cfg.text_field, stats):
+        if not doc.text or doc.text.isspace():
+            scan.empty += 1
+            scan.flags.append(_SKIP)
+            continue
+        data = doc.text.encode("utf-8")
+        digest = hashlib.sha256(data).digest()
+        key = int.from_bytes(digest[:8], "little")
+        if key in seen:
+            scan.duplicates += 1
+            scan.flags.append(_SKIP)
+            continue
+        seen.add(key)
+        content.update(digest)
+        scan.kept += 1
+        scan.kept_bytes += len(data)
+        is_val = _val_draw(cfg.seed, digest) < cfg.val_fraction
+        n_val += is_val
+        scan.flags.append(_VAL if is_val else _TRAIN)
+    if scan.kept > 0 and (n_val == 0 or n_val == scan.kept):
+        # Too few documents for a per-document split (e.g. one big text file): hold out the tail
+        # of every document instead, as nanoGPT does for tinyshakespeare.
+        scan.split = "tail"
+        scan.flags = bytearray(_KEPT if f != _SKIP else _SKIP for f in scan.flags)
+    scan.content_hash = content.hexdigest()
+    return scan
+
+
+def _pieces(sources: list[str], cfg: DataConfig, scan: _Scan) -> Iterator[tuple[int, str]]:
+    """Re-read the sources: (split, text) for each kept document, or its two parts in a tail split."""
+    n = 0
+    for n, doc in enumerate(iter_documents(sources, cfg.text_field), 1):
+        if n > len(scan.flags):
+            break
+        flag = scan.flags[n - 1]
+        if flag == _KEPT:
+            cut = int(len(doc.text) * (1 - cfg.val_fraction))
+            for split, text in ((_TRAIN, doc.text[:cut]), (_VAL, doc.text[cut:])):
+                if text:
+                    yield split, text
+        elif flag != _SKIP:
+            yield flag, doc.text
+    if n != len(scan.flags):
+        raise UserError(f"the sources changed while being prepared ({_describe(cfg.sources)}); run again")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pass 3: tokenization, in worker processes
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    # One process per core already: threads inside each would only oversubscribe the CPU.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def _encode_chunk(chunk: list[tuple[int, str]], tokenizer: Tokenizer | None = None,
+                  dtype: str = "uint16") -> dict[int, tuple[np.ndarray, int, int]]:
+    """split -> (tokens of its documents, each followed by EOT; UTF-8 bytes; document count)."""
+    tok = tokenizer or _worker_tokenizer
+    assert tok is not None, "worker used before _init_worker"
+    encoded = tok.encode_batch([text for _, text in chunk])
+    out = {}
+    for split in (_TRAIN, _VAL):
+        idx = [i for i, (s, _) in enumerate(chunk) if s == split]
+        flat: list[int] = []
+        for i in idx:
+            flat += encoded[i]
+            flat.append(tok.eot_id)
+        n_bytes = sum(len(chunk[i][1].encode("utf-8")) for i in idx)
+        out[split] = (np.array(flat, dtype=dtype), n_bytes, len(idx))
+    return out
+
+
+def _chunks(pieces: Iterator[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
+    chunk: list[tuple[int, str]] = []
+    size = 0
+    for piece in pieces:
+        chunk.append(piece)
+        size += len(piece[1])
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _tokenize(chunks: Iterator[list[tuple[int, str]]], tok: Tokenizer, dtype: str, workers: int,
+              out_dir: Path, total_bytes: int, progress: bool) -> dict[str, dict[str, int]]:
+    counts = {name: {"documents": 0, "bytes": 0, "tokens": 0} for name in SPLITS}
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if workers > 1:
+            # Set before the pool forks: tokenizers then neither warns nor deadlocks in the children
+            # when its thread pool was already used here (training the BPE tokenizer).
+            with _env("TOKENIZERS_PARALLELISM", "false"):
+                pool = stack.enter_context(multiprocessing.get_context().Pool(workers, _init_worker,
+                                                                              (tok.to_str(),)))
+        files = {split: stack.enter_context(open(out_dir / f"{SPLITS[split - 1]}.bin", "wb"))
+                 for split in (_TRAIN, _VAL)}
+        bar = stack.enter_context(tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                                       disable=not progress))
+
+        def write(result: dict[int, tuple[np.ndarray, int, int]]) -> None:
+            for split, (ids, n_bytes, n_docs) in result.items():
+                ids.tofile(files[split])
+                c = counts[SPLITS[split - 1]]
+                c["documents"] += n_docs
+                c["bytes"] += n_bytes
+                c["tokens"] += len(ids)
+                bar.update(n_bytes)
+
+        if pool is None:
+            for chunk in chunks:
+                write(_encode_chunk(chunk, tok, dtype))
+            return counts
+        # Pool.imap would read `chunks` ahead without limit (the whole corpus in memory); at most
+        # 2 tasks per worker are in flight here, and results are taken in order.
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (chunk, None, dtype)))
+            if len(pending) >= 2 * workers:
+                write(pending.popleft().get())
+        while pending:
+            write(pending.popleft().get())
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataset folder
+
+
+def _describe(sources: list[str]) -> str:
+    if not sources:
+        return DEFAULT_CORPUS_NAME
+    shown = ", ".join(sources[:3])
+    return shown + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+
+
+def _is_dataset(path: Path) -> bool:
+    return (path / "meta.json").is_file()
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if _is_dataset(out):
+        if not overwrite:
+            raise UserError(f"'{out}' already holds a prepared dataset (pass --overwrite to replace it)")
+    elif not out.is_dir() or any(out.iterdir()):
+        raise UserError(f"'{out}' exists and is not a prepared dataset; choose another output folder")
+
+
+def _tokenizer(cfg: DataConfig, sources: list[str], scan: _Scan, progress: bool) -> tuple[Tokenizer, dict]:
+    if cfg.tokenizer == "bpe":
+        texts = (text for split, text in _pieces(sources, cfg, scan) if split == _TRAIN)
+        # Away from a terminal the trainer's progress bars degrade to bare blank lines.
+        show = progress and sys.stderr.isatty()
+        return Tokenizer.train_bpe(texts, cfg.vocab_size, show_progress=show), {"kind": "bpe"}
+    if cfg.tokenizer == "char":
+        return Tokenizer.train_char(text for _, text in _pieces(sources, cfg, scan)), {"kind": "char"}
+    return Tokenizer.from_file(cfg.tokenizer), {"kind": "file", "source": str(cfg.tokenizer)}
+
+
+def _validate(cfg: DataConfig) -> None:
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if cfg.workers < 0:
+        raise UserError(f"data.workers must be 0 (one per CPU core) or more, got {cfg.workers}")
+    if cfg.tokenizer not in ("bpe", "char") and not Path(cfg.tokenizer).is_file():
+        raise UserError(f"data.tokenizer: expected 'bpe', 'char' or a tokenizer.json file, "
+                        f"got '{cfg.tokenizer}' (no such file)")
+
+
+def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
+    """Turn ``cfg.sources`` (empty: the default corpus) into a dataset folder; return its meta.
+
+    ``out_dir`` receives ``train.bin``, ``val.bin`` (token ids, ``meta["dtype"]``), ``tokenizer.json``
+    and ``meta.json``. An existing dataset there is replaced only with ``overwrite``. The returned
+    dict is meta.json's content plus ``"dir"``, the folder (not stored, so datasets can be moved).
+    """
+    _validate(cfg)
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
+    sources = list(cfg.sources) or default_corpus_sources()
+
+    scan = _scan(sources, cfg)
+    stats = scan.stats
+    if scan.kept == 0:
+        raise UserError(f"no text documents found in {_describe(cfg.sources)}: {stats.skipped_binary} "
+                        f"binary files skipped, {scan.empty} empty documents")
+
+    final = out.resolve()  # a name to derive the temp folder's from, even for out_dir="."
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tok, tok_meta = _tokenizer(cfg, sources, scan, progress)
+        tok.save(tmp / "tokenizer.json")
+        dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+        workers = cfg.workers or os.cpu_count() or 1
+        splits = _tokenize(_chunks(_pieces(sources, cfg, scan)), tok, dtype, workers, tmp,
+                           scan.kept_bytes, progress)
+        meta = {
+            "format": FORMAT,
+            "dtype": dtype,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "tokenizer": {**tok_meta, "path": "tokenizer.json"},
+            "split": scan.split,
+            "val_fraction": cfg.val_fraction,
+            "seed": cfg.seed,
+            "splits": splits,
+            "documents": {"read": stats.documents, "kept": scan.kept, "duplicates": scan.duplicates,
+                          "empty": scan.empty, "skipped_binary": stats.skipped_binary},
+            "invalid_utf8": stats.invalid_utf8,
+            "sources": list(cfg.sources) or [DEFAULT_CORPUS_NAME],
+            "content_hash": scan.content_hash,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(tmp, final, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**meta, "dir": str(out)}
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    # Checked again: another process may have finished the same dataset while this one worked.
+    _check_out_dir(out, overwrite)
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old)
+
+
+def load_meta(dataset_dir: str | Path) -> dict:
+    """The meta.json of a prepared dataset (plus ``"dir"``); UserError if it is not one."""
+    d = Path(dataset_dir)
+    if not d.is_dir():
+        raise UserError(f"dataset folder '{d}' does not exist")
+    path = d / "meta.json"
+    if not path.is_file():
+        raise UserError(f"'{d}' is not a prepared dataset (no meta.json; run `lmforge prepare`)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"'{path}' is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not a prepared dataset of format {FORMAT}")
+    return {**meta, "dir": str(d)}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def format_summary(meta: dict) -> str:
+    """A few human-readable lines about a prepared dataset (what ``lmforge prepare`` prints)."""
+    docs = meta["documents"]
+    lines = [f"documents: {docs['read']:,} read, {docs['kept']:,} kept, {docs['duplicates']:,} duplicates, "
+             f"{docs['empty']:,} empty, {docs['skipped_binary']:,} binary files skipped",
+             f"invalid UTF-8: {meta['invalid_utf8']:,} replacement characters"]
+    for name in SPLITS:
+        s = meta["splits"][name]
+        per_token = s["bytes"] / s["tokens"] if s["tokens"] else 0.0
+        lines.append(f"{name + ':':6} {s['documents']:,} documents, {_size(s['bytes'])}, "
+                     f"{s['tokens']:,} tokens ({per_token:.2f} bytes/token)")
+    tok = meta["tokenizer"]
+    lines.append(f"tokenizer: {tok['kind']}, vocab {meta['vocab_size']:,} ({meta['dtype']}); "
+                 f"{meta['split']} split, val_fraction {meta['val_fraction']}")
+    if "dir" in meta:
+        lines.append(f"written to: {meta['dir']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The default corpus, prepared once and cached
+
+
+def cache_root() -> Path:
+    """``$LMFORGE_CACHE``, or ``~/.cache/lmforge``."""
+    return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
+
+
+def _cache_key(cfg: DataConfig) -> str:
+    if cfg.tokenizer == "bpe":
+        tok = f"bpe{cfg.vocab_size}"
+    elif cfg.tokenizer == "char":
+        tok = "char"
+    else:  # keyed by content: the same file under another name is the same dataset
+        tok = "file-" + hashlib.sha256(Path(cfg.tokenizer).read_bytes()).hexdigest()[:12]
+    return f"{default_corpus_id()}-{tok}-val{cfg.val_fraction}-seed{cfg.seed}"
+
+
+def prepared_default_dataset(cfg: DataConfig, cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """The default corpus prepared with ``cfg``'s tokenizer and split settings, from the cache.
+
+    Prepared on first use into ``<cache_dir>/datasets/<key>`` (``cache_dir`` defaults to
+    :func:`cache_root`); the key names the corpus (Python version and file list) and the settings.
+    """
+    if cfg.sources:
+        raise ValueError("prepared_default_dataset is for the default corpus; cfg.sources must be empty")
+    _validate(cfg)
+    out = Path(cache_dir or cache_root()) / "datasets" / _cache_key(cfg)
+    if not _is_dataset(out):
+        try:
+            prepare(cfg, out, progress=progress)
+        except UserError:
+            if not _is_dataset(out):  # not a concurrent preparation that finished first
+                raise
+    return out

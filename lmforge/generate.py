@@ -1,0 +1,259 @@
+"""Sampling and decoding, gpt-fast style: prefill the prompts in one call, then one token per call
+with a preallocated static KV cache.
+
+Prompts of different lengths are left-padded so that every row writes its next token into the same
+cache slot. Each row gets its own position ids (0 at its first real token) and an attention mask that
+hides the pad slots, so a padded row computes what its prompt alone would.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Protocol, TextIO
+
+import torch
+
+from lmforge.errors import UserError
+from lmforge.model.gpt import GPT
+
+
+class Tokenizer(Protocol):
+    """What :func:`generate_text` needs from a tokenizer."""
+
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalize tokens already in the row (CTRL / Hugging Face convention).
+
+    logits: (B, V); seen: (B, V) boolean, True where the token occurs in the row's prompt or output.
+    A positive logit is divided by ``penalty`` and a negative one multiplied, so that for
+    penalty > 1 a seen token always becomes less likely.
+    """
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from next-token logits (B, V).
+
+    temperature 0 is greedy (argmax). Otherwise the logits are divided by the temperature, cut to
+    the ``top_k`` most likely tokens, then to the nucleus (the smallest set of most likely tokens
+    whose probability mass reaches ``top_p``, at least one token), and sampled with ``generator``.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    ids = None  # vocabulary ids of the candidates, when they are a sorted subset
+    if top_k is not None and top_k < logits.shape[-1]:
+        # Continuing with just the k candidates (sorted by topk) keeps top-p's sort small.
+        logits, ids = torch.topk(logits, top_k, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        if ids is None:
+            probs, ids = probs.sort(dim=-1, descending=True)
+        # Drop a candidate once the mass before it already reaches top_p: the most likely one stays.
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    # multinomial renormalizes, so the cut distributions need no division by their mass.
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                    repetition_penalty: float) -> None:
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be at least 1 (or None for no limit), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
+    if repetition_penalty <= 0:
+        raise UserError(f"repetition_penalty must be > 0 (1 means none), got {repetition_penalty}")
+
+
+def _attention_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """(B, 1, end - start, end) mask for query slots [start, end) over key slots [0, end).
+
+    Causal and blind to pad slots. Every slot also sees itself, so a pad query (whose output is
+    discarded) never has an all-masked row: some attention kernels (and PyTorch before 2.5) give NaN
+    there, which would reach real rows through the pad slots' values in the next layer.
+    """
+    q = torch.arange(start, end, device=valid.device)[:, None]
+    k = torch.arange(end, device=valid.device)[None, :]
+    return ((k <= q) & valid[:, None, None, :end]) | (k == q)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+             seed: int | None = None, stop_ids: Sequence[int] = (), use_cache: bool = True,
+             pad_id: int = 0, on_token: Callable[[int, int], bool | None] | None = None) -> list[list[int]]:
+    """Continue each prompt (a list of token ids); returns the new tokens of each row.
+
+    A row stops after it samples one of ``stop_ids`` (not included in its output) or after
+    ``max_new_tokens``; the loop ends when every row has stopped. Sampling: repetition penalty,
+    then temperature (0 = greedy), top-k, top-p (see :func:`sample_next`), seeded by ``seed``.
+
+    The context is ``model.cfg.block_size``: a longer prompt keeps its last block_size - 1 tokens,
+    and max_new_tokens is capped so that the longest prompt plus the new tokens fit (both warn).
+
+    on_token(row, token_id) is called for each new token as it is produced (streaming); returning
+    True stops that row (the token stays in its output). use_cache=False recomputes the whole
+    sequence every step: slow, the reference the KV cache path is tested against. Runs in eval mode
+    on the model's device and dtype; wrap the call in ``torch.autocast`` for mixed precision.
+    """
+    _check_sampling(temperature, top_k, top_p, repetition_penalty)
+    for i, p in enumerate(prompts):
+        if not p:
+            raise UserError(f"prompt {i} is empty: give at least one token (e.g. the end-of-text id)")
+    if max_new_tokens <= 0 or not prompts:
+        return [[] for _ in prompts]
+    block = model.cfg.block_size
+    prompts = [_fit_context(p, block - 1, i) for i, p in enumerate(prompts)]
+    B, L = len(prompts), max(len(p) for p in prompts)
+    if L + max_new_tokens > block:
+        warnings.warn(f"max_new_tokens={max_new_tokens} reaches past the context of {block} tokens "
+                      f"after a {L}-token prompt: generating at most {block - L}", stacklevel=2)
+        max_new_tokens = block - L
+    S = L + max_new_tokens  # slots: the padded prompts, then the new tokens
+
+    device = model.wte.weight.device
+    tokens = torch.tensor([[pad_id] * (L - len(p)) + p + [pad_id] * max_new_tokens for p in prompts],
+                          device=device)
+    n_pad = torch.tensor([L - len(p) for p in prompts], device=device)
+    slots = torch.arange(S, device=device)
+    valid = slots >= n_pad[:, None]  # (B, S): which slots hold real tokens
+    positions = (slots - n_pad[:, None]).clamp(min=0)
+    # Equal lengths need no mask, which lets attention use its fused causal kernels.
+    padded = bool(n_pad.any())
+    seen = None
+    if repetition_penalty != 1.0:
+        # One spare column absorbs the pad slots, so that pad_id is not counted as seen.
+        seen = torch.zeros(B, model.cfg.vocab_size + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, tokens[:, :L].masked_fill(~valid[:, :L], model.cfg.vocab_size), True)
+        seen = seen[:, :-1]
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    stop = set(stop_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * B
+    was_training = model.training
+    model.eval()
+    if use_cache:
+        # Under autocast the keys/values come out in the autocast dtype: store them so.
+        autocast = torch.is_autocast_enabled(device.type)
+        model.setup_cache(B, S, torch.get_autocast_dtype(device.type) if autocast else None)
+    try:
+        for end in range(L, S):
+            # With the cache, only the newest token goes in after the prefill; without it, everything.
+            start = end - 1 if use_cache and end > L else 0
+            logits, _ = model(tokens[:, start:end], positions=positions[:, start:end],
+                              mask=_attention_mask(valid, start, end) if padded else None,
+                              cache_start=start if use_cache else None, last_only=True)
+            logits = logits[:, -1].float()
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            tokens[:, end] = nxt
+            if seen is not None:
+                seen[torch.arange(B, device=device), nxt] = True
+            # Finished rows keep decoding (the batch shape is fixed) but their tokens are ignored.
+            for row, tok in enumerate(nxt.tolist()):
+                if done[row]:
+                    continue
+                if tok in stop:
+                    done[row] = True
+                    continue
+                out[row].append(tok)
+                if on_token is not None and on_token(row, tok):
+                    done[row] = True
+            if all(done):
+                break
+    finally:
+        if use_cache:
+            model.clear_cache()
+        model.train(was_training)
+    return out
+
+
+def _fit_context(prompt: list[int], limit: int, index: int) -> list[int]:
+    """The last ``limit`` tokens of a prompt, warning when that drops any."""
+    if len(prompt) <= limit:
+        return list(prompt)
+    warnings.warn(f"prompt {index} has {len(prompt)} tokens but the context leaves room for {limit}: "
+                  f"dropped its first {len(prompt) - limit} tokens", stacklevel=3)
+    return list(prompt[-limit:])
+
+
+def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Index where the first stop string occurring in ``text`` starts, or None."""
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _partial_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that could still grow into a stop string."""
+    return max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, *,
+                  stop_strings: Sequence[str] = (), stream: TextIO | None = None, **sampling) -> list[str]:
+    """Continue each text prompt; returns the continuations (prompt excluded).
+
+    An empty prompt starts a new document (the end-of-text token). Generation stops at the
+    tokenizer's end-of-text id, any ``stop_ids`` in ``sampling``, or a stop string (the text is cut
+    before it). ``sampling`` takes :func:`generate`'s keywords (temperature, top_k, seed, ...).
+
+    stream: with one prompt, the continuation is written as it is generated (never a half UTF-8
+    character, nor text that may turn out to start a stop string); with several, each finished
+    continuation is written at the end, separated by a line ``----``.
+    """
+    ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    stop_ids = {tokenizer.eot_id, *sampling.pop("stop_ids", ())}
+    live = stream is not None and len(prompts) == 1
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    written = 0  # characters of the continuation already streamed
+
+    def on_token(row: int, tok: int) -> bool:
+        nonlocal written
+        new_ids[row].append(tok)
+        # Decode the whole continuation: a token may complete a multi-byte character begun earlier.
+        text = tokenizer.decode(new_ids[row])
+        cut = _find_stop(text, stop_strings)
+        if live:
+            if cut is None and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far
+                return False
+            ready = cut if cut is not None else len(text) - _partial_stop(text, stop_strings)
+            if ready > written:
+                stream.write(text[written:ready])
+                stream.flush()
+                written = ready
+        return cut is not None
+
+    needs_callback = live or bool(stop_strings)
+    outs = generate(model, ids, max_new_tokens, stop_ids=stop_ids,
+                    on_token=on_token if needs_callback else None, **sampling)
+    texts = []
+    for out in outs:
+        text = tokenizer.decode(out)
+        cut = _find_stop(text, stop_strings)
+        texts.append(text if cut is None else text[:cut])
+    if live:
+        # What was held back (a possible stop string start that never completed, a final partial char).
+        if len(texts[0]) > written:
+            stream.write(texts[0][written:])
+            stream.flush()
+    elif stream is not None:
+        stream.write("\n----\n".join(texts) + "\n")
+        stream.flush()
+    return texts

@@ -1,0 +1,249 @@
+"""A decoder-only Transformer, top to bottom.
+
+One class covers both families, chosen by :class:`~lmforge.config.ModelConfig` fields, not by name:
+
+* GPT-2 style: learned position embeddings, LayerNorm, GELU MLP, biases, tied embeddings.
+* Llama style: rotary position embeddings (RoPE), RMSNorm, SwiGLU MLP, grouped-query attention
+  (fewer key/value heads than query heads), no biases.
+
+Attention goes through ``F.scaled_dot_product_attention`` so PyTorch picks the fastest kernel
+(flash attention on GPUs). For generation each attention layer can hold a preallocated static
+KV cache (gpt-fast style): the prompt is written in one call (prefill), then one token per call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_cache(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (block_size, head_dim) for RoPE, 'rotate half' layout (as in HF Llama)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    t = torch.arange(cfg.block_size, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) by position-dependent angles; cos/sin broadcast over heads."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value cache: (batch, kv_heads, max_len, head_dim), written at given slots."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v for slots [start, start+T) and return the cache up to start+T."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        # One fused projection for q, k, v: a single GEMM is faster than three small ones.
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache_start: int | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache_start is not None:
+            assert self.kv_cache is not None, "call GPT.setup_cache() before decoding with a cache"
+            k, v = self.kv_cache.update(cache_start, k, v)
+        if self.n_kv != self.n_head:
+            # Grouped-query attention: each key/value head serves n_head // n_kv query heads.
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Llama): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = cfg.mlp_hidden
+        # For SwiGLU the gate and up projections are fused into one GEMM.
+        self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return F.dropout(self.proj(h), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope, mask, cache_start) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask, cache_start)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """The language model: embeddings, ``n_layer`` blocks, a final norm and the output head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a GPT")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos_embedding == "rope":
+            cos, sin = rope_cache(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2*n_layer) so the
+        # residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without position embeddings (they cost no matmul FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache_start: int | None = None, last_only: bool = False):
+        """Logits for token ids ``idx`` (B, T).
+
+        targets: (B, T) next-token ids; positions equal to -100 are ignored. Returns (logits, loss).
+        positions: (B, T) or (T,) position ids; default 0..T-1 (offset by cache_start when decoding).
+        mask: boolean (B, 1, T, S) attention mask, True = attend; default causal.
+        cache_start: write keys/values into the KV cache from this slot (see setup_cache).
+        last_only: compute logits for the last position only (generation needs nothing else).
+        """
+        B, T = idx.shape
+        if self.cfg.block_size < T and cache_start is None:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}")
+        if positions is None:
+            start = cache_start or 0
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        else:
+            # (T,) positions broadcast over batch and heads; (B, T) ones get a head axis.
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            rope = (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, mask, cache_start)
+        x = self.norm_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a static KV cache of max_len slots in every attention layer."""
+        p = self.wte.weight
+        for block in self.blocks:
+            a = block.attn
+            a.kv_cache = KVCache(batch, a.n_kv, max_len, a.hd, dtype or p.dtype, p.device)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int | None = None) -> float:
+    """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM appendix B).
+
+    N is the parameter count without position embeddings; the second term is attention's
+    score and value matmuls (L layers, H heads of size Q, context T), forward and backward.
+    """
+    T = seq_len or cfg.block_size
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T

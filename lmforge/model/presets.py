@@ -1,0 +1,33 @@
+"""Named model shapes, as data. ``model.preset: NAME`` in a config uses one; explicit keys override.
+
+Sizes are approximate non-embedding parameter counts; the vocabulary comes from the tokenizer.
+"""
+
+from __future__ import annotations
+
+from lmforge.errors import UserError
+
+_GPT2 = {"pos_embedding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True}
+_LLAMA = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False,
+          "norm_eps": 1e-5}
+
+PRESETS: dict[str, dict] = {
+    # ~0.8M: nanoGPT's CPU Shakespeare recipe.
+    "gpt2-tiny": {**_GPT2, "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256},
+    # ~3M: the default `lmforge train` model, sized for a few minutes on a laptop CPU.
+    "gpt2-mini": {**_GPT2, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
+    # ~10M: nanoGPT's GPU Shakespeare-char model.
+    "gpt2-small": {**_GPT2, "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
+    # GPT-2 124M.
+    "gpt2-124m": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+    "llama-tiny": {**_LLAMA, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 128, "block_size": 256},
+    "llama-small": {**_LLAMA, "n_layer": 6, "n_head": 6, "n_kv_head": 2, "n_embd": 384, "block_size": 256},
+    "llama-124m": {**_LLAMA, "n_layer": 12, "n_head": 12, "n_kv_head": 4, "n_embd": 768, "block_size": 1024},
+}
+
+
+def preset_values(name: str) -> dict:
+    """The values of preset ``name``; UserError listing the known ones otherwise."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset '{name}' (known: {', '.join(PRESETS)})")
+    return dict(PRESETS[name])

@@ -1,0 +1,1 @@
+"""Training components: runtime, optimizer + schedule, checkpoints, metrics, and the loop."""

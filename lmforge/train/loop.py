@@ -1,0 +1,235 @@
+"""The pretraining loop.
+
+It reads like the algorithm because its parts live elsewhere: the runtime (device, precision,
+rank) in ``runtime``, the optimizer and schedule in ``optim``, checkpoints in ``checkpoint``,
+reporting in ``metrics``, batches in ``data.loader``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.config import TrainConfig, save_yaml
+from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, eval_offsets, to_device
+from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+from lmforge.model.gpt import GPT, flops_per_token
+from lmforge.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
+from lmforge.train.metrics import MetricsLogger, eta_seconds, format_duration, mfu, peak_flops
+from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.runtime import Runtime, maybe_compile, setup_runtime
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_loss: float
+    val_bpb: float
+    train_time_s: float
+    stopped_early: bool
+
+
+def resolve_dataset(cfg: TrainConfig, progress: bool) -> Path:
+    """The prepared dataset to train on: given, prepared from sources next to the run, or the default."""
+    if cfg.data.dataset_dir:
+        return Path(cfg.data.dataset_dir)
+    if not cfg.data.sources:
+        out = prepared_default_dataset(cfg.data, progress=progress)
+    else:
+        out = Path(cfg.out_dir) / "data"
+        if not (out / "meta.json").is_file():
+            prepare(cfg.data, out, progress=progress)
+    print(f"dataset {out}\n" + format_summary(load_meta(out)), flush=True)
+    return out
+
+
+def fresh_run_dir(out_dir: str) -> Path:
+    """``out_dir`` if it holds no run yet, else the first free ``out_dir-2``, ``-3``, ... (never overwrite)."""
+    base = Path(out_dir)
+    candidate, n = base, 1
+    while (candidate / "config.yaml").exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, shard: TokenShard, rt: Runtime, batch_size: int, n_batches: int) -> float:
+    """Mean next-token loss over fixed, evenly spaced windows of a split."""
+    was_training = model.training
+    model.eval()
+    offsets = eval_offsets(len(shard), shard.block_size, n_batches, batch_size)
+    total = torch.zeros((), device=rt.device)
+    for i in range(0, len(offsets), batch_size):
+        x, y = shard.windows(offsets[i:i + batch_size])
+        with rt.autocast():
+            _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
+        total += loss.float() * len(x)
+    model.train(was_training)
+    return total.item() / len(offsets)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint."""
+    tc = cfg.train
+    rt = setup_runtime(tc.device, tc.precision, tc.threads)
+    say = print if rt.is_main and progress else (lambda *a, **k: None)
+
+    # --- the run directory, the data and the tokenizer
+    if resume:
+        run_dir = Path(cfg.out_dir)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UserError(f"cannot resume: '{run_dir}' has no checkpoint")
+    else:
+        run_dir, ckpt = fresh_run_dir(cfg.out_dir), None
+        cfg.out_dir = str(run_dir)
+    dataset_dir = resolve_dataset(cfg, progress and rt.is_main)
+    meta = load_meta(dataset_dir)
+    tokenizer = Tokenizer.from_file(dataset_dir / "tokenizer.json")
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = meta["vocab_size"]
+    elif cfg.model.vocab_size < meta["vocab_size"]:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{meta['vocab_size']} tokens in '{dataset_dir}'")
+    cfg.data.dataset_dir = str(dataset_dir)
+    if rt.is_main and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        tokenizer.save(run_dir / "tokenizer.json")
+        shutil.copyfile(dataset_dir / "meta.json", run_dir / "dataset_meta.json")
+
+    # --- model, optimizer, and the state to resume from
+    torch.manual_seed(tc.seed + rt.rank)
+    model = GPT(cfg.model).to(rt.device)
+    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    scaler = rt.grad_scaler()
+    state = {"best_val_loss": math.inf, "evals_without_improvement": 0, "train_time_s": 0.0}
+    start_step = 0
+    if ckpt is not None:
+        load_weights(model, ckpt)
+        state.update(load_trainer_state(ckpt, optimizer))
+        start_step = state["step"]
+        say(f"resuming from {ckpt} (step {start_step})")
+    step_model = maybe_compile(model, tc.compile)
+
+    block = cfg.model.block_size
+    train_batches = BatchSampler(TokenShard(dataset_dir, "train", meta["dtype"], block), tc.batch_size,
+                                 tc.seed, rt.rank)
+    val_shard = TokenShard(dataset_dir, "val", meta["dtype"], block)
+    val_split = meta["splits"]["val"]
+
+    n_params = model.num_params()
+    flops_tok = flops_per_token(cfg.model, n_params)
+    peak, peak_source = peak_flops(rt.device, rt.autocast_dtype or torch.float32)
+    tokens_per_step = tc.batch_size * block * tc.grad_accum * rt.world_size
+    say(f"run {run_dir} | model {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOPs/token | "
+        f"{rt.device} {rt.precision} | {tokens_per_step} tokens/step | peak {peak / 1e12:.2f} TFLOP/s "
+        f"({peak_source})")
+
+    def run_eval(step: int, n_batches: int) -> dict:
+        loss = evaluate(step_model, val_shard, rt, tc.batch_size, n_batches)
+        bpb = bits_per_byte(loss, val_split["tokens"], val_split["bytes"])
+        record = {"step": step, "kind": "eval", "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
+                  "val_bpb": bpb}
+        logger.log(record)
+        say(f"step {step}: val loss {loss:.4f} | ppl {record['val_ppl']:.2f} | {bpb:.4f} bits/byte")
+        return record
+
+    # --- the loop
+    logger = MetricsLogger(run_dir, rt.is_main, start_step)
+    step_model.train()
+    stopped_early = False
+    last_eval: dict | None = None
+    t_start = time.perf_counter() - state["train_time_s"]
+    t_log, tokens_since_log = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=rt.device)
+    step = start_step
+    while step < tc.max_steps:
+        lr = lr_at(step, cfg.optim, tc.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(tc.grad_accum):
+            x, y = train_batches.batch(step, micro)
+            with rt.autocast():
+                _, loss = step_model(to_device(x, rt.device), to_device(y, rt.device))
+            scaler.scale(loss / tc.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = None
+        if cfg.optim.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_since_log += tokens_per_step
+        train_time = time.perf_counter() - t_start
+        last_step = step == tc.max_steps
+        out_of_time = tc.max_minutes is not None and train_time >= tc.max_minutes * 60
+
+        if step % tc.log_interval == 0 or last_step:
+            # .item() syncs with the device: only here, once per log interval.
+            n_steps = tc.log_interval if step % tc.log_interval == 0 else (step - start_step) % tc.log_interval
+            loss_val = loss_sum.item() / (max(1, n_steps) * tc.grad_accum)
+            loss_sum.zero_()
+            dt = time.perf_counter() - t_log
+            tps = tokens_since_log / dt
+            record = {"step": step, "kind": "train", "loss": loss_val, "lr": lr, "tokens_per_s": tps,
+                      "mfu": mfu(tps / rt.world_size, flops_tok, peak), "time_s": train_time}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm.item()
+            logger.log(record)
+            eta = eta_seconds(train_time - state["train_time_s"], step - start_step, tc.max_steps - step)
+            say(f"step {step}/{tc.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+                f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
+            t_log, tokens_since_log = time.perf_counter(), 0
+
+        final = last_step or out_of_time
+        if step % tc.eval_interval == 0 or final:
+            # The final evaluation covers the whole val split (non-overlapping windows).
+            last_eval = run_eval(step, 10**9 if final else tc.eval_batches)
+            if last_eval["val_loss"] < state["best_val_loss"]:
+                state["best_val_loss"], state["evals_without_improvement"] = last_eval["val_loss"], 0
+            else:
+                state["evals_without_improvement"] += 1
+                if tc.patience is not None and state["evals_without_improvement"] >= tc.patience:
+                    say(f"early stop: no val improvement in {tc.patience} evaluations")
+                    stopped_early = final = True
+        if step % tc.ckpt_interval == 0 or final:
+            state["train_time_s"] = time.perf_counter() - t_start
+            if rt.is_main:
+                save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_last)
+        if final:
+            if out_of_time and not last_step:
+                say(f"time limit of {tc.max_minutes} min reached at step {step}")
+            break
+    logger.close()
+    train_time = time.perf_counter() - t_start
+    if last_eval is None:  # resumed a run that had already finished
+        last_eval = run_eval(step, 10**9)
+    say(f"done: {step} steps in {format_duration(train_time)} | val loss {last_eval['val_loss']:.4f} | "
+        f"{last_eval['val_bpb']:.4f} bits/byte | {run_dir}")
+    if rt.is_main and progress and cfg.sample.num_samples > 0:
+        print_samples(model, tokenizer, cfg, rt)
+    return TrainResult(run_dir, step, last_eval["val_loss"], last_eval["val_bpb"], train_time, stopped_early)
+
+
+def print_samples(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, rt: Runtime) -> None:
+    from lmforge.generate import generate_text
+
+    s = cfg.sample
+    prompts = [s.prompt] * s.num_samples
+    with rt.autocast():
+        texts = generate_text(model, tokenizer, prompts, s.max_new_tokens, temperature=s.temperature,
+                              top_k=s.top_k, seed=cfg.train.seed)
+    for i, text in enumerate(texts):
+        print(f"\n--- sample {i + 1} ---\n{s.prompt}{text}")

@@ -1,0 +1,147 @@
+"""What a run reports: the live progress line, metrics.jsonl, TensorBoard events, the loss-curve PNG,
+and the arithmetic behind tokens/s and MFU (model FLOPs utilisation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s of known accelerators (vendor figures, no sparsity).
+KNOWN_PEAKS: dict[str, float] = {
+    "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+    "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12,
+    "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Fraction of the device's peak spent on the model's FLOPs (the PaLM definition)."""
+    return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else 0.0
+
+
+def eta_seconds(elapsed: float, done: int, remaining: int) -> float:
+    """Time left at the average pace so far."""
+    return elapsed / max(1, done) * max(0, remaining)
+
+
+def format_duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def measure_gemm_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of a square GEMM: the practical peak of CPUs and unknown devices."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """Peak FLOP/s for MFU and where it came from: a known GPU's spec, else a measured GEMM (cached)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in KNOWN_PEAKS.items():
+            if key in name:
+                return value, f"{name} spec"
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    key = f"{label}|{dtype}|torch{torch.__version__}"
+    cache = _cache_dir() / "peak_flops.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measure_gemm_peak(device, dtype)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+    return known[key], f"measured {dtype} GEMM on {label}".replace("torch.", "")
+
+
+class MetricsLogger:
+    """One sink for everything a run records: console, metrics.jsonl, TensorBoard, loss PNG."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, start_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.path = self.run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        # On resume, drop records past the checkpoint: those steps are about to be replayed.
+        if start_step > 0 and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step or None)
+
+    def log(self, record: dict) -> None:
+        """Append one record ({"step": ..., "kind": "train"|"eval", metrics...})."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        kind = record.get("kind", "train")
+        for k, v in record.items():
+            if k not in ("step", "kind") and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        self.tb.close()
+        plot_loss_curve(self.path, self.run_dir / "loss.png")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
+    """Train and val loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=False), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=False), "o-", label="val", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(png_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)

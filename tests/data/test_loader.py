@@ -1,0 +1,47 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, eval_offsets
+from lmforge.errors import UserError
+
+
+@pytest.fixture
+def shard(tmp_path) -> TokenShard:
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    return TokenShard(tmp_path, "train", "uint16", block_size=16)
+
+
+def test_targets_are_inputs_shifted_by_one(shard):
+    x, y = BatchSampler(shard, 4, seed=1).batch(0)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
+
+
+def test_batches_are_a_function_of_seed_rank_step_micro(shard):
+    a = BatchSampler(shard, 4, seed=1)
+    assert torch.equal(a.batch(5, 1)[0], BatchSampler(shard, 4, seed=1).batch(5, 1)[0])
+    assert not torch.equal(a.batch(5, 1)[0], a.batch(5, 0)[0])
+    assert not torch.equal(a.batch(5, 1)[0], a.batch(6, 1)[0])
+    assert not torch.equal(a.batch(5, 1)[0], BatchSampler(shard, 4, seed=1, rank=1).batch(5, 1)[0])
+
+
+def test_eval_offsets_cover_the_split_without_overlap():
+    offs = eval_offsets(1000, 16, n_batches=10**9, batch_size=4)
+    assert len(offs) == 62 and offs[0] == 0 and offs[-1] == 1000 - 17
+    assert np.all(np.diff(offs) >= 16)
+    assert len(eval_offsets(1000, 16, n_batches=2, batch_size=4)) == 8
+
+
+def test_too_short_split_and_missing_file_are_user_errors(tmp_path):
+    np.arange(10, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    with pytest.raises(UserError, match="fewer than one block"):
+        TokenShard(tmp_path, "val", "uint16", block_size=16)
+    with pytest.raises(UserError, match="missing"):
+        TokenShard(tmp_path, "train", "uint16", block_size=16)
+
+
+def test_bits_per_byte():
+    assert bits_per_byte(math.log(2), tokens=100, n_bytes=400) == pytest.approx(0.25)

@@ -1,0 +1,162 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmforge.data.prepare as prep
+from lmforge.config import DataConfig
+from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+
+
+def _docs(n: int) -> list[str]:
+    words = ["alpha", "beta", "gamma", "delta", "épsilon", "ζeta", "eta\t", "θ\n", "iota 😀", "kappa"]
+    return [f"document {i}: " + " ".join(words[(i * k) % len(words)] for k in range(3 + i % 7)) + "\n"
+            for i in range(n)]
+
+
+def _jsonl(path, texts: list[str]):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def _split_texts(out, split: str) -> list[str]:
+    """The documents of a split, recovered by decoding its .bin and cutting at EOT."""
+    meta = load_meta(out)
+    tok = Tokenizer.from_file(out / "tokenizer.json")
+    ids = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"]).tolist()
+    docs, start = [], 0
+    for i, t in enumerate(ids):
+        if t == meta["eot_id"]:
+            docs.append(tok.decode(ids[start:i]))
+            start = i + 1
+    assert start == len(ids), "every document ends with EOT"
+    return docs
+
+
+def _cfg(path, **kw) -> DataConfig:
+    defaults = {"sources": [str(path)], "tokenizer": "char", "val_fraction": 0.2, "workers": 1}
+    return DataConfig(**{**defaults, **kw})
+
+
+def test_bins_hold_every_kept_document_and_meta_counts_match_file_sizes(tmp_path):
+    texts = _docs(40)
+    out = tmp_path / "ds"
+    meta = prepare(_cfg(_jsonl(tmp_path / "d.jsonl", texts), tokenizer="bpe", vocab_size=300), out,
+                   progress=False)
+    assert meta == load_meta(out) and json.loads((out / "meta.json").read_text()) == {
+        k: v for k, v in meta.items() if k != "dir"}
+    assert meta["dtype"] == "uint16" and meta["tokenizer"] == {"kind": "bpe", "path": "tokenizer.json"}
+    assert meta["split"] == "document" and meta["documents"]["kept"] == 40
+    train, val = _split_texts(out, "train"), _split_texts(out, "val")
+    assert sorted(train + val) == sorted(texts) and train and val
+    for name, docs in (("train", train), ("val", val)):
+        s = meta["splits"][name]
+        assert s["tokens"] * 2 == os.path.getsize(out / f"{name}.bin")
+        assert s["documents"] == len(docs) and s["bytes"] == sum(len(t.encode()) for t in docs)
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "ds"]  # no temp dir left behind
+    summary = format_summary(meta)
+    assert "40 kept" in summary and str(out) in summary
+    assert f"{meta['splits']['val']['tokens']:,} tokens" in summary
+
+
+def test_exact_duplicates_and_empty_documents_are_dropped_and_counted(tmp_path):
+    texts = _docs(10)
+    src = _jsonl(tmp_path / "d.jsonl", texts + [texts[3], texts[3], "", "  \n\t", texts[7]])
+    meta = prepare(_cfg(src), tmp_path / "ds", progress=False)
+    assert meta["documents"] == {"read": 15, "kept": 10, "duplicates": 3, "empty": 2, "skipped_binary": 0}
+    kept = _split_texts(tmp_path / "ds", "train") + _split_texts(tmp_path / "ds", "val")
+    assert sorted(kept) == sorted(texts)
+
+
+def test_document_split_is_seeded_and_independent_of_order(tmp_path):
+    texts = _docs(60)
+    a = prepare(_cfg(_jsonl(tmp_path / "a.jsonl", texts)), tmp_path / "a", progress=False)
+    b = prepare(_cfg(_jsonl(tmp_path / "b.jsonl", texts[::-1])), tmp_path / "b", progress=False)
+    c = prepare(_cfg(tmp_path / "a.jsonl", seed=7), tmp_path / "c", progress=False)
+    val_a, val_b, val_c = (set(_split_texts(tmp_path / d, "val")) for d in "abc")
+    assert val_a == val_b and val_a != val_c
+    assert 0 < len(val_a) < 30  # about 20% of 60
+    assert a["content_hash"] != b["content_hash"] and a["content_hash"] == c["content_hash"]
+
+
+def test_single_document_falls_back_to_tail_split(tmp_path):
+    text = "".join(_docs(30))
+    (tmp_path / "input.txt").write_text(text)
+    meta = prepare(_cfg(tmp_path / "input.txt", val_fraction=0.1), tmp_path / "ds", progress=False)
+    cut = int(len(text) * 0.9)
+    assert meta["split"] == "tail"
+    assert _split_texts(tmp_path / "ds", "train") == [text[:cut]]
+    assert _split_texts(tmp_path / "ds", "val") == [text[cut:]]
+
+
+def test_output_is_byte_identical_whatever_the_number_of_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 300)  # many chunks, so ordering across workers matters
+    src = _jsonl(tmp_path / "d.jsonl", _docs(200))
+    for workers in (1, 2):
+        prepare(_cfg(src, tokenizer="bpe", vocab_size=300, workers=workers), tmp_path / f"w{workers}",
+                progress=False)
+    for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+
+
+def test_tokenizer_file_is_used_as_given(tmp_path):
+    src = _jsonl(tmp_path / "d.jsonl", _docs(20))
+    Tokenizer.train_char(_docs(20)).save(tmp_path / "tok.json")
+    meta = prepare(_cfg(src, tokenizer=str(tmp_path / "tok.json")), tmp_path / "ds", progress=False)
+    assert meta["tokenizer"]["kind"] == "file"
+    written = json.loads((tmp_path / "ds" / "tokenizer.json").read_text())
+    assert written == json.loads((tmp_path / "tok.json").read_text())
+    with pytest.raises(UserError, match="missing.json"):
+        prepare(_cfg(src, tokenizer=str(tmp_path / "missing.json")), tmp_path / "ds2", progress=False)
+
+
+def test_corpus_without_text_is_a_user_error(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.dat").write_bytes(b"\x00\x01" * 10)
+    (tmp_path / "bin" / "empty.txt").write_text("   \n")
+    with pytest.raises(UserError, match="no text documents found in .*bin: 1 binary files skipped, 1 empty"):
+        prepare(_cfg(tmp_path / "bin"), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_dataset_is_refused_unless_overwrite(tmp_path):
+    src = _jsonl(tmp_path / "d.jsonl", _docs(10))
+    prepare(_cfg(src), tmp_path / "ds", progress=False)
+    with pytest.raises(UserError, match="already holds a prepared dataset"):
+        prepare(_cfg(src), tmp_path / "ds", progress=False)
+    _jsonl(src, _docs(12))
+    assert prepare(_cfg(src), tmp_path / "ds", progress=False, overwrite=True)["documents"]["kept"] == 12
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        prepare(_cfg(src), tmp_path / "other", progress=False, overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_load_meta_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_meta(tmp_path / "nope")
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        load_meta(tmp_path)
+
+
+def test_default_dataset_is_prepared_once_and_reused(tmp_path, monkeypatch):
+    files = [str(tmp_path / f"m{i}.py") for i in range(3)]
+    for f, text in zip(files, _docs(3), strict=True):
+        Path(f).write_text(text)
+    monkeypatch.setattr(prep, "default_corpus_sources", lambda: files)
+    monkeypatch.setattr(prep, "default_corpus_id", lambda: "py-test")
+    cfg = DataConfig(tokenizer="char", workers=1)
+    path = prepared_default_dataset(cfg, cache_dir=tmp_path / "cache", progress=False)
+    assert path.parent == tmp_path / "cache" / "datasets" and path.name.startswith("py-test-char-")
+    assert load_meta(path)["sources"] == ["<python stdlib>"]
+    stamp = (path / "meta.json").stat().st_mtime_ns
+    assert prepared_default_dataset(cfg, cache_dir=tmp_path / "cache", progress=False) == path
+    assert (path / "meta.json").stat().st_mtime_ns == stamp
+    other = prepared_default_dataset(DataConfig(tokenizer="char", workers=1, seed=2), tmp_path / "cache",
+                                     progress=False)
+    assert other != path

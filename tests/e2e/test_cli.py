@@ -1,0 +1,112 @@
+"""The `lmforge` command end to end, in subprocesses: a short training run and its artefacts,
+generation from the run, and user mistakes -> one line on stderr, exit 2, nothing overwritten."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TRAIN = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=64", "train.batch_size=16",
+         "train.max_steps=150", "train.log_interval=10", "train.eval_interval=50", "train.eval_batches=4",
+         "train.ckpt_interval=100", "optim.lr=3e-3", "optim.warmup_steps=10", "sample.num_samples=1",
+         "sample.max_new_tokens=20"]
+
+
+def lmforge(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    import argparse
+    import textwrap
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for mod in (argparse, textwrap, json):
+        (folder / Path(mod.__file__).name).write_text(Path(mod.__file__).read_text())
+    (folder / "blob.bin").write_bytes(b"\x00\x01binary" * 100)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = lmforge("train", f"data.sources=[{corpus}]", "data.tokenizer=char", f"out_dir={out}", *TRAIN)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
+
+
+def test_training_lowers_the_loss_and_writes_every_artefact(trained_run):
+    run, result = trained_run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in evals] == [50, 100, 150]
+    assert evals[-1]["val_loss"] < 2.6 < train[0]["loss"]  # ln(vocab ~ 90) = 4.5 at the start
+    assert evals[-1]["val_bpb"] > 0 and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in train)
+    for name in ("config.yaml", "tokenizer.json", "dataset_meta.json", "loss.png", "data/train.bin"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_000100", "step_000150"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_000150"
+    assert "MFU" in result.stdout and "ETA" in result.stdout and "--- sample 1 ---" in result.stdout
+    assert "binary" in result.stdout.lower()  # the prepare summary counts the skipped binary file
+
+
+def test_generate_from_run_is_deterministic_when_greedy(trained_run):
+    run, _ = trained_run
+    a = lmforge("generate", str(run), "--prompt", "def ", "-n", "30", "-t", "0")
+    b = lmforge("generate", str(run / "checkpoints" / "step_000150"), "--prompt", "def ", "-n", "30", "-t", "0")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and len(a.stdout.strip()) > 5
+    batch = lmforge("generate", str(run), "-p", "import ", "-p", "class X", "-n", "10", "-t", "0")
+    assert batch.returncode == 0 and batch.stdout.count("----") == 2
+
+
+def test_train_twice_never_overwrites(trained_run, corpus):
+    run, _ = trained_run
+    before = (run / "config.yaml").read_text()
+    result = lmforge("train", f"data.sources=[{corpus}]", "data.tokenizer=char", f"out_dir={run}", *TRAIN[:4],
+                     "train.max_steps=2", "sample.num_samples=0")
+    assert result.returncode == 0, result.stderr
+    assert (run / "config.yaml").read_text() == before
+    assert (run.with_name(run.name + "-2") / "config.yaml").is_file()
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_user_mistakes_are_one_line_exit_2(tmp_path, trained_run):
+    run, _ = trained_run
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.dat").write_bytes(b"\x00" * 50)
+    (tmp_path / "empty.txt").write_text("")
+    _one_line_error(lmforge("train", "data.sources=[/no/such/file.txt]"), "/no/such/file.txt")
+    _one_line_error(lmforge("train", "model.preset=gpt9"), "unknown model preset 'gpt9'")
+    _one_line_error(lmforge("train", "train.batch_sise=3"), "unknown config key 'train.batch_sise'")
+    _one_line_error(lmforge("train", "train.max_steps=many"), "train.max_steps", "integer")
+    _one_line_error(lmforge("train", "-c", "no-such-recipe"), "no-such-recipe")
+    _one_line_error(lmforge("train", "--resume", str(tmp_path / "nope")), "nope")
+    _one_line_error(lmforge("generate", str(tmp_path / "nope")), "does not exist")
+    _one_line_error(lmforge("generate", str(tmp_path)), "not a run directory")
+    _one_line_error(lmforge("prepare", str(tmp_path / "bin"), "--out", str(tmp_path / "o1")), "binary")
+    _one_line_error(lmforge("prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o2")), "empty.txt")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # A checkpoint whose vocabulary does not match the tokenizer.
+    bad = tmp_path / "mismatch"
+    subprocess.run(["cp", "-r", str(run), str(bad)], check=True)
+    vocab = json.loads((bad / "tokenizer.json").read_text())
+    for i in range(200):
+        vocab["model"]["vocab"][f"extra{i}"] = 10_000 + i
+    (bad / "tokenizer.json").write_text(json.dumps(vocab))
+    _one_line_error(lmforge("generate", str(bad), "-p", "x"), "tokenizer", "vocabulary")
