@@ -149,7 +149,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     step_model.train()
     stopped_early = False
     last_eval: dict | None = None
-    t_start = time.perf_counter() - state["train_time_s"]
+    resumed_time = state["train_time_s"]  # training time before this process started (resume)
+    t_start = time.perf_counter() - resumed_time
     t_log, tokens_since_log = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=rt.device)
     step = start_step
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm.item()
             logger.log(record)
-            eta = eta_seconds(train_time - state["train_time_s"], step - start_step, tc.max_steps - step)
+            eta = eta_seconds(train_time - resumed_time, step - start_step, tc.max_steps - step)
             say(f"step {step}/{tc.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
                 f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
             t_log, tokens_since_log = time.perf_counter(), 0

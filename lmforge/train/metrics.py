@@ -4,11 +4,14 @@ and the arithmetic behind tokens/s and MFU (model FLOPs utilisation)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 
 import torch
+
+from lmforge.data.prepare import cache_root
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor figures, no sparsity).
 KNOWN_PEAKS: dict[str, float] = {
@@ -33,24 +36,26 @@ def format_duration(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def measure_gemm_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """FLOP/s of a square GEMM: the practical peak of CPUs and unknown devices."""
+def measure_gemm_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 12) -> float:
+    """FLOP/s of a square GEMM, the best of ``reps`` timings: the practical peak of CPUs and unknown devices.
+
+    The best rather than the mean, so that a moment of contention from another process at start-up
+    does not lower the figure that every later MFU is divided by.
+    """
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
+    best = math.inf
     for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
@@ -62,7 +67,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
                 return value, f"{name} spec"
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
     key = f"{label}|{dtype}|torch{torch.__version__}"
-    cache = _cache_dir() / "peak_flops.json"
+    cache = cache_root() / "peak_flops.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):

@@ -98,9 +98,17 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 
 
 
 def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """torch.compile the model if asked; fall back to eager with a warning when it is unavailable."""
+    """torch.compile the model if asked, else return it as is.
+
+    Compilation happens lazily at the first call, so failures (no C compiler, an unsupported
+    platform) surface there: dynamo's ``suppress_errors`` turns them into a warning and eager
+    execution instead of a crash.
+    """
     if not enabled:
         return model
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
     try:
         return torch.compile(model)
     except Exception as e:  # noqa: BLE001 - any failure to set up compile means: run eagerly
