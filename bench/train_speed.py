@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from lmforge.config import ModelConfig, OptimConfig
+from lmforge.config import ModelConfig, OptimConfig, from_dict
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.train.metrics import peak_flops
 from lmforge.train.optim import build_optimizer
@@ -54,7 +54,8 @@ def hf_step(cfg: ModelConfig, device: torch.device, compile_: bool):
 
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, activation_function="gelu_new", tie_word_embeddings=True)
+                        attn_pdrop=0.0, activation_function="gelu", tie_word_embeddings=True,
+                        bos_token_id=0, eos_token_id=0)
     hf_cfg._attn_implementation = "sdpa"
     model = GPT2LMHeadModel(hf_cfg).to(device)
     model.train()
@@ -117,7 +118,7 @@ def main() -> None:
     for size in args.sizes.split(","):
         preset, vocab, context, batch = SIZES[size]
         context, batch = args.context or context, args.batch or batch
-        cfg = ModelConfig.from_dict({"preset": preset, "vocab_size": vocab, "block_size": context,
+        cfg = from_dict(ModelConfig, {"preset": preset, "vocab_size": vocab, "block_size": context,
                                      "dropout": 0.0})
         torch.manual_seed(0)
         ours, n_params = lmforge_step(cfg, device, args.compile)

@@ -14,8 +14,6 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 
-PACKAGED_CONFIGS = Path(__file__).parent / "configs"
-
 
 def _config_reference(cls: type, prefix: str = "") -> list[str]:
     """``key (type, default)`` lines for every config field, recursing into sections."""
@@ -44,18 +42,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(format_summary(meta))
 
 
-def resolve_config_path(name: str) -> Path:
-    """A YAML path, or the name of a shipped recipe (``tinyshakespeare-char``)."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    shipped = PACKAGED_CONFIGS / f"{name}.yaml"
-    if shipped.is_file():
-        return shipped
-    known = ", ".join(sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml")))
-    raise UserError(f"config '{name}' is neither a file nor a shipped recipe (shipped: {known})")
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     from lmforge.config import load_train_config
     from lmforge.train.loop import train
@@ -69,8 +55,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = load_train_config(run_dir / "config.yaml", overrides + [f"out_dir={run_dir}"])
         train(cfg, resume=True)
         return
-    config_path = resolve_config_path(args.config) if args.config else PACKAGED_CONFIGS / "default.yaml"
-    train(load_train_config(config_path, overrides))
+    train(load_train_config(args.config or "default", overrides))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -60,7 +60,9 @@ class ModelConfig:
     """MLP hidden width; None means 4*n_embd (gelu) or the Llama 8/3*n_embd rounded to 64 (swiglu)."""
     pos_embedding: Literal["learned", "rope"] = "learned"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """gelu: exact (erf) GELU, 2x faster than the tanh form on CPUs; gelu_tanh: GPT-2's original
+    approximation (HF ``gelu_new``), for imported GPT-2 weights; swiglu: Llama's gated MLP."""
     bias: bool = True
     """Biases in linear layers and norms (GPT-2 has them, Llama does not)."""
     tie_embeddings: bool = True
@@ -313,9 +315,24 @@ def _deepcopy_dict(d: dict) -> dict:
     return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+RECIPES_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML path, or the name of a shipped recipe (``tinyshakespeare-char``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = RECIPES_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
+    raise UserError(f"config '{name}' does not exist (expected a YAML file or a shipped recipe: {known})")
+
+
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults in code, then the YAML file, then the dotted overrides; validated."""
-    data = load_yaml(path) if path else {}
+    """Defaults in code, then the YAML file (or shipped recipe), then the dotted overrides; validated."""
+    data = load_yaml(resolve_config_path(path)) if path else {}
     data = merge_overrides(data, overrides or [])
     cfg = from_dict(TrainConfig, data)
     cfg.model.validate()

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.cli import PACKAGED_CONFIGS
+from lmforge.config import RECIPES_DIR as PACKAGED_CONFIGS
 from lmforge.config import TrainConfig, load_train_config, merge_overrides
 from lmforge.errors import UserError
 

@@ -101,20 +101,31 @@ class CausalSelfAttention(nn.Module):
             # Grouped-query attention: each key/value head serves n_head // n_kv query heads.
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        y = self._sdpa(q, k, v, mask, T)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              T: int) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        causal = mask is None and T > 1
+        if q.device.type != "cpu" or q.dtype == torch.float32:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        # PyTorch's CPU flash attention is 3-6x slower in bf16 than in fp32 (the backward above all),
+        # and fp32 is the more accurate: run it in fp32, outside autocast (which would cast back).
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               is_causal=causal, dropout_p=dropout)
+        return y.to(q.dtype)
+
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-2) or SwiGLU (Llama): down(silu(gate(x)) * up(x))."""
+    """GELU MLP (GPT-2; exact or tanh-approximated GELU) or SwiGLU (Llama): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
         hidden = cfg.mlp_hidden
         # For SwiGLU the gate and up projections are fused into one GEMM.
         self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * hidden, bias=cfg.bias)
@@ -127,7 +138,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.approximate)
         return F.dropout(self.proj(h), self.dropout, self.training)
 
 
