@@ -144,6 +144,9 @@ class TrainLoopConfig:
     """torch.compile the model (falls back to eager with a warning if compilation is unavailable)."""
     threads: int = 0
     """CPU threads for PyTorch; 0 leaves PyTorch's default."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them: less
+    memory for a larger batch or model on a GPU, at the cost of about one more forward pass."""
 
 
 @dataclass

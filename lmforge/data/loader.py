@@ -9,6 +9,9 @@ the corpus size.
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,47 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, self.rank, step, micro])
         high = len(self.shard) - self.shard.block_size - 1
         return self.shard.windows(rng.integers(0, high, size=self.batch_size))
+
+
+def prefetch_batches(sampler: BatchSampler, start_step: int, grad_accum: int, device: torch.device,
+                     depth: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches for (step, micro) from start_step on, already on ``device``, in order.
+
+    On CUDA a background thread gathers the next ``depth`` batches from the memory map into pinned
+    memory and starts their non-blocking copies while the GPU computes; on the CPU the gather is
+    cheap next to the step and a thread would only take a core from the compute, so it runs inline.
+    """
+    def produce(step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            for micro in range(grad_accum):
+                x, y = sampler.batch(step, micro)
+                yield to_device(x, device), to_device(y, device)
+            step += 1
+
+    if device.type != "cuda":
+        yield from produce(start_step)
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker() -> None:
+        for item in produce(start_step):
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            yield q.get()
+    finally:
+        stop.set()
 
 
 def eval_offsets(n_tokens: int, block_size: int, n_batches: int, batch_size: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 
@@ -169,6 +170,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.activation_checkpointing = False  # recompute block activations in backward (saves memory)
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -227,7 +229,10 @@ class GPT(nn.Module):
             rope = (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, mask, cache_start)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, mask, cache_start, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache_start)
         x = self.norm_f(x)
         if last_only:
             x = x[:, -1:, :]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import TrainConfig, save_yaml
-from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, eval_offsets, to_device
+from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, eval_offsets, prefetch_batches, to_device
 from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
@@ -110,6 +110,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     # --- model, optimizer, and the state to resume from
     torch.manual_seed(tc.seed + rt.rank)
     model = GPT(cfg.model).to(rt.device)
+    model.activation_checkpointing = tc.activation_checkpointing
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     scaler = rt.grad_scaler()
     state = {"best_val_loss": math.inf, "evals_without_improvement": 0, "train_time_s": 0.0}
@@ -154,14 +155,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     t_log, tokens_since_log = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=rt.device)
     step = start_step
+    batches = prefetch_batches(train_batches, start_step, tc.grad_accum, rt.device)
     while step < tc.max_steps:
         lr = lr_at(step, cfg.optim, tc.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(tc.grad_accum):
-            x, y = train_batches.batch(step, micro)
+        for _ in range(tc.grad_accum):
+            x, y = next(batches)
             with rt.autocast():
-                _, loss = step_model(to_device(x, rt.device), to_device(y, rt.device))
+                _, loss = step_model(x, y)
             scaler.scale(loss / tc.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = None

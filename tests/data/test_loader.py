@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, eval_offsets
+from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, eval_offsets, prefetch_batches
 from lmforge.errors import UserError
 
 
@@ -45,3 +45,23 @@ def test_too_short_split_and_missing_file_are_user_errors(tmp_path):
 
 def test_bits_per_byte():
     assert bits_per_byte(math.log(2), tokens=100, n_bytes=400) == pytest.approx(0.25)
+
+
+def test_prefetched_batches_follow_step_and_micro_order(shard):
+    sampler = BatchSampler(shard, batch_size=3, seed=7)
+    stream = prefetch_batches(sampler, start_step=5, grad_accum=2, device=torch.device("cpu"))
+    for step in (5, 6):
+        for micro in (0, 1):
+            x, y = next(stream)
+            ex, ey = sampler.batch(step, micro)
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefetched_batches_on_cuda_match_the_sampler(shard):
+    sampler = BatchSampler(shard, batch_size=3, seed=7)
+    stream = prefetch_batches(sampler, start_step=0, grad_accum=1, device=torch.device("cuda"))
+    for step in range(4):
+        x, _ = next(stream)
+        assert x.is_cuda and torch.equal(x.cpu(), sampler.batch(step)[0])

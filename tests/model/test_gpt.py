@@ -79,3 +79,37 @@ def test_bad_shapes_are_user_errors():
         ModelConfig(n_embd=100, n_head=3).validate()
     with pytest.raises(UserError, match="unknown model preset 'gpt5'"):
         from_dict(ModelConfig, {"preset": "gpt5"})
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(preset):
+    model = tiny_model(preset).train()
+    idx = torch.randint(0, 97, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model.activation_checkpointing = ckpt
+        model.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32():
+    """The CPU path runs attention in fp32 inside bf16 autocast; the logits must still agree."""
+    model = tiny_model("llama-tiny")
+    idx = torch.randint(0, 97, (2, 24))
+    ref, _ = model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = model(idx)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_gelu_variants_differ_but_both_work():
+    exact, tanh = tiny_model(mlp="gelu"), tiny_model(mlp="gelu_tanh")
+    idx = torch.randint(0, 97, (1, 8))
+    a, b = exact(idx)[0], tanh(idx)[0]
+    assert not torch.equal(a, b) and (a - b).abs().max() < 1e-2
