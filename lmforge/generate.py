@@ -89,7 +89,7 @@ def _attention_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return ((k <= q) & valid[:, None, None, :end]) | (k == q)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              seed: int | None = None, stop_ids: Sequence[int] = (), use_cache: bool = True,
