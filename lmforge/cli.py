@@ -88,6 +88,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{prompt}{text}\n----")
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from lmforge.interop import import_hf
+
+    out = import_hf(args.source, args.out)
+    print(f"imported '{args.source}' into {out} (use it wherever a run directory is accepted)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lmforge.interop import export_hf
+    from lmforge.run import load_run
+
+    run = load_run(args.run)
+    out = export_hf(run.model, run.tokenizer, args.out)
+    print(f"exported {run.checkpoint} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmforge.config import TrainConfig
 
@@ -131,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("import", help="turn a Hugging Face model folder (or hub id) into a run directory")
+    p.add_argument("source", help="folder in save_pretrained format (GPT-2, Llama, Mistral, Qwen2), or a hub id")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a run as a folder transformers loads directly")
+    p.add_argument("run", help="run directory or checkpoint directory")
+    p.add_argument("--format", default="hf", choices=["hf"], help="output format (hf: save_pretrained folder)")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -9,9 +9,13 @@ RoPE uses HF Llama's 'rotate half' layout, so no permutation of q/k is needed.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, TrainConfig, save_yaml
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 
@@ -194,3 +198,108 @@ def from_hf_model(hf) -> GPT:
     sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
     model.load_state_dict(from_hf_state_dict(cfg, sd))
     return model.eval()
+
+
+# --- folders in ``save_pretrained`` format
+
+def is_hf_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "config.yaml").is_file()
+
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors weights, sharded (with an index) or not."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise UserError(f"'{folder}' has no model.safetensors nor model.safetensors.index.json "
+                        f"(only safetensors weights are read, never pickles)")
+    sd: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise UserError(f"'{folder / shard}' is listed in the index but missing")
+        sd.update(load_file(str(folder / shard)))
+    return sd
+
+
+def load_hf(source: str | Path) -> tuple[GPT, Tokenizer | None]:
+    """Model (fp32, eval) and tokenizer from a local ``save_pretrained`` folder or a hub id.
+
+    A hub id is downloaded by ``transformers`` (it needs the network); a folder is read directly.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(source)
+    if not folder.is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32)
+            tok_dir = AutoTokenizer.from_pretrained(str(source))
+        except OSError as e:
+            raise UserError(f"'{source}' is neither a local folder nor a reachable hub model ({e})") from None
+        model = from_hf_model(hf)
+        return model, Tokenizer.from_str(tok_dir.backend_tokenizer.to_str())
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        kind = json.loads((folder / "config.json").read_text()).get("model_type", "?") \
+            if (folder / "config.json").is_file() else "?"
+        if (folder / "config.json").is_file() and kind not in SUPPORTED:
+            raise UserError(f"unsupported Hugging Face model_type '{kind}' (supported: {', '.join(SUPPORTED)})") \
+                from None
+        raise UserError(f"'{folder}': cannot read config.json ({e})") from None
+    cfg = config_from_hf(hf_cfg)
+    model = GPT(cfg)
+    sd = {k: v.float() for k, v in _read_hf_weights(folder).items()}
+    model.load_state_dict(from_hf_state_dict(cfg, sd))
+    tokenizer = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"'{folder / 'tokenizer.json'}' has {tokenizer.vocab_size} tokens but the model's "
+                        f"vocabulary has {cfg.vocab_size}: they do not belong together")
+    return model.eval(), tokenizer
+
+
+def import_hf(source: str | Path, out_dir: str | Path) -> Path:
+    """Write an HF model as an lmforge run directory (config.yaml, tokenizer.json, a checkpoint)."""
+    from lmforge.train.checkpoint import save_weights_only
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out '{out}' already exists and is not empty (nothing was overwritten)")
+    model, tokenizer = load_hf(source)
+    if tokenizer is None:
+        raise UserError(f"'{source}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
+    cfg = TrainConfig()
+    cfg.out_dir = str(out)
+    cfg.model = model.cfg
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    tokenizer.save(out / "tokenizer.json")
+    save_weights_only(out, 0, model)
+    return out
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
+    """Write ``model`` and ``tokenizer`` as a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load."""
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out '{out}' already exists and is not empty (nothing was overwritten)")
+    hf = to_hf_model(model.float())
+    eot = tokenizer.eot_id
+    hf.config.bos_token_id = hf.config.eos_token_id = eot
+    hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = eot
+    hf.generation_config.pad_token_id = eot
+    hf.save_pretrained(str(out), safe_serialization=True)
+    eot_text = tokenizer.hf.id_to_token(eot)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, bos_token=eot_text, eos_token=eot_text,
+                                   pad_token=eot_text, model_max_length=model.cfg.block_size)
+    fast.save_pretrained(str(out))
+    return out

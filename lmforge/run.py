@@ -42,7 +42,20 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Model (eval mode), tokenizer and config of a run or checkpoint, ready to generate."""
+    """Model (eval mode), tokenizer and config of a run or checkpoint, ready to generate.
+
+    A Hugging Face ``save_pretrained`` folder (config.json + safetensors + tokenizer.json) is
+    accepted too and converted in memory.
+    """
+    from lmforge.interop import is_hf_folder, load_hf
+
+    if is_hf_folder(path):
+        model, tokenizer = load_hf(path)
+        if tokenizer is None:
+            raise UserError(f"'{path}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
+        cfg = TrainConfig()
+        cfg.model = model.cfg
+        return LoadedRun(model=model.to(device), tokenizer=tokenizer, config=cfg, checkpoint=Path(path))
     run_dir, ckpt = resolve_checkpoint(path)
     cfg = load_train_config(run_dir / "config.yaml")
     tokenizer = Tokenizer.from_file(run_dir / "tokenizer.json")

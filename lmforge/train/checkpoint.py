@@ -104,6 +104,19 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     return final
 
 
+def save_weights_only(run_dir: Path, step: int, model: torch.nn.Module) -> Path:
+    """A checkpoint with weights and no trainer state (an imported model), written atomically."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    os.rename(tmp, final)
+    _write_text_atomic(root / "latest", final.name)
+    return final
+
+
 def optimizer_meta_jsonable(meta: dict) -> dict:
     """Optimizer param_groups hold tensors on some PyTorch versions (e.g. lr); store them as floats."""
     groups = []

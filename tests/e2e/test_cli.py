@@ -110,3 +110,29 @@ def test_user_mistakes_are_one_line_exit_2(tmp_path, trained_run):
         vocab["model"]["vocab"][f"extra{i}"] = 10_000 + i
     (bad / "tokenizer.json").write_text(json.dumps(vocab))
     _one_line_error(lmforge("generate", str(bad), "-p", "x"), "tokenizer", "vocabulary")
+
+
+def test_a_model_trained_from_scratch_exports_to_transformers_with_identical_greedy_output(trained_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from lmforge.generate import generate
+    from lmforge.run import load_run
+
+    run, _ = trained_run
+    out = tmp_path / "hf"
+    result = lmforge("export", str(run), "--format", "hf", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = load_run(run)
+    prompt = "def main("
+    ids = tok(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == ours.tokenizer.encode(prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours.model(ids)[0], atol=1e-4, rtol=0)
+        theirs = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None)[0, ids.shape[1]:]
+    assert theirs.tolist() == generate(ours.model, ids.tolist(), 20, temperature=0.0)[0]
+    # Exporting again into the same folder is refused and leaves it as it was.
+    again = lmforge("export", str(run), "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
