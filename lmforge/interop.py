@@ -4,11 +4,14 @@ GPT-2 style models map to ``GPT2LMHeadModel``, Llama style ones to ``LlamaForCau
 and Qwen2 configs (Llama-shaped, with their own theta/GQA/bias choices) import too. Our fused
 projections split into HF's separate ones: ``qkv`` rows are [q; k; v], a SwiGLU ``fc`` is
 [gate; up]. GPT-2's ``Conv1D`` stores weights as (in, out), the transpose of ``nn.Linear``. Our
-RoPE uses HF Llama's 'rotate half' layout, so no permutation of q/k is needed.
+RoPE uses HF Llama's 'rotate half' layout, so no permutation of q/k is needed. GPT-2 has no
+grouped-query attention: a GPT-2-style model with fewer key/value heads exports with each key/value
+head repeated for its query heads (the same function, as multi-head attention).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -56,6 +59,9 @@ def config_from_hf(hf) -> ModelConfig:
         act = hf.activation_function
         if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
             raise UserError(f"GPT-2 activation_function '{act}' is not supported (gelu, gelu_new)")
+        if not getattr(hf, "scale_attn_weights", True) or getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+            raise UserError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported "
+                            "(scale_attn_weights=False or scale_attn_by_inverse_layer_idx=True)")
         return ModelConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer,
                            n_head=hf.n_head, n_embd=hf.n_embd, intermediate_size=hf.n_inner or 4 * hf.n_embd,
                            pos_embedding="learned", norm="layernorm",
@@ -67,6 +73,9 @@ def config_from_hf(hf) -> ModelConfig:
         if head_dim * hf.num_attention_heads != hf.hidden_size:
             raise UserError(f"{kind}: head_dim {head_dim} x {hf.num_attention_heads} heads != hidden_size "
                             f"{hf.hidden_size} is not supported")
+        act = getattr(hf, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UserError(f"{kind}: hidden_act '{act}' is not supported (only silu, i.e. SwiGLU)")
         scaling = getattr(hf, "rope_scaling", None)
         if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
             raise UserError(f"{kind}: rope_scaling {scaling} is not supported (only unscaled RoPE)")
@@ -75,7 +84,13 @@ def config_from_hf(hf) -> ModelConfig:
         # One switch covers every linear layer here: Qwen2's q/k/v-only biases import with zero
         # biases elsewhere (from_hf_state_dict fills them), which computes the same function.
         bias = kind == "qwen2" or bool(getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False))
-        return ModelConfig(vocab_size=hf.vocab_size, block_size=hf.max_position_embeddings,
+        # Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) equals full attention
+        # on sequences no longer than the window: the context is capped there, which keeps it exact.
+        block_size = hf.max_position_embeddings
+        window = getattr(hf, "sliding_window", None)
+        if window and getattr(hf, "use_sliding_window", True):
+            block_size = min(block_size, window)
+        return ModelConfig(vocab_size=hf.vocab_size, block_size=block_size,
                            n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
                            n_kv_head=hf.num_key_value_heads or hf.num_attention_heads, n_embd=hf.hidden_size,
                            intermediate_size=hf.intermediate_size, pos_embedding="rope", norm="rmsnorm",
@@ -89,21 +104,23 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     cfg, sd = model.cfg, {k: v.detach() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     if is_gpt2_style(cfg):
-        zeros = torch.zeros  # GPT-2 always has biases; a bias-free model exports zeros
+        zeros, zeros_like = torch.zeros, torch.zeros_like  # GPT-2 always has biases: bias-free exports zeros
         out["transformer.wte.weight"] = sd["wte.weight"]
         out["transformer.wpe.weight"] = sd["wpe.weight"]
         for i in range(cfg.n_layer):
             p, h = f"blocks.{i}.", f"transformer.h.{i}."
             for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
                 out[h + theirs + ".weight"] = sd[p + ours + ".weight"]
-                out[h + theirs + ".bias"] = sd.get(p + ours + ".bias", zeros(cfg.n_embd))
+                out[h + theirs + ".bias"] = sd.get(p + ours + ".bias", zeros_like(sd[p + ours + ".weight"]))
             for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
                                  ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                w = sd[p + ours + ".weight"]
+                w, b = sd[p + ours + ".weight"], sd.get(p + ours + ".bias")
+                if ours == "attn.qkv" and cfg.kv_heads != cfg.n_head:
+                    w, b = _expand_kv(cfg, w), None if b is None else _expand_kv(cfg, b)
                 out[h + theirs + ".weight"] = w.t().contiguous()
-                out[h + theirs + ".bias"] = sd.get(p + ours + ".bias", zeros(w.shape[0]))
+                out[h + theirs + ".bias"] = b if b is not None else zeros(w.shape[0], dtype=w.dtype, device=w.device)
         out["transformer.ln_f.weight"] = sd["norm_f.weight"]
-        out["transformer.ln_f.bias"] = sd.get("norm_f.bias", zeros(cfg.n_embd))
+        out["transformer.ln_f.bias"] = sd.get("norm_f.bias", zeros_like(sd["norm_f.weight"]))
         out["lm_head.weight"] = sd["lm_head.weight"]
         return out
     q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -125,6 +142,18 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     out["model.norm.weight"] = sd["norm_f.weight"]
     out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _expand_kv(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    """qkv rows (or bias) [q; k; v] with each key/value head repeated n_head // kv_heads times."""
+    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    wq, wk, wv = t.split([q, kv, kv])
+    group = cfg.n_head // cfg.kv_heads
+
+    def rep(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(0, (cfg.kv_heads, cfg.head_dim)).repeat_interleave(group, dim=0).flatten(0, 1)
+
+    return torch.cat([wq, rep(wk), rep(wv)])
 
 
 def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,7 +207,8 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
 
 
 def to_hf_model(model: GPT):
-    """An eval-mode ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` holding a copy of our weights."""
+    """An eval-mode ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` holding a copy of our weights, on our
+    model's device and in its dtype."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_config(hf_config(model.cfg))
@@ -188,7 +218,8 @@ def to_hf_model(model: GPT):
         raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
     if model.cfg.tie_embeddings:
         hf.tie_weights()
-    return hf.to(next(model.parameters()).dtype).eval()
+    p = next(model.parameters())
+    return hf.to(device=p.device, dtype=p.dtype).eval()
 
 
 def from_hf_model(hf) -> GPT:
@@ -292,7 +323,9 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out '{out}' already exists and is not empty (nothing was overwritten)")
-    hf = to_hf_model(model.float())
+    if next(model.parameters()).dtype != torch.float32:  # export fp32 without changing the caller's model
+        model = copy.deepcopy(model).float()
+    hf = to_hf_model(model)
     eot = tokenizer.eot_id
     hf.config.bos_token_id = hf.config.eos_token_id = eot
     hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = eot
