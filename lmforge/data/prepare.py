@@ -17,6 +17,7 @@ so a dataset folder with a ``meta.json`` is always complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,8 @@ FORMAT = 1
 DEFAULT_CORPUS_NAME = "<python stdlib>"
 CHUNK_CHARS = 1 << 20
 """Characters of text per tokenization task: large enough to amortise inter-process overhead."""
+ENCODE_BATCH_CHARS = 1 << 16
+"""Characters a worker encodes in one call (at least one document): bounds the Encoding objects alive."""
 SPLITS = ("train", "val")
 _SKIP, _TRAIN, _VAL, _KEPT = 0, 1, 2, 3
 """Per-document flags of pass 1: dropped, train, val, or kept for the tail split (both)."""
@@ -130,10 +133,26 @@ def _pieces(sources: list[str], cfg: DataConfig, scan: _Scan) -> Iterator[tuple[
 _worker_tokenizer: Tokenizer | None = None
 
 
+def _fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Serve every allocation of ``nbytes`` or more with its own mmap, given back when freed (glibc).
+
+    glibc raises its mmap threshold (up to 32 MB) each time such a block is freed, after which the
+    many-MB temporaries of encoding a large document land in the heap and fragment it: a worker's
+    peak RSS then creeps up with every large document it meets (+30 MB over 100 MB of the default
+    corpus). A fixed threshold keeps the peak at what the largest document needs. No-op elsewhere.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(nbytes))  # -3: M_MMAP_THRESHOLD
+    except (AttributeError, OSError):  # not glibc (macOS, Windows, ...)
+        pass
+
+
 def _init_worker(tokenizer_json: str) -> None:
     global _worker_tokenizer
     # One process per core already: threads inside each would only oversubscribe the CPU.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _fix_mmap_threshold()
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 
 
@@ -142,17 +161,29 @@ def _encode_chunk(chunk: list[tuple[int, str]], tokenizer: Tokenizer | None = No
     """split -> (tokens of its documents, each followed by EOT; UTF-8 bytes; document count)."""
     tok = tokenizer or _worker_tokenizer
     assert tok is not None, "worker used before _init_worker"
-    encoded = tok.encode_batch([text for _, text in chunk])
-    out = {}
-    for split in (_TRAIN, _VAL):
-        idx = [i for i, (s, _) in enumerate(chunk) if s == split]
-        flat: list[int] = []
-        for i in idx:
-            flat += encoded[i]
-            flat.append(tok.eot_id)
-        n_bytes = sum(len(chunk[i][1].encode("utf-8")) for i in idx)
-        out[split] = (np.array(flat, dtype=dtype), n_bytes, len(idx))
-    return out
+    # tokenizers' Encoding objects take ~200 bytes a token: a worker (one thread) encodes
+    # ENCODE_BATCH_CHARS at a time and keeps only uint16/32 arrays, so its memory is set by the
+    # largest document, not by the whole chunk nor where that document falls in it. In-process
+    # (one worker), the whole chunk is one batch, which tokenizers' threads share out.
+    batch_chars = CHUNK_CHARS if tokenizer is not None else ENCODE_BATCH_CHARS
+    eot = np.array([tok.eot_id], dtype=dtype)
+    parts: dict[int, list[np.ndarray]] = {_TRAIN: [], _VAL: []}
+    n_bytes = {_TRAIN: 0, _VAL: 0}
+    n_docs = {_TRAIN: 0, _VAL: 0}
+    start = 0
+    while start < len(chunk):
+        end, size = start, 0
+        while end < len(chunk) and (end == start or size < batch_chars):
+            size += len(chunk[end][1])
+            end += 1
+        batch = chunk[start:end]
+        for (split, text), ids in zip(batch, tok.encode_batch([text for _, text in batch]), strict=True):
+            parts[split] += [np.array(ids, dtype=dtype), eot]
+            n_bytes[split] += len(text.encode("utf-8"))
+            n_docs[split] += 1
+        start = end
+    return {split: (np.concatenate(parts[split]) if parts[split] else np.empty(0, dtype=dtype),
+                    n_bytes[split], n_docs[split]) for split in (_TRAIN, _VAL)}
 
 
 def _chunks(pieces: Iterator[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
