@@ -2,7 +2,7 @@
 
     python bench/time_to_loss.py [--data ../shared/data/tinyshakespeare.txt] [--target 1.88] [--reps 1]
 
-Trains ``tinyshakespeare-fast`` (the recipe tuned for time-to-loss) and ``tinyshakespeare-char``
+Trains ``shakespeare-fast`` (the recipe tuned for time-to-loss) and ``shakespeare-char``
 (nanoGPT's published CPU recipe: 4x4x128, context 64, batch 12, 2000 steps, lr 1e-3) on the same
 prepared data, in the same process, and reports for each the training wall time (start of the
 first step to the end of the final evaluation, over the whole val split) and the final val loss.
@@ -20,7 +20,7 @@ from lmforge.config import load_train_config
 from lmforge.data.prepare import prepare
 from lmforge.train.loop import train
 
-RECIPES = ("tinyshakespeare-fast", "tinyshakespeare-char")
+RECIPES = ("shakespeare-fast", "shakespeare-char")
 
 
 def main() -> None:

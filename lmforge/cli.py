@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="config keys (set in YAML or as key=value):\n"
                               + "\n".join(_config_reference(TrainConfig)))
-    p.add_argument("--config", "-c", help="YAML recipe, or a shipped recipe's name (e.g. tinyshakespeare-char)")
+    p.add_argument("--config", "-c", help="YAML recipe, or a shipped recipe's name (e.g. shakespeare-char)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6")
     p.set_defaults(func=cmd_train)

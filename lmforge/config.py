@@ -322,7 +322,7 @@ RECIPES_DIR = Path(__file__).parent / "configs"
 
 
 def resolve_config_path(name: str | Path) -> Path:
-    """A YAML path, or the name of a shipped recipe (``tinyshakespeare-char``)."""
+    """A YAML path, or the name of a shipped recipe (``shakespeare-char``)."""
     p = Path(name)
     if p.is_file():
         return p

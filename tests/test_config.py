@@ -29,7 +29,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
 ])
 def test_bad_keys_and_types_name_the_key(override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        load_train_config(PACKAGED_CONFIGS / "tinyshakespeare-char.yaml", [override])
+        load_train_config(PACKAGED_CONFIGS / "shakespeare-char.yaml", [override])
 
 
 def test_none_and_floats_parse():
