@@ -25,7 +25,7 @@ from lmforge.config import ModelConfig, OptimConfig, from_dict
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.train.metrics import peak_flops
 from lmforge.train.optim import build_optimizer
-from lmforge.train.runtime import maybe_compile, resolve_precision
+from lmforge.train.runtime import Runtime, maybe_compile, resolve_precision
 
 SIZES = {  # name: (preset, vocab, context, batch)
     "tiny": ("gpt2-tiny", 4096, 256, 16),
@@ -110,7 +110,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = Runtime(device, precision).autocast_dtype
     peak, peak_source = peak_flops(device, dtype or torch.float32)
     print(f"device {device} | {precision} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")

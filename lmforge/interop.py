@@ -306,9 +306,7 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
     model, tokenizer = load_hf(source)
     if tokenizer is None:
         raise UserError(f"'{source}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
-    cfg = TrainConfig()
-    cfg.out_dir = str(out)
-    cfg.model = model.cfg
+    cfg = TrainConfig(out_dir=str(out), model=model.cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
     tokenizer.save(out / "tokenizer.json")

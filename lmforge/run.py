@@ -53,9 +53,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
         model, tokenizer = load_hf(path)
         if tokenizer is None:
             raise UserError(f"'{path}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
-        cfg = TrainConfig()
-        cfg.model = model.cfg
-        return LoadedRun(model=model.to(device), tokenizer=tokenizer, config=cfg, checkpoint=Path(path))
+        return LoadedRun(model=model.to(device), tokenizer=tokenizer, config=TrainConfig(model=model.cfg),
+                         checkpoint=Path(path))
     run_dir, ckpt = resolve_checkpoint(path)
     cfg = load_train_config(run_dir / "config.yaml")
     tokenizer = Tokenizer.from_file(run_dir / "tokenizer.json")
