@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,10 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from lmforge.train.metrics import MetricsLogger, eta_seconds, format_duration, mfu, peak_flops
-from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.metrics import MetricsLogger, format_duration, peak_flops
+from lmforge.train.optim import build_optimizer
 from lmforge.train.runtime import Runtime, maybe_compile, setup_runtime
+from lmforge.train.steps import Job, run_steps
 
 
 @dataclass
@@ -136,94 +136,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         f"{rt.device} {rt.precision} | {tokens_per_step} tokens/step | peak {peak / 1e12:.2f} TFLOP/s "
         f"({peak_source})")
 
-    def run_eval(step: int, n_batches: int) -> dict:
-        loss = evaluate(step_model, val_shard, rt, tc.batch_size, n_batches)
-        bpb = bits_per_byte(loss, val_split["tokens"], val_split["bytes"])
-        record = {"step": step, "kind": "eval", "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
-                  "val_bpb": bpb}
-        logger.log(record)
-        say(f"step {step}: val loss {loss:.4f} | ppl {record['val_ppl']:.2f} | {bpb:.4f} bits/byte")
-        return record
-
     # --- the loop
     logger = MetricsLogger(run_dir, rt.is_main, start_step)
-    step_model.train()
-    stopped_early = False
-    last_eval: dict | None = None
-    resumed_time = state["train_time_s"]  # training time before this process started (resume)
-    t_start = time.perf_counter() - resumed_time
-    t_log, tokens_since_log = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=rt.device)
-    step = start_step
-    batches = prefetch_batches(train_batches, start_step, tc.grad_accum, rt.device)
-    while step < tc.max_steps:
-        lr = lr_at(step, cfg.optim, tc.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(tc.grad_accum):
-            x, y = next(batches)
-            with rt.autocast():
-                _, loss = step_model(x, y)
-            scaler.scale(loss / tc.grad_accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = None
-        if cfg.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_since_log += tokens_per_step
-        train_time = time.perf_counter() - t_start
-        last_step = step == tc.max_steps
-        out_of_time = tc.max_minutes is not None and train_time >= tc.max_minutes * 60
 
-        if step % tc.log_interval == 0 or last_step:
-            # .item() syncs with the device: only here, once per log interval.
-            n_steps = tc.log_interval if step % tc.log_interval == 0 else (step - start_step) % tc.log_interval
-            loss_val = loss_sum.item() / (max(1, n_steps) * tc.grad_accum)
-            loss_sum.zero_()
-            dt = time.perf_counter() - t_log
-            tps = tokens_since_log / dt
-            record = {"step": step, "kind": "train", "loss": loss_val, "lr": lr, "tokens_per_s": tps,
-                      "mfu": mfu(tps / rt.world_size, flops_tok, peak), "time_s": train_time}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm.item()
-            logger.log(record)
-            eta = eta_seconds(train_time - resumed_time, step - start_step, tc.max_steps - step)
-            say(f"step {step}/{tc.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
-            t_log, tokens_since_log = time.perf_counter(), 0
+    def run_eval(final: bool) -> dict[str, float]:
+        # The final evaluation covers the whole val split (non-overlapping windows).
+        loss = evaluate(step_model, val_shard, rt, tc.batch_size, 10**9 if final else tc.eval_batches)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
+                "val_bpb": bits_per_byte(loss, val_split["tokens"], val_split["bytes"])}
 
-        final = last_step or out_of_time
-        if step % tc.eval_interval == 0 or final:
-            # The final evaluation covers the whole val split (non-overlapping windows).
-            last_eval = run_eval(step, 10**9 if final else tc.eval_batches)
-            if last_eval["val_loss"] < state["best_val_loss"]:
-                state["best_val_loss"], state["evals_without_improvement"] = last_eval["val_loss"], 0
-            else:
-                state["evals_without_improvement"] += 1
-                if tc.patience is not None and state["evals_without_improvement"] >= tc.patience:
-                    say(f"early stop: no val improvement in {tc.patience} evaluations")
-                    stopped_early = final = True
-        if step % tc.ckpt_interval == 0 or final:
-            state["train_time_s"] = time.perf_counter() - t_start
-            if rt.is_main:
-                save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_last)
-        if final:
-            if out_of_time and not last_step:
-                say(f"time limit of {tc.max_minutes} min reached at step {step}")
-            break
-    logger.close()
-    train_time = time.perf_counter() - t_start
-    if last_eval is None:  # resumed a run that had already finished
-        last_eval = run_eval(step, 10**9)
-    say(f"done: {step} steps in {format_duration(train_time)} | val loss {last_eval['val_loss']:.4f} | "
+    def lm_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return step_model(*batch)[1]
+
+    job = Job(model=model, optimizer=optimizer, scaler=scaler,
+              batches=prefetch_batches(train_batches, start_step, tc.grad_accum, rt.device), loss=lm_loss,
+              evaluate=run_eval, save=lambda step, st: save_checkpoint(run_dir, step, model, optimizer, st,
+                                                                         tc.keep_last),
+              tokens_per_step=tokens_per_step, flops_per_token=flops_tok, peak_flops=peak)
+    out = run_steps(job, cfg, rt, logger, state, start_step, say)
+    step, last_eval = out.step, out.last_eval
+    say(f"done: {step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "
         f"{last_eval['val_bpb']:.4f} bits/byte | {run_dir}")
     if rt.is_main and progress and cfg.sample.num_samples > 0:
         print_samples(model, tokenizer, cfg, rt)
-    return TrainResult(run_dir, step, last_eval["val_loss"], last_eval["val_bpb"], train_time, stopped_early)
+    return TrainResult(run_dir, step, last_eval["val_loss"], last_eval["val_bpb"], out.train_time_s,
+                       out.stopped_early)
 
 
 def print_samples(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, rt: Runtime) -> None:

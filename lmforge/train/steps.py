@@ -1,0 +1,145 @@
+"""The optimisation loop that pretraining and fine-tuning share.
+
+A :class:`Job` says what differs between them (the batches, the loss, the evaluation, how a
+checkpoint is written); :func:`run_steps` does the rest the same way for both: learning-rate
+schedule, gradient accumulation, clipping, mixed precision, progress and metrics, periodic
+evaluation with early stopping, checkpoints, and the time limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.config import OptimConfig, TrainLoopConfig
+from lmforge.train.metrics import MetricsLogger, eta_seconds, format_duration, mfu
+from lmforge.train.optim import lr_at
+from lmforge.train.runtime import Runtime
+
+
+@dataclass
+class Job:
+    model: torch.nn.Module
+    """Owns the trained parameters (gradient clipping)."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: Iterator[tuple[torch.Tensor, ...]]
+    """Micro-batches on the device, in order from the first step to run."""
+    loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+    """Micro-batch -> scalar loss (called under autocast)."""
+    evaluate: Callable[[bool], dict[str, float]]
+    """final? -> val metrics, including ``val_loss`` (the final evaluation may cover more)."""
+    save: Callable[[int, dict], object]
+    """(step, trainer state) -> write a checkpoint."""
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float
+
+
+@dataclass
+class LoopResult:
+    step: int
+    last_eval: dict[str, float]
+    train_time_s: float
+    stopped_early: bool
+
+
+class _Config:
+    """The two config sections the loop reads (TrainConfig and FinetuneConfig both have them)."""
+
+    train: TrainLoopConfig
+    optim: OptimConfig
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int))
+
+
+def run_steps(job: Job, cfg: _Config, rt: Runtime, logger: MetricsLogger, state: dict, start_step: int,
+              say: Callable[..., None]) -> LoopResult:
+    """Train from ``start_step`` to cfg.train.max_steps (or early stop, or the time limit).
+
+    ``state`` is the trainer state saved with every checkpoint (best val loss, evaluations without
+    improvement, training time so far); it is updated in place.
+    """
+    tc = cfg.train
+    step = start_step
+    stopped_early = False
+    last_eval: dict[str, float] | None = None
+    resumed_time = state["train_time_s"]  # training time before this process started (resume)
+    t_start = time.perf_counter() - resumed_time
+    t_log, tokens_since_log = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=rt.device)
+    job.model.train()
+
+    def evaluate(final: bool) -> dict[str, float]:
+        metrics = job.evaluate(final)
+        logger.log({"step": step, "kind": "eval", **metrics})
+        say(f"step {step}: val {_format_metrics(metrics)}", flush=True)
+        return metrics
+
+    while step < tc.max_steps:
+        lr = lr_at(step, cfg.optim, tc.max_steps)
+        for group in job.optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(tc.grad_accum):
+            batch = next(job.batches)
+            with rt.autocast():
+                loss = job.loss(batch)
+            job.scaler.scale(loss / tc.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = None
+        if cfg.optim.grad_clip > 0:
+            job.scaler.unscale_(job.optimizer)
+            params = [p for p in job.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        job.scaler.step(job.optimizer)
+        job.scaler.update()
+        job.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_since_log += job.tokens_per_step
+        train_time = time.perf_counter() - t_start
+        last_step = step == tc.max_steps
+        out_of_time = tc.max_minutes is not None and train_time >= tc.max_minutes * 60
+
+        if step % tc.log_interval == 0 or last_step:
+            # .item() syncs with the device: only here, once per log interval.
+            n_steps = tc.log_interval if step % tc.log_interval == 0 else (step - start_step) % tc.log_interval
+            loss_val = loss_sum.item() / (max(1, n_steps) * tc.grad_accum)
+            loss_sum.zero_()
+            tps = tokens_since_log / (time.perf_counter() - t_log)
+            record = {"step": step, "kind": "train", "loss": loss_val, "lr": lr, "tokens_per_s": tps,
+                      "mfu": mfu(tps / rt.world_size, job.flops_per_token, job.peak_flops), "time_s": train_time}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm.item()
+            logger.log(record)
+            eta = eta_seconds(train_time - resumed_time, step - start_step, tc.max_steps - step)
+            say(f"step {step}/{tc.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+                f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
+            t_log, tokens_since_log = time.perf_counter(), 0
+
+        final = last_step or out_of_time
+        if step % tc.eval_interval == 0 or final:
+            last_eval = evaluate(final)
+            if last_eval["val_loss"] < state["best_val_loss"]:
+                state["best_val_loss"], state["evals_without_improvement"] = last_eval["val_loss"], 0
+            else:
+                state["evals_without_improvement"] += 1
+                if tc.patience is not None and state["evals_without_improvement"] >= tc.patience:
+                    say(f"early stop: no val improvement in {tc.patience} evaluations")
+                    stopped_early = final = True
+        if step % tc.ckpt_interval == 0 or final:
+            state["train_time_s"] = time.perf_counter() - t_start
+            if rt.is_main:
+                job.save(step, state)
+        if final:
+            if out_of_time and not last_step:
+                say(f"time limit of {tc.max_minutes} min reached at step {step}")
+            break
+    if last_eval is None:  # resumed a run that had already finished
+        last_eval = evaluate(True)
+    logger.close()
+    return LoopResult(step, last_eval, time.perf_counter() - t_start, stopped_early)
