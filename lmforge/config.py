@@ -173,6 +173,69 @@ class TrainConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
+@dataclass
+class FinetuneDataConfig:
+    """Examples for ``lmforge finetune``: JSONL for SFT, CSV or JSONL for classification."""
+
+    train: str = ""
+    """Training examples (.jsonl; .csv too for classification)."""
+    val: str | None = None
+    """Validation examples; None holds out val_fraction of the training file."""
+    val_fraction: float = 0.1
+    seed: int = 1337
+    """Seed of the held-out split (when no val file is given)."""
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    """SFT: a record has prompt + response, or a list of {role, content} messages."""
+    text_field: str = "text"
+    label_field: str = "label"
+    """Classification: the fields holding the text and its label."""
+    max_length: int | None = None
+    """Tokens per example (longer ones are truncated and counted); None means the model's context."""
+    packing: bool = False
+    """SFT: pack several short examples into each row (attention never crosses examples) instead of padding."""
+    chat_template: str | None = None
+    """SFT: a Jinja chat template file; None uses the base tokenizer's own template if it has one,
+    else lmforge's default (### User / ### Assistant turns, each answer ended by end-of-text)."""
+    skip_bad_lines: bool = False
+    """Skip (and count) records that are not valid JSON/CSV or lack a field, instead of stopping."""
+    eval_generations: int = 50
+    """SFT: val examples answered greedily at the end to report exact match; 0 disables."""
+
+
+@dataclass
+class LoraSettings:
+    """Low-rank adapters (LoRA, through ``peft``); rank 0 fine-tunes every weight instead."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc"])
+    """Linear layers that get adapters (names as in lmforge.model.gpt: qkv, proj, fc)."""
+    merge: bool = False
+    """At the end, also write full weights with the adapters merged in (no base model needed to load)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything ``lmforge finetune`` needs; ``model`` is copied from the base when the run starts."""
+
+    task: Literal["sft", "classify"] = "sft"
+    base: str = ""
+    """The model to start from: an lmforge run or checkpoint directory, or a Hugging Face folder."""
+    out_dir: str = "runs/finetune"
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    class_weights: str | list[float] | None = None
+    """Classification: loss weight per class (in sorted label order), or 'balanced'; None = equal."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=20,
+                                                                   weight_decay=0.0))
+    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(max_steps=300, batch_size=8,
+                                                                           eval_interval=100, ckpt_interval=100))
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading: dict/YAML -> dataclass, with type checking and key names in every error
 
@@ -340,6 +403,24 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     cfg = from_dict(TrainConfig, data)
     cfg.model.validate()
     return cfg
+
+
+def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Like :func:`load_train_config`, for ``lmforge finetune``."""
+    data = load_yaml(resolve_config_path(path)) if path else {}
+    cfg = from_dict(FinetuneConfig, merge_overrides(data, overrides or []))
+    if not cfg.base:
+        raise UserError("finetune needs a base model: set base=RUN_DIR (an lmforge run or a Hugging Face folder)")
+    if not cfg.data.train:
+        raise UserError("finetune needs training examples: set data.train=FILE.jsonl")
+    if cfg.lora.rank < 0:
+        raise UserError(f"lora.rank must be >= 0 (0 disables LoRA), got {cfg.lora.rank}")
+    return cfg
+
+
+def is_finetune_config(data: dict) -> bool:
+    """Whether a run's config.yaml (as a dict) is a fine-tuning run's."""
+    return "task" in data and "base" in data
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

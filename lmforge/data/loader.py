@@ -113,3 +113,29 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
     """Cross-entropy in nats/token -> bits per UTF-8 byte, comparable across tokenizers."""
     return loss_nats / math.log(2) * tokens / max(1, n_bytes)
+
+
+class EpochSampler:
+    """Batches of item indices: epochs of seeded permutations, batch k a pure function of (seed, k).
+
+    For a finite set of examples (fine-tuning): every item once per epoch, in a new order each
+    epoch; like :class:`BatchSampler`, resuming at a step replays exactly the same batches.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self._epoch, self._perm = -1, np.arange(0)  # the permutation of the epoch last asked for
+
+    def indices(self, step: int, micro: int, grad_accum: int) -> list[int]:
+        first = ((step * grad_accum + micro) * self.world_size + self.rank) * self.batch_size
+        out = []
+        for k in range(first, first + self.batch_size):
+            epoch, i = divmod(k, self.n)
+            out.append(int(self._permutation(epoch)[i]))
+        return out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm

@@ -213,6 +213,19 @@ class GPT(nn.Module):
         cache_start: write keys/values into the KV cache from this slot (see setup_cache).
         last_only: compute logits for the last position only (generation needs nothing else).
         """
+        x = self.hidden_states(idx, positions=positions, mask=mask, cache_start=cache_start)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None, cache_start: int | None = None) -> torch.Tensor:
+        """The final normalized hidden states (B, T, n_embd): what the output head (or a task head) reads."""
         B, T = idx.shape
         if self.cfg.block_size < T and cache_start is None:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}")
@@ -233,15 +246,7 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope, mask, cache_start, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache_start)
-        x = self.norm_f(x)
-        if last_only:
-            x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-        return logits, loss
+        return self.norm_f(x)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate a static KV cache of max_len slots in every attention layer."""
