@@ -58,6 +58,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(load_train_config(args.config or "default", overrides))
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.config import load_finetune_config
+    from lmforge.finetune.loop import finetune
+
+    overrides = list(args.overrides) + (["lora.merge=true"] if args.merge else [])
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
+        finetune(load_finetune_config(run_dir / "config.yaml", overrides + [f"out_dir={run_dir}"]), resume=True)
+        return
+    finetune(load_finetune_config(args.config, overrides))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from lmforge.finetune.predict import predict_cli
+
+    predict_cli(args.run, texts=args.text or [], file=args.file, text_field=args.text_field,
+                label_field=args.label_field, output=args.output, device=args.device)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.generate import generate_text
     from lmforge.run import load_run
@@ -73,19 +94,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = [""]
     rt = setup_runtime(args.device, args.precision)
     run = load_run(args.run, rt.device)
+    if run.task != "lm":
+        raise UserError(f"'{args.run}' is a {run.task} run: it labels texts (lmforge predict), it does not generate")
+    if args.chat:
+        prompts = chat_prompts(args.run, run, prompts)
     if len(prompts) == 1:  # the continuation streams right after its prompt
         print(prompts[0], end="", flush=True)
     with rt.autocast():
         texts = generate_text(
             run.model, run.tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-            stop_strings=args.stop or (), stream=sys.stdout if len(prompts) == 1 else None,
+            stop_strings=args.stop or (), stream=sys.stdout if len(prompts) == 1 else None, allow_special=args.chat,
         )
     if len(prompts) == 1:
         print()
         return
     for prompt, text in zip(prompts, texts, strict=False):
         print(f"{prompt}{text}\n----")
+
+
+def chat_prompts(path: str, run, prompts: list[str]) -> list[str]:
+    """Each prompt as a user turn in the run's chat template, ending where the answer starts."""
+    from lmforge.finetune.sft import ChatTemplate, find_chat_template
+
+    folder = Path(path) if Path(path, "config.json").is_file() else run.checkpoint.parent.parent
+    if find_chat_template(folder) is None:
+        print(f"note: '{path}' has no chat template of its own; using lmforge's default", file=sys.stderr)
+    template = ChatTemplate.resolve(None, folder, run.tokenizer)
+    return [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -105,7 +141,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge.config import TrainConfig
+    from lmforge.config import FinetuneConfig, TrainConfig
 
     parser = argparse.ArgumentParser(prog="lmforge", description="Train, evaluate and use GPT-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,9 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the run's chat template")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("finetune", help="adapt a trained model: chat SFT or classification, full or LoRA",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config keys (set in YAML or as key=value):\n"
+                              + "\n".join(_config_reference(FinetuneConfig)))
+    p.add_argument("--config", "-c", help="YAML recipe")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted fine-tuning run exactly")
+    p.add_argument("--merge", action="store_true", help="LoRA: also write full weights with the adapters merged")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. base=runs/lmforge data.train=chat.jsonl task=sft lora.rank=8")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="label texts with a classification run")
+    p.add_argument("run", help="classification run directory or checkpoint")
+    p.add_argument("--text", action="append", help="a text to label (repeatable)")
+    p.add_argument("--file", help=".txt (one text per line), .jsonl or .csv file of texts")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label", help="if the file has labels, accuracy is reported")
+    p.add_argument("--output", help="write predictions as JSONL here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("import", help="turn a Hugging Face model folder (or hub id) into a run directory")
     p.add_argument("source", help="folder in save_pretrained format (GPT-2, Llama, Mistral, Qwen2), or a hub id")

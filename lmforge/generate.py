@@ -23,7 +23,7 @@ class Tokenizer(Protocol):
 
     eot_id: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -207,18 +207,20 @@ def _partial_stop(text: str, stop_strings: Sequence[str]) -> int:
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, *,
-                  stop_strings: Sequence[str] = (), stream: TextIO | None = None, **sampling) -> list[str]:
+                  stop_strings: Sequence[str] = (), stream: TextIO | None = None, allow_special: bool = False,
+                  **sampling) -> list[str]:
     """Continue each text prompt; returns the continuations (prompt excluded).
 
     An empty prompt starts a new document (the end-of-text token). Generation stops at the
     tokenizer's end-of-text id, any ``stop_ids`` in ``sampling``, or a stop string (the text is cut
     before it). ``sampling`` takes :func:`generate`'s keywords (temperature, top_k, seed, ...).
 
+    allow_special: special tokens spelled in a prompt become their ids (chat-template prompts).
     stream: with one prompt, the continuation is written as it is generated (never a half UTF-8
     character, nor text that may turn out to start a stop string); with several, each finished
     continuation is written at the end, separated by a line ``----``.
     """
-    ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    ids = [tokenizer.encode(p, allow_special=allow_special) or [tokenizer.eot_id] for p in prompts]
     stop_ids = {tokenizer.eot_id, *sampling.pop("stop_ids", ())}
     live = stream is not None and len(prompts) == 1
     new_ids: list[list[int]] = [[] for _ in prompts]

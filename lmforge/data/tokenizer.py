@@ -102,9 +102,26 @@ class Tokenizer:
         """Inverse of :meth:`to_str`."""
         return cls(tokenizers.Tokenizer.from_str(s))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with no special tokens added."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``, with no special tokens added.
+
+        allow_special: special tokens spelled in the text become their ids (chat templates write
+        ``<|endoftext|>`` or ``<|im_end|>`` on purpose); otherwise they are encoded as plain text.
+        """
+        if not allow_special:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        self.hf.encode_special_tokens = False
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        finally:
+            self.hf.encode_special_tokens = True
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token (e.g. a special token), or None if the vocabulary lacks it."""
+        return self.hf.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.hf.id_to_token(token_id)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """:meth:`encode` for many texts (parallel inside ``tokenizers`` unless disabled)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,12 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune old ones."""
+                    trainer_state: dict, keep_last: int,
+                    write_weights: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune old ones.
+
+    write_weights(dir) writes the weights instead of ``model.safetensors`` (LoRA: only the adapters).
+    """
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -89,7 +94,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if write_weights is None:
+        save_model(model, str(tmp / "model.safetensors"))
+    else:
+        write_weights(tmp)
     tensors, optim_meta = _optimizer_tensors(optimizer)
     tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
     save_file(tensors, str(tmp / "trainer.safetensors"))
@@ -132,7 +140,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and not p.name.endswith(".tmp") and (p / "model.safetensors").is_file())
+                  and not p.name.endswith(".tmp") and has_weights(p))
+
+
+def has_weights(ckpt: Path) -> bool:
+    """Whether a checkpoint directory holds weights: full (model.safetensors) or LoRA adapters."""
+    return (ckpt / "model.safetensors").is_file() or (ckpt / "adapter.safetensors").is_file()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -140,7 +153,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = root / "latest"
     if pointer.is_file():
         path = root / pointer.read_text(encoding="utf-8").strip()
-        if (path / "model.safetensors").is_file():
+        if has_weights(path):
             return path
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None

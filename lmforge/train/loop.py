@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
               batches=prefetch_batches(train_batches, start_step, tc.grad_accum, rt.device), loss=lm_loss,
               evaluate=run_eval, save=lambda step, st: save_checkpoint(run_dir, step, model, optimizer, st,
                                                                          tc.keep_last),
-              tokens_per_step=tokens_per_step, flops_per_token=flops_tok, peak_flops=peak)
+              flops_per_token=flops_tok, peak_flops=peak)
     out = run_steps(job, cfg, rt, logger, state, start_step, say)
     step, last_eval = out.step, out.last_eval
     say(f"done: {step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "

@@ -34,7 +34,6 @@ class Job:
     """final? -> val metrics, including ``val_loss`` (the final evaluation may cover more)."""
     save: Callable[[int, dict], object]
     """(step, trainer state) -> write a checkpoint."""
-    tokens_per_step: int
     flops_per_token: float
     peak_flops: float
 
@@ -87,6 +86,7 @@ def run_steps(job: Job, cfg: _Config, rt: Runtime, logger: MetricsLogger, state:
             group["lr"] = lr
         for _ in range(tc.grad_accum):
             batch = next(job.batches)
+            tokens_since_log += batch[0].numel() * rt.world_size  # input slots, padding included
             with rt.autocast():
                 loss = job.loss(batch)
             job.scaler.scale(loss / tc.grad_accum).backward()
@@ -100,7 +100,6 @@ def run_steps(job: Job, cfg: _Config, rt: Runtime, logger: MetricsLogger, state:
         job.scaler.update()
         job.optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_since_log += job.tokens_per_step
         train_time = time.perf_counter() - t_start
         last_step = step == tc.max_steps
         out_of_time = tc.max_minutes is not None and train_time >= tc.max_minutes * 60

@@ -1,0 +1,74 @@
+"""``lmforge predict``: label texts with a classification run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.errors import UserError
+from lmforge.finetune import classify
+from lmforge.finetune.records import BadRecord, read_records, require
+
+
+def read_texts(file: str, text_field: str, label_field: str) -> tuple[list[str], list[tuple[str, str]] | None]:
+    """Texts of a .txt (one per line), .jsonl or .csv file, and their (label, where) if every record has one."""
+    path = Path(file)
+    if path.suffix.lower() not in (".jsonl", ".csv"):
+        if not path.is_file():
+            raise UserError(f"--file '{path}' does not exist")
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()], None
+
+    def convert(r: dict) -> tuple[str, str | None]:
+        label = r.get(label_field)
+        if label is not None and not isinstance(label, str | int | bool):
+            raise BadRecord(f"field '{label_field}' should be a string or number")
+        return require(r, text_field), None if label is None else str(label)
+
+    records = read_records(path, convert, skip_bad_lines=False)
+    texts = [text for (text, _), _ in records]
+    if all(label is not None for (_, label), _ in records):
+        return texts, [(label, where) for (_, label), where in records]
+    return texts, None
+
+
+def predict_cli(run_path: str, texts: list[str], file: str | None, text_field: str, label_field: str,
+                output: str | None, device: str) -> None:
+    from lmforge.run import load_run
+    from lmforge.train.runtime import setup_runtime
+
+    gold = None
+    if file:
+        more, gold = read_texts(file, text_field, label_field)
+        texts = texts + more
+        if gold is not None and len(more) != len(texts):
+            gold = None  # --text entries have no labels
+    if not texts:
+        raise UserError("nothing to label: give --text TEXT or --file FILE")
+    rt = setup_runtime(device, "fp32")
+    run = load_run(run_path, rt.device)
+    if run.task != "classify" or run.labels is None:
+        raise UserError(f"'{run_path}' is not a classification run (fine-tune one with task=classify)")
+    labels = run.labels
+    if gold is not None:
+        for label, where in gold:
+            if label not in labels:
+                raise UserError(f"{where}: label {label!r} was never seen in training "
+                                f"(the model knows: {', '.join(labels)})")
+    ids, truncated = classify.encode_texts(texts, run.tokenizer, run.config.model.block_size)
+    probs = classify.predict(run.model, ids, run.tokenizer.eot_id)
+    best = probs.argmax(-1).tolist()
+    rows = [{"text": t, "label": labels[c], "probability": round(float(probs[i, c]), 4)}
+            for i, (t, c) in enumerate(zip(texts, best, strict=True))]
+    if output:
+        Path(output).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for r in rows[:50] if output else rows:
+        snippet = r["text"].replace("\n", " ")
+        print(f"{r['label']}\t{r['probability']:.3f}\t{snippet[:80]}")
+    if truncated:
+        print(f"note: {truncated} texts were longer than the context and were cut to its first tokens")
+    if gold is not None:
+        m = classify.classification_metrics([labels.index(g) for g, _ in gold], best, len(labels))
+        print(f"accuracy {m['accuracy']:.4f} | macro F1 {m['macro_f1']:.4f} over {len(gold)} labelled texts")
+        print(classify.format_confusion(m["confusion_matrix"], labels))
+    if output:
+        print(f"wrote {len(rows)} predictions to {output}")
