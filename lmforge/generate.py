@@ -220,7 +220,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
     character, nor text that may turn out to start a stop string); with several, each finished
     continuation is written at the end, separated by a line ``----``.
     """
-    ids = [tokenizer.encode(p, allow_special=allow_special) or [tokenizer.eot_id] for p in prompts]
+    encode = (lambda text: tokenizer.encode(text, allow_special=True)) if allow_special else tokenizer.encode
+    ids = [encode(p) or [tokenizer.eot_id] for p in prompts]
     stop_ids = {tokenizer.eot_id, *sampling.pop("stop_ids", ())}
     live = stream is not None and len(prompts) == 1
     new_ids: list[list[int]] = [[] for _ in prompts]

@@ -1,0 +1,135 @@
+"""`lmforge finetune` end to end on a small pretrained base: SFT learns a format, classification
+beats the majority class, LoRA runs load merged or not, and a killed LoRA run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.config import load_finetune_config
+from lmforge.finetune.loop import finetune
+from lmforge.run import load_run
+
+SFT = ["train.max_steps=300", "train.batch_size=16", "optim.lr=1e-3", "train.log_interval=50",
+       "train.eval_interval=150"]
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "eval"]
+
+
+def test_sft_answers_held_out_prompts_of_the_learned_format(base_run, repeat_task, tmp_path):
+    train_file, val_file = repeat_task
+    cfg = load_finetune_config(None, [f"base={base_run}", f"data.train={train_file}", f"data.val={val_file}",
+                                      f"out_dir={tmp_path / 'sft'}", *SFT])
+    result = finetune(cfg, progress=False)
+    before = _evals(result.run_dir)[0]
+    assert before["step"] == 0 and before["exact_match"] == 0.0
+    assert result.metrics["exact_match"] >= 0.2  # 0.34 when measured; the words were never trained on
+    assert result.metrics["val_loss"] < before["val_loss"] / 3
+    saved = json.loads((result.run_dir / "final_eval.json").read_text())
+    assert saved["exact_match"] == result.metrics["exact_match"] and saved["samples"]
+    assert (result.run_dir / "chat_template.jinja").is_file()
+
+
+def test_classification_beats_the_majority_class(base_run, module_snippets, tmp_path):
+    cfg = load_finetune_config(None, ["task=classify", f"base={base_run}", f"data.train={module_snippets}",
+                                      f"out_dir={tmp_path / 'cls'}", "train.max_steps=200", "train.batch_size=16",
+                                      "optim.lr=1e-3", "train.eval_interval=100"])
+    result = finetune(cfg, progress=False)
+    m = result.metrics
+    labels = json.loads((result.run_dir / "labels.json").read_text())
+    matrix = torch.tensor(m["confusion_matrix"])
+    majority = matrix.sum(1).max().item() / matrix.sum().item()
+    assert m["val_accuracy"] >= majority + 0.1, (m["val_accuracy"], majority)
+    assert m["val_macro_f1"] > 0.3
+    assert labels == ["argparse", "calendar", "difflib", "tarfile"]
+    run = load_run(result.run_dir)
+    assert run.task == "classify" and run.labels == labels
+
+
+def test_a_lora_run_loads_the_same_from_adapters_as_from_merged_weights(base_run, repeat_task, tmp_path):
+    train_file, _ = repeat_task
+    cfg = load_finetune_config(None, [f"base={base_run}", f"data.train={train_file}", f"out_dir={tmp_path / 'lora'}",
+                                      "lora.rank=4", "lora.merge=true", "train.max_steps=40", "optim.lr=3e-3",
+                                      "data.eval_generations=0"])
+    result = finetune(cfg, progress=False)
+    ckpt = result.run_dir / "checkpoints" / "step_000040"
+    assert (ckpt / "adapter.safetensors").is_file() and (ckpt / "model.safetensors").is_file()
+    adapters_only = tmp_path / "adapters_only"
+    shutil.copytree(result.run_dir, adapters_only)
+    (adapters_only / "checkpoints" / "step_000040" / "model.safetensors").unlink()
+    x = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        merged = load_run(result.run_dir).model(x)[0]
+        from_adapters = load_run(adapters_only).model(x)[0]
+        base = load_run(base_run).model(x)[0]
+    torch.testing.assert_close(from_adapters, merged, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(merged, base, atol=1e-3)
+
+
+def _finetune(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lmforge", "finetune", *args],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def test_a_killed_lora_run_resumes_exactly(base_run, repeat_task, tmp_path):
+    train_file, _ = repeat_task
+    args = [f"base={base_run}", f"data.train={train_file}", "lora.rank=4", "lora.dropout=0.1",
+            "train.max_steps=50", "train.batch_size=8", "train.log_interval=1", "train.ckpt_interval=10",
+            "train.eval_interval=25", "data.eval_generations=0"]
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = _finetune([*args, f"out_dir={ref_dir}"])
+    proc = _finetune([*args, f"out_dir={killed_dir}"])
+    metrics = killed_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 15:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 10 <= max(_losses(killed_dir)) < 50
+    resumed = _finetune(["--resume", str(killed_dir)])
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resuming from" in out
+    ref_out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_out
+    ref_losses, resumed_losses = _losses(ref_dir), _losses(killed_dir)
+    assert sorted(resumed_losses) == list(range(1, 51))
+    assert resumed_losses == ref_losses
+
+
+def _fails_with(args: list[str], *fragments: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_user_mistakes_are_one_line_errors(base_run, repeat_task, module_snippets, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "respons": "b"}\n')
+    _fails_with(["finetune", f"base={base_run}", f"data.train={bad}", f"out_dir={tmp_path / 'x'}"],
+                "bad.jsonl:2", "missing field 'response'", "skip_bad_lines")
+    _fails_with(["finetune", f"base={tmp_path / 'nowhere'}", f"data.train={bad}"], "nowhere", "does not exist")
+    _fails_with(["finetune", f"data.train={bad}"], "base=")
+    assert not (tmp_path / "x").exists()  # nothing written for a run that could not start
