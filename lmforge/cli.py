@@ -132,11 +132,15 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from lmforge.finetune.sft import find_chat_template
     from lmforge.interop import export_hf
     from lmforge.run import load_run
 
     run = load_run(args.run)
-    out = export_hf(run.model, run.tokenizer, args.out)
+    if run.task != "lm":
+        raise UserError(f"'{args.run}' is a {run.task} run; only language models export to the hf format")
+    folder = Path(args.run) if Path(args.run, "config.json").is_file() else run.checkpoint.parent.parent
+    out = export_hf(run.model, run.tokenizer, args.out, chat_template=find_chat_template(folder))
     print(f"exported {run.checkpoint} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
 
 

@@ -310,12 +310,21 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
     tokenizer.save(out / "tokenizer.json")
+    if Path(source).is_dir():
+        from lmforge.finetune.sft import find_chat_template
+
+        template = find_chat_template(Path(source))
+        if template is not None:  # keep the model's own chat format for SFT and `generate --chat`
+            (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     save_weights_only(out, 0, model)
     return out
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
-    """Write ``model`` and ``tokenizer`` as a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load."""
+def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, chat_template: str | None = None) -> Path:
+    """Write ``model`` and ``tokenizer`` as a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load.
+
+    chat_template: the Jinja template of a chat (SFT) model, for ``tokenizer.apply_chat_template``.
+    """
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
@@ -332,5 +341,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     eot_text = tokenizer.hf.id_to_token(eot)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, bos_token=eot_text, eos_token=eot_text,
                                    pad_token=eot_text, model_max_length=model.cfg.block_size)
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(str(out))
     return out

@@ -40,6 +40,25 @@ def test_sft_answers_held_out_prompts_of_the_learned_format(base_run, repeat_tas
     assert saved["exact_match"] == result.metrics["exact_match"] and saved["samples"]
     assert (result.run_dir / "chat_template.jinja").is_file()
 
+    # Exported, the chat model keeps its template: transformers renders prompts the way we trained.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.finetune.sft import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+
+    out = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "lmforge", "export", str(result.run_dir), "--out", str(out)], check=True)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "Repeat: word"}]
+    ours = ChatTemplate(DEFAULT_CHAT_TEMPLATE, load_run(result.run_dir).tokenizer).render(chat, True)
+    assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == ours
+    ids = hf_tok(ours, return_tensors="pt").input_ids
+    hf_answer = AutoModelForCausalLM.from_pretrained(out).generate(ids, max_new_tokens=12, do_sample=False)
+    from lmforge.generate import generate
+
+    ours_answer = generate(load_run(result.run_dir).model, [ids[0].tolist()], 12, temperature=0.0,
+                           stop_ids=[hf_tok.eos_token_id])
+    assert hf_answer[0, ids.shape[1]:].tolist()[:len(ours_answer[0])] == ours_answer[0]
+
 
 def test_classification_beats_the_majority_class(base_run, module_snippets, tmp_path):
     cfg = load_finetune_config(None, ["task=classify", f"base={base_run}", f"data.train={module_snippets}",
