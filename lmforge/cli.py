@@ -62,7 +62,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from lmforge.config import load_finetune_config
     from lmforge.finetune.loop import finetune
 
-    overrides = list(args.overrides) + (["lora.merge=true"] if args.merge else [])
+    overrides = list(args.overrides) + (["lora.merge=true"] if args.merge else []) \
+        + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])
     if args.resume is not None:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
@@ -96,8 +97,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     run = load_run(args.run, rt.device)
     if run.task != "lm":
         raise UserError(f"'{args.run}' is a {run.task} run: it labels texts (lmforge predict), it does not generate")
+    stop_ids: list[int] = []
     if args.chat:
-        prompts = chat_prompts(args.run, run, prompts)
+        prompts, stop_ids = chat_prompts(args.run, run, prompts)
     if len(prompts) == 1:  # the continuation streams right after its prompt
         print(prompts[0], end="", flush=True)
     with rt.autocast():
@@ -105,6 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             run.model, run.tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
             stop_strings=args.stop or (), stream=sys.stdout if len(prompts) == 1 else None, allow_special=args.chat,
+            stop_ids=stop_ids,
         )
     if len(prompts) == 1:
         print()
@@ -113,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{prompt}{text}\n----")
 
 
-def chat_prompts(path: str, run, prompts: list[str]) -> list[str]:
+def chat_prompts(path: str, run, prompts: list[str]) -> tuple[list[str], list[int]]:
     """Each prompt as a user turn in the run's chat template, ending where the answer starts."""
     from lmforge.finetune.sft import ChatTemplate, find_chat_template
 
@@ -121,7 +124,8 @@ def chat_prompts(path: str, run, prompts: list[str]) -> list[str]:
     if find_chat_template(folder) is None:
         print(f"note: '{path}' has no chat template of its own; using lmforge's default", file=sys.stderr)
     template = ChatTemplate.resolve(None, folder, run.tokenizer)
-    return [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    return [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts], \
+        template.stop_ids
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -196,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML recipe")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted fine-tuning run exactly")
     p.add_argument("--merge", action="store_true", help="LoRA: also write full weights with the adapters merged")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip (and count) records that are not valid or lack a field, instead of stopping")
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides, e.g. base=runs/lmforge data.train=chat.jsonl task=sft lora.rank=8")
     p.set_defaults(func=cmd_finetune)

@@ -311,19 +311,21 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
     save_yaml(cfg, out / "config.yaml")
     tokenizer.save(out / "tokenizer.json")
     if Path(source).is_dir():
-        from lmforge.finetune.sft import find_chat_template
+        from lmforge.finetune.sft import ChatTemplate, find_chat_template
 
-        template = find_chat_template(Path(source))
-        if template is not None:  # keep the model's own chat format for SFT and `generate --chat`
-            (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+        own = find_chat_template(Path(source))
+        if own is not None:  # keep the model's own chat format for SFT and `generate --chat`
+            ChatTemplate(own[0], tokenizer, own[1]).save(out)
     save_weights_only(out, 0, model)
     return out
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, chat_template: str | None = None) -> Path:
+def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path,
+              chat_template: tuple[str, str | None] | None = None) -> Path:
     """Write ``model`` and ``tokenizer`` as a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load.
 
-    chat_template: the Jinja template of a chat (SFT) model, for ``tokenizer.apply_chat_template``.
+    chat_template: (Jinja template, end-of-answer token) of a chat model, for
+    ``tokenizer.apply_chat_template``; generation then also stops at that token.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -342,6 +344,11 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, chat_templa
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, bos_token=eot_text, eos_token=eot_text,
                                    pad_token=eot_text, model_max_length=model.cfg.block_size)
     if chat_template is not None:
-        fast.chat_template = chat_template
+        template, turn_end = chat_template
+        fast.chat_template = template
+        turn_end_id = tokenizer.token_to_id(turn_end) if turn_end else None
+        if turn_end_id is not None and turn_end_id != eot:
+            hf.generation_config.eos_token_id = [eot, turn_end_id]
+            hf.generation_config.save_pretrained(str(out))
     fast.save_pretrained(str(out))
     return out

@@ -216,7 +216,8 @@ def build_sft(cfg: FinetuneConfig, model: GPT, tokenizer: Tokenizer, base_dir: P
                f"{n_trunc} truncated" + (f", {len(unlearnable)} with no answer left (e.g. {unlearnable[0]})"
                                          if unlearnable else ""),
                f"batches: {'packed into ' + str(len(rows)) + ' rows' if rows else 'padded to the longest example'}"
-               f" | chat template: {'own' if template.source != sft.DEFAULT_CHAT_TEMPLATE else 'lmforge default'}",
+               f" | chat template: {'lmforge default' if template.is_default else 'own'}, answers end with "
+               f"{template.eos_token}",
                *_skipped_lines(report)]
     # Exact match: answer the val prompts whose last turn is the answer.
     qa = [(m[:-1], m[-1]["content"]) for m, _ in val_rec if m[-1]["role"] == "assistant"][:d.eval_generations]
@@ -243,7 +244,7 @@ def build_sft(cfg: FinetuneConfig, model: GPT, tokenizer: Tokenizer, base_dir: P
         loss = total / max(1, count)
         metrics: dict = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
         if final and qa:
-            answers = _generate_answers(m, prompts, max_answer, tokenizer, rt)
+            answers = _generate_answers(m, prompts, max_answer, tokenizer, template.stop_ids, rt)
             hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, qa, strict=True)]
             metrics["exact_match"] = sum(hits) / len(hits)
             metrics["samples"] = [{"prompt": p[-1]["content"] if p else "", "reference": ref, "answer": a}
@@ -252,22 +253,22 @@ def build_sft(cfg: FinetuneConfig, model: GPT, tokenizer: Tokenizer, base_dir: P
         return metrics
 
     def save_files(run_dir: Path) -> None:
-        (run_dir / "chat_template.jinja").write_text(template.source, encoding="utf-8")
+        template.save(run_dir)
 
     return Task(model=model, n_train=len(rows) if rows is not None else len(train), batch=batch,
                 loss=sft.sft_loss, evaluate=evaluate, summary=summary, save_files=save_files)
 
 
 def _generate_answers(model: torch.nn.Module, prompts: list[list[int]], max_new: int, tokenizer: Tokenizer,
-                      rt: Runtime, batch_size: int = 16) -> list[str]:
-    """Greedy answers to tokenized prompts, stopping at end-of-text."""
+                      stop_ids: list[int], rt: Runtime, batch_size: int = 16) -> list[str]:
+    """Greedy answers to tokenized prompts, stopping at the end-of-answer token."""
     from lmforge.generate import generate
 
     gpt = _unwrap(model)
     out = []
     for i in range(0, len(prompts), batch_size):
         with rt.autocast():
-            ids = generate(gpt, prompts[i:i + batch_size], max_new, temperature=0.0, stop_ids=[tokenizer.eot_id],
+            ids = generate(gpt, prompts[i:i + batch_size], max_new, temperature=0.0, stop_ids=stop_ids,
                            pad_id=tokenizer.eot_id)
         out += [tokenizer.decode(x) for x in ids]
     return out

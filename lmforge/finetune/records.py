@@ -81,7 +81,7 @@ def read_records(path: str | Path, convert: Callable[[dict[str, Any]], Any], ski
             report.read += 1
         except BadRecord as e:
             if not skip_bad_lines:
-                raise UserError(f"{where}: {e} (data.skip_bad_lines=true skips such lines)") from None
+                raise UserError(f"{where}: {e} (--skip-bad-lines skips such lines)") from None
             report.skipped.append(f"{where}: {e}")
     if not out:
         raise UserError(f"example file '{p}' has no usable records")

@@ -42,7 +42,7 @@ ROLES = ("system", "user", "assistant")
 class ChatTemplate:
     """A Jinja chat template (Hugging Face conventions: messages, add_generation_prompt, eos_token)."""
 
-    def __init__(self, source: str, tokenizer: Tokenizer):
+    def __init__(self, source: str, tokenizer: Tokenizer, eos_token: str | None = None):
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -56,7 +56,10 @@ class ChatTemplate:
         except TemplateError as e:
             raise UserError(f"chat template is not valid Jinja: {e}") from None
         self.source = source
-        self.eos_token = tokenizer.id_to_token(tokenizer.eot_id) or ""
+        # The token that ends an answer: the model's own (e.g. <|im_end|>) or end-of-text.
+        self.eos_token = eos_token or tokenizer.id_to_token(tokenizer.eot_id) or ""
+        self.stop_ids = sorted({tokenizer.eot_id, tokenizer.token_to_id(self.eos_token) or tokenizer.eot_id})
+        """Token ids at which generation of an answer stops."""
 
     @classmethod
     def resolve(cls, explicit: str | None, base_dir: Path | None, tokenizer: Tokenizer) -> ChatTemplate:
@@ -67,7 +70,16 @@ class ChatTemplate:
                 raise UserError(f"data.chat_template '{path}' does not exist (expected a Jinja template file)")
             return cls(path.read_text(encoding="utf-8"), tokenizer)
         own = find_chat_template(base_dir) if base_dir is not None else None
-        return cls(own or DEFAULT_CHAT_TEMPLATE, tokenizer)
+        return cls(own[0], tokenizer, own[1]) if own else cls(DEFAULT_CHAT_TEMPLATE, tokenizer)
+
+    @property
+    def is_default(self) -> bool:
+        return self.source == DEFAULT_CHAT_TEMPLATE
+
+    def save(self, folder: Path) -> None:
+        """Write the template where :func:`find_chat_template` (and transformers) look for it."""
+        config = {"chat_template": self.source, "eos_token": self.eos_token}
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -98,19 +110,21 @@ class ChatTemplate:
         return pieces + [(rest, False)] if rest else pieces
 
 
-def find_chat_template(folder: Path) -> str | None:
-    """A model folder's own chat template: chat_template.jinja, or tokenizer_config.json's entry."""
-    jinja = folder / "chat_template.jinja"
+def find_chat_template(folder: Path) -> tuple[str, str | None] | None:
+    """A model folder's own chat template and end-of-answer token, as transformers saves them:
+    ``chat_template.jinja`` or tokenizer_config.json's ``chat_template``, and its ``eos_token``."""
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos = eos if isinstance(eos, str) else None
+    jinja = Path(folder) / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if isinstance(template, str):
-            return template
-    return None
+        return jinja.read_text(encoding="utf-8"), eos
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return (template, eos) if isinstance(template, str) else None
 
 
 def record_to_messages(record: dict, prompt_field: str, response_field: str, messages_field: str) -> list[dict]:

@@ -38,7 +38,7 @@ def test_sft_answers_held_out_prompts_of_the_learned_format(base_run, repeat_tas
     assert result.metrics["val_loss"] < before["val_loss"] / 3
     saved = json.loads((result.run_dir / "final_eval.json").read_text())
     assert saved["exact_match"] == result.metrics["exact_match"] and saved["samples"]
-    assert (result.run_dir / "chat_template.jinja").is_file()
+    assert json.loads((result.run_dir / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
 
     # Exported, the chat model keeps its template: transformers renders prompts the way we trained.
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,7 +148,35 @@ def test_user_mistakes_are_one_line_errors(base_run, repeat_task, module_snippet
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "respons": "b"}\n')
     _fails_with(["finetune", f"base={base_run}", f"data.train={bad}", f"out_dir={tmp_path / 'x'}"],
-                "bad.jsonl:2", "missing field 'response'", "skip_bad_lines")
+                "bad.jsonl:2", "missing field 'response'", "--skip-bad-lines")
     _fails_with(["finetune", f"base={tmp_path / 'nowhere'}", f"data.train={bad}"], "nowhere", "does not exist")
     _fails_with(["finetune", f"data.train={bad}"], "base=")
     assert not (tmp_path / "x").exists()  # nothing written for a run that could not start
+
+
+def test_lora_sft_from_a_hugging_face_folder_uses_its_own_chat_template(tmp_path, capsys):
+    from lmforge.data.tokenizer import Tokenizer
+    from tests.test_interop import hf_llama, save_hf_folder
+
+    tok = Tokenizer.train_char(["Repeat: abcdefghijklmnopqrstuvwxyz <|>_\n"])
+    tok.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer(tok.hf)  # recount the vocabulary
+    hf = hf_llama()
+    hf.resize_token_embeddings(tok.vocab_size)
+    src = tmp_path / "hf"
+    save_hf_folder(hf, src, tok)
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<|im_end|>"}))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Repeat: {w}"},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for w in ("abc", "xyz", "hello", "quiz", "jump", "fox") * 4))
+    cfg = load_finetune_config(None, [f"base={src}", f"data.train={data}", f"out_dir={tmp_path / 'run'}",
+                                      "lora.rank=4", "train.max_steps=10", "train.batch_size=4"])
+    result = finetune(cfg)
+    assert "chat template: own" in capsys.readouterr().out
+    assert json.loads((result.run_dir / "tokenizer_config.json").read_text()) == {
+        "chat_template": template, "eos_token": "<|im_end|>"}
+    run = load_run(result.run_dir)  # base weights from the HF folder + the adapters
+    assert torch.isfinite(run.model(torch.tensor([[1, 2, 3]]))[0]).all()

@@ -13,7 +13,7 @@ def _text(record: dict) -> str:
 def test_a_line_that_is_not_json_is_named_by_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n')
-    with pytest.raises(UserError, match=r"d\.jsonl:3: not valid JSON.*skip_bad_lines"):
+    with pytest.raises(UserError, match=r"d\.jsonl:3: not valid JSON.*skip-bad-lines"):
         read_records(path, _text, skip_bad_lines=False)
 
 

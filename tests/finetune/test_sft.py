@@ -96,9 +96,9 @@ def test_a_models_own_chat_template_is_used_with_its_special_tokens(tmp_path, to
     tok.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     own = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": own}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": own, "eos_token": "<|im_end|>"}))
     template = sft.ChatTemplate.resolve(None, tmp_path, tok)
-    template.eos_token = "<|im_end|>"
+    assert template.stop_ids == sorted([tok.eot_id, tok.token_to_id("<|im_end|>")])
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo"}]
     example = sft.encode_example(messages, tok, template, max_len=64)
     assert _learned_text(tok, example) == "yo<|im_end|>"
