@@ -47,7 +47,8 @@ def resolve_dataset(cfg: TrainConfig, progress: bool) -> Path:
         out = Path(cfg.out_dir) / "data"
         if not (out / "meta.json").is_file():
             prepare(cfg.data, out, progress=progress)
-    print(f"dataset {out}\n" + format_summary(load_meta(out)), flush=True)
+    if progress:
+        print(f"dataset {out}\n" + format_summary(load_meta(out)), flush=True)
     return out
 
 
