@@ -1,6 +1,6 @@
 """Decode speed: lmforge's KV-cache generation vs `transformers` ``generate()`` on the same weights.
 
-    python bench/generate_speed.py [--preset gpt2-small | --run RUN_DIR] [--reps 5] [--json out.json]
+    python bench/generate_speed.py [--preset gpt2-small | --run RUN_DIR] [--reps 5] [--compile] [--json out.json]
 
 The transformers model is our model exported in memory (``lmforge.interop.to_hf_model``), so both
 hold identical weights. Greedy decoding, prompt of ``--prompt-len`` random tokens, ``--new-tokens``
@@ -27,6 +27,7 @@ from lmforge.config import ModelConfig, from_dict
 from lmforge.generate import generate
 from lmforge.interop import to_hf_model
 from lmforge.model.gpt import GPT
+from lmforge.train.runtime import maybe_compile
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
@@ -57,6 +58,9 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch; 0 leaves its default")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile lmforge's model (dynamic shapes, as `lmforge generate --compile`); the "
+                         "compile happens in the warm-up and is reported apart")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -77,8 +81,10 @@ def main() -> None:
     print(f"model {model.num_params() / 1e6:.1f}M params | {device} | {args.precision} | prompt {args.prompt_len} | "
           f"{n_new} new tokens | torch {torch.__version__} | threads {torch.get_num_threads()}")
 
+    step_model = maybe_compile(model, args.compile, dynamic=True)
+
     def ours(prompts: torch.Tensor) -> list[list[int]]:
-        return generate(model, prompts.tolist(), n_new, temperature=0.0)
+        return generate(step_model, prompts.tolist(), n_new, temperature=0.0)
 
     @torch.inference_mode()
     def theirs(prompts: torch.Tensor) -> list[list[int]]:
@@ -100,7 +106,9 @@ def main() -> None:
                 outputs[name] = fn(prompts)  # .tolist() syncs: the time covers the whole generation
                 if rep > 0:
                     times[name].append(time.perf_counter() - t)
-        row = {"batch": batch, "precision": args.precision}
+                elif name == "lmforge" and args.compile:
+                    print(f"batch {batch}: warm-up with compilation took {time.perf_counter() - t:.1f} s")
+        row = {"batch": batch, "precision": args.precision, "compile": args.compile}
         for name, ts in times.items():
             row[f"{name}_tok_s"] = batch * n_new / statistics.median(ts)
         row["ratio"] = row["lmforge_tok_s"] / row["transformers_tok_s"]

@@ -83,7 +83,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.generate import generate_text
     from lmforge.run import load_run
-    from lmforge.train.runtime import setup_runtime
+    from lmforge.train.runtime import maybe_compile, setup_runtime
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -95,6 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = [""]
     rt = setup_runtime(args.device, args.precision)
     run = load_run(args.run, rt.device)
+    model = maybe_compile(run.model, args.compile, dynamic=True)
     if run.task != "lm":
         raise UserError(f"'{args.run}' is a {run.task} run: it labels texts (lmforge predict), it does not generate")
     stop_ids: list[int] = []
@@ -104,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(prompts[0], end="", flush=True)
     with rt.autocast():
         texts = generate_text(
-            run.model, run.tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
+            model, run.tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
             stop_strings=args.stop or (), stream=sys.stdout if len(prompts) == 1 else None, allow_special=args.chat,
             stop_ids=stop_ids,
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the run's chat template")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model first: decoding gets faster after a one-off compile (20-30 s on a "
+                        "small CPU); worth it for long or many generations")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.set_defaults(func=cmd_generate)

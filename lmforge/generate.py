@@ -107,6 +107,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     True stops that row (the token stays in its output). use_cache=False recomputes the whole
     sequence every step: slow, the reference the KV cache path is tested against. Runs in eval mode
     on the model's device and dtype; wrap the call in ``torch.autocast`` for mixed precision.
+    ``model`` may be ``torch.compile(gpt, dynamic=True)``: one graph then serves every step.
     """
     _check_sampling(temperature, top_k, top_p, repetition_penalty)
     for i, p in enumerate(prompts):

@@ -296,3 +296,18 @@ def test_stream_flushes_held_back_text_when_generation_ends(monkeypatch):
     stream = io.StringIO()
     texts = generate_text(None, tok, ["x"], 100, stop_strings=["<END>"], stream=stream)
     assert texts == ["ok <EN"] and stream.getvalue() == "ok <EN"
+
+
+def test_a_compiled_model_generates_the_same_tokens_as_eager():
+    from torch._dynamo.utils import counters
+
+    from lmforge.train.runtime import maybe_compile
+
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3]]
+    eager = generate(model, prompts, 12, temperature=0.0)
+    compiled = maybe_compile(model, True, dynamic=True)
+    assert generate(compiled, prompts, 12, temperature=0.0) == eager
+    assert generate(compiled, [[4, 4, 4, 4, 4, 4, 4]], 12, temperature=0.0) == generate(model, [[4] * 7], 12,
+                                                                                         temperature=0.0)
+    assert counters["stats"]["unique_graphs"] > 0  # it really compiled (no silent eager fallback)

@@ -97,8 +97,11 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 
     return Runtime(device=dev, precision=resolve_precision(precision, dev), rank=rank, world_size=world_size)
 
 
-def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+def maybe_compile(model: torch.nn.Module, enabled: bool, dynamic: bool | None = None) -> torch.nn.Module:
     """torch.compile the model if asked, else return it as is.
+
+    dynamic=True compiles one graph for all sequence lengths (generation: a prefill of any prompt
+    length, then a KV cache that grows every step) instead of recompiling as shapes change.
 
     Compilation happens lazily at the first call, so failures (no C compiler, an unsupported
     platform) surface there: dynamo's ``suppress_errors`` turns them into a warning and eager
@@ -110,7 +113,7 @@ def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 
     torch._dynamo.config.suppress_errors = True
     try:
-        return torch.compile(model)
+        return torch.compile(model, dynamic=dynamic)
     except Exception as e:  # noqa: BLE001 - any failure to set up compile means: run eagerly
         warnings.warn(f"torch.compile unavailable ({e}); running eagerly", stacklevel=2)
         return model
