@@ -80,6 +80,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
                 label_field=args.label_field, output=args.output, device=args.device)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmforge.evaluate.runner import EvalRequest, evaluate_run, format_report, write_report
+
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    req = EvalRequest(lm=args.lm or [], dataset=args.dataset, split=args.split, generate=args.generate,
+                      choice=args.choice, classify=args.classify, stride=args.stride, batch_size=args.batch_size,
+                      text_field=args.text_field, label_field=args.label_field, sampling=sampling,
+                      max_new_tokens=args.max_new_tokens, stop=args.stop or [])
+    report = evaluate_run(args.run, req, args.device, args.precision)
+    print(format_report(report))
+    print(f"\nwrote {write_report(report, args.output, args.run)}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.generate import generate_text
     from lmforge.run import load_run
@@ -196,6 +210,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="measure a model: perplexity/bits per byte, generation and choice tasks",
+                       description="Evaluate a run, checkpoint or Hugging Face folder; prints a table and writes JSON.")
+    p.add_argument("run", help="run directory, checkpoint directory or Hugging Face folder")
+    p.add_argument("--lm", nargs="+", metavar="SRC", help="text files/folders/globs (.jsonl/.parquet: a text "
+                                                         "field): loss, perplexity, bits per byte")
+    p.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: the context: disjoint)")
+    p.add_argument("--dataset", metavar="DIR", help="a prepared dataset: its split, windowed as training evaluates")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--generate", metavar="FILE", help="JSONL of prompt + reference(s): BLEU, chrF, ROUGE, exact match")
+    p.add_argument("--choice", metavar="FILE", help="JSONL of context + choices + label: multiple-choice accuracy")
+    p.add_argument("--classify", metavar="FILE", help="CSV/JSONL of text + label (classification runs)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 (default) means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string for --generate (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", help="JSON report path (default: RUN/eval.json, or ./eval.json)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("finetune", help="adapt a trained model: chat SFT or classification, full or LoRA",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from lmforge.config import TrainConfig, save_yaml
-from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, eval_offsets, prefetch_batches, to_device
+from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, prefetch_batches
 from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.evaluate.lm import split_loss
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from lmforge.train.metrics import MetricsLogger, format_duration, peak_flops
@@ -60,22 +61,6 @@ def fresh_run_dir(out_dir: str) -> Path:
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, shard: TokenShard, rt: Runtime, batch_size: int, n_batches: int) -> float:
-    """Mean next-token loss over fixed, evenly spaced windows of a split."""
-    was_training = model.training
-    model.eval()
-    offsets = eval_offsets(len(shard), shard.block_size, n_batches, batch_size)
-    total = torch.zeros((), device=rt.device)
-    for i in range(0, len(offsets), batch_size):
-        x, y = shard.windows(offsets[i:i + batch_size])
-        with rt.autocast():
-            _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
-        total += loss.float() * len(x)
-    model.train(was_training)
-    return total.item() / len(offsets)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -142,7 +127,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
 
     def run_eval(final: bool) -> dict[str, float]:
         # The final evaluation covers the whole val split (non-overlapping windows).
-        loss = evaluate(step_model, val_shard, rt, tc.batch_size, 10**9 if final else tc.eval_batches)
+        loss = split_loss(step_model, val_shard, rt, tc.batch_size, 10**9 if final else tc.eval_batches)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
                 "val_bpb": bits_per_byte(loss, val_split["tokens"], val_split["bytes"])}
 

@@ -1,0 +1,1 @@
+"""Evaluation: language modelling (lm), task metrics (tasks), the lm-evaluation-harness adapter."""

@@ -1,0 +1,187 @@
+"""Language-modelling evaluation: loss, perplexity and bits per byte over any amount of text.
+
+Texts longer than the context are scored with a sliding window (the ``transformers`` perplexity
+recipe): windows of ``block_size`` input tokens start every ``stride`` tokens, and each scores only
+the next-token predictions no earlier window made, with everything before them in the window as
+context. With a stride equal to the context every token is scored once with 0 to block_size - 1
+tokens of context (fast); a smaller stride gives each token at least block_size - stride.
+
+Every document is preceded by the end-of-text token, as in training, so its first token is scored
+too and bits per byte cover every byte of the text. Files are read in pieces of about 1 MB and the
+token buffer never holds more than one window plus one piece: memory stays flat for any file size.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.loader import TokenShard, bits_per_byte, eval_offsets, to_device
+from lmforge.data.prepare import load_meta
+from lmforge.data.sources import _looks_binary, expand_sources, iter_documents
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+
+if TYPE_CHECKING:
+    from lmforge.train.runtime import Runtime
+
+PIECE_BYTES = 1 << 20
+
+
+@dataclass
+class LMScore:
+    """Running totals of a language-modelling evaluation."""
+
+    nll: float = 0.0
+    """Sum of the negative log-likelihoods (nats) of the scored tokens."""
+    tokens: int = 0
+    bytes: int = 0
+    documents: int = 0
+    sha256: hashlib._Hash = field(default_factory=hashlib.sha256)
+
+    def as_dict(self) -> dict:
+        loss = self.nll / max(1, self.tokens)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)),
+                "bits_per_byte": self.nll / math.log(2) / max(1, self.bytes), "tokens": self.tokens,
+                "bytes": self.bytes, "documents": self.documents, "data_sha256": self.sha256.hexdigest()}
+
+
+def _file_pieces(path: Path) -> Iterator[str]:
+    """A text file as pieces of ~1 MB that end at a newline (so no token straddles two pieces)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    carry = ""
+    with open(path, "rb") as f:
+        while chunk := f.read(PIECE_BYTES):
+            text = carry + decoder.decode(chunk)
+            cut = text.rfind("\n") + 1
+            if cut == 0:  # no newline yet: keep reading (a single very long line)
+                carry = text
+                continue
+            carry = text[cut:]
+            yield text[:cut]
+    rest = carry + decoder.decode(b"", final=True)
+    if rest:
+        yield rest
+
+
+def documents(sources: list[str], text_field: str = "text") -> Iterator[tuple[str, Iterator[str]]]:
+    """(where, pieces of its text) for each document: a text file, or a record of a .jsonl/.parquet file."""
+    for path in expand_sources(sources):
+        if path.suffix.lower() in (".jsonl", ".parquet"):
+            for doc in iter_documents([str(path)], text_field):
+                yield f"{doc.source}:{doc.line}", iter([doc.text])
+        elif not _looks_binary(path):
+            yield str(path), _file_pieces(path)
+
+
+@torch.no_grad()
+def _nll(model: torch.nn.Module, windows: list[tuple[np.ndarray, int]], device: torch.device,
+         autocast) -> float:
+    """Summed NLL of windows: each (tokens, first) scores the targets tokens[first:] (first >= 1)."""
+    T = max(len(w) for w, _ in windows)
+    x = torch.zeros(len(windows), T - 1, dtype=torch.long)
+    y = torch.full((len(windows), T - 1), -100, dtype=torch.long)
+    for i, (w, first) in enumerate(windows):
+        t = torch.from_numpy(w.astype(np.int64))
+        x[i, :len(w) - 1] = t[:-1]
+        y[i, first - 1:len(w) - 1] = t[first:]
+    with autocast():
+        logits, _ = model(x.to(device))
+    return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
+                           reduction="sum").item()
+
+
+def score_texts(model: torch.nn.Module, tokenizer: Tokenizer, docs: Iterator[tuple[str, Iterator[str]]], *,
+                stride: int | None = None, batch_size: int = 8, device: torch.device | str = "cpu",
+                autocast=None, progress=None) -> LMScore:
+    """Loss, perplexity and bits per byte of documents under the model (see the module docstring).
+
+    progress(n_bytes) is called as text is consumed (a progress bar's update).
+    """
+    import contextlib
+
+    block = model.cfg.block_size
+    stride = stride or block
+    if not 0 < stride <= block:
+        raise UserError(f"--stride must be between 1 and the model's context ({block}), got {stride}")
+    autocast = autocast or contextlib.nullcontext
+    device = torch.device(device)
+    score = LMScore()
+    pending: list[tuple[np.ndarray, int]] = []
+
+    def flush() -> None:
+        if pending:
+            score.nll += _nll(model, pending, device, autocast)
+            pending.clear()
+
+    for _, pieces in docs:
+        score.documents += 1
+        buf = np.array([tokenizer.eot_id], dtype=np.int64)  # the context every document starts from
+        base = 0  # absolute index of buf[0] in the document's token stream
+        begin, scored_to = 0, 1  # next window start; tokens before scored_to are scored
+        exhausted = False
+        while True:
+            while not exhausted and base + len(buf) < begin + block + 1:
+                piece = next(pieces, None)
+                if piece is None:
+                    exhausted = True
+                    break
+                data = piece.encode("utf-8")
+                score.bytes += len(data)
+                score.sha256.update(data)
+                if progress is not None:
+                    progress(len(data))
+                buf = np.concatenate([buf, np.asarray(tokenizer.encode(piece), dtype=np.int64)])
+            known = base + len(buf)
+            end = min(begin + block + 1, known)  # block inputs, each predicting the next token
+            if end > scored_to:
+                pending.append((buf[begin - base:end - base], scored_to - begin))
+                score.tokens += end - scored_to
+                scored_to = end
+                if len(pending) == batch_size:
+                    flush()
+            if exhausted and end == known:
+                break
+            begin += stride
+            buf, base = buf[begin - base:], begin
+    flush()
+    if score.tokens == 0:
+        raise UserError("the evaluation text is empty: nothing to score")
+    return score
+
+
+@torch.no_grad()
+def split_loss(model: torch.nn.Module, shard: TokenShard, rt: Runtime, batch_size: int, n_batches: int) -> float:
+    """Mean next-token loss over fixed, evenly spaced windows of a split."""
+    was_training = model.training
+    model.eval()
+    offsets = eval_offsets(len(shard), shard.block_size, n_batches, batch_size)
+    total = torch.zeros((), device=rt.device)
+    for i in range(0, len(offsets), batch_size):
+        x, y = shard.windows(offsets[i:i + batch_size])
+        with rt.autocast():
+            _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
+        total += loss.float() * len(x)
+    model.train(was_training)
+    return total.item() / len(offsets)
+
+
+def score_split(model: torch.nn.Module, dataset_dir: str | Path, rt: Runtime, split: str = "val",
+                batch_size: int = 16) -> dict:
+    """A prepared dataset's split, windowed exactly as training's final evaluation: the same figures."""
+    meta = load_meta(Path(dataset_dir))
+    shard = TokenShard(dataset_dir, split, meta["dtype"], model.cfg.block_size)
+    loss = split_loss(model, shard, rt, batch_size, 10**9)
+    counts = meta["splits"][split]
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)),
+            "bits_per_byte": bits_per_byte(loss, counts["tokens"], counts["bytes"]), "tokens": counts["tokens"],
+            "bytes": counts["bytes"], "split": split, "data_sha256": meta.get("content_hash")}

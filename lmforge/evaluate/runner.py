@@ -1,0 +1,142 @@
+"""``lmforge eval``: run the requested evaluations on one model and report them as a table and JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import UserError
+
+
+@dataclass
+class EvalRequest:
+    lm: list[str] = field(default_factory=list)
+    """Text files/folders/globs (or .jsonl/.parquet with a text field) for loss/perplexity/bits per byte."""
+    dataset: str | None = None
+    """A prepared dataset folder: its split, windowed exactly as training evaluates it."""
+    split: str = "val"
+    generate: str | None = None
+    choice: str | None = None
+    classify: str | None = None
+    stride: int | None = None
+    batch_size: int = 8
+    text_field: str = "text"
+    label_field: str = "label"
+    sampling: dict = field(default_factory=lambda: {"temperature": 0.0})
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+
+
+def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: str = "auto",
+                 progress: bool = True) -> dict:
+    """Every requested evaluation of the model at ``path``; the JSON-ready report."""
+    from lmforge.evaluate import lm, tasks
+    from lmforge.run import load_run
+    from lmforge.train.runtime import setup_runtime
+
+    if not (req.lm or req.dataset or req.generate or req.choice or req.classify):
+        raise UserError("nothing to evaluate: give --lm FILES, --dataset DIR, --generate FILE, --choice FILE "
+                        "or --classify FILE")
+    rt = setup_runtime(device, precision)
+    run = load_run(path, rt.device)
+    model = run.model
+    if run.task == "classify" and (req.lm or req.dataset or req.generate or req.choice):
+        raise UserError(f"'{path}' is a classification run: only --classify applies to it")
+    if req.classify and run.task != "classify":
+        raise UserError(f"--classify needs a classification run; '{path}' is a language model")
+    report: dict = {"model": str(path), "checkpoint": str(run.checkpoint), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "device": str(rt.device), "precision": rt.precision, "results": {}}
+    results = report["results"]
+    if req.lm:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="B", unit_scale=True, desc="scoring", disable=not progress, file=sys.stderr)
+        score = lm.score_texts(model, run.tokenizer, lm.documents(req.lm, req.text_field), stride=req.stride,
+                               batch_size=req.batch_size, device=rt.device, autocast=rt.autocast, progress=bar.update)
+        bar.close()
+        results["lm"] = {**score.as_dict(), "sources": req.lm, "stride": req.stride or model.cfg.block_size,
+                         "context": model.cfg.block_size}
+    if req.dataset:
+        results["dataset"] = {**lm.score_split(model, req.dataset, rt, req.split, req.batch_size),
+                              "dataset": req.dataset}
+    if req.generate:
+        results["generate"] = _generation(model, run, req, rt)
+    if req.choice:
+        items = tasks.read_choice_task(req.choice)
+        with rt.autocast():
+            results["choice"] = {**tasks.multiple_choice(model, run.tokenizer, items, req.batch_size, rt.device),
+                                 "file": req.choice, "data_sha256": tasks.file_sha256(req.choice)}
+    if req.classify:
+        results["classify"] = _classification(run, req)
+    return report
+
+
+def _generation(model: torch.nn.Module, run, req: EvalRequest, rt) -> dict:
+    from lmforge.evaluate import tasks
+    from lmforge.generate import generate_text
+
+    items = tasks.read_generation_task(req.generate)
+    outputs: list[str] = []
+    for i in range(0, len(items), req.batch_size):
+        with rt.autocast():
+            outputs += generate_text(model, run.tokenizer, [p for p, _ in items[i:i + req.batch_size]],
+                                     req.max_new_tokens, stop_strings=req.stop, **req.sampling)
+    metrics = tasks.generation_metrics(outputs, [refs for _, refs in items])
+    return {**metrics, "file": req.generate, "data_sha256": tasks.file_sha256(req.generate),
+            "settings": {"max_new_tokens": req.max_new_tokens, "stop": req.stop, **req.sampling},
+            "samples": [{"prompt": p, "output": o, "references": r}
+                        for (p, r), o in list(zip(items, outputs, strict=True))[:5]]}
+
+
+def _classification(run, req: EvalRequest) -> dict:
+    from lmforge.evaluate.tasks import file_sha256
+    from lmforge.finetune import classify
+    from lmforge.finetune.predict import read_texts
+
+    texts, gold = read_texts(req.classify, req.text_field, req.label_field)
+    if gold is None:
+        raise UserError(f"'{req.classify}' needs a '{req.label_field}' field on every record to be evaluated")
+    labels = run.labels
+    for label, where in gold:
+        if label not in labels:
+            raise UserError(f"{where}: label {label!r} was never seen in training (known: {', '.join(labels)})")
+    ids, _ = classify.encode_texts(texts, run.tokenizer, run.config.model.block_size)
+    pred = classify.predict(run.model, ids, run.tokenizer.eot_id).argmax(-1).tolist()
+    metrics = classify.classification_metrics([labels.index(g) for g, _ in gold], pred, len(labels))
+    return {**metrics, "labels": labels, "examples": len(texts), "file": req.classify,
+            "data_sha256": file_sha256(req.classify)}
+
+
+def format_report(report: dict) -> str:
+    """The scalar results as a two-column table, one block per evaluation."""
+    lines = [f"model {report['model']} ({report['device']}, {report['precision']})"]
+    for name, res in report["results"].items():
+        lines.append(f"\n[{name}]")
+        for k, v in res.items():
+            if isinstance(v, float):
+                lines.append(f"  {k:<16} {v:.4f}")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                lines.append(f"  {k:<16} {v:,}")
+        if "confusion_matrix" in res:
+            from lmforge.finetune.classify import format_confusion
+
+            lines.append(format_confusion(res["confusion_matrix"], res["labels"]))
+    return "\n".join(lines)
+
+
+def write_report(report: dict, output: str | None, run_path: str) -> Path:
+    """Write the JSON report: --output, else eval.json in the run directory (or here for other models)."""
+    if output:
+        out = Path(output)
+    else:
+        run = Path(run_path)
+        folder = run if (run / "config.yaml").is_file() else Path(".")
+        out = folder / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return out

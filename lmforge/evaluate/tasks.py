@@ -1,0 +1,141 @@
+"""Task evaluations from JSONL files: generation (BLEU, chrF, ROUGE, exact match), multiple choice,
+and classification. The metrics come from the libraries everyone reports with (``sacrebleu``,
+``rouge-score``, ``scikit-learn``), called on our outputs, never re-implemented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+from lmforge.finetune.records import BadRecord, read_records, require
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+def read_generation_task(path: str) -> list[tuple[str, list[str]]]:
+    """(prompt, references) of each record: ``prompt`` plus ``reference`` or ``references``."""
+
+    def convert(r: dict) -> tuple[str, list[str]]:
+        prompt = require(r, "prompt")
+        if "references" in r:
+            refs = require(r, "references", list)
+            if not refs or not all(isinstance(x, str) for x in refs):
+                raise BadRecord("field 'references' should be a non-empty list of strings")
+            return prompt, refs
+        if "reference" not in r:
+            raise BadRecord("expected a 'reference' (text) or 'references' (list of texts) field")
+        return prompt, [require(r, "reference")]
+
+    return [x for x, _ in read_records(path, convert, skip_bad_lines=False)]
+
+
+def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> dict:
+    """Corpus BLEU and chrF (sacrebleu), mean ROUGE-1/2/L F1 (rouge-score, best reference), exact match."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    n_refs = max(len(r) for r in references)
+    # sacrebleu takes reference *streams*; a segment with fewer references repeats its last one.
+    streams = [[refs[min(i, len(refs) - 1)] for refs in references] for i in range(n_refs)]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rouge = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for hyp, refs in zip(hypotheses, references, strict=True):
+        scores = scorer.score_multi(refs, hyp)
+        for k in rouge:
+            rouge[k] += scores[k].fmeasure
+    n = len(hypotheses)
+    return {"bleu": sacrebleu.corpus_bleu(hypotheses, streams).score,
+            "chrf": sacrebleu.corpus_chrf(hypotheses, streams).score,
+            **{k: 100 * v / n for k, v in rouge.items()},
+            "exact_match": 100 * sum(h.strip() in {r.strip() for r in refs}
+                                     for h, refs in zip(hypotheses, references, strict=True)) / n,
+            "examples": n}
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-likelihoods (multiple choice here; the lm-evaluation-harness adapter uses them too)
+
+
+def split_encode(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation, tokenized together where the boundary allows it."""
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx or [tokenizer.eot_id], whole[len(ctx):]
+    return ctx or [tokenizer.eot_id], tokenizer.encode(continuation)
+
+
+@torch.no_grad()
+def loglikelihoods(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16,
+                   device: torch.device | str = "cpu") -> list[tuple[float, bool]]:
+    """(log P(continuation | context), whether greedy decoding would produce it) for each pair.
+
+    Context is left-truncated so that context + continuation fits the model's context.
+    """
+    block = model.cfg.block_size
+    out: list[tuple[float, bool]] = []
+    for i in range(0, len(pairs), batch_size):
+        rows = []
+        for ctx, cont in pairs[i:i + batch_size]:
+            if not cont:
+                raise UserError("an empty continuation has no likelihood to score")
+            seq = (ctx + cont)[-(block + 1):]
+            rows.append((seq, min(len(cont), len(seq) - 1)))
+        T = max(len(s) for s, _ in rows) - 1
+        x = torch.zeros(len(rows), T, dtype=torch.long)
+        for j, (seq, _) in enumerate(rows):
+            x[j, :len(seq) - 1] = torch.tensor(seq[:-1])
+        logp = F.log_softmax(model(x.to(device))[0].float(), dim=-1).cpu()
+        for j, (seq, n) in enumerate(rows):
+            pos = torch.arange(len(seq) - 1 - n, len(seq) - 1)
+            target = torch.tensor(seq[-n:])
+            lp = logp[j, pos]
+            out.append((lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
+    return out
+
+
+def read_choice_task(path: str) -> list[tuple[str, list[str], int]]:
+    def convert(r: dict) -> tuple[str, list[str], int]:
+        choices = require(r, "choices", list)
+        if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise BadRecord("field 'choices' should be a list of at least 2 strings")
+        label = require(r, "label", int)
+        if not 0 <= label < len(choices):
+            raise BadRecord(f"label {label} is not an index into the {len(choices)} choices")
+        return require(r, "context"), choices, label
+
+    return [x for x, _ in read_records(path, convert, skip_bad_lines=False)]
+
+
+def multiple_choice(model: torch.nn.Module, tokenizer: Tokenizer, items: list[tuple[str, list[str], int]],
+                    batch_size: int = 16, device: torch.device | str = "cpu") -> dict:
+    """Accuracy of picking the most likely choice: by total log-likelihood, and per byte (acc_norm)."""
+    pairs = [split_encode(tokenizer, context, c) for context, choices, _ in items for c in choices]
+    lls = loglikelihoods(model, pairs, batch_size, device)
+    correct = correct_norm = 0
+    j = 0
+    for _, choices, label in items:
+        ll = [lls[j + m][0] for m in range(len(choices))]
+        norm = [v / max(1, len(c.encode("utf-8"))) for v, c in zip(ll, choices, strict=True)]
+        correct += max(range(len(ll)), key=ll.__getitem__) == label
+        correct_norm += max(range(len(norm)), key=norm.__getitem__) == label
+        j += len(choices)
+    n = len(items)
+    chance = sum(1 / len(c) for _, c, _ in items) / n
+    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "chance": chance, "examples": n}

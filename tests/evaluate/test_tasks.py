@@ -1,0 +1,138 @@
+"""Task metrics equal the reference libraries' own numbers; multiple choice finds memorised facts."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import UserError
+from lmforge.evaluate import tasks
+from tests.conftest import tiny_model
+
+HYPS = ["the cat sat on the mat", "a quick brown dog", "hello world", "it rains"]
+REFS = [["the cat is on the mat", "there is a cat on the mat"], ["the quick brown fox"], ["hello world"],
+        ["it is raining", "rain falls"]]
+
+
+def test_generation_metrics_equal_sacrebleu_and_rouge_score_called_directly():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    m = tasks.generation_metrics(HYPS, REFS)
+    streams = [[r[min(i, len(r) - 1)] for r in REFS] for i in range(2)]
+    assert m["bleu"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, streams).score)
+    assert m["chrf"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, streams).score)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        direct = sum(scorer.score_multi(r, h)[key].fmeasure for h, r in zip(HYPS, REFS, strict=True)) / len(HYPS)
+        assert m[key] == pytest.approx(100 * direct)
+    assert m["exact_match"] == pytest.approx(25.0)  # "hello world"
+    single = tasks.generation_metrics(["a b c d"], [["a b c d"]])
+    assert single["bleu"] == pytest.approx(100.0) and single["rougeL"] == pytest.approx(100.0)
+
+
+def test_loglikelihoods_equal_a_full_forward_pass_and_flag_greedy_continuations():
+    model = tiny_model()
+    ctx, cont = [3, 4, 5, 6], [7, 8, 9]
+    (ll, greedy), = tasks.loglikelihoods(model, [(ctx, cont)])
+    logp = F.log_softmax(model(torch.tensor([ctx + cont[:-1]]))[0][0], -1)
+    expected = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+    assert ll == pytest.approx(expected, rel=1e-5)
+    argmax = logp.argmax(-1)[len(ctx) - 1:].tolist()
+    assert greedy == (argmax == cont)
+    (_, greedy_true), = tasks.loglikelihoods(model, [(ctx, argmax[:1])])
+    assert greedy_true
+
+
+FACTS = {"alpha": "red", "bravo": "green", "charlie": "blue", "delta": "yellow", "echo": "purple", "foxtrot": "red",
+         "golf": "blue", "hotel": "green", "india": "purple", "juliet": "yellow", "kilo": "blue", "lima": "red"}
+COLORS = ["red", "green", "blue", "yellow", "purple"]
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory) -> tuple[Path, Path]:
+    """A model trained to memorise FACTS, and a multiple-choice file about them."""
+    from lmforge.config import load_train_config
+    from lmforge.train.loop import train
+
+    folder = tmp_path_factory.mktemp("mc")
+    rng = random.Random(0)
+    lines = [f"the color of {n} is {c}." for n, c in FACTS.items()]
+    text = ""
+    for _ in range(80):
+        rng.shuffle(lines)
+        text += "\n".join(lines) + "\n"
+    (folder / "facts.txt").write_text(text)
+    result = train(load_train_config(None, [f"data.sources=[{folder / 'facts.txt'}]", "data.tokenizer=char",
+                                            f"out_dir={folder / 'run'}", "model.preset=gpt2-tiny", "model.n_layer=2",
+                                            "model.block_size=64", "train.batch_size=16", "train.max_steps=300",
+                                            "train.eval_interval=300", "optim.lr=3e-3", "optim.warmup_steps=10",
+                                            "sample.num_samples=0"]), progress=False)
+    records = []
+    for name, color in FACTS.items():
+        choices = [color] + [c for c in COLORS if c != color][:2]
+        rng.shuffle(choices)
+        records.append({"context": f"the color of {name} is", "choices": [" " + c for c in choices],
+                        "label": choices.index(color)})
+    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    shuffled = [{**r, "label": (r["label"] + 1 + i % 2) % 3} for i, r in enumerate(records)]  # always wrong
+    (folder / "mc_shuffled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shuffled))
+    return result.run_dir, folder
+
+
+def test_multiple_choice_is_perfect_on_memorised_facts_and_not_on_wrong_labels(memorised):
+    from lmforge.run import load_run
+
+    run_dir, folder = memorised
+    run = load_run(run_dir)
+    right = tasks.multiple_choice(run.model, run.tokenizer, tasks.read_choice_task(str(folder / "mc.jsonl")))
+    wrong = tasks.multiple_choice(run.model, run.tokenizer, tasks.read_choice_task(str(folder / "mc_shuffled.jsonl")))
+    assert right["accuracy"] == 1.0 and right["chance"] == pytest.approx(1 / 3)
+    assert wrong["accuracy"] == 0.0  # every shuffled label points at a wrong colour
+
+
+def _lmforge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_eval_command_writes_one_json_report_for_every_evaluation(memorised, tmp_path):
+    run_dir, folder = memorised
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"prompt": f"the color of {n} is", "reference": f" {c}."}) + "\n"
+                           for n, c in list(FACTS.items())[:4]))
+    out = tmp_path / "report.json"
+    result = _lmforge("eval", str(run_dir), "--lm", str(folder / "facts.txt"), "--dataset", str(run_dir / "data"),
+                      "--choice", str(folder / "mc.jsonl"), "--generate", str(gen), "--stop", "\n", "-n", "12",
+                      "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    res = report["results"]
+    assert set(res) == {"lm", "dataset", "choice", "generate"}
+    assert res["lm"]["bits_per_byte"] < 1.0 and len(res["lm"]["data_sha256"]) == 64
+    assert res["choice"]["accuracy"] == 1.0
+    assert res["generate"]["exact_match"] == 100.0  # memorised: " red." etc.
+    assert "bits_per_byte" in result.stdout and str(out) in result.stdout
+
+
+def test_eval_user_mistakes_are_one_line_errors(memorised, tmp_path):
+    run_dir, folder = memorised
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["x", "y"], "label": 0}\n{"context": "a", "choices": ["x"]}\n')
+    for args, fragment in ((["--choice", str(bad)], "bad.jsonl:2"), ([], "nothing to evaluate"),
+                           (["--lm", str(tmp_path / "missing.txt")], "missing.txt"),
+                           (["--classify", str(bad)], "classification run")):
+        result = _lmforge("eval", str(run_dir), *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_continuation_must_not_be_empty():
+    with pytest.raises(UserError, match="empty continuation"):
+        tasks.loglikelihoods(tiny_model(), [([1, 2], [])])
