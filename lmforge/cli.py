@@ -94,6 +94,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"\nwrote {write_report(report, args.output, args.run)}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from lmforge.evaluate.compare import compare_runs, format_comparison
+
+    rows, png = compare_runs(args.runs, args.png)
+    print(format_comparison(rows))
+    print(f"\nloss curves: {png}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.generate import generate_text
     from lmforge.run import load_run
@@ -236,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="final metrics of several runs side by side, and one PNG of their loss curves")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--png", default="compare.png", help="where to write the loss curves (default compare.png)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("finetune", help="adapt a trained model: chat SFT or classification, full or LoRA",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

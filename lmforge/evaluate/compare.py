@@ -1,0 +1,72 @@
+"""``lmforge compare``: the final metrics of several runs side by side, and their loss curves in one PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.errors import UserError
+from lmforge.train.metrics import read_metrics
+
+
+def _final(records: list[dict]) -> dict:
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    out: dict = {"steps": train[-1]["step"] if train else 0}
+    if train:
+        out["train_loss"] = train[-1]["loss"]
+        out["tokens_per_s"] = sum(r["tokens_per_s"] for r in train) / len(train)
+        out["time_s"] = train[-1].get("time_s")
+    if evals:
+        out.update({k: v for k, v in evals[-1].items() if k not in ("step", "kind") and isinstance(v, float | int)})
+        out["best_val_loss"] = min(r["val_loss"] for r in evals if "val_loss" in r)
+    return out
+
+
+def compare_runs(run_dirs: list[str], png: str | Path) -> tuple[list[tuple[str, dict]], Path]:
+    """(run, final metrics) for each run, and the path of the PNG with every run's loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for i, run in enumerate(run_dirs):
+        path = Path(run) / "metrics.jsonl"
+        if not path.is_file():
+            raise UserError(f"'{run}' has no metrics.jsonl (expected a run directory)")
+        records = read_metrics(path)
+        rows.append((run, _final(records)))
+        color = f"C{i % 10}"
+        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+        val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval" and "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), color=color, linewidth=1, alpha=0.6, label=f"{Path(run).name} train")
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", color=color, markersize=3, label=f"{Path(run).name} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return rows, png
+
+
+def format_comparison(rows: list[tuple[str, dict]]) -> str:
+    keys = [k for k in ("steps", "train_loss", "val_loss", "best_val_loss", "val_ppl", "val_bpb", "val_accuracy",
+                        "val_macro_f1", "exact_match", "tokens_per_s", "time_s")
+            if any(k in m for _, m in rows)]
+    names = [Path(run).name or run for run, _ in rows]
+    width = max(12, *(len(n) for n in names))
+    lines = [f"{'metric':<14}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    for k in keys:
+        cells = []
+        for _, m in rows:
+            v = m.get(k)
+            cells.append("-" if v is None else f"{v:,.0f}" if k in ("steps", "tokens_per_s") else f"{v:.4f}")
+        lines.append(f"{k:<14}" + "".join(f"{c:>{width + 2}}" for c in cells))
+    return "\n".join(lines)

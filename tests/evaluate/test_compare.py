@@ -1,0 +1,33 @@
+"""`lmforge compare`: final metrics side by side and one PNG of every run's curves."""
+
+import json
+
+import pytest
+
+from lmforge.errors import UserError
+from lmforge.evaluate.compare import compare_runs, format_comparison
+
+
+def _run(folder, losses, val):
+    folder.mkdir()
+    records = [{"step": i + 1, "kind": "train", "loss": v, "tokens_per_s": 100.0, "time_s": float(i)}
+               for i, v in enumerate(losses)]
+    records.append({"step": len(losses), "kind": "eval", "val_loss": val, "val_bpb": val / 2})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(folder)
+
+
+def test_final_metrics_side_by_side_and_one_png(tmp_path):
+    a = _run(tmp_path / "a", [3.0, 2.0, 1.5], 1.6)
+    b = _run(tmp_path / "b", [3.0, 2.5], 2.4)
+    rows, png = compare_runs([a, b], tmp_path / "out" / "cmp.png")
+    assert [m["val_loss"] for _, m in rows] == [1.6, 2.4]
+    assert rows[0][1]["steps"] == 3 and rows[1][1]["train_loss"] == 2.5
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = format_comparison(rows)
+    assert "val_bpb" in table and "0.8000" in table and "1.2000" in table
+
+
+def test_a_folder_without_metrics_is_named(tmp_path):
+    with pytest.raises(UserError, match="no metrics.jsonl"):
+        compare_runs([str(tmp_path)], tmp_path / "x.png")
