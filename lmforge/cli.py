@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.set_defaults(func=cmd_eval)
 
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's command line with --model lmforge registered "
+                                   "(e.g. lmforge lm-eval run --model lmforge --model_args path=RUN --tasks ...)")
+
     p = sub.add_parser("compare", help="final metrics of several runs side by side, and one PNG of their loss curves")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--png", default="compare.png", help="where to write the loss curves (default compare.png)")
@@ -286,7 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_lm_eval(argv: list[str]) -> int:
+    """``lmforge lm-eval ARGS``: lm-evaluation-harness's own command line, with the ``lmforge`` model registered."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import lmforge.evaluate.harness  # noqa: F401 - registers --model lmforge
+    except ImportError:
+        print("lmforge lm-eval: error: lm-evaluation-harness is not installed (pip install 'lmforge[harness]')",
+              file=sys.stderr)
+        return 2
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:
+        return run_lm_eval(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 from lmforge.errors import UserError
 from lmforge.evaluate import tasks
 from tests.conftest import tiny_model
+from tests.evaluate.conftest import FACTS
 
 HYPS = ["the cat sat on the mat", "a quick brown dog", "hello world", "it rains"]
 REFS = [["the cat is on the mat", "there is a cat on the mat"], ["the quick brown fox"], ["hello world"],
@@ -49,42 +48,6 @@ def test_loglikelihoods_equal_a_full_forward_pass_and_flag_greedy_continuations(
     assert greedy == (argmax == cont)
     (_, greedy_true), = tasks.loglikelihoods(model, [(ctx, argmax[:1])])
     assert greedy_true
-
-
-FACTS = {"alpha": "red", "bravo": "green", "charlie": "blue", "delta": "yellow", "echo": "purple", "foxtrot": "red",
-         "golf": "blue", "hotel": "green", "india": "purple", "juliet": "yellow", "kilo": "blue", "lima": "red"}
-COLORS = ["red", "green", "blue", "yellow", "purple"]
-
-
-@pytest.fixture(scope="module")
-def memorised(tmp_path_factory) -> tuple[Path, Path]:
-    """A model trained to memorise FACTS, and a multiple-choice file about them."""
-    from lmforge.config import load_train_config
-    from lmforge.train.loop import train
-
-    folder = tmp_path_factory.mktemp("mc")
-    rng = random.Random(0)
-    lines = [f"the color of {n} is {c}." for n, c in FACTS.items()]
-    text = ""
-    for _ in range(80):
-        rng.shuffle(lines)
-        text += "\n".join(lines) + "\n"
-    (folder / "facts.txt").write_text(text)
-    result = train(load_train_config(None, [f"data.sources=[{folder / 'facts.txt'}]", "data.tokenizer=char",
-                                            f"out_dir={folder / 'run'}", "model.preset=gpt2-tiny", "model.n_layer=2",
-                                            "model.block_size=64", "train.batch_size=16", "train.max_steps=300",
-                                            "train.eval_interval=300", "optim.lr=3e-3", "optim.warmup_steps=10",
-                                            "sample.num_samples=0"]), progress=False)
-    records = []
-    for name, color in FACTS.items():
-        choices = [color] + [c for c in COLORS if c != color][:2]
-        rng.shuffle(choices)
-        records.append({"context": f"the color of {name} is", "choices": [" " + c for c in choices],
-                        "label": choices.index(color)})
-    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    shuffled = [{**r, "label": (r["label"] + 1 + i % 2) % 3} for i, r in enumerate(records)]  # always wrong
-    (folder / "mc_shuffled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shuffled))
-    return result.run_dir, folder
 
 
 def test_multiple_choice_is_perfect_on_memorised_facts_and_not_on_wrong_labels(memorised):
