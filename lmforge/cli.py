@@ -291,10 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_lm_eval(argv: list[str]) -> int:
     """``lmforge lm-eval ARGS``: lm-evaluation-harness's own command line, with the ``lmforge`` model registered."""
+    import lmforge._lm_eval_hook  # noqa: F401 - registers --model lmforge once lm-eval's registry loads
+
     try:
         from lm_eval.__main__ import cli_evaluate
-
-        import lmforge.evaluate.harness  # noqa: F401 - registers --model lmforge
     except ImportError:
         print("lmforge lm-eval: error: lm-evaluation-harness is not installed (pip install 'lmforge[harness]')",
               file=sys.stderr)

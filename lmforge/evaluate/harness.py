@@ -4,8 +4,9 @@ The three request types run on lmforge's own code: ``loglikelihood`` and ``logli
 on :mod:`lmforge.evaluate.tasks` and :mod:`lmforge.evaluate.lm` (so they equal ``lmforge eval``'s
 numbers), ``generate_until`` on the KV-cache generator, batched.
 
-Importing this module registers the model name ``lmforge`` with lm-eval; lmforge's package metadata
-also declares it as an ``lm_eval.models`` entry point for lm-eval versions that discover plugins.
+Importing this module registers the model name ``lmforge`` with lm-eval. An installed lmforge makes
+lm-eval find it without that import: ``lmforge-lm-eval.pth`` (see :mod:`lmforge._lm_eval_hook`)
+for lm-eval 0.4.13, and an ``lm_eval.models`` entry point for versions that discover plugins.
 """
 
 from __future__ import annotations
