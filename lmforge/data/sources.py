@@ -164,7 +164,7 @@ def _read_text_file(path: Path, stats: SourceStats) -> Iterator[Document]:
     yield Document(_decode(data, stats), str(path))
 
 
-def _looks_binary(path: Path) -> bool:
+def looks_binary(path: Path) -> bool:
     with open(path, "rb") as f:
         return b"\0" in f.read(BINARY_SNIFF_BYTES)
 
@@ -180,7 +180,7 @@ def iter_documents(sources: list[str], text_field: str = "text",
     for path in expand_sources(sources):
         suffix = path.suffix.lower()
         try:
-            if suffix != ".parquet" and _looks_binary(path):
+            if suffix != ".parquet" and looks_binary(path):
                 stats.skipped_binary += 1
                 continue
             stats.files += 1

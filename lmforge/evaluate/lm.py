@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from lmforge.data.loader import TokenShard, bits_per_byte, eval_offsets, to_device
 from lmforge.data.prepare import load_meta
-from lmforge.data.sources import _looks_binary, expand_sources, iter_documents
+from lmforge.data.sources import expand_sources, iter_documents, looks_binary
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 
@@ -46,7 +46,8 @@ class LMScore:
     tokens: int = 0
     bytes: int = 0
     documents: int = 0
-    sha256: hashlib._Hash = field(default_factory=hashlib.sha256)
+    sha256: Any = field(default_factory=hashlib.sha256)
+    """SHA-256 of the scored text (its UTF-8 bytes, in order)."""
 
     def as_dict(self) -> dict:
         loss = self.nll / max(1, self.tokens)
@@ -79,7 +80,7 @@ def documents(sources: list[str], text_field: str = "text") -> Iterator[tuple[st
         if path.suffix.lower() in (".jsonl", ".parquet"):
             for doc in iter_documents([str(path)], text_field):
                 yield f"{doc.source}:{doc.line}", iter([doc.text])
-        elif not _looks_binary(path):
+        elif not looks_binary(path):
             yield str(path), _file_pieces(path)
 
 
