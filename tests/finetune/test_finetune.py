@@ -75,6 +75,18 @@ def test_classification_beats_the_majority_class(base_run, module_snippets, tmp_
     run = load_run(result.run_dir)
     assert run.task == "classify" and run.labels == labels
 
+    # `lmforge eval --classify` on labelled texts reports the same kind of figures.
+    from lmforge.evaluate.runner import EvalRequest, evaluate_run
+
+    subset = tmp_path / "subset.csv"
+    subset.write_text("".join(module_snippets.read_text().splitlines(keepends=True)[:1])
+                      + "".join(f'"{t}",{label}\n' for t, label in (("import argparse", "argparse"),
+                                                                      ("import tarfile", "tarfile"))))
+    report = evaluate_run(str(result.run_dir), EvalRequest(classify=str(subset)), device="cpu", progress=False)
+    res = report["results"]["classify"]
+    assert res["examples"] == 2 and res["labels"] == labels and len(res["data_sha256"]) == 64
+    assert sum(map(sum, res["confusion_matrix"])) == 2 and 0.0 <= res["accuracy"] <= 1.0
+
 
 def test_a_lora_run_loads_the_same_from_adapters_as_from_merged_weights(base_run, repeat_task, tmp_path):
     train_file, _ = repeat_task
