@@ -67,7 +67,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         for key, value in KNOWN_PEAKS.items():
             if key in name:
                 return value, f"{name} spec"
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    if device.type == "cuda":
+        label = torch.cuda.get_device_name(device)
+    else:
+        from lmforge.train.runtime import cpu_supports_bf16
+
+        # A VM can move to a host with other vector units (AMX or not: 10x apart for bf16).
+        label = f"cpu{torch.get_num_threads()}{'-amx' if cpu_supports_bf16() else ''}"
     key = f"{label}|{dtype}|torch{torch.__version__}"
     cache = cache_root() / "peak_flops.json"
     try:
