@@ -42,18 +42,21 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(format_summary(meta))
 
 
+def _resume_config(run: str, overrides: list[str]) -> tuple[Path, list[str]]:
+    """The run's own config file and the overrides to apply to it (e.g. a larger train.max_steps)."""
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
+    return run_dir / "config.yaml", [*overrides, f"out_dir={run_dir}"]
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from lmforge.config import load_train_config
     from lmforge.train.loop import train
 
     overrides = list(args.overrides)
     if args.resume is not None:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
-        # The run's own config, plus any overrides (e.g. a larger train.max_steps).
-        cfg = load_train_config(run_dir / "config.yaml", overrides + [f"out_dir={run_dir}"])
-        train(cfg, resume=True)
+        train(load_train_config(*_resume_config(args.resume, overrides)), resume=True)
         return
     train(load_train_config(args.config or "default", overrides))
 
@@ -65,10 +68,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + (["lora.merge=true"] if args.merge else []) \
         + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])
     if args.resume is not None:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
-        finetune(load_finetune_config(run_dir / "config.yaml", overrides + [f"out_dir={run_dir}"]), resume=True)
+        finetune(load_finetune_config(*_resume_config(args.resume, overrides)), resume=True)
         return
     finetune(load_finetune_config(args.config, overrides))
 

@@ -26,7 +26,7 @@ from lmforge.finetune.records import ReadReport, read_records, require, split_ho
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.run import load_run
 from lmforge.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from lmforge.train.loop import fresh_run_dir
+from lmforge.train.loop import open_run_dir
 from lmforge.train.metrics import MetricsLogger, format_duration, peak_flops
 from lmforge.train.optim import build_optimizer
 from lmforge.train.runtime import Runtime, maybe_compile, setup_runtime
@@ -65,14 +65,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
     tc = cfg.train
     rt = setup_runtime(tc.device, tc.precision, tc.threads)
     say = print if rt.is_main and progress else (lambda *a, **k: None)
-    if resume:
-        run_dir = Path(cfg.out_dir)
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise UserError(f"cannot resume: '{run_dir}' has no checkpoint")
-    else:
-        run_dir, ckpt = fresh_run_dir(cfg.out_dir), None
-        cfg.out_dir = str(run_dir)
+    run_dir, ckpt = open_run_dir(cfg, resume)
 
     base = load_run(cfg.base)
     if base.task != "lm":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import TrainConfig, save_yaml
+from lmforge.config import FinetuneConfig, TrainConfig, save_yaml
 from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, prefetch_batches
 from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
 from lmforge.data.tokenizer import Tokenizer
@@ -63,6 +63,20 @@ def fresh_run_dir(out_dir: str) -> Path:
     return candidate
 
 
+def open_run_dir(cfg: TrainConfig | FinetuneConfig, resume: bool) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from): cfg.out_dir and its latest checkpoint when resuming,
+    else a fresh directory (cfg.out_dir is updated to it) and no checkpoint."""
+    if resume:
+        run_dir = Path(cfg.out_dir)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UserError(f"cannot resume: '{run_dir}' has no checkpoint")
+        return run_dir, ckpt
+    run_dir = fresh_run_dir(cfg.out_dir)
+    cfg.out_dir = str(run_dir)
+    return run_dir, None
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint."""
     tc = cfg.train
@@ -70,14 +84,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     say = print if rt.is_main and progress else (lambda *a, **k: None)
 
     # --- the run directory, the data and the tokenizer
-    if resume:
-        run_dir = Path(cfg.out_dir)
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise UserError(f"cannot resume: '{run_dir}' has no checkpoint")
-    else:
-        run_dir, ckpt = fresh_run_dir(cfg.out_dir), None
-        cfg.out_dir = str(run_dir)
+    run_dir, ckpt = open_run_dir(cfg, resume)
     dataset_dir = resolve_dataset(cfg, progress and rt.is_main)
     meta = load_meta(dataset_dir)
     tokenizer = Tokenizer.from_file(dataset_dir / "tokenizer.json")

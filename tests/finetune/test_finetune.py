@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ import torch
 from lmforge.config import load_finetune_config
 from lmforge.finetune.loop import finetune
 from lmforge.run import load_run
+from tests.conftest import finished_output, sigkill_after, train_losses
 
 SFT = ["train.max_steps=300", "train.batch_size=16", "optim.lr=1e-3", "train.log_interval=50",
        "train.eval_interval=150"]
@@ -114,11 +113,6 @@ def _finetune(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-
-
 def test_a_killed_lora_run_resumes_exactly(base_run, repeat_task, tmp_path):
     train_file, _ = repeat_task
     args = [f"base={base_run}", f"data.train={train_file}", "lora.rank=4", "lora.dropout=0.1",
@@ -127,22 +121,11 @@ def test_a_killed_lora_run_resumes_exactly(base_run, repeat_task, tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref = _finetune([*args, f"out_dir={ref_dir}"])
     proc = _finetune([*args, f"out_dir={killed_dir}"])
-    metrics = killed_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 15:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert 10 <= max(_losses(killed_dir)) < 50
-    resumed = _finetune(["--resume", str(killed_dir)])
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert "resuming from" in out
-    ref_out, _ = ref.communicate(timeout=300)
-    assert ref.returncode == 0, ref_out
-    ref_losses, resumed_losses = _losses(ref_dir), _losses(killed_dir)
+    sigkill_after(proc, killed_dir / "metrics.jsonl", 15)
+    assert 10 <= max(train_losses(killed_dir)) < 50
+    assert "resuming from" in finished_output(_finetune(["--resume", str(killed_dir)]))
+    finished_output(ref)
+    ref_losses, resumed_losses = train_losses(ref_dir), train_losses(killed_dir)
     assert sorted(resumed_losses) == list(range(1, 51))
     assert resumed_losses == ref_losses
 

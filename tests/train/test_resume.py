@@ -1,18 +1,16 @@
 """Exact resume: a training process killed with SIGKILL mid-run, then resumed, produces the same
 per-step losses as an uninterrupted run with the same seed."""
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from lmforge.config import DataConfig
 from lmforge.data.prepare import prepare
+from tests.conftest import finished_output, sigkill_after, train_losses
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "model.dropout=0.1",
         "train.batch_size=8", "train.max_steps=60", "train.log_interval=1", "train.ckpt_interval=10",
@@ -37,38 +35,20 @@ def _train(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if r["kind"] == "train"]
-    assert steps == sorted(set(steps)), "metrics.jsonl must hold each step once"
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-
-
-def test_sigkill_then_resume_gives_identical_losses(dataset, tmp_path):
+def test_sigkill_then_resume_gives_identicaltrain_losses(dataset, tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref = _train([f"data.dataset_dir={dataset}", f"out_dir={ref_dir}", *ARGS])
 
     proc = _train([f"data.dataset_dir={dataset}", f"out_dir={killed_dir}", *ARGS])
-    metrics = killed_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        # Kill between checkpoints: after step 15 is logged, the latest checkpoint is step 10.
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 15:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_steps = max(_losses(killed_dir))
+    # Kill between checkpoints: after step 15 is logged, the latest checkpoint is step 10.
+    sigkill_after(proc, killed_dir / "metrics.jsonl", 15)
+    killed_steps = max(train_losses(killed_dir))
     assert 15 <= killed_steps < 60
 
-    resumed = _train(["--resume", str(killed_dir)])
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert "resuming from" in out
-    ref_out, _ = ref.communicate(timeout=300)
-    assert ref.returncode == 0, ref_out
+    assert "resuming from" in finished_output(_train(["--resume", str(killed_dir)]))
+    finished_output(ref)
 
-    ref_losses, resumed_losses = _losses(ref_dir), _losses(killed_dir)
+    ref_losses, resumed_losses = train_losses(ref_dir), train_losses(killed_dir)
     assert sorted(resumed_losses) == list(range(1, 61))
     assert resumed_losses == ref_losses  # bit-exact, every step, before and after the kill
     assert ref_losses[60] < ref_losses[1]
