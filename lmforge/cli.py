@@ -117,9 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = [""]
     rt = setup_runtime(args.device, args.precision)
     run = load_run(args.run, rt.device)
-    model = maybe_compile(run.model, args.compile, dynamic=True)
     if run.task != "lm":
         raise UserError(f"'{args.run}' is a {run.task} run: it labels texts (lmforge predict), it does not generate")
+    model = maybe_compile(run.model, args.compile, dynamic=True)
     stop_ids: list[int] = []
     if args.chat:
         prompts, stop_ids = chat_prompts(args.run, run, prompts)
@@ -143,10 +143,9 @@ def chat_prompts(path: str, run, prompts: list[str]) -> tuple[list[str], list[in
     """Each prompt as a user turn in the run's chat template, ending where the answer starts."""
     from lmforge.finetune.sft import ChatTemplate, find_chat_template
 
-    folder = Path(path) if Path(path, "config.json").is_file() else run.checkpoint.parent.parent
-    if find_chat_template(folder) is None:
+    if find_chat_template(run.folder) is None:
         print(f"note: '{path}' has no chat template of its own; using lmforge's default", file=sys.stderr)
-    template = ChatTemplate.resolve(None, folder, run.tokenizer)
+    template = ChatTemplate.resolve(None, run.folder, run.tokenizer)
     return [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts], \
         template.stop_ids
 
@@ -166,8 +165,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     run = load_run(args.run)
     if run.task != "lm":
         raise UserError(f"'{args.run}' is a {run.task} run; only language models export to the hf format")
-    folder = Path(args.run) if Path(args.run, "config.json").is_file() else run.checkpoint.parent.parent
-    out = export_hf(run.model, run.tokenizer, args.out, chat_template=find_chat_template(folder))
+    out = export_hf(run.model, run.tokenizer, args.out, chat_template=find_chat_template(run.folder))
     print(f"exported {run.checkpoint} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
 
 

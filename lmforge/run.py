@@ -30,6 +30,11 @@ class LoadedRun:
     labels: list[str] | None = None
     """Class names of a classification run, in class-id order."""
 
+    @property
+    def folder(self) -> Path:
+        """The run directory, or the Hugging Face folder: where its chat template and labels live."""
+        return self.checkpoint.parent.parent if self.checkpoint.parent.name == CKPT_DIR else self.checkpoint
+
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """(run_dir, checkpoint_dir) for a run directory or a checkpoint directory."""

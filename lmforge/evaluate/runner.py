@@ -96,18 +96,15 @@ def _generation(model: torch.nn.Module, run, req: EvalRequest, rt) -> dict:
 def _classification(run, req: EvalRequest) -> dict:
     from lmforge.evaluate.tasks import file_sha256
     from lmforge.finetune import classify
-    from lmforge.finetune.predict import read_texts
+    from lmforge.finetune.predict import gold_ids, label_probabilities, read_texts
 
     texts, gold = read_texts(req.classify, req.text_field, req.label_field)
     if gold is None:
         raise UserError(f"'{req.classify}' needs a '{req.label_field}' field on every record to be evaluated")
     labels = run.labels
-    for label, where in gold:
-        if label not in labels:
-            raise UserError(f"{where}: label {label!r} was never seen in training (known: {', '.join(labels)})")
-    ids, _ = classify.encode_texts(texts, run.tokenizer, run.config.model.block_size)
-    pred = classify.predict(run.model, ids, run.tokenizer.eot_id).argmax(-1).tolist()
-    metrics = classify.classification_metrics([labels.index(g) for g, _ in gold], pred, len(labels))
+    truth = gold_ids(gold, labels)
+    pred = label_probabilities(run, texts)[0].argmax(-1).tolist()
+    metrics = classify.classification_metrics(truth, pred, len(labels))
     return {**metrics, "labels": labels, "examples": len(texts), "file": req.classify,
             "data_sha256": file_sha256(req.classify)}
 

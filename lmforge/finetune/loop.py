@@ -30,7 +30,7 @@ from lmforge.train.loop import open_run_dir
 from lmforge.train.metrics import MetricsLogger, format_duration, peak_flops
 from lmforge.train.optim import build_optimizer
 from lmforge.train.runtime import Runtime, maybe_compile, setup_runtime
-from lmforge.train.steps import Job, run_steps
+from lmforge.train.steps import Job, format_metrics, run_steps
 
 
 @dataclass
@@ -77,9 +77,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
         raise UserError(f"data.max_length={max_len} must be between 1 and the model's context "
                         f"({cfg.model.block_size})")
     torch.manual_seed(tc.seed + rt.rank)
-    base_dir = Path(cfg.base) if Path(cfg.base, "config.json").is_file() else base.checkpoint.parent.parent
     build = build_sft if cfg.task == "sft" else build_classifier
-    task = build(cfg, base.model, base.tokenizer, base_dir, max_len, rt)
+    task = build(cfg, base.model, base.tokenizer, base.folder, max_len, rt)
     for line in task.summary:
         say(line)
 
@@ -152,9 +151,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
         (run_dir / "final_eval.json").write_text(json.dumps(final_metrics, indent=1) + "\n", encoding="utf-8")
     if "confusion_matrix" in final_metrics:
         say(classify.format_confusion(final_metrics["confusion_matrix"], classify.load_labels(run_dir)))
-    say(f"done: {out.step} steps in {format_duration(out.train_time_s)} | val "
-        + " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in final_metrics.items() if isinstance(v, float))
-        + f" | {run_dir}")
+    say(f"done: {out.step} steps in {format_duration(out.train_time_s)} | val {format_metrics(final_metrics)} | "
+        f"{run_dir}")
     return FinetuneResult(run_dir, out.step, final_metrics, out.train_time_s)
 
 

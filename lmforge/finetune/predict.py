@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from lmforge.errors import UserError
 from lmforge.finetune import classify
 from lmforge.finetune.records import BadRecord, read_records, require
@@ -31,6 +33,22 @@ def read_texts(file: str, text_field: str, label_field: str) -> tuple[list[str],
     return texts, None
 
 
+def gold_ids(gold: list[tuple[str, str]], labels: list[str]) -> list[int]:
+    """Class ids of known labels; a label the model never saw in training is an error naming its line."""
+    index = {label: i for i, label in enumerate(labels)}
+    for label, where in gold:
+        if label not in index:
+            raise UserError(f"{where}: label {label!r} was never seen in training "
+                            f"(the model knows: {', '.join(labels)})")
+    return [index[label] for label, _ in gold]
+
+
+def label_probabilities(run, texts: list[str]) -> tuple[torch.Tensor, int]:
+    """(class probabilities (N, C), texts cut to the context) of a classification run."""
+    ids, truncated = classify.encode_texts(texts, run.tokenizer, run.config.model.block_size)
+    return classify.predict(run.model, ids, run.tokenizer.eot_id), truncated
+
+
 def predict_cli(run_path: str, texts: list[str], file: str | None, text_field: str, label_field: str,
                 output: str | None, device: str) -> None:
     from lmforge.run import load_run
@@ -49,13 +67,8 @@ def predict_cli(run_path: str, texts: list[str], file: str | None, text_field: s
     if run.task != "classify" or run.labels is None:
         raise UserError(f"'{run_path}' is not a classification run (fine-tune one with task=classify)")
     labels = run.labels
-    if gold is not None:
-        for label, where in gold:
-            if label not in labels:
-                raise UserError(f"{where}: label {label!r} was never seen in training "
-                                f"(the model knows: {', '.join(labels)})")
-    ids, truncated = classify.encode_texts(texts, run.tokenizer, run.config.model.block_size)
-    probs = classify.predict(run.model, ids, run.tokenizer.eot_id)
+    truth = gold_ids(gold, labels) if gold is not None else None
+    probs, truncated = label_probabilities(run, texts)
     best = probs.argmax(-1).tolist()
     rows = [{"text": t, "label": labels[c], "probability": round(float(probs[i, c]), 4)}
             for i, (t, c) in enumerate(zip(texts, best, strict=True))]
@@ -66,9 +79,9 @@ def predict_cli(run_path: str, texts: list[str], file: str | None, text_field: s
         print(f"{r['label']}\t{r['probability']:.3f}\t{snippet[:80]}")
     if truncated:
         print(f"note: {truncated} texts were longer than the context and were cut to its first tokens")
-    if gold is not None:
-        m = classify.classification_metrics([labels.index(g) for g, _ in gold], best, len(labels))
-        print(f"accuracy {m['accuracy']:.4f} | macro F1 {m['macro_f1']:.4f} over {len(gold)} labelled texts")
+    if truth is not None:
+        m = classify.classification_metrics(truth, best, len(labels))
+        print(f"accuracy {m['accuracy']:.4f} | macro F1 {m['macro_f1']:.4f} over {len(truth)} labelled texts")
         print(classify.format_confusion(m["confusion_matrix"], labels))
     if output:
         print(f"wrote {len(rows)} predictions to {output}")

@@ -53,7 +53,8 @@ class _Config:
     optim: OptimConfig
 
 
-def _format_metrics(metrics: dict[str, float]) -> str:
+def format_metrics(metrics: dict) -> str:
+    """``loss 1.2345 | ppl 3.4360 | ...`` for the numbers of a metrics dict (``val_`` prefixes dropped)."""
     return " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int))
 
 
@@ -73,11 +74,12 @@ def run_steps(job: Job, cfg: _Config, rt: Runtime, logger: MetricsLogger, state:
     t_log, tokens_since_log = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=rt.device)
     job.model.train()
+    trainable = [p for p in job.model.parameters() if p.requires_grad]  # what clipping looks at
 
     def evaluate(final: bool) -> dict[str, float]:
         metrics = job.evaluate(final)
         logger.log({"step": step, "kind": "eval", **metrics})
-        say(f"step {step}: val {_format_metrics(metrics)}", flush=True)
+        say(f"step {step}: val {format_metrics(metrics)}", flush=True)
         return metrics
 
     while step < tc.max_steps:
@@ -94,8 +96,7 @@ def run_steps(job: Job, cfg: _Config, rt: Runtime, logger: MetricsLogger, state:
         grad_norm = None
         if cfg.optim.grad_clip > 0:
             job.scaler.unscale_(job.optimizer)
-            params = [p for p in job.model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
         job.scaler.step(job.optimizer)
         job.scaler.update()
         job.optimizer.zero_grad(set_to_none=True)
