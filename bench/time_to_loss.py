@@ -1,6 +1,6 @@
 """Time-to-loss on tinyshakespeare (character level): lmforge's shipped CPU recipe vs nanoGPT's.
 
-    python bench/time_to_loss.py [--data ../shared/data/tinyshakespeare.txt] [--target 1.88] [--reps 1]
+    python bench/time_to_loss.py [--data ../shared/data/tinyshakespeare.txt] [--target 1.88] [--reps 1] [KEY=VALUE ...]
 
 Trains ``shakespeare-fast`` (the recipe tuned for time-to-loss) and ``shakespeare-char``
 (nanoGPT's published CPU recipe: 4x4x128, context 64, batch 12, 2000 steps, lr 1e-3) on the same
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="runs per recipe (seeds 1337, 1338, ...)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides for every recipe, e.g. train.max_steps=1200")
     args = ap.parse_args()
 
     results = []
@@ -41,7 +42,7 @@ def main() -> None:
             runs = []
             for rep in range(args.reps):
                 cfg = load_train_config(recipe, [f"data.dataset_dir={data_dir}", f"out_dir={tmp}/{recipe}-{rep}",
-                                                 "sample.num_samples=0", f"train.seed={1337 + rep}"])
+                                                 "sample.num_samples=0", f"train.seed={1337 + rep}", *args.overrides])
                 r = train(cfg, progress=False)
                 runs.append({"seed": 1337 + rep, "val_loss": r.val_loss, "train_s": r.train_time_s})
                 print(f"{recipe:22s} seed {1337 + rep}: val loss {r.val_loss:.4f} in {r.train_time_s:.1f} s "
