@@ -9,7 +9,8 @@ random token batches with AdamW at the same batch, context and precision, and ti
 ``--compile`` is on); the baseline is ``GPT2LMHeadModel`` with SDPA attention and
 ``torch.optim.AdamW`` (foreach), under the same autocast, also compiled when ``--compile`` is on
 if ``--compile-baseline`` is given. The two alternate, step by step, so that load from elsewhere
-hits both alike.
+hits both alike. On a CPU, glibc's malloc is set up as `lmforge train` sets it (keep freed memory,
+``keep_freed_memory``) for the whole process, so both loops get it; ``--stock-malloc`` leaves it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lmforge.config import ModelConfig, OptimConfig, from_dict
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.train.metrics import peak_flops
 from lmforge.train.optim import build_optimizer
-from lmforge.train.runtime import Runtime, maybe_compile, resolve_precision
+from lmforge.train.runtime import Runtime, keep_freed_memory, maybe_compile, resolve_precision
 
 SIZES = {  # name: (preset, vocab, context, batch)
     "tiny": ("gpt2-tiny", 4096, 256, 16),
@@ -105,15 +106,19 @@ def main() -> None:
     ap.add_argument("--compile-baseline", action="store_true", help="torch.compile the transformers model too")
     ap.add_argument("--batch", type=int, help="override every size's batch")
     ap.add_argument("--context", type=int, help="override every size's context")
+    ap.add_argument("--stock-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (lmforge's runtime makes it keep freed memory)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    # What `lmforge train` does on a CPU (setup_runtime); process-wide, so the baseline gets it too.
+    kept = device.type == "cpu" and not args.stock_malloc and keep_freed_memory()
     precision = resolve_precision(args.precision, device)
     dtype = Runtime(device, precision).autocast_dtype
     peak, peak_source = peak_flops(device, dtype or torch.float32)
     print(f"device {device} | {precision} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+          f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source}) | malloc keeps freed memory: {kept}")
     results = []
     for size in args.sizes.split(","):
         preset, vocab, context, batch = SIZES[size]
@@ -143,7 +148,7 @@ def main() -> None:
         del ours, theirs
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "peak_flops": peak, "peak_source": peak_source,
+            json.dump({"device": str(device), "peak_flops": peak, "peak_source": peak_source, "malloc_kept": kept,
                        "torch": torch.__version__, "results": results}, f, indent=1)
 
 

@@ -63,7 +63,7 @@ class Task:
 def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> FinetuneResult:
     """Fine-tune per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint."""
     tc = cfg.train
-    rt = setup_runtime(tc.device, tc.precision, tc.threads)
+    rt = setup_runtime(tc.device, tc.precision, tc.threads, training=True)
     say = print if rt.is_main and progress else (lambda *a, **k: None)
     run_dir, ckpt = open_run_dir(cfg, resume)
 

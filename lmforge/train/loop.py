@@ -80,7 +80,7 @@ def open_run_dir(cfg: TrainConfig | FinetuneConfig, resume: bool) -> tuple[Path,
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint."""
     tc = cfg.train
-    rt = setup_runtime(tc.device, tc.precision, tc.threads)
+    rt = setup_runtime(tc.device, tc.precision, tc.threads, training=True)
     say = print if rt.is_main and progress else (lambda *a, **k: None)
 
     # --- the run directory, the data and the tokenizer

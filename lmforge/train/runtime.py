@@ -7,7 +7,9 @@ training loop stays the same on a laptop CPU, one GPU, or (later) many under tor
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,25 @@ def cpu_supports_bf16() -> bool:
     return "amx_bf16" in flags and torch.backends.mkldnn.is_available()
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep large freed blocks in the process (Linux only; returns whether it did).
+
+    A training step allocates and frees the same large tensors (logits, activations) every step.
+    By default glibc serves blocks above its mmap threshold (adaptive, at most 32 MB) with fresh
+    pages and unmaps them on free, so every step page-faults and zeroes them again, and a shrinking
+    heap is trimmed back to the OS. Measured on 2 cores, bf16: the 1.3M model's step 234 -> 160 ms,
+    the 12M model's 708 -> 568 ms (eager). The cost: the process keeps its peak heap.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -85,8 +106,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 0) -> Runtime:
-    """Pick the device and precision; rank/world size come from torchrun's environment if present."""
+def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 0, training: bool = False) -> Runtime:
+    """Pick the device and precision; rank/world size come from torchrun's environment if present.
+
+    training: a training process repeats the same allocations every step; on a CPU, make malloc
+    keep freed memory (``keep_freed_memory``).
+    """
     if threads > 0:
         torch.set_num_threads(threads)
     rank = int(os.environ.get("RANK", 0))
@@ -99,6 +124,8 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 
         # TF32 matmuls for any fp32 work left outside autocast.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if training and dev.type == "cpu":
+        keep_freed_memory()
     return Runtime(device=dev, precision=resolve_precision(precision, dev), rank=rank, world_size=world_size)
 
 

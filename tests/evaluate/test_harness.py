@@ -81,7 +81,7 @@ def test_lm_eval_runs_through_the_registered_model_and_matches_lmforge_eval(memo
     (task_dir / "ppl.yaml").write_text(ROLLING.format(texts=texts))
     (task_dir / "gen.yaml").write_text(GENERATE.format(gen=gen))
 
-    out = simple_evaluate(model="lmforge", model_args=f"path={run_dir},batch_size=4",
+    out = simple_evaluate(model="lmforge", model_args=f"path={run_dir},batch_size=4,precision=fp32",
                           tasks=["lmforge_colors", "lmforge_facts_ppl", "lmforge_colors_gen"],
                           task_manager=TaskManager(include_path=str(task_dir)), log_samples=True)
     assert out["results"]["lmforge_colors"]["acc,none"] == 1.0

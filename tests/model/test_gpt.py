@@ -60,6 +60,15 @@ def test_loss_ignores_minus_100_targets_and_starts_near_uniform():
     torch.testing.assert_close(l_masked, manual)
 
 
+def test_with_targets_only_the_loss_is_differentiable():
+    # A logits output that needs grad makes a compiled backward add a zero gradient of its size.
+    model = tiny_model()
+    x, y = torch.randint(0, 97, (2, 4, 32))
+    logits, loss = model(x, y)
+    assert loss.requires_grad and not logits.requires_grad
+    torch.testing.assert_close(logits, model(x)[0].detach())
+
+
 def test_presets_build_and_report_params_and_flops():
     for name in PRESETS:
         cfg = from_dict(ModelConfig, {"preset": name, "vocab_size": 256, "n_layer": 1})
