@@ -111,12 +111,12 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         causal = mask is None and T > 1
         # PyTorch's CPU flash attention in bf16 is 2-4x slower than in fp32 for short sequences or
-        # small heads (the backward above all) and up to 2x faster from ~192 positions with 64-dim
-        # heads (measured on AMX: fp32 / bf16 ms, fwd+bwd, 16x4 heads: T64 hd32 1.6 / 5.3, T128 hd64
-        # 6.5 / 13.5, T192 hd64 15.9 / 13.6, T256 hd128 46 / 26). Below that, run it in fp32,
-        # outside autocast (which would cast back); fp32 is also the more accurate.
+        # small heads (the backward above all), level at 256 positions and faster beyond (measured on
+        # AMX, fwd+bwd ms fp32 / bf16: 16x4 heads T64 hd32 1.6 / 5.3, T128 hd64 6.5 / 13.5; in the 12M
+        # model, T256 hd64, equal; 2x12 heads T1024 hd64 87 / 56). Below 512 positions or 64-dim
+        # heads, run it in fp32, outside autocast (which would cast back): also the more accurate.
         if (q.device.type != "cpu" or q.dtype == torch.float32
-                or (q.size(-2) >= 192 and self.hd >= 64)):
+                or (q.size(-2) >= 512 and self.hd >= 64)):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
