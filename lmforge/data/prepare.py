@@ -17,7 +17,6 @@ so a dataset folder with a ``meta.json`` is always complete.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -37,6 +36,7 @@ from lmforge.data.corpus import default_corpus_id, default_corpus_sources
 from lmforge.data.sources import SourceStats, iter_documents
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.malloc import M_MMAP_THRESHOLD, mallopt
 
 FORMAT = 1
 DEFAULT_CORPUS_NAME = "<python stdlib>"
@@ -141,11 +141,7 @@ def _fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
     peak RSS then creeps up with every large document it meets (+30 MB over 100 MB of the default
     corpus). A fixed threshold keeps the peak at what the largest document needs. No-op elsewhere.
     """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(nbytes))  # -3: M_MMAP_THRESHOLD
-    except (AttributeError, OSError):  # not glibc (macOS, Windows, ...)
-        pass
+    mallopt(M_MMAP_THRESHOLD, nbytes)
 
 
 def _init_worker(tokenizer_json: str) -> None:

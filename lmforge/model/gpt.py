@@ -8,8 +8,9 @@ One class covers both families, chosen by :class:`~lmforge.config.ModelConfig` f
 
 Attention goes through ``F.scaled_dot_product_attention`` so PyTorch picks the fastest kernel
 (flash attention on GPUs); on CPUs, where its kernels are slow in some precisions and sizes,
-``CausalSelfAttention._sdpa`` picks by measurement. For generation each attention layer can hold a preallocated static
-KV cache (gpt-fast style): the prompt is written in one call (prefill), then one token per call.
+``CausalSelfAttention._sdpa`` picks by measurement. For generation each attention layer can hold
+a preallocated static KV cache (gpt-fast style): the prompt is written in one call (prefill),
+then one token per call.
 """
 
 from __future__ import annotations
