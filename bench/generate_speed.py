@@ -2,7 +2,7 @@
 
     python bench/generate_speed.py [--preset gpt2-small | --run RUN_DIR] [--reps 5] [--compile] [--json out.json]
 
-The transformers model is our model exported in memory (``lmforge.interop.to_hf_model``), so both
+The transformers model is our model exported in memory (``lmforge.model.hf.to_hf_model``), so both
 hold identical weights. Greedy decoding, prompt of ``--prompt-len`` random tokens, ``--new-tokens``
 new ones, batch 1 and 8; the two alternate, and each figure is the median of ``--reps`` timed
 repetitions after one warm-up. Tokens/s counts new tokens (batch x new tokens / wall time,
@@ -25,9 +25,9 @@ import torch
 
 from lmforge.config import ModelConfig, from_dict
 from lmforge.generate import generate
-from lmforge.interop import to_hf_model
 from lmforge.model.gpt import GPT
-from lmforge.train.runtime import maybe_compile
+from lmforge.model.hf import to_hf_model
+from lmforge.runtime import maybe_compile
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> GPT:

@@ -6,6 +6,7 @@ Trains ``shakespeare-fast`` (the recipe tuned for time-to-loss) and ``shakespear
 (nanoGPT's published CPU recipe: 4x4x128, context 64, batch 12, 2000 steps, lr 1e-3) on the same
 prepared data, in the same process, and reports for each the training wall time (start of the
 first step to the end of the final evaluation, over the whole val split) and the final val loss.
+The process makes the same process-wide settings as ``lmforge train`` (malloc keeps freed memory).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from lmforge.config import load_train_config
 from lmforge.data.prepare import prepare
+from lmforge.runtime import compile_falls_back_to_eager, keep_freed_memory
 from lmforge.train.loop import train
 
 RECIPES = ("shakespeare-fast", "shakespeare-char")
@@ -33,6 +35,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every recipe, e.g. train.max_steps=1200")
     args = ap.parse_args()
 
+    keep_freed_memory()  # as `lmforge train` does
+    compile_falls_back_to_eager()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"

@@ -24,9 +24,9 @@ import torch
 
 from lmforge.config import ModelConfig, OptimConfig, from_dict
 from lmforge.model.gpt import GPT, flops_per_token
+from lmforge.runtime import Runtime, keep_freed_memory, maybe_compile, resolve_precision
 from lmforge.train.metrics import peak_flops
 from lmforge.train.optim import build_optimizer
-from lmforge.train.runtime import Runtime, keep_freed_memory, maybe_compile, resolve_precision
 
 SIZES = {  # name: (preset, vocab, context, batch)
     "tiny": ("gpt2-tiny", 4096, 256, 16),
@@ -112,7 +112,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    # What `lmforge train` does on a CPU (setup_runtime); process-wide, so the baseline gets it too.
+    # What `lmforge train` does (the CLI's process-wide setting), so the baseline gets it too.
     kept = device.type == "cpu" and not args.stock_malloc and keep_freed_memory()
     precision = resolve_precision(args.precision, device)
     dtype = Runtime(device, precision).autocast_dtype

@@ -1,7 +1,12 @@
 """The ``lmforge`` command: parse arguments, call one function per subcommand.
 
 A :class:`UserError` becomes one line on stderr and exit status 2; anything else is a bug and
-keeps its traceback.
+keeps its traceback. Each subcommand imports what it runs inside its function, so that ``lmforge
+--help`` or a mistyped flag answers without loading PyTorch (start-up time, not an import cycle).
+
+The process-wide settings of the command line are made here, never by the Python API: training
+processes keep freed memory (:func:`lmforge.runtime.keep_freed_memory`), and a model that
+torch.compile cannot compile runs eagerly with a warning (:func:`lmforge.runtime.compile_falls_back_to_eager`).
 """
 
 from __future__ import annotations
@@ -12,69 +17,74 @@ import sys
 import typing
 from pathlib import Path
 
+from lmforge.config import (
+    DataConfig,
+    FinetuneConfig,
+    TrainConfig,
+    config_help,
+    field_default,
+    field_docs,
+    load_finetune_config,
+    load_train_config,
+)
 from lmforge.errors import UserError
+from lmforge.rundir import run_config_path
 
-
-def _config_reference(cls: type, prefix: str = "") -> list[str]:
-    """``key (type, default)`` lines for every config field, recursing into sections."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines += _config_reference(hints[f.name], key + ".")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {key} = {default!r}")
-    return lines
+PREPARE_FIELDS = ("tokenizer", "vocab_size", "val_fraction", "seed", "text_field", "workers")
+"""DataConfig fields that ``lmforge prepare`` takes as flags (--vocab-size, ...); sources are positional."""
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from lmforge.config import DataConfig
     from lmforge.data.prepare import format_summary, prepare
 
-    cfg = DataConfig(sources=args.sources, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                     val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-                     workers=args.workers)
-    if not 0 < cfg.val_fraction < 1:
-        raise UserError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+    cfg = DataConfig(sources=args.sources, **{name: getattr(args, name) for name in PREPARE_FIELDS})
     meta = prepare(cfg, args.out, progress=True, overwrite=args.overwrite)
     print(format_summary(meta))
 
 
 def _resume_config(run: str, overrides: list[str]) -> tuple[Path, list[str]]:
     """The run's own config file and the overrides to apply to it (e.g. a larger train.max_steps)."""
-    run_dir = Path(run)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"cannot resume: '{run_dir}' is not a run directory (no config.yaml)")
-    return run_dir / "config.yaml", [*overrides, f"out_dir={run_dir}"]
+    try:
+        path = run_config_path(run)
+    except UserError as e:
+        raise UserError(f"cannot resume: {e}") from None
+    return path, [*overrides, f"out_dir={run}"]
+
+
+def _training_process(compile_model: bool) -> None:
+    """The command line's process-wide settings for a training process (see the module docstring)."""
+    from lmforge.runtime import compile_falls_back_to_eager, keep_freed_memory
+
+    keep_freed_memory()
+    if compile_model:
+        compile_falls_back_to_eager()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmforge.config import load_train_config
     from lmforge.train.loop import train
 
     overrides = list(args.overrides)
-    if args.resume is not None:
-        train(load_train_config(*_resume_config(args.resume, overrides)), resume=True)
-        return
-    train(load_train_config(args.config or "default", overrides))
+    resume = args.resume is not None
+    cfg = load_train_config(*_resume_config(args.resume, overrides)) if resume \
+        else load_train_config(args.config or "default", overrides)
+    _training_process(cfg.train.compile)
+    train(cfg, resume=resume)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from lmforge.config import load_finetune_config
     from lmforge.finetune.loop import finetune
 
     overrides = list(args.overrides) + (["lora.merge=true"] if args.merge else []) \
         + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])
-    if args.resume is not None:
-        finetune(load_finetune_config(*_resume_config(args.resume, overrides)), resume=True)
-        return
-    finetune(load_finetune_config(args.config, overrides))
+    resume = args.resume is not None
+    cfg = load_finetune_config(*_resume_config(args.resume, overrides), resume=True) if resume \
+        else load_finetune_config(args.config, overrides)
+    _training_process(cfg.train.compile)
+    finetune(cfg, resume=resume)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from lmforge.finetune.predict import predict_cli
+    from lmforge.evaluate.predict import predict_cli
 
     predict_cli(args.run, texts=args.text or [], file=args.file, text_field=args.text_field,
                 label_field=args.label_field, output=args.output, device=args.device)
@@ -105,7 +115,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.generate import generate_text
     from lmforge.run import load_run
-    from lmforge.train.runtime import maybe_compile, setup_runtime
+    from lmforge.runtime import compile_falls_back_to_eager, maybe_compile, setup_runtime
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -119,6 +129,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     run = load_run(args.run, rt.device)
     if run.task != "lm":
         raise UserError(f"'{args.run}' is a {run.task} run: it labels texts (lmforge predict), it does not generate")
+    if args.compile:
+        compile_falls_back_to_eager()
     model = maybe_compile(run.model, args.compile, dynamic=True)
     stop_ids: list[int] = []
     if args.chat:
@@ -141,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def chat_prompts(path: str, run, prompts: list[str]) -> tuple[list[str], list[int]]:
     """Each prompt as a user turn in the run's chat template, ending where the answer starts."""
-    from lmforge.finetune.sft import ChatTemplate, find_chat_template
+    from lmforge.chat import ChatTemplate, find_chat_template
 
     if find_chat_template(run.folder) is None:
         print(f"note: '{path}' has no chat template of its own; using lmforge's default", file=sys.stderr)
@@ -158,7 +170,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lmforge.finetune.sft import find_chat_template
+    from lmforge.chat import find_chat_template
     from lmforge.interop import export_hf
     from lmforge.run import load_run
 
@@ -169,9 +181,22 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {run.checkpoint} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lmforge.config import FinetuneConfig, TrainConfig
+def _config_epilog(cls: type, hide: frozenset[str] = frozenset()) -> str:
+    return "config keys (set in YAML or as key=value):\n" + "\n".join(config_help(cls, hide=hide))
 
+
+def _add_config_flags(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...]) -> None:
+    """A --flag for each named field of a config dataclass: its type, default and docstring as help."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    docs = field_docs(cls)
+    for name in names:
+        default = field_default(fields[name])
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=hints[name], default=default,
+                       help=f"{docs[name]} (default {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Train, evaluate and use GPT-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -180,19 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "duplicates; split train/val; train a tokenizer; write train.bin/val.bin.")
     p.add_argument("sources", nargs="*", help="files, folders or globs (none: the Python standard library)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tokenizer", default="bpe", help="'bpe', 'char', or a path to a tokenizer.json")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction held out (default 0.05)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
-    p.add_argument("--text-field", default="text", help="field with the text in .jsonl/.parquet (default text)")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per core)")
+    _add_config_flags(p, DataConfig, PREPARE_FIELDS)
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="pretrain a model (no arguments: the default corpus and recipe)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="config keys (set in YAML or as key=value):\n"
-                              + "\n".join(_config_reference(TrainConfig)))
+                       epilog=_config_epilog(TrainConfig))
     p.add_argument("--config", "-c", help="YAML recipe, or a shipped recipe's name (e.g. shakespeare-char)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6")
@@ -253,8 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="adapt a trained model: chat SFT or classification, full or LoRA",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="config keys (set in YAML or as key=value):\n"
-                              + "\n".join(_config_reference(FinetuneConfig)))
+                       epilog=_config_epilog(FinetuneConfig, hide=frozenset({"model"})))
     p.add_argument("--config", "-c", help="YAML recipe")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted fine-tuning run exactly")
     p.add_argument("--merge", action="store_true", help="LoRA: also write full weights with the adapters merged")

@@ -1,13 +1,19 @@
 """Typed configuration: dataclasses with defaults in code, YAML recipes that override them, and
 dotted ``key=value`` overrides from the command line.
 
-Every field's docstring-like comment is user-facing: ``lmforge train --help-config`` prints them.
-Unknown keys and values of the wrong type raise :class:`~lmforge.errors.UserError` naming the key.
+Every field has a one-line docstring, and it is user-facing: ``lmforge train --help`` and ``lmforge
+finetune --help`` print ``key = default  # docstring`` for every key (:func:`config_help`), and
+``lmforge prepare``'s flags are made from :class:`DataConfig`'s fields. Unknown keys and values of
+the wrong type raise :class:`~lmforge.errors.UserError` naming the key.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from lmforge.errors import UserError
+from lmforge.presets import preset_values
 
 
 @dataclass
@@ -40,36 +47,53 @@ class DataConfig:
     workers: int = 0
     """Tokenizer worker processes; 0 means one per CPU core."""
 
+    def validate(self) -> None:
+        """UserError naming the key whose value cannot work."""
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.workers < 0:
+            raise UserError(f"data.workers must be 0 (one per CPU core) or more, got {self.workers}")
+        if self.tokenizer not in ("bpe", "char") and not Path(self.tokenizer).is_file():
+            raise UserError(f"data.tokenizer: expected 'bpe', 'char' or a tokenizer.json file, "
+                            f"got '{self.tokenizer}' (no such file)")
+
 
 @dataclass
 class ModelConfig:
     """The Transformer's shape. ``preset`` fills in defaults; explicit keys override them."""
 
     preset: str | None = None
-    """A named preset (see ``lmforge.model.presets``); its values are defaults for this section."""
+    """A named preset (lmforge.presets: gpt2-tiny, llama-small, ...); its values are this section's defaults."""
     vocab_size: int = 0
     """Vocabulary size; 0 means 'take it from the tokenizer'."""
     block_size: int = 256
     """Context length in tokens."""
     n_layer: int = 4
+    """Transformer blocks."""
     n_head: int = 4
+    """Attention (query) heads per block."""
     n_kv_head: int | None = None
     """Key/value heads for grouped-query attention; None means n_head (multi-head attention)."""
     n_embd: int = 256
+    """Width of the residual stream (the embedding size)."""
     intermediate_size: int | None = None
     """MLP hidden width; None means 4*n_embd (gelu) or the Llama 8/3*n_embd rounded to 64 (swiglu)."""
     pos_embedding: Literal["learned", "rope"] = "learned"
+    """Positions: 'learned' absolute embeddings (GPT-2) or 'rope' rotary embeddings (Llama)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """'layernorm' (GPT-2) or 'rmsnorm' (Llama)."""
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
-    """gelu: exact (erf) GELU, 2x faster than the tanh form on CPUs; gelu_tanh: GPT-2's original
-    approximation (HF ``gelu_new``), for imported GPT-2 weights; swiglu: Llama's gated MLP."""
+    """'gelu' exact GELU (2x faster on CPUs than tanh), 'gelu_tanh' GPT-2's approximation, 'swiglu' Llama's."""
     bias: bool = True
     """Biases in linear layers and norms (GPT-2 has them, Llama does not)."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
     rope_theta: float = 10000.0
+    """RoPE base: larger values rotate slower and reach further."""
     norm_eps: float = 1e-5
+    """Epsilon added inside the norms."""
     dropout: float = 0.0
+    """Dropout probability on embeddings, attention output and MLP output while training."""
 
     @property
     def head_dim(self) -> int:
@@ -88,6 +112,7 @@ class ModelConfig:
         return 4 * self.n_embd
 
     def validate(self) -> None:
+        """UserError naming the key whose value cannot work."""
         if self.n_embd % self.n_head:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_head % self.kv_heads:
@@ -104,14 +129,21 @@ class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr``."""
 
     lr: float = 1e-3
+    """Peak learning rate (reached at the end of the warmup)."""
     min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay, and after it."""
     warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
     decay_steps: int | None = None
     """Steps of the cosine decay; None means train.max_steps."""
     weight_decay: float = 0.1
+    """AdamW weight decay of matrices (never of biases and norm gains)."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.95
+    """AdamW's second-moment decay."""
     eps: float = 1e-8
+    """AdamW's epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
 
@@ -121,6 +153,7 @@ class TrainLoopConfig:
     """How long and how to train, evaluate and checkpoint."""
 
     max_steps: int = 1000
+    """Optimizer steps to train for."""
     batch_size: int = 16
     """Sequences per micro-batch (per process)."""
     grad_accum: int = 1
@@ -128,25 +161,29 @@ class TrainLoopConfig:
     max_minutes: float | None = None
     """Stop (with a checkpoint) after this much training wall time, whatever max_steps says."""
     eval_interval: int = 250
+    """Evaluate on the val split every this many steps (and at the end)."""
     eval_batches: int = 20
+    """Batches per periodic evaluation (the final one covers the whole val split)."""
     log_interval: int = 10
+    """Print and record the training loss every this many steps."""
     ckpt_interval: int = 500
+    """Write a checkpoint every this many steps (and at the end)."""
     keep_last: int = 2
     """Checkpoints to keep (older ones are deleted)."""
     patience: int | None = None
     """Stop after this many evaluations without a new best val loss; None disables early stopping."""
     seed: int = 1337
+    """Seed of initialisation, batches and dropout."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', 'cuda:1', 'mps'."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """'auto' picks bf16 autocast where the hardware supports it, fp16 + GradScaler on older GPUs."""
+    """'auto' picks bf16 autocast where the hardware is fast at it, fp16 + loss scaling on older GPUs."""
     compile: bool = False
-    """torch.compile the model (falls back to eager with a warning if compilation is unavailable)."""
+    """torch.compile the model (the lmforge command falls back to eager with a warning where it cannot)."""
     threads: int = 0
     """CPU threads for PyTorch; 0 leaves PyTorch's default."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass instead of storing them: less
-    memory for a larger batch or model on a GPU, at the cost of about one more forward pass."""
+    """Recompute each block's activations in backward: far less memory for about one more forward pass."""
 
 
 @dataclass
@@ -154,10 +191,15 @@ class SampleConfig:
     """Samples printed at the end of training."""
 
     num_samples: int = 3
+    """How many samples to print; 0 prints none."""
     max_new_tokens: int = 200
+    """Tokens per sample."""
     prompt: str = ""
+    """Text every sample continues; empty starts a new document."""
     temperature: float = 0.8
+    """Sampling temperature; 0 is greedy."""
     top_k: int | None = 50
+    """Sample among the k most likely tokens; None means all."""
 
 
 @dataclass
@@ -182,22 +224,25 @@ class FinetuneDataConfig:
     val: str | None = None
     """Validation examples; None holds out val_fraction of the training file."""
     val_fraction: float = 0.1
+    """Fraction of the training file held out for validation when no val file is given."""
     seed: int = 1337
     """Seed of the held-out split (when no val file is given)."""
     prompt_field: str = "prompt"
+    """SFT: the field holding a record's user turn (with response_field)."""
     response_field: str = "response"
+    """SFT: the field holding the answer to learn."""
     messages_field: str = "messages"
-    """SFT: a record has prompt + response, or a list of {role, content} messages."""
+    """SFT: the field holding a list of {role, content} messages (instead of prompt + response)."""
     text_field: str = "text"
+    """Classification: the field holding the text."""
     label_field: str = "label"
-    """Classification: the fields holding the text and its label."""
+    """Classification: the field holding its label."""
     max_length: int | None = None
     """Tokens per example (longer ones are truncated and counted); None means the model's context."""
     packing: bool = False
     """SFT: pack several short examples into each row (attention never crosses examples) instead of padding."""
     chat_template: str | None = None
-    """SFT: a Jinja chat template file; None uses the base tokenizer's own template if it has one,
-    else lmforge's default (### User / ### Assistant turns, each answer ended by end-of-text)."""
+    """SFT: a Jinja chat template file; None: the base model's own, else lmforge's default (### User/Assistant)."""
     skip_bad_lines: bool = False
     """Skip (and count) records that are not valid JSON/CSV or lack a field, instead of stopping."""
     eval_generations: int = 50
@@ -209,8 +254,11 @@ class LoraSettings:
     """Low-rank adapters (LoRA, through ``peft``); rank 0 fine-tunes every weight instead."""
 
     rank: int = 0
+    """Rank of the adapters; 0 disables LoRA (every weight is trained)."""
     alpha: float = 16.0
+    """Scale of the adapters' update: alpha / rank."""
     dropout: float = 0.05
+    """Dropout on the adapters' input."""
     target_modules: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc"])
     """Linear layers that get adapters (names as in lmforge.model.gpt: qkv, proj, fc)."""
     merge: bool = False
@@ -222,14 +270,19 @@ class FinetuneConfig:
     """Everything ``lmforge finetune`` needs; ``model`` is copied from the base when the run starts."""
 
     task: Literal["sft", "classify"] = "sft"
+    """'sft': chat answers (JSONL); 'classify': a label per text (CSV or JSONL)."""
     base: str = ""
     """The model to start from: an lmforge run or checkpoint directory, or a Hugging Face folder."""
     out_dir: str = "runs/finetune"
+    """Run directory; if it already holds a run (and --resume is not given) a numbered sibling is used."""
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     class_weights: str | list[float] | None = None
     """Classification: loss weight per class (in sorted label order), or 'balanced'; None = equal."""
+    dropout: float | None = None
+    """Dropout while fine-tuning; None keeps the base model's model.dropout."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model's shape, copied from it when the run starts (so no model.* key can be set)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=20,
                                                                    weight_decay=0.0))
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(max_steps=300, batch_size=8,
@@ -314,8 +367,6 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     data = dict(data)
     if cls is ModelConfig and data.get("preset"):
-        from lmforge.model.presets import preset_values
-
         data = {**preset_values(data["preset"]), **data}
     kwargs = {}
     for key, value in data.items():
@@ -405,9 +456,22 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     return cfg
 
 
-def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
-    """Like :func:`load_train_config`, for ``lmforge finetune``."""
+def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                         resume: bool = False) -> FinetuneConfig:
+    """Like :func:`load_train_config`, for ``lmforge finetune``.
+
+    The model comes from the base, so ``model.*`` keys are refused (``dropout`` is the fine-tuning
+    setting that exists); when resuming, the run's own config.yaml holds the base's model section,
+    and only the overrides are checked.
+    """
     data = load_yaml(resolve_config_path(path)) if path else {}
+    given = [parse_override(o)[0] for o in overrides or []]
+    if not resume:
+        given += _key_paths(data)
+    model_keys = sorted(".".join(k) for k in given if k[0] == "model")
+    if model_keys:
+        raise UserError(f"finetune takes the model from its base, so '{model_keys[0]}' cannot be set; "
+                        f"the one model setting fine-tuning honours is dropout=P")
     cfg = from_dict(FinetuneConfig, merge_overrides(data, overrides or []))
     if not cfg.base:
         raise UserError("finetune needs a base model: set base=RUN_DIR (an lmforge run or a Hugging Face folder)")
@@ -418,10 +482,52 @@ def load_finetune_config(path: str | Path | None = None, overrides: list[str] | 
     return cfg
 
 
-def is_finetune_config(data: dict) -> bool:
-    """Whether a run's config.yaml (as a dict) is a fine-tuning run's."""
-    return "task" in data and "base" in data
+def _key_paths(data: dict, prefix: tuple[str, ...] = ()) -> typing.Iterator[list[str]]:
+    """The dotted key paths of a nested dict's leaves (a section given as a whole counts as one)."""
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _key_paths(value, (*prefix, key))
+        else:
+            yield [*prefix, key]
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Help from the code: field docstrings
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), on one line."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def config_help(cls: type, prefix: str = "", hide: frozenset[str] = frozenset()) -> list[str]:
+    """``key = default  # what it does`` for every field of a config, sections as ``[section]`` headers
+    (the section's docstring: its field's, else its class's); ``hide``: sections listed without keys."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            section_doc = docs.get(f.name) or " ".join((hints[f.name].__doc__ or "").split())
+            lines += ["", f"[{key}]  {section_doc}"]
+            lines += [] if f.name in hide else config_help(hints[f.name], key + ".")
+            continue
+        lines.append(f"  {key} = {field_default(f)!r}  # {docs.get(f.name, '')}")
+    return lines

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Protocol, TextIO
+from typing import TextIO
 
 import torch
 
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
-
-
-class Tokenizer(Protocol):
-    """What :func:`generate_text` needs from a tokenizer."""
-
-    eot_id: int
-
-    def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
+from lmforge.runtime import eval_mode
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -148,42 +140,40 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     stop = set(stop_ids)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * B
-    was_training = model.training
-    model.eval()
     if use_cache:
         # Under autocast the keys/values come out in the autocast dtype: store them so.
         autocast = torch.is_autocast_enabled(device.type)
         model.setup_cache(B, S, torch.get_autocast_dtype(device.type) if autocast else None)
     try:
-        for end in range(L, S):
-            # With the cache, only the newest token goes in after the prefill; without it, everything.
-            start = end - 1 if use_cache and end > L else 0
-            logits, _ = model(tokens[:, start:end], positions=positions[:, start:end],
-                              mask=_attention_mask(valid, start, end) if padded else None,
-                              cache_start=start if use_cache else None, last_only=True)
-            logits = logits[:, -1].float()
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            tokens[:, end] = nxt
-            if seen is not None:
-                seen[torch.arange(B, device=device), nxt] = True
-            # Finished rows keep decoding (the batch shape is fixed) but their tokens are ignored.
-            for row, tok in enumerate(nxt.tolist()):
-                if done[row]:
-                    continue
-                if tok in stop:
-                    done[row] = True
-                    continue
-                out[row].append(tok)
-                if on_token is not None and on_token(row, tok):
-                    done[row] = True
-            if all(done):
-                break
+        with eval_mode(model):
+            for end in range(L, S):
+                # With the cache, only the newest token goes in after the prefill; without it, everything.
+                start = end - 1 if use_cache and end > L else 0
+                logits, _ = model(tokens[:, start:end], positions=positions[:, start:end],
+                                  mask=_attention_mask(valid, start, end) if padded else None,
+                                  cache_start=start if use_cache else None, last_only=True)
+                logits = logits[:, -1].float()
+                if seen is not None:
+                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+                nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                tokens[:, end] = nxt
+                if seen is not None:
+                    seen[torch.arange(B, device=device), nxt] = True
+                # Finished rows keep decoding (the batch shape is fixed) but their tokens are ignored.
+                for row, tok in enumerate(nxt.tolist()):
+                    if done[row]:
+                        continue
+                    if tok in stop:
+                        done[row] = True
+                        continue
+                    out[row].append(tok)
+                    if on_token is not None and on_token(row, tok):
+                        done[row] = True
+                if all(done):
+                    break
     finally:
         if use_cache:
             model.clear_cache()
-        model.train(was_training)
     return out
 
 

@@ -2,7 +2,7 @@
 
 Two users with opposite needs: ``prepare``'s workers fix a low mmap threshold so their peak memory
 stays flat, and training processes raise it so that a step's large tensors are not unmapped and
-page-faulted in again every step (``lmforge.train.runtime.keep_freed_memory``).
+page-faulted in again every step (``lmforge.runtime.keep_freed_memory``).
 """
 
 from __future__ import annotations

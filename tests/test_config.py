@@ -3,7 +3,17 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import RECIPES_DIR as PACKAGED_CONFIGS
-from lmforge.config import TrainConfig, load_train_config, merge_overrides
+from lmforge.config import (
+    DataConfig,
+    FinetuneConfig,
+    TrainConfig,
+    config_help,
+    field_docs,
+    load_finetune_config,
+    load_train_config,
+    merge_overrides,
+    save_yaml,
+)
 from lmforge.errors import UserError
 
 
@@ -56,3 +66,53 @@ def test_overrides_do_not_mutate_input():
 def test_every_shipped_recipe_loads(path):
     cfg = load_train_config(path)
     assert cfg.train.max_steps > 0
+
+
+def _leaf_fields(cls: type, prefix: str = ""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield cls, f.name, f"{prefix}{f.name}"
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, FinetuneConfig])
+def test_every_config_key_has_a_one_line_docstring_that_help_prints(cls):
+    help_text = "\n".join(config_help(cls))
+    for owner, name, key in _leaf_fields(cls):
+        doc = field_docs(owner).get(name)
+        assert doc and "\n" not in doc, f"{key} has no docstring"
+        if not key.startswith("model.") or cls is TrainConfig:
+            assert f"  {key} = " in help_text and f"# {doc}" in help_text, key
+
+
+def test_the_help_of_the_commands_comes_from_the_config_docstrings():
+    from lmforge.cli import build_parser
+
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    train_help = subcommands["train"].format_help()
+    assert "train.max_steps = 1000  # Optimizer steps to train for." in train_help
+    finetune_help = subcommands["finetune"].format_help()
+    assert "lora.rank = 0  # Rank of the adapters" in finetune_help
+    assert "model.n_layer" not in finetune_help and "[model]" in finetune_help  # copied from the base
+    prepare = subcommands["prepare"]
+    args = prepare.parse_args(["--out", "o", "--vocab-size", "300", "--val-fraction", "0.2"])
+    assert (args.vocab_size, args.val_fraction, args.workers) == (300, 0.2, DataConfig().workers)
+    assert field_docs(DataConfig)["vocab_size"] in " ".join(prepare.format_help().split())
+
+
+def test_finetune_refuses_model_keys_it_would_take_from_the_base(tmp_path):
+    base = ["base=runs/x", "data.train=x.jsonl"]
+    with pytest.raises(UserError, match="'model.dropout' cannot be set.*dropout=P"):
+        load_finetune_config(None, [*base, "model.dropout=0.1"])
+    assert load_finetune_config(None, [*base, "dropout=0.1"]).dropout == 0.1
+    # A run's own config.yaml holds the base's model section: resuming reads it, overrides still count.
+    saved = tmp_path / "config.yaml"
+    save_yaml(load_finetune_config(None, base), saved)
+    assert load_finetune_config(saved, ["train.max_steps=5"], resume=True).train.max_steps == 5
+    with pytest.raises(UserError, match="'model.n_layer' cannot be set"):
+        load_finetune_config(saved, ["model.n_layer=3"], resume=True)

@@ -9,7 +9,7 @@ from lmforge.config import ModelConfig, from_dict
 from lmforge.errors import UserError
 from lmforge.generate import apply_repetition_penalty, generate, generate_text, sample_next
 from lmforge.model.gpt import GPT
-from tests.conftest import tiny_model
+from tests.fixtures import tiny_model
 
 VOCAB = 97
 
@@ -301,7 +301,7 @@ def test_stream_flushes_held_back_text_when_generation_ends(monkeypatch):
 def test_a_compiled_model_generates_the_same_tokens_as_eager():
     from torch._dynamo.utils import counters
 
-    from lmforge.train.runtime import maybe_compile
+    from lmforge.runtime import maybe_compile
 
     model = tiny_model()
     prompts = [[5, 6, 7, 8, 9], [1, 2, 3]]

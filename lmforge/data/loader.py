@@ -8,7 +8,6 @@ the corpus size.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -108,11 +107,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
-    """Cross-entropy in nats/token -> bits per UTF-8 byte, comparable across tokenizers."""
-    return loss_nats / math.log(2) * tokens / max(1, n_bytes)
 
 
 class EpochSampler:

@@ -37,6 +37,7 @@ from lmforge.data.sources import SourceStats, iter_documents
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.malloc import M_MMAP_THRESHOLD, mallopt
+from lmforge.rundir import cache_root
 
 FORMAT = 1
 DEFAULT_CORPUS_NAME = "<python stdlib>"
@@ -285,16 +286,6 @@ def _tokenizer(cfg: DataConfig, sources: list[str], scan: _Scan, progress: bool)
     return Tokenizer.from_file(cfg.tokenizer), {"kind": "file", "source": str(cfg.tokenizer)}
 
 
-def _validate(cfg: DataConfig) -> None:
-    if not 0 < cfg.val_fraction < 1:
-        raise UserError(f"data.val_fraction must be between 0 and 1, got {cfg.val_fraction}")
-    if cfg.workers < 0:
-        raise UserError(f"data.workers must be 0 (one per CPU core) or more, got {cfg.workers}")
-    if cfg.tokenizer not in ("bpe", "char") and not Path(cfg.tokenizer).is_file():
-        raise UserError(f"data.tokenizer: expected 'bpe', 'char' or a tokenizer.json file, "
-                        f"got '{cfg.tokenizer}' (no such file)")
-
-
 def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True, overwrite: bool = False) -> dict:
     """Turn ``cfg.sources`` (empty: the default corpus) into a dataset folder; return its meta.
 
@@ -302,7 +293,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True, overwri
     and ``meta.json``. An existing dataset there is replaced only with ``overwrite``. The returned
     dict is meta.json's content plus ``"dir"``, the folder (not stored, so datasets can be moved).
     """
-    _validate(cfg)
+    cfg.validate()
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     sources = list(cfg.sources) or default_corpus_sources()
@@ -408,11 +399,6 @@ def format_summary(meta: dict) -> str:
 # The default corpus, prepared once and cached
 
 
-def cache_root() -> Path:
-    """``$LMFORGE_CACHE``, or ``~/.cache/lmforge``."""
-    return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
-
-
 def _cache_key(cfg: DataConfig) -> str:
     if cfg.tokenizer == "bpe":
         tok = f"bpe{cfg.vocab_size}"
@@ -431,7 +417,7 @@ def prepared_default_dataset(cfg: DataConfig, cache_dir: Path | None = None, pro
     """
     if cfg.sources:
         raise ValueError("prepared_default_dataset is for the default corpus; cfg.sources must be empty")
-    _validate(cfg)
+    cfg.validate()
     out = Path(cache_dir or cache_root()) / "datasets" / _cache_key(cfg)
     if not _is_dataset(out):
         try:

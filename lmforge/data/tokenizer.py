@@ -37,6 +37,8 @@ class Tokenizer:
         self._eot_id: int = hf.token_to_id(eot)
         # The embedding needs max id + 1 rows, which is more than the token count if ids have gaps.
         self._vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
+        self.source = "tokenizer"
+        """Where the tokenizer was read from (its file), for messages."""
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
@@ -87,7 +89,9 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for any parse error
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"'{p}' is not a valid tokenizer.json: {first}") from None
-        return cls(hf)
+        tok = cls(hf)
+        tok.source = str(p)
+        return tok
 
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json``."""
@@ -122,6 +126,22 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.hf.id_to_token(token_id)
+
+    def check_fits(self, vocab_size: int, model: str = "the model's vocabulary") -> None:
+        """UserError unless every id has a row in a model vocabulary of ``vocab_size`` (named ``model``)."""
+        if self.vocab_size > vocab_size:
+            raise UserError(f"'{self.source}' has {self.vocab_size} tokens but {model} has {vocab_size}: "
+                            f"they do not belong together")
+
+    def encode_texts(self, texts: list[str], max_len: int) -> tuple[list[list[int]], int]:
+        """Token ids of each text cut to its first ``max_len`` (and how many were cut); an empty text
+        becomes the end-of-text token, so that every text has at least one."""
+        out, truncated = [], 0
+        for ids in self.encode_batch(texts):
+            ids = ids or [self.eot_id]
+            truncated += len(ids) > max_len
+            out.append(ids[:max_len])
+        return out, truncated
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """:meth:`encode` for many texts (parallel inside ``tokenizers`` unless disabled)."""

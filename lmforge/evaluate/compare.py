@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.rundir import METRICS
 from lmforge.train.metrics import read_metrics
 
 
@@ -32,9 +33,9 @@ def compare_runs(run_dirs: list[str], png: str | Path) -> tuple[list[tuple[str, 
     rows = []
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for i, run in enumerate(run_dirs):
-        path = Path(run) / "metrics.jsonl"
+        path = Path(run) / METRICS
         if not path.is_file():
-            raise UserError(f"'{run}' has no metrics.jsonl (expected a run directory)")
+            raise UserError(f"'{run}' has no {METRICS} (expected a run directory)")
         records = read_metrics(path)
         rows.append((run, _final(records)))
         color = f"C{i % 10}"

@@ -4,19 +4,24 @@ The three request types run on lmforge's own code: ``loglikelihood`` and ``logli
 on :mod:`lmforge.evaluate.tasks` and :mod:`lmforge.evaluate.lm` (so they equal ``lmforge eval``'s
 numbers), ``generate_until`` on the KV-cache generator, batched.
 
-Importing this module registers the model name ``lmforge`` with lm-eval. An installed lmforge makes
-lm-eval find it without that import: ``lmforge-lm-eval.pth`` (see :mod:`lmforge._lm_eval_hook`)
-for lm-eval 0.4.13, and an ``lm_eval.models`` entry point for versions that discover plugins.
+Importing this module registers the model name ``lmforge`` with lm-eval (from Python). From the
+command line, lm-eval finds it one way per install type: a regular install's
+``lmforge-lm-eval.pth`` (see :mod:`lmforge._lm_eval_hook`), or ``lmforge lm-eval`` in an
+editable install (README, "CLI reference").
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from lmforge.evaluate import lm, tasks
+from lmforge.generate import generate_text
+from lmforge.run import load_run
+from lmforge.runtime import setup_runtime
 
 
 @register_model("lmforge")
@@ -26,11 +31,6 @@ class LMForgeLM(LM):
     def __init__(self, path: str, batch_size: int | str = 8, device: str = "auto", precision: str = "auto",
                  max_gen_toks: int = 256, **_: Any):
         super().__init__()
-        import torch
-
-        from lmforge.run import load_run
-        from lmforge.train.runtime import setup_runtime
-
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda by default
         self.rt = setup_runtime(device, precision)
@@ -57,8 +57,6 @@ class LMForgeLM(LM):
 
     def generate_until(self, requests) -> list[str]:
         """Requests with the same settings are generated together, ``batch_size`` prompts at a time."""
-        from lmforge.generate import generate_text
-
         groups: dict[tuple, list[int]] = {}
         for i, (_, kwargs) in enumerate(r.args for r in requests):
             kwargs = dict(kwargs or {})

@@ -14,25 +14,25 @@ token buffer never holds more than one window plus one piece: memory stays flat 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.loader import TokenShard, bits_per_byte, eval_offsets, to_device
+from lmforge.data.loader import TokenShard
 from lmforge.data.prepare import load_meta
 from lmforge.data.sources import expand_sources, iter_documents, looks_binary
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-
-if TYPE_CHECKING:
-    from lmforge.train.runtime import Runtime
+from lmforge.runtime import Runtime
+from lmforge.train.metrics import bits_per_byte, perplexity
+from lmforge.train.validation import split_loss
 
 PIECE_BYTES = 1 << 20
 
@@ -51,8 +51,8 @@ class LMScore:
 
     def as_dict(self) -> dict:
         loss = self.nll / max(1, self.tokens)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50)),
-                "bits_per_byte": self.nll / math.log(2) / max(1, self.bytes), "tokens": self.tokens,
+        return {"loss": loss, "perplexity": perplexity(loss),
+                "bits_per_byte": bits_per_byte(loss, self.tokens, self.bytes), "tokens": self.tokens,
                 "bytes": self.bytes, "documents": self.documents, "data_sha256": self.sha256.hexdigest()}
 
 
@@ -108,8 +108,6 @@ def score_texts(model: torch.nn.Module, tokenizer: Tokenizer, docs: Iterator[tup
 
     progress(n_bytes) is called as text is consumed (a progress bar's update).
     """
-    import contextlib
-
     block = model.cfg.block_size
     stride = stride or block
     if not 0 < stride <= block:
@@ -160,22 +158,6 @@ def score_texts(model: torch.nn.Module, tokenizer: Tokenizer, docs: Iterator[tup
     return score
 
 
-@torch.no_grad()
-def split_loss(model: torch.nn.Module, shard: TokenShard, rt: Runtime, batch_size: int, n_batches: int) -> float:
-    """Mean next-token loss over fixed, evenly spaced windows of a split."""
-    was_training = model.training
-    model.eval()
-    offsets = eval_offsets(len(shard), shard.block_size, n_batches, batch_size)
-    total = torch.zeros((), device=rt.device)
-    for i in range(0, len(offsets), batch_size):
-        x, y = shard.windows(offsets[i:i + batch_size])
-        with rt.autocast():
-            _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
-        total += loss.float() * len(x)
-    model.train(was_training)
-    return total.item() / len(offsets)
-
-
 def score_split(model: torch.nn.Module, dataset_dir: str | Path, rt: Runtime, split: str = "val",
                 batch_size: int = 16) -> dict:
     """A prepared dataset's split, windowed exactly as training's final evaluation: the same figures."""
@@ -183,6 +165,6 @@ def score_split(model: torch.nn.Module, dataset_dir: str | Path, rt: Runtime, sp
     shard = TokenShard(dataset_dir, split, meta["dtype"], model.cfg.block_size)
     loss = split_loss(model, shard, rt, batch_size, 10**9)
     counts = meta["splits"][split]
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)),
+    return {"loss": loss, "perplexity": perplexity(loss),
             "bits_per_byte": bits_per_byte(loss, counts["tokens"], counts["bytes"]), "tokens": counts["tokens"],
             "bytes": counts["bytes"], "split": split, "data_sha256": meta.get("content_hash")}

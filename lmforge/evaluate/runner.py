@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from lmforge import rundir
 from lmforge.errors import UserError
+from lmforge.evaluate import lm, tasks
+from lmforge.evaluate.predict import gold_ids, label_probabilities, read_texts
+from lmforge.generate import generate_text
+from lmforge.run import LoadedRun, load_run
+from lmforge.runtime import Runtime, setup_runtime
 
 
 @dataclass
@@ -35,10 +42,6 @@ class EvalRequest:
 def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: str = "auto",
                  progress: bool = True) -> dict:
     """Every requested evaluation of the model at ``path``; the JSON-ready report."""
-    from lmforge.evaluate import lm, tasks
-    from lmforge.run import load_run
-    from lmforge.train.runtime import setup_runtime
-
     if not (req.lm or req.dataset or req.generate or req.choice or req.classify):
         raise UserError("nothing to evaluate: give --lm FILES, --dataset DIR, --generate FILE, --choice FILE "
                         "or --classify FILE")
@@ -53,8 +56,6 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
                     "device": str(rt.device), "precision": rt.precision, "results": {}}
     results = report["results"]
     if req.lm:
-        from tqdm import tqdm
-
         bar = tqdm(unit="B", unit_scale=True, desc="scoring", disable=not progress, file=sys.stderr)
         score = lm.score_texts(model, run.tokenizer, lm.documents(req.lm, req.text_field), stride=req.stride,
                                batch_size=req.batch_size, device=rt.device, autocast=rt.autocast, progress=bar.update)
@@ -76,10 +77,7 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
     return report
 
 
-def _generation(model: torch.nn.Module, run, req: EvalRequest, rt) -> dict:
-    from lmforge.evaluate import tasks
-    from lmforge.generate import generate_text
-
+def _generation(model: torch.nn.Module, run: LoadedRun, req: EvalRequest, rt: Runtime) -> dict:
     items = tasks.read_generation_task(req.generate)
     outputs: list[str] = []
     for i in range(0, len(items), req.batch_size):
@@ -93,20 +91,16 @@ def _generation(model: torch.nn.Module, run, req: EvalRequest, rt) -> dict:
                         for (p, r), o in list(zip(items, outputs, strict=True))[:5]]}
 
 
-def _classification(run, req: EvalRequest) -> dict:
-    from lmforge.evaluate.tasks import file_sha256
-    from lmforge.finetune import classify
-    from lmforge.finetune.predict import gold_ids, label_probabilities, read_texts
-
+def _classification(run: LoadedRun, req: EvalRequest) -> dict:
     texts, gold = read_texts(req.classify, req.text_field, req.label_field)
     if gold is None:
         raise UserError(f"'{req.classify}' needs a '{req.label_field}' field on every record to be evaluated")
     labels = run.labels
     truth = gold_ids(gold, labels)
     pred = label_probabilities(run, texts)[0].argmax(-1).tolist()
-    metrics = classify.classification_metrics(truth, pred, len(labels))
+    metrics = tasks.classification_metrics(truth, pred, len(labels))
     return {**metrics, "labels": labels, "examples": len(texts), "file": req.classify,
-            "data_sha256": file_sha256(req.classify)}
+            "data_sha256": tasks.file_sha256(req.classify)}
 
 
 def format_report(report: dict) -> str:
@@ -120,9 +114,7 @@ def format_report(report: dict) -> str:
             elif isinstance(v, int) and not isinstance(v, bool):
                 lines.append(f"  {k:<16} {v:,}")
         if "confusion_matrix" in res:
-            from lmforge.finetune.classify import format_confusion
-
-            lines.append(format_confusion(res["confusion_matrix"], res["labels"]))
+            lines.append(tasks.format_confusion(res["confusion_matrix"], res["labels"]))
     return "\n".join(lines)
 
 
@@ -132,7 +124,7 @@ def write_report(report: dict, output: str | None, run_path: str) -> Path:
         out = Path(output)
     else:
         run = Path(run_path)
-        folder = run if (run / "config.yaml").is_file() else Path(".")
+        folder = run if rundir.is_run_dir(run) else Path(".")
         out = folder / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

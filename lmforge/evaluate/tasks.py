@@ -1,6 +1,7 @@
-"""Task evaluations from JSONL files: generation (BLEU, chrF, ROUGE, exact match), multiple choice,
-and classification. The metrics come from the libraries everyone reports with (``sacrebleu``,
-``rouge-score``, ``scikit-learn``), called on our outputs, never re-implemented.
+"""Task evaluations: generation (BLEU, chrF, ROUGE, exact match), multiple choice, and
+classification (accuracy, macro precision/recall/F1, confusion matrix). The metrics come from the
+libraries everyone reports with (``sacrebleu``, ``rouge-score``, ``scikit-learn``), called on our
+outputs, never re-implemented.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.records import BadRecord, read_records, require
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.finetune.records import BadRecord, read_records, require
 
 
 def file_sha256(path: str | Path) -> str:
@@ -139,3 +140,27 @@ def multiple_choice(model: torch.nn.Module, tokenizer: Tokenizer, items: list[tu
     n = len(items)
     chance = sum(1 / len(c) for _, c, _ in items) / n
     return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "chance": chance, "examples": n}
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification
+
+
+def classification_metrics(y_true: list[int], y_pred: list[int], n_classes: int) -> dict:
+    """Accuracy, macro precision/recall/F1 (scikit-learn) and the confusion matrix (rows: true)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    classes = list(range(n_classes))
+    p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, average="macro", zero_division=0)
+    return {"accuracy": float(accuracy_score(y_true, y_pred)), "macro_precision": float(p),
+            "macro_recall": float(r), "macro_f1": float(f1),
+            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist()}
+
+
+def format_confusion(matrix: list[list[int]], labels: list[str]) -> str:
+    width = max(6, *(len(s) for s in labels))
+    header = " ".join(f"{s[:width]:>{width}}" for s in labels)
+    lines = [" " * width + " " + header + "   (rows: true, columns: predicted)"]
+    for name, row in zip(labels, matrix, strict=True):
+        lines.append(f"{name[:width]:>{width}} " + " ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)

@@ -1,2 +1,2 @@
-"""Fine-tuning a trained model: chat SFT (``sft``), sequence classification (``classify``), LoRA
-(``lora``), driven by ``loop.finetune`` and labelled with ``predict``."""
+"""Fine-tuning a trained model: chat SFT (``sft``) and sequence classification (``classify``), full or
+with LoRA, driven by ``loop.finetune`` on the training loop pretraining uses."""

@@ -1,13 +1,13 @@
-"""Sequence classification: a linear head on the hidden state of each text's last token.
+"""Fine-tuning for sequence classification: labelled texts (CSV or JSONL) -> a
+:class:`~lmforge.model.classifier.SequenceClassifier` on the base model.
 
-The backbone is causal, so the last real token is the only one that has read the whole text, and
-right padding after it changes nothing. Labels are strings; their sorted list (saved with the run
-as ``labels.json``) fixes the class ids.
+Labels are strings; their sorted list (saved with the run as ``labels.json``) fixes the class ids.
+The loss may weigh classes (``class_weights``); each evaluation reports val loss, accuracy and macro
+precision/recall/F1, and the final one the confusion matrix as well.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,43 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import rundir
+from lmforge.config import FinetuneConfig, FinetuneDataConfig
+from lmforge.data.records import ReadReport, read_train_val, require
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.evaluate.tasks import classification_metrics, format_confusion
+from lmforge.model.classifier import SequenceClassifier, text_batch
 from lmforge.model.gpt import GPT
-
-LABELS_FILE = "labels.json"
-
-
-class SequenceClassifier(nn.Module):
-    """A GPT backbone and a bias-free linear ``score`` head over its final hidden states."""
-
-    def __init__(self, backbone: GPT, n_classes: int):
-        super().__init__()
-        self.backbone = backbone
-        self.score = nn.Linear(backbone.cfg.n_embd, n_classes, bias=False)
-        nn.init.normal_(self.score.weight, std=0.02)
-
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, C) for right-padded token ids (B, T) with ``lengths`` real tokens each."""
-        h = self.backbone.hidden_states(idx)
-        last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
-        return self.score(last)
-
-
-def encode_texts(texts: list[str], tokenizer: Tokenizer, max_len: int) -> tuple[list[list[int]], int]:
-    """Token ids of each text, cut to ``max_len`` (the number cut is returned); empty texts get EOT."""
-    out, truncated = [], 0
-    for ids in tokenizer.encode_batch(texts):
-        ids = ids or [tokenizer.eot_id]
-        truncated += len(ids) > max_len
-        out.append(ids[:max_len])
-    return out, truncated
-
-
-def text_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(right-padded ids, lengths)."""
-    T = max(len(x) for x in ids)
-    return (torch.tensor([x + [pad_id] * (T - len(x)) for x in ids]), torch.tensor([len(x) for x in ids]))
+from lmforge.runtime import Runtime, eval_mode
 
 
 def class_weight_tensor(spec: str | list[float] | None, labels: list[int], n_classes: int) -> torch.Tensor | None:
@@ -75,43 +47,81 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...],
     return F.cross_entropy(logits, y, weight=None if weight is None else weight.to(logits.device))
 
 
-def classification_metrics(y_true: list[int], y_pred: list[int], n_classes: int) -> dict:
-    """Accuracy, macro precision/recall/F1 (scikit-learn) and the confusion matrix (rows: true)."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+def _labelled_text(d: FinetuneDataConfig):
+    def convert(r: dict) -> tuple[str, str]:
+        label = require(r, d.label_field, (str, int, bool))
+        return require(r, d.text_field), str(label)
 
-    classes = list(range(n_classes))
-    p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, average="macro", zero_division=0)
-    return {"accuracy": float(accuracy_score(y_true, y_pred)), "macro_precision": float(p),
-            "macro_recall": float(r), "macro_f1": float(f1),
-            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist()}
+    return convert
 
 
-def format_confusion(matrix: list[list[int]], labels: list[str]) -> str:
-    width = max(6, *(len(s) for s in labels))
-    header = " ".join(f"{s[:width]:>{width}}" for s in labels)
-    lines = [" " * width + " " + header + "   (rows: true, columns: predicted)"]
-    for name, row in zip(labels, matrix, strict=True):
-        lines.append(f"{name[:width]:>{width}} " + " ".join(f"{v:>{width}}" for v in row))
-    return "\n".join(lines)
+class ClassifyTask:
+    """A classification fine-tuning task: its model (base + new head), batches, loss and evaluation."""
 
+    trainable_modules = ["score"]
+    """Trained in full even under LoRA: the new head."""
+    compare_with_base = False
+    """The base model has no head to evaluate before fine-tuning."""
 
-@torch.no_grad()
-def predict(model: SequenceClassifier, ids: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Class probabilities (N, C) for tokenized texts."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(ids), batch_size):
-        x, lengths = text_batch(ids[i:i + batch_size], pad_id)
-        out.append(torch.softmax(model(x.to(device), lengths.to(device)).float(), dim=-1).cpu())
-    return torch.cat(out)
+    def __init__(self, cfg: FinetuneConfig, backbone: GPT, tokenizer: Tokenizer, max_len: int, rt: Runtime):
+        d = cfg.data
+        self.rt, self.batch_size, self.pad = rt, cfg.train.batch_size, tokenizer.eot_id
+        report = ReadReport()
+        train_rec, val_rec = read_train_val(d.train, d.val, d.val_fraction, d.seed, _labelled_text(d),
+                                            d.skip_bad_lines, report)
+        labels = sorted({label for (_, label), _ in train_rec})
+        if len(labels) < 2:
+            raise UserError(f"'{d.train}' has {len(labels)} distinct label(s) in field '{d.label_field}': "
+                            f"classification needs at least 2")
+        index = {label: i for i, label in enumerate(labels)}
+        for (_, label), where in val_rec:
+            if label not in index:
+                raise UserError(f"{where}: label {label!r} never occurs in the training examples "
+                                f"(known: {', '.join(labels)})")
+        self.labels = labels
+        self.train_ids, t1 = tokenizer.encode_texts([t for (t, _), _ in train_rec], max_len)
+        self.val_ids, t2 = tokenizer.encode_texts([t for (t, _), _ in val_rec], max_len)
+        self.y_train = [index[label] for (_, label), _ in train_rec]
+        self.y_val = [index[label] for (_, label), _ in val_rec]
+        self.weight = class_weight_tensor(cfg.class_weights, self.y_train, len(labels))
+        self.model = SequenceClassifier(backbone, len(labels))
+        self.n_train = len(self.train_ids)
+        majority = max(self.y_val.count(c) for c in range(len(labels))) / len(self.y_val)
+        self.summary = [f"classify: {len(self.train_ids)} train / {len(self.val_ids)} val texts, {len(labels)} "
+                        f"classes ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})",
+                        f"{t1 + t2} texts truncated to {max_len} tokens | majority-class val accuracy {majority:.1%}",
+                        *report.summary()]
 
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        """Training items -> (ids, lengths, labels) on the CPU."""
+        x, lengths = text_batch([self.train_ids[i] for i in indices], self.pad)
+        return x, lengths, torch.tensor([self.y_train[i] for i in indices])
 
-def save_labels(run_dir: Path, labels: list[str]) -> None:
-    (Path(run_dir) / LABELS_FILE).write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return classification_loss(model, batch, self.weight)
 
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, final: bool) -> dict:
+        """Val loss, accuracy, macro P/R/F1; the final evaluation adds the confusion matrix."""
+        losses, preds = [], []
+        device, bs = self.rt.device, self.batch_size
+        with eval_mode(model):
+            for i in range(0, len(self.val_ids), bs):
+                x, lengths = text_batch(self.val_ids[i:i + bs], self.pad)
+                y = torch.tensor(self.y_val[i:i + bs])
+                with self.rt.autocast():
+                    logits = model(x.to(device), lengths.to(device)).float().cpu()
+                losses.append(F.cross_entropy(logits, y, reduction="sum").item())
+                preds += logits.argmax(-1).tolist()
+        metrics = classification_metrics(self.y_val, preds, len(self.labels))
+        if not final:
+            metrics.pop("confusion_matrix")
+        return {"val_loss": sum(losses) / len(self.y_val),
+                **{f"val_{k}" if k != "confusion_matrix" else k: v for k, v in metrics.items()}}
 
-def load_labels(run_dir: Path) -> list[str]:
-    path = Path(run_dir) / LABELS_FILE
-    if not path.is_file():
-        raise UserError(f"'{run_dir}' has no {LABELS_FILE}: it is not a classification run")
-    return json.loads(path.read_text(encoding="utf-8"))
+    def save_files(self, run_dir: Path) -> None:
+        rundir.save_labels(run_dir, self.labels)
+
+    def final_lines(self, metrics: dict) -> list[str]:
+        """What the end of the run prints beyond the scalar metrics: the confusion matrix."""
+        return [format_confusion(metrics["confusion_matrix"], self.labels)] if "confusion_matrix" in metrics else []

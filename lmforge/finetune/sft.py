@@ -1,8 +1,8 @@
-"""Supervised fine-tuning on conversations: chat template, loss masking, padding or packing.
+"""Supervised fine-tuning on conversations: loss masking, padding or packing, and :class:`SFTTask`.
 
 A record is ``{"prompt", "response"}`` (one user turn and its answer) or ``{"messages": [{"role",
-"content"}, ...]}``. The conversation is rendered with a Jinja chat template (the base tokenizer's
-own, or :data:`DEFAULT_CHAT_TEMPLATE`), and only the assistant turns are learned: every other
+"content"}, ...]}``. The conversation is rendered with a chat template (:mod:`lmforge.chat`: the
+base model's own, or lmforge's default), and only the assistant turns are learned: every other
 token's target is -100, which the loss ignores.
 
 Packed rows hold several examples back to back; each example keeps its own positions (0, 1, ...)
@@ -12,119 +12,23 @@ computes exactly what it would alone.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from lmforge.chat import ROLES, ChatTemplate
+from lmforge.config import FinetuneConfig
+from lmforge.data.records import BadRecord, ReadReport, read_train_val, require
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.finetune.records import BadRecord, require
+from lmforge.generate import generate
+from lmforge.model.gpt import GPT
+from lmforge.runtime import Runtime, eval_mode
+from lmforge.train.metrics import perplexity
 
 IGNORE = -100
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
-    "{% elif m['role'] == 'user' %}{{ '### User:\\n' + m['content'] + '\\n\\n' }}"
-    "{% elif m['role'] == 'assistant' %}{{ '### Assistant:\\n' + m['content'] + eos_token + '\\n\\n' }}"
-    "{% else %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
-)
-"""lmforge's chat format: ``### User:`` / ``### Assistant:`` turns; every answer ends with the
-end-of-text token, which is where generation stops."""
-
-ROLES = ("system", "user", "assistant")
-
-
-class ChatTemplate:
-    """A Jinja chat template (Hugging Face conventions: messages, add_generation_prompt, eos_token)."""
-
-    def __init__(self, source: str, tokenizer: Tokenizer, eos_token: str | None = None):
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise BadRecord(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            self.template = env.from_string(source)
-        except TemplateError as e:
-            raise UserError(f"chat template is not valid Jinja: {e}") from None
-        self.source = source
-        # The token that ends an answer: the model's own (e.g. <|im_end|>) or end-of-text.
-        self.eos_token = eos_token or tokenizer.id_to_token(tokenizer.eot_id) or ""
-        self.stop_ids = sorted({tokenizer.eot_id, tokenizer.token_to_id(self.eos_token) or tokenizer.eot_id})
-        """Token ids at which generation of an answer stops."""
-
-    @classmethod
-    def resolve(cls, explicit: str | None, base_dir: Path | None, tokenizer: Tokenizer) -> ChatTemplate:
-        """An explicit template file, else the base model's own template, else the default."""
-        if explicit:
-            path = Path(explicit)
-            if not path.is_file():
-                raise UserError(f"data.chat_template '{path}' does not exist (expected a Jinja template file)")
-            return cls(path.read_text(encoding="utf-8"), tokenizer)
-        own = find_chat_template(base_dir) if base_dir is not None else None
-        return cls(own[0], tokenizer, own[1]) if own else cls(DEFAULT_CHAT_TEMPLATE, tokenizer)
-
-    @property
-    def is_default(self) -> bool:
-        return self.source == DEFAULT_CHAT_TEMPLATE
-
-    def save(self, folder: Path) -> None:
-        """Write the template where :func:`find_chat_template` (and transformers) look for it."""
-        config = {"chat_template": self.source, "eos_token": self.eos_token}
-        (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                    eos_token=self.eos_token, bos_token="")
-
-    def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        """The rendered conversation cut into (text, is_assistant_answer) pieces.
-
-        An answer is what rendering it adds after the generation prompt of the turns before it, up to
-        and including its end-of-turn token; everything else (roles, prompts, separators) is context.
-        """
-        pieces: list[tuple[str, bool]] = []
-        done = ""  # the text covered so far
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prefix = self.render(messages[:i], add_generation_prompt=True)
-            full = self.render(messages[:i + 1])
-            if not (prefix.startswith(done) and full.startswith(prefix)):
-                raise UserError("the chat template does not render conversations incrementally "
-                                "(each turn must extend the text of the turns before it)")
-            answer = full[len(prefix):]
-            end = answer.rfind(self.eos_token) if self.eos_token else -1
-            cut = end + len(self.eos_token) if end >= 0 else len(answer.rstrip())
-            pieces += [(prefix[len(done):], False), (answer[:cut], True)]
-            done = prefix + answer[:cut]
-        rest = self.render(messages)[len(done):]
-        return pieces + [(rest, False)] if rest else pieces
-
-
-def find_chat_template(folder: Path) -> tuple[str, str | None] | None:
-    """A model folder's own chat template and end-of-answer token, as transformers saves them:
-    ``chat_template.jinja`` or tokenizer_config.json's ``chat_template``, and its ``eos_token``."""
-    config_path = Path(folder) / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    eos = config.get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    eos = eos if isinstance(eos, str) else None
-    jinja = Path(folder) / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8"), eos
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return (template, eos) if isinstance(template, str) else None
 
 
 def record_to_messages(record: dict, prompt_field: str, response_field: str, messages_field: str) -> list[dict]:
@@ -233,3 +137,105 @@ def sft_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.T
         return model(batch[0], batch[1])[1]
     x, y, positions, mask = batch
     return model(x, y, positions=positions, mask=mask)[1]
+
+
+class SFTTask:
+    """A chat fine-tuning task: examples rendered with the chat template, answers-only loss, val loss,
+    and greedy exact match on held-out prompts at the end (and before, for comparison)."""
+
+    trainable_modules = None
+    """Under LoRA only the adapters train."""
+
+    def __init__(self, cfg: FinetuneConfig, model: GPT, tokenizer: Tokenizer, base_dir: Path, max_len: int,
+                 rt: Runtime):
+        d = cfg.data
+        self.model, self.tokenizer, self.rt, self.batch_size = model, tokenizer, rt, cfg.train.batch_size
+        self.template = ChatTemplate.resolve(d.chat_template, base_dir, tokenizer)
+        self.pad = tokenizer.eot_id
+        report = ReadReport()
+        train_rec, val_rec = read_train_val(
+            d.train, d.val, d.val_fraction, d.seed,
+            lambda r: record_to_messages(r, d.prompt_field, d.response_field, d.messages_field),
+            d.skip_bad_lines, report)
+        self.train = [encode_example(m, tokenizer, self.template, max_len) for m, _ in train_rec]
+        self.val = [encode_example(m, tokenizer, self.template, max_len) for m, _ in val_rec]
+        unlearnable = [w for e, (_, w) in zip(self.train, train_rec, strict=True)
+                       if all(t == IGNORE for t in e.targets)]
+        if len(unlearnable) == len(self.train):
+            raise UserError(f"no training example keeps an answer token within data.max_length={max_len}")
+        self.rows = pack_examples(self.train, max_len, self.pad) if d.packing else None
+        self.n_train = len(self.rows) if self.rows is not None else len(self.train)
+        self.compare_with_base = d.eval_generations > 0
+        # Exact match: answer the val prompts whose last turn is the answer.
+        self.qa = [(m[:-1], m[-1]["content"]) for m, _ in val_rec if m[-1]["role"] == "assistant"]
+        self.qa = self.qa[:d.eval_generations]
+        self.prompts = [tokenizer.encode(self.template.render(m, add_generation_prompt=True), allow_special=True)
+                        for m, _ in self.qa]
+        self.max_answer = max((len(tokenizer.encode(a)) for _, a in self.qa), default=0) + 8
+        n_trunc = sum(e.truncated for e in self.train + self.val)
+        batches = f"packed into {len(self.rows)} rows" if self.rows else "padded to the longest example"
+        self.summary = [
+            f"sft: {len(self.train)} train / {len(self.val)} val examples from {d.train}"
+            + (f" and {d.val}" if d.val else f" (val_fraction {d.val_fraction})"),
+            f"tokens per example: max {max(len(e.inputs) for e in self.train)}, limit {max_len}; "
+            f"{n_trunc} truncated" + (f", {len(unlearnable)} with no answer left (e.g. {unlearnable[0]})"
+                                      if unlearnable else ""),
+            f"batches: {batches} | chat template: {'lmforge default' if self.template.is_default else 'own'}, "
+            f"answers end with {self.template.eos_token}",
+            *report.summary()]
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        """Training items -> a padded (inputs, targets) or packed (inputs, targets, positions, mask) batch."""
+        if self.rows is not None:
+            return packed_batch([self.rows[i] for i in indices])
+        return pad_batch([self.train[i] for i in indices], self.pad)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return sft_loss(model, batch)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, final: bool) -> dict:
+        """Val loss and perplexity over the answer tokens; the final evaluation adds exact match."""
+        total, count = 0.0, 0
+        with eval_mode(model):
+            for i in range(0, len(self.val), self.batch_size):
+                x, y = (t.to(self.rt.device) for t in pad_batch(self.val[i:i + self.batch_size], self.pad))
+                n = int((y != IGNORE).sum())
+                if n:
+                    with self.rt.autocast():
+                        total += float(model(x, y)[1]) * n
+                    count += n
+            loss = total / max(1, count)
+            metrics: dict = {"val_loss": loss, "val_ppl": perplexity(loss)}
+            if final and self.qa:
+                answers = self._answers(model)
+                hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, self.qa, strict=True)]
+                metrics["exact_match"] = sum(hits) / len(hits)
+                metrics["samples"] = [{"prompt": p[-1]["content"] if p else "", "reference": ref, "answer": a}
+                                      for a, (p, ref) in list(zip(answers, self.qa, strict=True))[:5]]
+        return metrics
+
+    def _answers(self, model: nn.Module, batch_size: int = 16) -> list[str]:
+        """Greedy answers to the val prompts, stopping at the end-of-answer token."""
+        gpt = _unwrap(model)
+        out = []
+        for i in range(0, len(self.prompts), batch_size):
+            with self.rt.autocast():
+                ids = generate(gpt, self.prompts[i:i + batch_size], self.max_answer, temperature=0.0,
+                               stop_ids=self.template.stop_ids, pad_id=self.pad)
+            out += [self.tokenizer.decode(x) for x in ids]
+        return out
+
+    def save_files(self, run_dir: Path) -> None:
+        self.template.save(run_dir)
+
+    def final_lines(self, metrics: dict) -> list[str]:
+        return []
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module that holds the KV cache methods: past torch.compile's and peft's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model

@@ -1,4 +1,5 @@
-"""The Transformer (``gpt``), its named presets, and (later) Hugging Face interop."""
+"""The model: the Transformer (``gpt``), its attention kernels (``attention``), the name tables to
+and from ``transformers`` (``hf``), a classification head (``classifier``) and LoRA adapters (``lora``)."""
 
 from lmforge.model.gpt import GPT, flops_per_token
 

@@ -6,11 +6,11 @@ One class covers both families, chosen by :class:`~lmforge.config.ModelConfig` f
 * Llama style: rotary position embeddings (RoPE), RMSNorm, SwiGLU MLP, grouped-query attention
   (fewer key/value heads than query heads), no biases.
 
-Attention goes through ``F.scaled_dot_product_attention`` so PyTorch picks the fastest kernel
-(flash attention on GPUs); on CPUs, where its kernels are slow in some precisions and sizes,
-``CausalSelfAttention._sdpa`` picks by measurement. For generation each attention layer can hold
-a preallocated static KV cache (gpt-fast style): the prompt is written in one call (prefill),
-then one token per call.
+Attention goes through ``lmforge.model.attention.causal_attention``, which leaves the kernel to
+``F.scaled_dot_product_attention`` (flash attention on GPUs) except on CPUs, where its kernels are
+slow in some precisions and sizes and it picks by measurement (its module docstring says how). For
+generation each attention layer can hold a preallocated static KV cache (gpt-fast style): the
+prompt is written in one call (prefill), then one token per call.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
+from lmforge.model.attention import causal_attention
 
 
 class RMSNorm(nn.Module):
@@ -77,38 +78,6 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class CompiledCPUCausalAttention(torch.autograd.Function):
-    """Causal attention for short sequences on a CPU, for compiled bf16 training.
-
-    Forward: PyTorch's flash kernel in bf16 (fast on CPUs). Backward: written out as bf16 matmuls
-    plus elementwise work that torch.compile fuses, instead of the CPU flash backward, which is
-    slow at these sizes (fwd+bwd per layer, ms, flash fp32 / flash bf16 / this: 16x6 heads of 64,
-    T256: 35 / 32 / 19; T64 hd32: 1.6 / 5.9 / 1.3; but 2x12 heads T1024: 85 / 53 / 93). It
-    materializes the (B, H, T, T) probabilities, so it is only for T <= 256; eagerly (unfused) it
-    is slower than flash.
-    """
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        T, scale = q.size(-2), 1.0 / math.sqrt(q.size(-1))
-        pos = torch.arange(T, device=q.device)
-        future = pos[None, :] > pos[:, None]
-        # Recompute the probabilities from the forward's log-sum-exp: P = exp(QK^T * scale - lse).
-        p = torch.exp((q @ k.transpose(-1, -2)).float() * scale - lse.unsqueeze(-1)).masked_fill(future, 0.0)
-        d_v = p.to(q.dtype).transpose(-1, -2) @ d_out
-        d_p = (d_out @ v.transpose(-1, -2)).float()
-        # Softmax backward: dS = P * (dP - rowsum(dO * O)).
-        d_s = (p * (d_p - (d_out.float() * out.float()).sum(-1, keepdim=True)) * scale).to(q.dtype)
-        return d_s @ k, d_s.transpose(-1, -2) @ q, d_v
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -136,29 +105,9 @@ class CausalSelfAttention(nn.Module):
             # Grouped-query attention: each key/value head serves n_head // n_kv query heads.
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = self._sdpa(q, k, v, mask, T)
+        y = causal_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
         return F.dropout(self.proj(y), self.dropout, self.training)
-
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              T: int) -> torch.Tensor:
-        dropout = self.dropout if self.training else 0.0
-        causal = mask is None and T > 1
-        if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and causal and dropout == 0.0
-                and q.size(-2) <= 256 and q.size(-2) == k.size(-2) and torch.compiler.is_compiling()):
-            return CompiledCPUCausalAttention.apply(q, k, v)  # compiled CPU training: see the class
-        # PyTorch's CPU flash attention in bf16 is 2-4x slower than in fp32 for short sequences or
-        # small heads (the backward above all), level at 256 positions and faster beyond (measured on
-        # AMX, fwd+bwd ms fp32 / bf16: 16x4 heads T64 hd32 1.6 / 5.3, T128 hd64 6.5 / 13.5; in the 12M
-        # model, T256 hd64, equal; 2x12 heads T1024 hd64 87 / 56). Below 512 positions or 64-dim
-        # heads, run it in fp32, outside autocast (which would cast back): also the more accurate.
-        if (q.device.type != "cpu" or q.dtype == torch.float32
-                or (q.size(-2) >= 512 and self.hd >= 64)):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
-        with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                               is_causal=causal, dropout_p=dropout)
-        return y.to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -235,6 +184,12 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_dropout(self, p: float) -> None:
+        """Use dropout probability ``p`` everywhere from now on (fine-tuning a model trained with another)."""
+        self.cfg.dropout = self.drop.p = p
+        for block in self.blocks:
+            block.attn.dropout = block.mlp.dropout = p
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (they cost no matmul FLOPs)."""

@@ -1,16 +1,7 @@
 """Checkpoints: atomic, keep-last-K, and complete enough to resume bit-exactly.
 
-Layout of a run directory::
-
-    run/
-      config.yaml                 the full resolved TrainConfig
-      tokenizer.json, meta.json   copied from the dataset, so a run is self-contained
-      checkpoints/
-        step_000500/
-          model.safetensors       weights (no pickle)
-          trainer.safetensors     optimizer moments + RNG states as tensors
-          trainer.json            step, optimizer hyper-parameters, best val loss, ...
-        latest                    text file naming the newest complete checkpoint
+Where the files go is the run directory's business (:mod:`lmforge.rundir`); this module writes and
+reads what is in them: weights, optimizer moments, RNG states and the :class:`TrainerState`.
 
 A checkpoint is written into ``step_N.tmp`` and renamed into place only when complete; ``latest``
 is replaced with os.replace. A crash at any moment leaves the previous checkpoint intact.
@@ -19,24 +10,33 @@ is replaced with os.replace. A crash at any moment leaves the previous checkpoin
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from lmforge import rundir
 from lmforge.errors import UserError
 
-CKPT_DIR = "checkpoints"
 
+@dataclass
+class TrainerState:
+    """The training loop's own state, saved with every checkpoint (``trainer.json``)."""
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    step: int = 0
+    """Optimizer steps taken."""
+    best_val_loss: float = math.inf
+    """The lowest val loss of any evaluation so far (early stopping compares against it)."""
+    evals_without_improvement: int = 0
+    """Evaluations since the best one (early stopping stops at train.patience)."""
+    train_time_s: float = 0.0
+    """Training wall time so far, across resumes (train.max_minutes counts it)."""
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -80,48 +80,48 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep_last: int,
+def _new_checkpoint_dir(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(final, tmp) directories of checkpoint ``step``; tmp is created empty."""
+    final = rundir.checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return final, tmp
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainerState, keep_last: int,
                     write_weights: Callable[[Path], None] | None = None) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune old ones.
+    """Write checkpoint ``state.step`` atomically, point ``latest`` at it, and prune old ones.
 
     write_weights(dir) writes the weights instead of ``model.safetensors`` (LoRA: only the adapters).
     """
-    root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    final, tmp = _new_checkpoint_dir(run_dir, state.step)
     if write_weights is None:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / rundir.WEIGHTS))
     else:
         write_weights(tmp)
     tensors, optim_meta = _optimizer_tensors(optimizer)
     tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
-    save_file(tensors, str(tmp / "trainer.safetensors"))
-    meta = {**trainer_state, "step": step, "optimizer": optimizer_meta_jsonable(optim_meta)}
-    (tmp / "trainer.json").write_text(json.dumps(meta), encoding="utf-8")
+    save_file(tensors, str(tmp / rundir.TRAINER_TENSORS))
+    meta = {**asdict(state), "optimizer": optimizer_meta_jsonable(optim_meta)}
+    (tmp / rundir.TRAINER_STATE).write_text(json.dumps(meta), encoding="utf-8")
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _write_text_atomic(root / "latest", final.name)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+    rundir.set_latest(final)
+    for old in rundir.list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def save_weights_only(run_dir: Path, step: int, model: torch.nn.Module) -> Path:
     """A checkpoint with weights and no trainer state (an imported model), written atomically."""
-    root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    final, tmp = _new_checkpoint_dir(run_dir, step)
+    save_model(model, str(tmp / rundir.WEIGHTS))
     os.rename(tmp, final)
-    _write_text_atomic(root / "latest", final.name)
+    rundir.set_latest(final)
     return final
 
 
@@ -134,35 +134,10 @@ def optimizer_meta_jsonable(meta: dict) -> dict:
     return {"param_groups": groups, "scalars": scalars}
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and not p.name.endswith(".tmp") and has_weights(p))
-
-
-def has_weights(ckpt: Path) -> bool:
-    """Whether a checkpoint directory holds weights: full (model.safetensors) or LoRA adapters."""
-    return (ckpt / "model.safetensors").is_file() or (ckpt / "adapter.safetensors").is_file()
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    root = Path(run_dir) / CKPT_DIR
-    pointer = root / "latest"
-    if pointer.is_file():
-        path = root / pointer.read_text(encoding="utf-8").strip()
-        if has_weights(path):
-            return path
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load model.safetensors into ``model``; a shape mismatch is a user error (wrong checkpoint)."""
     try:
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+        missing, unexpected = load_model(model, str(ckpt / rundir.WEIGHTS), strict=False)
     except RuntimeError as e:
         raise UserError(f"checkpoint '{ckpt}' does not fit this model: {str(e).splitlines()[0]}") from None
     if missing or unexpected:
@@ -170,10 +145,10 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
                         f"unexpected {unexpected[:3]}")
 
 
-def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore optimizer and RNG state; return the trainer's JSON state (step, best loss, ...)."""
-    meta = json.loads((ckpt / "trainer.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(ckpt / "trainer.safetensors"))
-    _load_optimizer(optimizer, tensors, meta["optimizer"])
+def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> TrainerState:
+    """Restore optimizer and RNG state; return the trainer's state (step, best loss, ...)."""
+    meta = json.loads((ckpt / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
+    tensors = load_file(str(ckpt / rundir.TRAINER_TENSORS))
+    _load_optimizer(optimizer, tensors, meta.pop("optimizer"))
     set_rng_state(tensors)
-    return meta
+    return TrainerState(**meta)

@@ -1,5 +1,6 @@
 """What a run reports: the live progress line, metrics.jsonl, TensorBoard events, the loss-curve PNG,
-and the arithmetic behind tokens/s and MFU (model FLOPs utilisation)."""
+and the arithmetic behind them as pure functions: perplexity, bits per byte, tokens/s, MFU (model
+FLOPs utilisation)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.prepare import cache_root
+from lmforge.rundir import METRICS, cache_root
+from lmforge.runtime import cpu_supports_bf16
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor figures, no sparsity).
 KNOWN_PEAKS: dict[str, float] = {
@@ -19,6 +21,16 @@ KNOWN_PEAKS: dict[str, float] = {
     "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12,
     "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
+
+
+def perplexity(loss_nats: float) -> float:
+    """exp(loss), capped at exp(50) so that a diverged run's figure stays a number."""
+    return math.exp(min(loss_nats, 50))
+
+
+def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
+    """Cross-entropy in nats/token -> bits per UTF-8 byte, comparable across tokenizers."""
+    return loss_nats / math.log(2) * tokens / max(1, n_bytes)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
@@ -70,8 +82,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     if device.type == "cuda":
         label = torch.cuda.get_device_name(device)
     else:
-        from lmforge.train.runtime import cpu_supports_bf16
-
         # A VM can move to a host with other vector units (AMX or not: 10x apart for bf16).
         label = f"cpu{torch.get_num_threads()}{'-amx' if cpu_supports_bf16() else ''}"
     key = f"{label}|{dtype}|torch{torch.__version__}"
@@ -98,7 +108,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, start_step: int = 0):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.path = self.run_dir / "metrics.jsonl"
+        self.path = self.run_dir / METRICS
         self.tb = None
         if not enabled:
             return

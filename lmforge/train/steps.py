@@ -11,13 +11,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from lmforge.config import OptimConfig, TrainLoopConfig
+from lmforge.runtime import Runtime
+from lmforge.train.checkpoint import TrainerState
 from lmforge.train.metrics import MetricsLogger, eta_seconds, format_duration, mfu
 from lmforge.train.optim import lr_at
-from lmforge.train.runtime import Runtime
 
 
 @dataclass
@@ -32,8 +34,8 @@ class Job:
     """Micro-batch -> scalar loss (called under autocast)."""
     evaluate: Callable[[bool], dict[str, float]]
     """final? -> val metrics, including ``val_loss`` (the final evaluation may cover more)."""
-    save: Callable[[int, dict], object]
-    """(step, trainer state) -> write a checkpoint."""
+    save: Callable[[TrainerState], object]
+    """Write a checkpoint of the trainer state's step."""
     flops_per_token: float
     peak_flops: float
 
@@ -46,8 +48,8 @@ class LoopResult:
     stopped_early: bool
 
 
-class _Config:
-    """The two config sections the loop reads (TrainConfig and FinetuneConfig both have them)."""
+class LoopConfig(Protocol):
+    """What the loop reads of its config: TrainConfig and FinetuneConfig both have these sections."""
 
     train: TrainLoopConfig
     optim: OptimConfig
@@ -58,18 +60,17 @@ def format_metrics(metrics: dict) -> str:
     return " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int))
 
 
-def run_steps(job: Job, cfg: _Config, rt: Runtime, logger: MetricsLogger, state: dict, start_step: int,
+def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, state: TrainerState,
               say: Callable[..., None]) -> LoopResult:
-    """Train from ``start_step`` to cfg.train.max_steps (or early stop, or the time limit).
+    """Train from ``state.step`` to cfg.train.max_steps (or early stop, or the time limit).
 
-    ``state`` is the trainer state saved with every checkpoint (best val loss, evaluations without
-    improvement, training time so far); it is updated in place.
+    ``state`` is the trainer state saved with every checkpoint; it is updated in place.
     """
     tc = cfg.train
-    step = start_step
+    start_step = step = state.step
     stopped_early = False
     last_eval: dict[str, float] | None = None
-    resumed_time = state["train_time_s"]  # training time before this process started (resume)
+    resumed_time = state.train_time_s  # training time before this process started (resume)
     t_start = time.perf_counter() - resumed_time
     t_log, tokens_since_log = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=rt.device)
@@ -124,17 +125,17 @@ def run_steps(job: Job, cfg: _Config, rt: Runtime, logger: MetricsLogger, state:
         final = last_step or out_of_time
         if step % tc.eval_interval == 0 or final:
             last_eval = evaluate(final)
-            if last_eval["val_loss"] < state["best_val_loss"]:
-                state["best_val_loss"], state["evals_without_improvement"] = last_eval["val_loss"], 0
+            if last_eval["val_loss"] < state.best_val_loss:
+                state.best_val_loss, state.evals_without_improvement = last_eval["val_loss"], 0
             else:
-                state["evals_without_improvement"] += 1
-                if tc.patience is not None and state["evals_without_improvement"] >= tc.patience:
+                state.evals_without_improvement += 1
+                if tc.patience is not None and state.evals_without_improvement >= tc.patience:
                     say(f"early stop: no val improvement in {tc.patience} evaluations")
                     stopped_early = final = True
         if step % tc.ckpt_interval == 0 or final:
-            state["train_time_s"] = time.perf_counter() - t_start
+            state.step, state.train_time_s = step, time.perf_counter() - t_start
             if rt.is_main:
-                job.save(step, state)
+                job.save(state)
         if final:
             if out_of_time and not last_step:
                 say(f"time limit of {tc.max_minutes} min reached at step {step}")

@@ -1,10 +1,8 @@
-import math
-
 import numpy as np
 import pytest
 import torch
 
-from lmforge.data.loader import BatchSampler, TokenShard, bits_per_byte, eval_offsets, prefetch_batches
+from lmforge.data.loader import BatchSampler, TokenShard, eval_offsets, prefetch_batches
 from lmforge.errors import UserError
 
 
@@ -41,10 +39,6 @@ def test_too_short_split_and_missing_file_are_user_errors(tmp_path):
         TokenShard(tmp_path, "val", "uint16", block_size=16)
     with pytest.raises(UserError, match="missing"):
         TokenShard(tmp_path, "train", "uint16", block_size=16)
-
-
-def test_bits_per_byte():
-    assert bits_per_byte(math.log(2), tokens=100, n_bytes=400) == pytest.approx(0.25)
 
 
 def test_prefetched_batches_follow_step_and_micro_order(shard):

@@ -3,6 +3,7 @@ generation from the run, and user mistakes -> one line on stderr, exit 2, nothin
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +49,10 @@ def test_training_lowers_the_loss_and_writes_every_artefact(trained_run):
     assert [r["step"] for r in evals] == [50, 100, 150]
     assert evals[-1]["val_loss"] < 2.6 < train[0]["loss"]  # ln(vocab ~ 90) = 4.5 at the start
     assert evals[-1]["val_bpb"] > 0 and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in train)
-    for name in ("config.yaml", "tokenizer.json", "dataset_meta.json", "loss.png", "data/train.bin"):
+    for name in ("run.json", "config.yaml", "tokenizer.json", "dataset_meta.json", "loss.png", "data/train.bin"):
         assert (run / name).is_file(), name
+    info = json.loads((run / "run.json").read_text())
+    assert (info["kind"], info["task"], info["lora"]) == ("pretrain", "lm", False) and info["version"]
     assert list((run / "tb").glob("events.out.tfevents.*"))
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_000100", "step_000150"]
@@ -66,6 +69,25 @@ def test_generate_from_run_is_deterministic_when_greedy(trained_run):
     assert a.stdout == b.stdout and len(a.stdout.strip()) > 5
     batch = lmforge("generate", str(run), "-p", "import ", "-p", "class X", "-n", "10", "-t", "0")
     assert batch.returncode == 0 and batch.stdout.count("----") == 2
+
+
+def test_a_run_written_before_run_json_existed_still_loads(trained_run, tmp_path):
+    import torch
+
+    from lmforge.run import load_run
+    from lmforge.rundir import read_run_info
+
+    run, _ = trained_run
+    old = tmp_path / "old-layout"
+    shutil.copytree(run, old)
+    (old / "run.json").unlink()
+    with pytest.warns(UserWarning, match="no run.json .* kind=pretrain, task=lm"):
+        assert read_run_info(old).kind == "pretrain"
+    with pytest.warns(UserWarning, match="no run.json"):
+        old_run = load_run(old)
+    x = torch.arange(1, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(old_run.model(x)[0], load_run(run).model(x)[0])
 
 
 def test_train_twice_never_overwrites(trained_run, corpus):

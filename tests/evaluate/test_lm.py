@@ -100,8 +100,8 @@ def test_bits_per_byte_on_the_val_split_equal_what_training_reported(tmp_path):
     import json
 
     from lmforge.config import load_train_config
+    from lmforge.runtime import setup_runtime
     from lmforge.train.loop import train
-    from lmforge.train.runtime import setup_runtime
 
     (tmp_path / "corpus.txt").write_text(TEXT * 5)
     result = train(load_train_config(None, [f"data.sources=[{tmp_path / 'corpus.txt'}]", "data.tokenizer=char",

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from lmforge.errors import UserError
 from lmforge.evaluate import tasks
-from tests.conftest import tiny_model
-from tests.evaluate.conftest import FACTS
+from tests.evaluate.memorised import FACTS
+from tests.fixtures import tiny_model
 
 HYPS = ["the cat sat on the mat", "a quick brown dog", "hello world", "it rains"]
 REFS = [["the cat is on the mat", "there is a cat on the mat"], ["the quick brown fox"], ["hello world"],
@@ -99,3 +99,12 @@ def test_eval_user_mistakes_are_one_line_errors(memorised, tmp_path):
 def test_a_continuation_must_not_be_empty():
     with pytest.raises(UserError, match="empty continuation"):
         tasks.loglikelihoods(tiny_model(), [([1, 2], [])])
+
+
+def test_classification_metrics_are_macro_averaged_with_a_confusion_matrix():
+    m = tasks.classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], 3)
+    assert m["accuracy"] == pytest.approx(0.6)
+    # per class precision 1/2, 2/3, 0; recall 1/2, 1, 0
+    assert m["macro_precision"] == pytest.approx((0.5 + 2 / 3) / 3)
+    assert m["macro_recall"] == pytest.approx(0.5)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]

@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from lmforge import __version__
 from lmforge.config import load_finetune_config
 from lmforge.finetune.loop import finetune
 from lmforge.run import load_run
-from tests.conftest import finished_output, sigkill_after, train_losses
+from lmforge.rundir import RunInfo, read_run_info
+from tests.fixtures import finished_output, sigkill_after, train_losses
 
 SFT = ["train.max_steps=300", "train.batch_size=16", "optim.lr=1e-3", "train.log_interval=50",
        "train.eval_interval=150"]
@@ -42,7 +45,7 @@ def test_sft_answers_held_out_prompts_of_the_learned_format(base_run, repeat_tas
     # Exported, the chat model keeps its template: transformers renders prompts the way we trained.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmforge.finetune.sft import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+    from lmforge.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 
     out = tmp_path / "hf"
     subprocess.run([sys.executable, "-m", "lmforge", "export", str(result.run_dir), "--out", str(out)], check=True)
@@ -73,6 +76,19 @@ def test_classification_beats_the_majority_class(base_run, module_snippets, tmp_
     assert labels == ["argparse", "calendar", "difflib", "tarfile"]
     run = load_run(result.run_dir)
     assert run.task == "classify" and run.labels == labels
+    assert read_run_info(result.run_dir) == RunInfo("finetune", "classify", lora=False, version=__version__,
+                                                    created=read_run_info(result.run_dir).created)
+
+    # A run written before run.json existed still loads, as what it is (inferred once, with a warning).
+    old = tmp_path / "old-layout"
+    shutil.copytree(result.run_dir, old)
+    (old / "run.json").unlink()
+    with pytest.warns(UserWarning, match="no run.json"):
+        old_run = load_run(old)
+    assert old_run.task == "classify" and old_run.labels == labels
+    x = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(old_run.model(x, torch.tensor([3])), run.model(x, torch.tensor([3])))
 
     # `lmforge eval --classify` on labelled texts reports the same kind of figures.
     from lmforge.evaluate.runner import EvalRequest, evaluate_run
@@ -93,6 +109,7 @@ def test_a_lora_run_loads_the_same_from_adapters_as_from_merged_weights(base_run
                                       "lora.rank=4", "lora.merge=true", "train.max_steps=40", "optim.lr=3e-3",
                                       "data.eval_generations=0"])
     result = finetune(cfg, progress=False)
+    assert read_run_info(result.run_dir).lora
     ckpt = result.run_dir / "checkpoints" / "step_000040"
     assert (ckpt / "adapter.safetensors").is_file() and (ckpt / "model.safetensors").is_file()
     adapters_only = tmp_path / "adapters_only"
@@ -151,7 +168,7 @@ def test_user_mistakes_are_one_line_errors(base_run, repeat_task, module_snippet
 
 def test_lora_sft_from_a_hugging_face_folder_uses_its_own_chat_template(tmp_path, capsys):
     from lmforge.data.tokenizer import Tokenizer
-    from tests.test_interop import hf_llama, save_hf_folder
+    from tests.fixtures import hf_llama, save_hf_folder
 
     tok = Tokenizer.train_char(["Repeat: abcdefghijklmnopqrstuvwxyz <|>_\n"])
     tok.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])

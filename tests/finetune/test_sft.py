@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+from lmforge.data.records import BadRecord
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.finetune import sft
-from lmforge.finetune.records import BadRecord
-from tests.conftest import tiny_model
+from tests.fixtures import tiny_model
 
 TEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :#\n.,?!<>|_-'"
 
@@ -27,7 +28,7 @@ def _learned_text(tok: Tokenizer, example: sft.Example) -> str:
 
 
 def test_only_the_answer_and_its_end_token_are_learned(tok):
-    template = sft.ChatTemplate(sft.DEFAULT_CHAT_TEMPLATE, tok)
+    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE, tok)
     messages = sft.record_to_messages({"prompt": "Repeat: cat", "response": "cat"}, "prompt", "response", "messages")
     example = sft.encode_example(messages, tok, template, max_len=64)
     assert _learned_text(tok, example) == "cat<|endoftext|>"
@@ -35,7 +36,7 @@ def test_only_the_answer_and_its_end_token_are_learned(tok):
 
 
 def test_every_assistant_turn_of_a_conversation_is_learned_and_nothing_else(tok):
-    template = sft.ChatTemplate(sft.DEFAULT_CHAT_TEMPLATE, tok)
+    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE, tok)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye?"},
                 {"role": "assistant", "content": "Bye"}]
@@ -45,7 +46,7 @@ def test_every_assistant_turn_of_a_conversation_is_learned_and_nothing_else(tok)
 
 
 def test_changing_prompt_labels_leaves_the_loss_unchanged_and_answer_labels_change_it(tok):
-    template = sft.ChatTemplate(sft.DEFAULT_CHAT_TEMPLATE, tok)
+    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE, tok)
     messages = [{"role": "user", "content": "Repeat: dog"}, {"role": "assistant", "content": "dog"}]
     example = sft.encode_example(messages, tok, template, max_len=64)
     model = tiny_model(vocab_size=tok.vocab_size, block_size=64)
@@ -67,7 +68,7 @@ def test_changing_prompt_labels_leaves_the_loss_unchanged_and_answer_labels_chan
 
 
 def test_packed_examples_compute_exactly_what_each_computes_alone(tok):
-    template = sft.ChatTemplate(sft.DEFAULT_CHAT_TEMPLATE, tok)
+    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE, tok)
     examples = [sft.encode_example([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                                    tok, template, max_len=64) for q, a in (("Hi", "yo"), ("Add 2 2", "4"), ("?", "!"))]
     rows = sft.pack_examples(examples, block_size=128, pad_id=tok.eot_id)
@@ -86,7 +87,7 @@ def test_packed_examples_compute_exactly_what_each_computes_alone(tok):
 
 
 def test_long_examples_are_truncated_and_flagged(tok):
-    template = sft.ChatTemplate(sft.DEFAULT_CHAT_TEMPLATE, tok)
+    template = ChatTemplate(DEFAULT_CHAT_TEMPLATE, tok)
     messages = [{"role": "user", "content": "x" * 100}, {"role": "assistant", "content": "y"}]
     example = sft.encode_example(messages, tok, template, max_len=32)
     assert example.truncated and len(example.inputs) == 32
@@ -97,7 +98,7 @@ def test_a_models_own_chat_template_is_used_with_its_special_tokens(tmp_path, to
     own = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": own, "eos_token": "<|im_end|>"}))
-    template = sft.ChatTemplate.resolve(None, tmp_path, tok)
+    template = ChatTemplate.resolve(None, tmp_path, tok)
     assert template.stop_ids == sorted([tok.eot_id, tok.token_to_id("<|im_end|>")])
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo"}]
     example = sft.encode_example(messages, tok, template, max_len=64)
@@ -118,4 +119,4 @@ def test_an_invalid_template_file_is_a_user_error(tmp_path, tok):
     bad = tmp_path / "t.jinja"
     bad.write_text("{% for m in messages %}")
     with pytest.raises(UserError, match="not valid Jinja"):
-        sft.ChatTemplate.resolve(str(bad), None, tok)
+        ChatTemplate.resolve(str(bad), None, tok)

@@ -3,9 +3,10 @@ import torch
 
 from lmforge.config import ModelConfig, from_dict
 from lmforge.errors import UserError
-from lmforge.model.gpt import GPT, CompiledCPUCausalAttention, flops_per_token
-from lmforge.model.presets import PRESETS
-from tests.conftest import tiny_model
+from lmforge.model.attention import CompiledCPUCausalAttention
+from lmforge.model.gpt import GPT, flops_per_token
+from lmforge.presets import PRESETS
+from tests.fixtures import tiny_model
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
@@ -140,7 +141,7 @@ def test_cpu_causal_attention_matches_sdpa_values_and_gradients():
 
 
 def test_compiled_bf16_training_gradients_match_eager():
-    from lmforge.train.runtime import maybe_compile
+    from lmforge.runtime import maybe_compile
 
     model = tiny_model().train()
     x, y = torch.randint(0, 97, (2, 4, 32))

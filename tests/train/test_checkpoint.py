@@ -1,15 +1,10 @@
 import torch
 
 from lmforge.config import OptimConfig
-from lmforge.train.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_trainer_state,
-    load_weights,
-    save_checkpoint,
-)
+from lmforge.rundir import latest_checkpoint, list_checkpoints
+from lmforge.train.checkpoint import TrainerState, load_trainer_state, load_weights, save_checkpoint
 from lmforge.train.optim import build_optimizer
-from tests.conftest import tiny_model
+from tests.fixtures import tiny_model
 
 
 def _trained_pair():
@@ -27,7 +22,7 @@ def _trained_pair():
 def test_roundtrip_restores_weights_optimizer_and_rng(tmp_path):
     model, opt = _trained_pair()
     torch.manual_seed(123)
-    save_checkpoint(tmp_path, 7, model, opt, {"best_val_loss": 1.5}, keep_last=2)
+    save_checkpoint(tmp_path, model, opt, TrainerState(step=7, best_val_loss=1.5), keep_last=2)
     expected_draw = torch.rand(3)
 
     fresh = tiny_model("llama-tiny")
@@ -35,7 +30,7 @@ def test_roundtrip_restores_weights_optimizer_and_rng(tmp_path):
     ckpt = latest_checkpoint(tmp_path)
     load_weights(fresh, ckpt)
     state = load_trainer_state(ckpt, fresh_opt)
-    assert state["step"] == 7 and state["best_val_loss"] == 1.5
+    assert state == TrainerState(step=7, best_val_loss=1.5)
     assert torch.equal(torch.rand(3), expected_draw)  # RNG continues where the checkpoint left it
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=False):
         assert torch.equal(a, b)
@@ -48,7 +43,7 @@ def test_roundtrip_restores_weights_optimizer_and_rng(tmp_path):
 def test_keep_last_k_and_half_written_checkpoints_are_ignored(tmp_path):
     model, opt = _trained_pair()
     for step in (10, 20, 30):
-        save_checkpoint(tmp_path, step, model, opt, {}, keep_last=2)
+        save_checkpoint(tmp_path, model, opt, TrainerState(step=step), keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000020", "step_000030"]
     # A crash mid-write leaves a .tmp folder; it is never taken for a checkpoint.
     (tmp_path / "checkpoints" / "step_000040.tmp").mkdir()

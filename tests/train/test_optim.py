@@ -6,7 +6,7 @@ import torch
 from lmforge.config import OptimConfig
 from lmforge.train.metrics import eta_seconds, format_duration, mfu
 from lmforge.train.optim import build_optimizer, lr_at, param_groups
-from tests.conftest import tiny_model
+from tests.fixtures import tiny_model
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():

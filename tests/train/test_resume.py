@@ -10,7 +10,7 @@ import pytest
 
 from lmforge.config import DataConfig
 from lmforge.data.prepare import prepare
-from tests.conftest import finished_output, sigkill_after, train_losses
+from tests.fixtures import finished_output, sigkill_after, train_losses
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "model.dropout=0.1",
         "train.batch_size=8", "train.max_steps=60", "train.log_interval=1", "train.ckpt_interval=10",
@@ -35,7 +35,7 @@ def _train(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_then_resume_gives_identicaltrain_losses(dataset, tmp_path):
+def test_sigkill_then_resume_gives_identical_train_losses(dataset, tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref = _train([f"data.dataset_dir={dataset}", f"out_dir={ref_dir}", *ARGS])
 

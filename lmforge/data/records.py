@@ -1,4 +1,5 @@
-"""Example files for fine-tuning: JSONL and CSV records, each with the line it came from.
+"""Record files (fine-tuning examples, evaluation tasks, texts to label): JSONL and CSV records,
+each with the line it came from.
 
 A bad record (not JSON, not an object, a missing field) stops with an error naming the file and
 line, or, with ``skip_bad_lines``, is skipped and counted so the summary can report it.
@@ -13,21 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lmforge.errors import UserError
 
 
 @dataclass
-class Record:
-    data: dict[str, Any]
-    where: str
-    """``file:line``, for messages about this record."""
-
-
-@dataclass
 class ReadReport:
-    read: int = 0
+    """What reading skipped (with ``skip_bad_lines``)."""
+
     skipped: list[str] = field(default_factory=list)
     """``file:line: reason`` of every skipped record."""
+
+    def summary(self) -> list[str]:
+        """A line for a run's summary if anything was skipped, else none."""
+        if not self.skipped:
+            return []
+        return [f"skipped {len(self.skipped)} bad records, e.g. {self.skipped[0]}"]
 
 
 class BadRecord(ValueError):
@@ -78,7 +81,6 @@ def read_records(path: str | Path, convert: Callable[[dict[str, Any]], Any], ski
             if not isinstance(raw, dict):
                 raise BadRecord(f"expected a JSON object, got {type(raw).__name__}")
             out.append((convert(raw), where))
-            report.read += 1
         except BadRecord as e:
             if not skip_bad_lines:
                 raise UserError(f"{where}: {e} (--skip-bad-lines skips such lines)") from None
@@ -99,9 +101,18 @@ def require(record: dict[str, Any], name: str, kind: type | tuple[type, ...] = s
     return value
 
 
+def read_train_val(train: str, val: str | None, val_fraction: float, seed: int,
+                   convert: Callable[[dict[str, Any]], Any], skip_bad_lines: bool,
+                   report: ReadReport) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]]]:
+    """(train, val) records, converted: the ``val`` file, or a seeded hold-out of the ``train`` file."""
+    train_records = read_records(train, convert, skip_bad_lines, report)
+    if val:
+        return train_records, read_records(val, convert, skip_bad_lines, report)
+    return split_holdout(train_records, val_fraction, seed)
+
+
 def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, val): a seeded random ``fraction`` of the items held out, at least one each."""
-    import numpy as np
 
     if len(items) < 2:
         raise UserError(f"need at least 2 examples to hold some out for validation, got {len(items)}")

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from lmforge import rundir
 from lmforge.config import LoraSettings
 from lmforge.errors import UserError
-from lmforge.finetune import lora
-from tests.conftest import tiny_model
+from lmforge.model import lora
+from tests.fixtures import tiny_model
 
 
 def _with_trained_adapters(model: torch.nn.Module) -> torch.nn.Module:
@@ -38,9 +39,9 @@ def test_merged_weights_give_the_same_logits_as_adapters_on_the_base():
 
 def test_adapters_save_and_load_exactly(tmp_path):
     model = _with_trained_adapters(tiny_model())
-    lora.save_adapter(model, tmp_path / lora.ADAPTER_FILE)
+    lora.save_adapter(model, tmp_path / rundir.ADAPTER)
     fresh = lora.apply_lora(tiny_model(), LoraSettings(rank=4, alpha=8, dropout=0.0)).eval()
-    lora.load_adapter(fresh, tmp_path / lora.ADAPTER_FILE)
+    lora.load_adapter(fresh, tmp_path / rundir.ADAPTER)
     x = torch.arange(16)[None]
     torch.testing.assert_close(fresh(x)[0], model(x)[0])
 

@@ -1,7 +1,8 @@
 """LoRA through ``peft``: add low-rank adapters to chosen linear layers, train only those.
 
 A LoRA checkpoint holds only the trainable tensors (``adapter.safetensors``: the adapters and any
-new head); the frozen base weights are read again from the run's base model. Merging folds
+new head); the frozen base weights are read again from the run's base model. Loading a run needs
+this as much as fine-tuning does, so it lives with the model. Merging folds
 ``B @ A * alpha / rank`` into each adapted weight and gives back a plain model.
 """
 
@@ -14,8 +15,6 @@ from torch import nn
 
 from lmforge.config import LoraSettings
 from lmforge.errors import UserError
-
-ADAPTER_FILE = "adapter.safetensors"
 
 
 def apply_lora(model: nn.Module, cfg: LoraSettings, trainable_modules: list[str] | None = None) -> nn.Module:

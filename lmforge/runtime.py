@@ -1,7 +1,11 @@
-"""Where and how the computation runs: device, rank, precision (autocast), compile.
+"""Where and how the computation runs: device, rank, precision (autocast), compile, eval mode.
 
 Everything that depends on the hardware or on the process group is decided here, once, so the
 training loop stays the same on a laptop CPU, one GPU, or (later) many under torchrun.
+
+Nothing here changes process-wide state as a side effect of building a model or calling
+``lmforge.train()``. The two process-wide settings the ``lmforge`` command makes are explicit calls
+(:func:`keep_freed_memory`, :func:`compile_falls_back_to_eager`); a notebook may make them too.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +66,8 @@ def cpu_supports_bf16() -> bool:
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep large freed blocks in the process (Linux only; returns whether it did).
 
+    Process-wide: ``lmforge train`` and ``lmforge finetune`` call it; the Python API does not.
+
     A training step allocates and frees the same large tensors (logits, activations) every step.
     By default glibc serves blocks above its mmap threshold (adaptive, at most 32 MB) with fresh
     pages and unmaps them on free, so every step page-faults and zeroes them again, and a shrinking
@@ -98,12 +105,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 0, training: bool = False) -> Runtime:
-    """Pick the device and precision; rank/world size come from torchrun's environment if present.
-
-    training: a training process repeats the same allocations every step; on a CPU, make malloc
-    keep freed memory (``keep_freed_memory``).
-    """
+def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 0) -> Runtime:
+    """Pick the device and precision; rank/world size come from torchrun's environment if present."""
     if threads > 0:
         torch.set_num_threads(threads)
     rank = int(os.environ.get("RANK", 0))
@@ -116,9 +119,19 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 
         # TF32 matmuls for any fp32 work left outside autocast.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if training and dev.type == "cpu":
-        keep_freed_memory()
     return Runtime(device=dev, precision=resolve_precision(precision, dev), rank=rank, world_size=world_size)
+
+
+def compile_falls_back_to_eager() -> None:
+    """Make a model that torch.compile cannot compile (no C compiler, an unsupported platform) run
+    eagerly with a warning instead of raising at its first call.
+
+    Process-wide (dynamo's ``suppress_errors``): the ``lmforge`` command sets it; the Python API
+    leaves dynamo's default (raise), so a notebook sees the real error unless it calls this.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
 
 
 def maybe_compile(model: torch.nn.Module, enabled: bool, dynamic: bool | None = None) -> torch.nn.Module:
@@ -126,18 +139,23 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, dynamic: bool | None = 
 
     dynamic=True compiles one graph for all sequence lengths (generation: a prefill of any prompt
     length, then a KV cache that grows every step) instead of recompiling as shapes change.
-
-    Compilation happens lazily at the first call, so failures (no C compiler, an unsupported
-    platform) surface there: dynamo's ``suppress_errors`` turns them into a warning and eager
-    execution instead of a crash.
+    Compilation happens lazily at the first call; see :func:`compile_falls_back_to_eager`.
     """
     if not enabled:
         return model
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
     try:
         return torch.compile(model, dynamic=dynamic)
     except Exception as e:  # noqa: BLE001 - any failure to set up compile means: run eagerly
         warnings.warn(f"torch.compile unavailable ({e}); running eagerly", stacklevel=2)
         return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -6,7 +6,7 @@ import pytest
 # Run in a fresh interpreter: the setting is process-wide and other tests' training runs set it.
 FAULTS = """
 import resource, torch
-from lmforge.train.runtime import keep_freed_memory
+from lmforge.runtime import keep_freed_memory
 
 def faults(n):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

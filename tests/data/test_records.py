@@ -2,8 +2,8 @@
 
 import pytest
 
+from lmforge.data.records import ReadReport, read_records, require, split_holdout
 from lmforge.errors import UserError
-from lmforge.finetune.records import ReadReport, read_records, require, split_holdout
 
 
 def _text(record: dict) -> str:

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.records import BadRecord, read_records, require
 from lmforge.errors import UserError
-from lmforge.finetune import classify
-from lmforge.finetune.records import BadRecord, read_records, require
+from lmforge.evaluate.tasks import classification_metrics, format_confusion
+from lmforge.model.classifier import class_probabilities
+from lmforge.run import LoadedRun, load_run
+from lmforge.runtime import setup_runtime
 
 
 def read_texts(file: str, text_field: str, label_field: str) -> tuple[list[str], list[tuple[str, str]] | None]:
@@ -43,17 +46,15 @@ def gold_ids(gold: list[tuple[str, str]], labels: list[str]) -> list[int]:
     return [index[label] for label, _ in gold]
 
 
-def label_probabilities(run, texts: list[str]) -> tuple[torch.Tensor, int]:
+def label_probabilities(run: LoadedRun, texts: list[str]) -> tuple[torch.Tensor, int]:
     """(class probabilities (N, C), texts cut to the context) of a classification run."""
-    ids, truncated = classify.encode_texts(texts, run.tokenizer, run.config.model.block_size)
-    return classify.predict(run.model, ids, run.tokenizer.eot_id), truncated
+    ids, truncated = run.tokenizer.encode_texts(texts, run.config.model.block_size)
+    return class_probabilities(run.model, ids, run.tokenizer.eot_id), truncated
 
 
 def predict_cli(run_path: str, texts: list[str], file: str | None, text_field: str, label_field: str,
                 output: str | None, device: str) -> None:
-    from lmforge.run import load_run
-    from lmforge.train.runtime import setup_runtime
-
+    """``lmforge predict``: label the texts, print them (and metrics if they have labels), write JSONL."""
     gold = None
     if file:
         more, gold = read_texts(file, text_field, label_field)
@@ -80,8 +81,8 @@ def predict_cli(run_path: str, texts: list[str], file: str | None, text_field: s
     if truncated:
         print(f"note: {truncated} texts were longer than the context and were cut to its first tokens")
     if truth is not None:
-        m = classify.classification_metrics(truth, best, len(labels))
+        m = classification_metrics(truth, best, len(labels))
         print(f"accuracy {m['accuracy']:.4f} | macro F1 {m['macro_f1']:.4f} over {len(truth)} labelled texts")
-        print(classify.format_confusion(m["confusion_matrix"], labels))
+        print(format_confusion(m["confusion_matrix"], labels))
     if output:
         print(f"wrote {len(rows)} predictions to {output}")

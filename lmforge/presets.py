@@ -1,4 +1,5 @@
-"""Named model shapes, as data. ``model.preset: NAME`` in a config uses one; explicit keys override.
+"""Named model shapes, as data, next to the config that uses them: ``model.preset: NAME`` in a
+config fills that section's defaults; explicit keys override.
 
 Sizes are approximate non-embedding parameter counts; the vocabulary comes from the tokenizer.
 """

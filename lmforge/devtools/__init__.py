@@ -1,0 +1,1 @@
+"""Tools for developing lmforge itself (not used at run time)."""

@@ -1,0 +1,338 @@
+"""Hugging Face `transformers` mapping, in memory: configs both ways, and parameter names as data.
+
+GPT-2 style models map to ``GPT2LMHeadModel``, Llama style ones to ``LlamaForCausalLM``; Mistral
+and Qwen2 configs (Llama-shaped, with their own theta/GQA/bias choices) import too.
+
+The weights map through one :class:`NameTable` per family (:data:`GPT2`, :data:`LLAMA`): our
+parameter name -> theirs, with ``{i}`` for the layer index, plus declarative notes on what is more
+than a rename:
+
+* fused splits (:class:`Split`): our ``qkv`` rows are [q; k; v], a SwiGLU ``fc`` is [gate; up];
+* transposes: GPT-2's ``Conv1D`` stores weights as (in, out), the transpose of ``nn.Linear``;
+* key/value expansion: GPT-2 has no grouped-query attention, so a GPT-2-style model with fewer
+  key/value heads exports with each key/value head repeated for its query heads (the same
+  function, as multi-head attention);
+* biases: GPT-2 always has them (a bias-free model exports zeros; import requires them); Llama's
+  exist when ``cfg.bias`` (import fills missing ones with zeros: Qwen2 has q/k/v biases only);
+* an optional name prefix (GPT-2's ``transformer.``: a bare ``GPT2Model`` lacks it) and a head that
+  may be absent (then it is the tied embedding).
+
+:func:`map_to_hf` and :func:`map_from_hf` apply a table in either direction. Our RoPE uses HF
+Llama's 'rotate half' layout, so no permutation of q/k is needed. Folders on disk: ``lmforge.interop``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.model.gpt import GPT
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
+_GELU = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One of our fused tensors that HF stores as separate ones, stacked along dim 0 in this order.
+
+    rows names each part's row count: "q" (query heads x head_dim), "kv" (key/value heads x
+    head_dim) or "mlp" (the MLP's hidden size).
+    """
+
+    parts: tuple[str, ...]
+    rows: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NameTable:
+    """How one family's ``transformers`` parameter names relate to ours (``{i}``: layer index)."""
+
+    names: dict[str, str | Split]  # ours -> theirs, in state-dict order
+    transposed: frozenset[str] = frozenset()  # ours that they store as (in, out): GPT-2's Conv1D
+    kv_expanded: frozenset[str] = frozenset()  # ours whose k/v heads are repeated per query head on export
+    biases_always: bool = False  # they always have biases: export writes zeros, import requires them
+    optional_prefix: str = ""  # import also accepts their names without this prefix
+    head_optional: bool = False  # import takes the embedding when lm_head is absent, tied or not
+
+
+GPT2 = NameTable(
+    names={
+        "wte.weight": "transformer.wte.weight",
+        "wpe.weight": "transformer.wpe.weight",
+        "blocks.{i}.norm1.weight": "transformer.h.{i}.ln_1.weight",
+        "blocks.{i}.norm1.bias": "transformer.h.{i}.ln_1.bias",
+        "blocks.{i}.norm2.weight": "transformer.h.{i}.ln_2.weight",
+        "blocks.{i}.norm2.bias": "transformer.h.{i}.ln_2.bias",
+        "blocks.{i}.attn.qkv.weight": "transformer.h.{i}.attn.c_attn.weight",
+        "blocks.{i}.attn.qkv.bias": "transformer.h.{i}.attn.c_attn.bias",
+        "blocks.{i}.attn.proj.weight": "transformer.h.{i}.attn.c_proj.weight",
+        "blocks.{i}.attn.proj.bias": "transformer.h.{i}.attn.c_proj.bias",
+        "blocks.{i}.mlp.fc.weight": "transformer.h.{i}.mlp.c_fc.weight",
+        "blocks.{i}.mlp.fc.bias": "transformer.h.{i}.mlp.c_fc.bias",
+        "blocks.{i}.mlp.proj.weight": "transformer.h.{i}.mlp.c_proj.weight",
+        "blocks.{i}.mlp.proj.bias": "transformer.h.{i}.mlp.c_proj.bias",
+        "norm_f.weight": "transformer.ln_f.weight",
+        "norm_f.bias": "transformer.ln_f.bias",
+        "lm_head.weight": "lm_head.weight",
+    },
+    transposed=frozenset({"blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.proj.weight",
+                          "blocks.{i}.mlp.fc.weight", "blocks.{i}.mlp.proj.weight"}),
+    kv_expanded=frozenset({"blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.qkv.bias"}),
+    biases_always=True,
+    optional_prefix="transformer.",
+    head_optional=True,
+)
+
+_QKV = ("q", "kv", "kv")
+_GATE_UP = ("mlp", "mlp")
+
+# Llama, Mistral and Qwen2 (one layout).
+LLAMA = NameTable(
+    names={
+        "wte.weight": "model.embed_tokens.weight",
+        "blocks.{i}.norm1.weight": "model.layers.{i}.input_layernorm.weight",
+        "blocks.{i}.norm2.weight": "model.layers.{i}.post_attention_layernorm.weight",
+        "blocks.{i}.attn.qkv.weight": Split(("model.layers.{i}.self_attn.q_proj.weight",
+                                             "model.layers.{i}.self_attn.k_proj.weight",
+                                             "model.layers.{i}.self_attn.v_proj.weight"), _QKV),
+        "blocks.{i}.attn.proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+        "blocks.{i}.mlp.fc.weight": Split(("model.layers.{i}.mlp.gate_proj.weight",
+                                           "model.layers.{i}.mlp.up_proj.weight"), _GATE_UP),
+        "blocks.{i}.mlp.proj.weight": "model.layers.{i}.mlp.down_proj.weight",
+        # Biases (only with cfg.bias) after the weights: a missing one is zeros of its weight's rows.
+        "blocks.{i}.attn.qkv.bias": Split(("model.layers.{i}.self_attn.q_proj.bias",
+                                           "model.layers.{i}.self_attn.k_proj.bias",
+                                           "model.layers.{i}.self_attn.v_proj.bias"), _QKV),
+        "blocks.{i}.attn.proj.bias": "model.layers.{i}.self_attn.o_proj.bias",
+        "blocks.{i}.mlp.fc.bias": Split(("model.layers.{i}.mlp.gate_proj.bias",
+                                         "model.layers.{i}.mlp.up_proj.bias"), _GATE_UP),
+        "blocks.{i}.mlp.proj.bias": "model.layers.{i}.mlp.down_proj.bias",
+        "norm_f.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    },
+)
+
+
+def is_gpt2_style(cfg: ModelConfig) -> bool:
+    """Whether ``cfg`` maps to GPT-2 (learned positions) rather than Llama."""
+    return cfg.pos_embedding == "learned"
+
+
+def name_table(cfg: ModelConfig) -> NameTable:
+    """The name table of ``cfg``'s family."""
+    return GPT2 if is_gpt2_style(cfg) else LLAMA
+
+
+def _entries(table: NameTable, n_layer: int) -> Iterator[tuple[str, str, str | Split]]:
+    """(template, ours, theirs) for every parameter, in table order, ``{i}`` runs repeated per layer."""
+    items = list(table.names.items())
+    j = 0
+    while j < len(items):
+        if "{i}" not in items[j][0]:
+            yield items[j][0], items[j][0], items[j][1]
+            j += 1
+            continue
+        end = j
+        while end < len(items) and "{i}" in items[end][0]:
+            end += 1
+        for i in range(n_layer):
+            for ours, theirs in items[j:end]:
+                named = Split(tuple(p.format(i=i) for p in theirs.parts), theirs.rows) \
+                    if isinstance(theirs, Split) else theirs.format(i=i)
+                yield ours, ours.format(i=i), named
+        j = end
+
+
+def _rows(cfg: ModelConfig, split: Split) -> list[int]:
+    size = {"q": cfg.n_head * cfg.head_dim, "kv": cfg.kv_heads * cfg.head_dim, "mlp": cfg.mlp_hidden}
+    return [size[r] for r in split.rows]
+
+
+def _weight_of(bias_name: str) -> str:
+    return bias_name.removesuffix(".bias") + ".weight"
+
+
+def _expand_kv(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    """qkv rows (or bias) [q; k; v] with each key/value head repeated n_head // kv_heads times."""
+    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    wq, wk, wv = t.split([q, kv, kv])
+    group = cfg.n_head // cfg.kv_heads
+
+    def rep(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(0, (cfg.kv_heads, cfg.head_dim)).repeat_interleave(group, dim=0).flatten(0, 1)
+
+    return torch.cat([wq, rep(wk), rep(wv)])
+
+
+def map_to_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict ``sd`` (of a GPT built from ``cfg``) under the names of ``table``'s family."""
+    out: dict[str, torch.Tensor] = {}
+    ours_done: dict[str, torch.Tensor] = {}  # after k/v expansion, before transposing
+    for template, ours, theirs in _entries(table, cfg.n_layer):
+        if ours not in sd and ours.endswith(".bias"):
+            if not table.biases_always:
+                continue  # a bias-free model exports no biases
+            w = ours_done[_weight_of(ours)]
+            t = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        else:
+            t = sd[ours]
+            if template in table.kv_expanded and cfg.kv_heads != cfg.n_head:
+                t = _expand_kv(cfg, t)
+        ours_done[ours] = t
+        if template in table.transposed:
+            t = t.t()
+        if isinstance(theirs, Split):
+            out.update(zip(theirs.parts, t.split(_rows(cfg, theirs)), strict=True))
+        else:
+            out[theirs] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def map_from_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``transformers`` weights ``sd`` under ``table``'s names -> our state dict for a GPT built from ``cfg``.
+
+    Raises UserError naming the first required weight that ``sd`` lacks.
+    """
+    def get(name: str) -> torch.Tensor:
+        if name not in sd:
+            raise UserError(f"Hugging Face weights lack '{name}' (is the folder complete?)")
+        return sd[name]
+
+    drop = table.optional_prefix if table.optional_prefix and table.names["wte.weight"] not in sd else ""
+
+    def theirs_name(name: str) -> str:
+        return name[len(drop):] if drop and name.startswith(drop) else name
+
+    def bias_or_zeros(name: str) -> torch.Tensor:  # Qwen2: biases on q/k/v only, zeros compute the same
+        return sd[name] if name in sd else torch.zeros(get(_weight_of(name)).shape[0])
+
+    out: dict[str, torch.Tensor] = {}
+    for template, ours, theirs in _entries(table, cfg.n_layer):
+        is_bias = ours.endswith(".bias")
+        if is_bias and not table.biases_always and not cfg.bias:
+            continue
+        if ours == "lm_head.weight":
+            name = theirs_name(theirs)
+            out[ours] = sd.get(name, out["wte.weight"]) if table.head_optional or cfg.tie_embeddings else get(name)
+            continue
+        fetch = bias_or_zeros if is_bias and not table.biases_always else get
+        if isinstance(theirs, Split):
+            t = torch.cat([fetch(theirs_name(p)) for p in theirs.parts])
+        else:
+            t = fetch(theirs_name(theirs))
+        out[ours] = t.t().contiguous() if template in table.transposed else t
+    return out
+
+
+def hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The ``transformers`` config of the same architecture (GPT2Config or LlamaConfig)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if is_gpt2_style(cfg):
+        if cfg.norm != "layernorm" or cfg.mlp == "swiglu":
+            raise UserError("model: GPT-2-style export needs norm=layernorm and a gelu MLP")
+        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,
+                          activation_function=_GELU[cfg.mlp], layer_norm_epsilon=cfg.norm_eps,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None)
+    if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu":
+        raise UserError("model: Llama-style export needs norm=rmsnorm and mlp=swiglu")
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
+                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                       num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+                       rope_theta=cfg.rope_theta, max_position_embeddings=cfg.block_size,
+                       tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+                       bos_token_id=None, eos_token_id=None)
+
+
+def config_from_hf(hf: PretrainedConfig) -> ModelConfig:
+    """Our ModelConfig for a ``transformers`` config (GPT-2, Llama, Mistral, Qwen2)."""
+    kind = getattr(hf, "model_type", None)
+    if kind == "gpt2":
+        act = hf.activation_function
+        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"GPT-2 activation_function '{act}' is not supported (gelu, gelu_new)")
+        if not getattr(hf, "scale_attn_weights", True) or getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+            raise UserError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported "
+                            "(scale_attn_weights=False or scale_attn_by_inverse_layer_idx=True)")
+        return ModelConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer,
+                           n_head=hf.n_head, n_embd=hf.n_embd, intermediate_size=hf.n_inner or 4 * hf.n_embd,
+                           pos_embedding="learned", norm="layernorm",
+                           mlp="gelu" if act == "gelu" else "gelu_tanh", bias=True,
+                           tie_embeddings=getattr(hf, "tie_word_embeddings", True),
+                           norm_eps=hf.layer_norm_epsilon, dropout=0.0)
+    if kind in ("llama", "mistral", "qwen2"):
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        if head_dim * hf.num_attention_heads != hf.hidden_size:
+            raise UserError(f"{kind}: head_dim {head_dim} x {hf.num_attention_heads} heads != hidden_size "
+                            f"{hf.hidden_size} is not supported")
+        act = getattr(hf, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UserError(f"{kind}: hidden_act '{act}' is not supported (only silu, i.e. SwiGLU)")
+        scaling = getattr(hf, "rope_scaling", None)
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise UserError(f"{kind}: rope_scaling {scaling} is not supported (only unscaled RoPE)")
+        theta = getattr(hf, "rope_theta", None) or (getattr(hf, "rope_parameters", None) or {}).get(
+            "rope_theta", 10000.0)
+        # One switch covers every linear layer here: Qwen2's q/k/v-only biases import with zero
+        # biases elsewhere (map_from_hf fills them), which computes the same function.
+        bias = kind == "qwen2" or bool(getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False))
+        # Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) equals full attention
+        # on sequences no longer than the window: the context is capped there, which keeps it exact.
+        block_size = hf.max_position_embeddings
+        window = getattr(hf, "sliding_window", None)
+        if window and getattr(hf, "use_sliding_window", True):
+            block_size = min(block_size, window)
+        return ModelConfig(vocab_size=hf.vocab_size, block_size=block_size,
+                           n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
+                           n_kv_head=hf.num_key_value_heads or hf.num_attention_heads, n_embd=hf.hidden_size,
+                           intermediate_size=hf.intermediate_size, pos_embedding="rope", norm="rmsnorm",
+                           mlp="swiglu", bias=bias, tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+                           rope_theta=float(theta), norm_eps=hf.rms_norm_eps, dropout=0.0)
+    raise UserError(f"unsupported Hugging Face model_type '{kind}' (supported: {', '.join(SUPPORTED)})")
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under ``transformers`` names (GPT2LMHeadModel or LlamaForCausalLM)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    return map_to_hf(name_table(model.cfg), model.cfg, sd)
+
+
+def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``transformers`` weights -> our state dict for a GPT built from ``cfg``."""
+    return map_from_hf(name_table(cfg), cfg, sd)
+
+
+def to_hf_model(model: GPT) -> PreTrainedModel:
+    """An eval-mode ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` holding a copy of our weights, on our
+    model's device and in its dtype."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(hf_config(model.cfg))
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    missing = [k for k in missing if not k.endswith("attn.bias") and "rotary_emb" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    if model.cfg.tie_embeddings:
+        hf.tie_weights()
+    p = next(model.parameters())
+    return hf.to(device=p.device, dtype=p.dtype).eval()
+
+
+def from_hf_model(hf: PreTrainedModel) -> GPT:
+    """Our GPT holding a copy of a ``transformers`` causal LM's weights (fp32, eval mode)."""
+    cfg = config_from_hf(hf.config)
+    model = GPT(cfg)
+    sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
+    model.load_state_dict(from_hf_state_dict(cfg, sd))
+    return model.eval()

@@ -1,0 +1,85 @@
+"""What every training command sets up the same way: the runtime, the run directory (new, or the one
+to resume), the trainer state restored from a checkpoint, the peak FLOP/s that MFU divides by, and
+the metrics logger.
+
+``train()`` (:mod:`lmforge.train.loop`) and ``finetune()`` (:mod:`lmforge.finetune.loop`) open a
+:class:`TrainingSession`, build what differs between them (data, model, task) and hand a
+:class:`~lmforge.train.steps.Job` to the shared loop through :meth:`TrainingSession.run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lmforge import rundir
+from lmforge.config import save_yaml
+from lmforge.runtime import Runtime, setup_runtime
+from lmforge.train.checkpoint import TrainerState, load_trainer_state
+from lmforge.train.metrics import MetricsLogger, peak_flops
+from lmforge.train.steps import Job, LoopConfig, LoopResult, run_steps
+
+
+class RunConfig(LoopConfig, Protocol):
+    """A training command's config: the loop's sections and the run directory to write."""
+
+    out_dir: str
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+@dataclass
+class TrainingSession:
+    cfg: RunConfig
+    rt: Runtime
+    run_dir: Path
+    resume_from: Path | None
+    """The checkpoint to resume from; None for a new run."""
+    say: Callable[..., None]
+    """print on the main process when progress is shown, else nothing."""
+
+    @classmethod
+    def open(cls, cfg: RunConfig, resume: bool, progress: bool) -> TrainingSession:
+        """Pick the runtime and the run directory: cfg.out_dir to resume, else a fresh one (cfg.out_dir
+        is set to it)."""
+        tc = cfg.train
+        rt = setup_runtime(tc.device, tc.precision, tc.threads)
+        run_dir, ckpt = rundir.open_run_dir(cfg.out_dir, resume)
+        cfg.out_dir = str(run_dir)
+        return cls(cfg, rt, run_dir, ckpt, print if rt.is_main and progress else _quiet)
+
+    def create_run_dir(self, kind: rundir.Kind, task: rundir.Task, lora: bool,
+                       write_files: Callable[[Path], None]) -> None:
+        """For a new run, on the main process: config.yaml, the command's own files, then run.json."""
+        if self.resume_from is not None or not self.rt.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(self.cfg, self.run_dir / rundir.CONFIG)
+        write_files(self.run_dir)
+        rundir.write_run_info(self.run_dir, kind, task, lora)
+
+    def restore(self, optimizer: torch.optim.Optimizer, load_weights: Callable[[Path], None]) -> TrainerState:
+        """The trainer state to start from: a fresh one, or the checkpoint's (weights, optimizer, RNG)."""
+        if self.resume_from is None:
+            return TrainerState()
+        load_weights(self.resume_from)
+        state = load_trainer_state(self.resume_from, optimizer)
+        self.say(f"resuming from {self.resume_from} (step {state.step})")
+        return state
+
+    def peak_flops(self) -> tuple[float, str]:
+        """Peak FLOP/s of this device in the training precision, and where the figure came from."""
+        return peak_flops(self.rt.device, self.rt.autocast_dtype or torch.float32)
+
+    def logger(self, start_step: int) -> MetricsLogger:
+        return MetricsLogger(self.run_dir, self.rt.is_main, start_step)
+
+    def run(self, job: Job, state: TrainerState, logger: MetricsLogger) -> LoopResult:
+        """The shared optimisation loop, from state.step to the end (see :func:`run_steps`)."""
+        return run_steps(job, self.cfg, self.rt, logger, state, self.say)

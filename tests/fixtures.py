@@ -1,0 +1,80 @@
+"""Helpers that tests share: tiny models, and running, killing and reading training processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ModelConfig, from_dict
+from lmforge.model.gpt import GPT
+
+
+def tiny_model(preset: str = "gpt2-tiny", **overrides) -> GPT:
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, {"preset": preset, "vocab_size": 97, "n_layer": 2, "block_size": 32,
+                                  **overrides})
+    return GPT(cfg).eval()
+
+
+def sigkill_after(proc: subprocess.Popen, metrics: Path, n_lines: int, timeout: float = 120) -> None:
+    """SIGKILL a training process once its metrics.jsonl has ``n_lines`` records (mid-run, between
+    checkpoints); fails if the run ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n_lines:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def finished_output(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """The output of a process that must end successfully."""
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from a run's metrics.jsonl (each step recorded once)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(set(steps)), "metrics.jsonl must hold each step once"
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def hf_gpt2(tie: bool = True):
+    """A tiny random transformers GPT2LMHeadModel (vocabulary 101)."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                  tie_word_embeddings=tie, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def hf_llama(tie: bool = False, **kw):
+    """A tiny random transformers LlamaForCausalLM with GQA (vocabulary 101), biases made non-zero."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rope_theta=5000.0, tie_word_embeddings=tie, **kw)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF inits biases to zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def save_hf_folder(hf, folder: Path, tokenizer) -> None:
+    """A Hugging Face model folder as save_pretrained writes it, with our tokenizer.json."""
+    hf.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save(folder / "tokenizer.json")
