@@ -76,7 +76,8 @@ def _load_finetuned(run_dir: Path, ckpt: Path, info: rundir.RunInfo) -> LoadedRu
     cfg = from_dict(FinetuneConfig, load_yaml(run_dir / rundir.CONFIG))
     tokenizer = _run_tokenizer(run_dir, cfg.model.vocab_size)
     labels = rundir.load_labels(run_dir) if info.task == "classify" else None
-    full = (ckpt / rundir.WEIGHTS).is_file()  # a LoRA run written with --merge has both
+    # A LoRA checkpoint holds adapters, and full weights too if the run was written with --merge.
+    full = not info.lora or (ckpt / rundir.WEIGHTS).is_file()
     backbone = GPT(cfg.model) if full else load_run(cfg.base).model
     model = backbone if labels is None else SequenceClassifier(backbone, len(labels))
     if full:

@@ -72,11 +72,6 @@ class RunInfo:
     created: str = ""
     """When the run was created (local time, ISO 8601)."""
 
-    @property
-    def generates_text(self) -> bool:
-        """Whether the model is a language model (lm or sft), as opposed to a classifier."""
-        return self.task != "classify"
-
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``path`` through a temporary file and a rename: readers see the old or the new text."""

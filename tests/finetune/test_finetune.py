@@ -107,9 +107,11 @@ def test_a_lora_run_loads_the_same_from_adapters_as_from_merged_weights(base_run
     train_file, _ = repeat_task
     cfg = load_finetune_config(None, [f"base={base_run}", f"data.train={train_file}", f"out_dir={tmp_path / 'lora'}",
                                       "lora.rank=4", "lora.merge=true", "train.max_steps=40", "optim.lr=3e-3",
-                                      "data.eval_generations=0"])
+                                      "data.eval_generations=0", "dropout=0.1"])
     result = finetune(cfg, progress=False)
     assert read_run_info(result.run_dir).lora
+    assert load_run(result.run_dir).config.model.dropout == 0.1  # honoured, and saved with the run
+    assert load_run(base_run).config.model.dropout == 0.0
     ckpt = result.run_dir / "checkpoints" / "step_000040"
     assert (ckpt / "adapter.safetensors").is_file() and (ckpt / "model.safetensors").is_file()
     adapters_only = tmp_path / "adapters_only"

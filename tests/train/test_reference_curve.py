@@ -18,8 +18,9 @@ change is intended, regenerate the curve and commit the new file with the change
 Tolerance, measured (2-core AMD EPYC, torch 2.13 CPU, Python 3.11): the same run twice is bit-exact;
 train.threads=1 against 2 or 4, and forcing other kernels (ATEN_CPU_CAPABILITY=default/avx2,
 MKL_ENABLE_INSTRUCTIONS=AVX2/SSE4_2, DNNL_MAX_CPU_ISA=AVX2), move a step's loss by at most 1.4e-6.
-TOLERANCE = 2e-5 is 14x that. Deliberate numerics changes (config overrides, or init patched in a
-scratch script) fail it; largest |diff| over the 60 steps, and the first failing step:
+TOLERANCE = 5e-5 is 35x that, for hosts with other vector units (AMX, AVX-512 kernels).
+Deliberate numerics changes (config overrides, or init patched in a scratch script) fail it;
+largest |diff| over the 60 steps, and the first failing step:
 
     optim.grad_clip=0 (no clipping)       0.39     step 3
     optim.warmup_steps=11 (schedule +1)   0.14     step 2
@@ -53,7 +54,7 @@ CURVE = Path(__file__).resolve().parents[1] / "assets" / "losses" / "gpt2_tiny_6
 REGENERATE_ENV = "LMFORGE_REGENERATE_CURVE"
 REGENERATE_CMD = f"{REGENERATE_ENV}=1 .venv/bin/python -m pytest tests/train/test_reference_curve.py"
 
-TOLERANCE = 2e-5
+TOLERANCE = 5e-5
 """Largest allowed |expected - got| of a step's loss (nats/token); see the module docstring."""
 
 SETTINGS: dict[str, str] = {
