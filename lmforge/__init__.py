@@ -10,7 +10,7 @@ Token-level decoding is ``lmforge.generate.generate``.
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "TrainConfig": "lmforge.config", "load_train_config": "lmforge.config", "UserError": "lmforge.errors",

@@ -100,7 +100,7 @@ def read_run_info(run_dir: Path) -> RunInfo:
 
 
 def infer_run_info(run_dir: Path) -> RunInfo:
-    """The one place that recognises a run written before ``run.json`` existed (lmforge <= 0.1.0).
+    """The one place that recognises a run written before ``run.json`` existed (lmforge 0.1).
 
     Such a run is a fine-tuning run if its config has ``task`` and ``base`` (its LoRA flag is
     ``lora.rank > 0``), an import if its only checkpoint has weights and no trainer state, and
@@ -117,7 +117,7 @@ def infer_run_info(run_dir: Path) -> RunInfo:
         ckpts = list_checkpoints(run_dir)
         imported = len(ckpts) == 1 and not (ckpts[0] / TRAINER_STATE).exists()
         info = RunInfo("imported" if imported else "pretrain", "lm", version="")
-    warnings.warn(f"'{run_dir}' has no {RUN_INFO} (written before lmforge 0.2): read it as kind={info.kind}, "
+    warnings.warn(f"'{run_dir}' has no {RUN_INFO} (written by lmforge 0.1): read it as kind={info.kind}, "
                   f"task={info.task}, lora={info.lora}", stacklevel=2)
     return info
 
