@@ -8,8 +8,9 @@ hides the pad slots, so a padded row computes what its prompt alone would.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
 import torch
@@ -140,41 +141,49 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     stop = set(stop_ids)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * B
-    if use_cache:
-        # Under autocast the keys/values come out in the autocast dtype: store them so.
-        autocast = torch.is_autocast_enabled(device.type)
-        model.setup_cache(B, S, torch.get_autocast_dtype(device.type) if autocast else None)
-    try:
-        with eval_mode(model):
-            for end in range(L, S):
-                # With the cache, only the newest token goes in after the prefill; without it, everything.
-                start = end - 1 if use_cache and end > L else 0
-                logits, _ = model(tokens[:, start:end], positions=positions[:, start:end],
-                                  mask=_attention_mask(valid, start, end) if padded else None,
-                                  cache_start=start if use_cache else None, last_only=True)
-                logits = logits[:, -1].float()
-                if seen is not None:
-                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-                nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-                tokens[:, end] = nxt
-                if seen is not None:
-                    seen[torch.arange(B, device=device), nxt] = True
-                # Finished rows keep decoding (the batch shape is fixed) but their tokens are ignored.
-                for row, tok in enumerate(nxt.tolist()):
-                    if done[row]:
-                        continue
-                    if tok in stop:
-                        done[row] = True
-                        continue
-                    out[row].append(tok)
-                    if on_token is not None and on_token(row, tok):
-                        done[row] = True
-                if all(done):
-                    break
-    finally:
-        if use_cache:
-            model.clear_cache()
+    # Under autocast the keys/values come out in the autocast dtype: the cache stores them so.
+    cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    with eval_mode(model), _static_kv_cache(model, B, S, cache_dtype, enabled=use_cache):
+        for end in range(L, S):
+            # With the cache, only the newest token goes in after the prefill; without it, everything.
+            start = end - 1 if use_cache and end > L else 0
+            logits, _ = model(tokens[:, start:end], positions=positions[:, start:end],
+                              mask=_attention_mask(valid, start, end) if padded else None,
+                              cache_start=start if use_cache else None, last_only=True)
+            logits = logits[:, -1].float()
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            tokens[:, end] = nxt
+            if seen is not None:
+                seen[torch.arange(B, device=device), nxt] = True
+            # Finished rows keep decoding (the batch shape is fixed) but their tokens are ignored.
+            for row, tok in enumerate(nxt.tolist()):
+                if done[row]:
+                    continue
+                if tok in stop:
+                    done[row] = True
+                    continue
+                out[row].append(tok)
+                if on_token is not None and on_token(row, tok):
+                    done[row] = True
+            if all(done):
+                break
     return out
+
+
+@contextlib.contextmanager
+def _static_kv_cache(model: GPT, batch: int, max_len: int, dtype: torch.dtype | None,
+                     enabled: bool) -> Iterator[None]:
+    """The model's preallocated KV cache for the block (nothing if not ``enabled``), freed afterwards."""
+    if not enabled:
+        yield
+        return
+    model.setup_cache(batch, max_len, dtype)
+    try:
+        yield
+    finally:
+        model.clear_cache()
 
 
 def _fit_context(prompt: list[int], limit: int, index: int) -> list[int]:
