@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from lmforge.config import (
@@ -27,8 +28,8 @@ from lmforge.config import (
     load_finetune_config,
     load_train_config,
 )
-from lmforge.errors import UserError
-from lmforge.rundir import run_config_path
+from lmforge.errors import StorageError, UserError
+from lmforge.rundir import STORAGE_ERRNOS, run_config_path
 
 PREPARE_FIELDS = ("tokenizer", "vocab_size", "val_fraction", "seed", "text_field", "workers")
 """DataConfig fields that ``lmforge prepare`` takes as flags (--vocab-size, ...); sources are positional."""
@@ -320,8 +321,13 @@ def run_lm_eval(argv: list[str]) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"lmforge: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = _one_line_warning  # notes such as a skipped damaged checkpoint: one line each
     if argv[:1] == ["lm-eval"]:
         return run_lm_eval(argv[1:])
     parser = build_parser()
@@ -331,6 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:
+        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"lmforge {args.command}: error: {e.strerror}{where} (a storage failure: free some space and run the "
+              f"command again; a training run resumes with --resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -8,3 +8,9 @@ traceback.
 
 class UserError(Exception):
     """A user's mistake: the message names the thing (file, key, value) and what is expected."""
+
+
+class StorageError(Exception):
+    """Writing failed for a reason outside lmforge (a full disk, a quota, a file-size limit, an I/O
+    error): the message names the path, the operation and the free space. The CLI prints it as one
+    line and exits with status 1; what was written before (the previous checkpoint) is intact."""

@@ -4,6 +4,11 @@ This module keeps only the folders: reading one (local or a hub id) into our GPT
 (``load_hf``), writing it as an lmforge run directory (``import_hf``), and writing our model and
 tokenizer as a folder ``transformers`` loads (``export_hf``). The in-memory mapping, configs both
 ways and the parameter-name tables per family, lives in ``lmforge.model.hf``.
+
+A model folder is data, never code: ``refuse_custom_code`` turns away, before ``transformers`` sees
+it, a folder that asks to run its own Python (``auto_map``) or is of a model type we do not map;
+every ``transformers`` call passes ``trust_remote_code=False``, and weights are read only from
+safetensors (a pickle, ``pytorch_model.bin`` and the like, can run code when loaded).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lmforge import rundir
@@ -25,6 +31,11 @@ from lmforge.model.hf import SUPPORTED, config_from_hf, from_hf_model, from_hf_s
 from lmforge.train.checkpoint import save_weights_only
 
 HF_CONFIG = "config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CODE_KEY = "auto_map"
+"""The key with which a folder's config.json or tokenizer_config.json names its own Python classes."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Weight files that are pickles (torch.save): never read, loading one can run arbitrary code."""
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -33,28 +44,85 @@ def is_hf_folder(path: str | Path) -> bool:
     return (p / HF_CONFIG).is_file() and not rundir.is_run_dir(p)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"'{path}': cannot read it ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' is not a JSON object")
+    return data
+
+
+def _code_files(auto_map: object) -> list[str]:
+    """The Python files an ``auto_map`` names: {"AutoModelForCausalLM": "modeling_x.Cls"} -> modeling_x.py
+    (also "other/repo--modeling_x.Cls" and a tokenizer's [slow, fast] pair)."""
+    refs = auto_map.values() if isinstance(auto_map, dict) else []
+    files = {ref.split("--")[-1].rsplit(".", 1)[0] + ".py"
+             for value in refs for ref in (value if isinstance(value, list) else [value])
+             if isinstance(ref, str) and "." in ref}
+    return sorted(files)
+
+
+def refuse_custom_code(folder: Path) -> None:
+    """UserError, before any ``transformers`` call, unless a model folder loads without running its code.
+
+    Refused: a config.json or tokenizer_config.json with ``auto_map`` (the folder's own Python classes,
+    which ``transformers`` would import, after asking), and a config.json whose ``model_type`` is not
+    one lmforge maps (only those load through ``transformers``' built-in classes).
+    """
+    config = folder / HF_CONFIG
+    if not config.is_file():
+        raise UserError(f"'{folder}' has no {HF_CONFIG} (not a Hugging Face model folder)")
+    data = _read_json(config)
+    tok_config = folder / TOKENIZER_CONFIG
+    for path, found in ((config, data), (tok_config, _read_json(tok_config) if tok_config.is_file() else {})):
+        if CODE_KEY in found:
+            files = _code_files(found[CODE_KEY])
+            raise UserError(f"'{path}' asks to run custom code ({CODE_KEY}{': ' if files else ''}"
+                            f"{', '.join(files)}): lmforge never runs a model folder's code; "
+                            f"supported: {', '.join(SUPPORTED)}")
+    kind = data.get("model_type")
+    if kind not in SUPPORTED:
+        raise UserError(f"'{config}': unsupported Hugging Face model_type "
+                        f"{repr(kind) if isinstance(kind, str) else '(none)'} (supported: {', '.join(SUPPORTED)})")
+
+
 def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's safetensors weights, sharded (with an index) or not."""
+    """All tensors of a folder's safetensors weights, sharded (with an index) or not; never a pickle."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"'{index}' has no weight_map")
+        shards = sorted(set(map(str, weight_map.values())))
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
-        raise UserError(f"'{folder}' has no model.safetensors nor model.safetensors.index.json "
-                        f"(only safetensors weights are read, never pickles)")
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        found = f"; found only pickled weights: {', '.join(pickles)}" if pickles else ""
+        raise UserError(f"'{folder}' has no model.safetensors nor model.safetensors.index.json{found} "
+                        f"(only safetensors weights are read, never pickles: they can run code when loaded)")
     sd: dict[str, torch.Tensor] = {}
     for shard in shards:
-        if not (folder / shard).is_file():
-            raise UserError(f"'{folder / shard}' is listed in the index but missing")
-        sd.update(load_file(str(folder / shard)))
+        path = folder / shard
+        if not shard.endswith(".safetensors"):
+            raise UserError(f"'{index}' lists '{shard}', which is no safetensors file "
+                            f"(only safetensors weights are read, never pickles)")
+        if not path.is_file():
+            raise UserError(f"'{path}' is listed in the index but missing")
+        try:
+            sd.update(load_file(str(path)))
+        except SafetensorError as e:
+            raise UserError(f"'{path}' is not a readable safetensors file ({e})") from None
     return sd
 
 
 def load_hf(source: str | Path) -> tuple[GPT, Tokenizer | None]:
     """Model (fp32, eval) and tokenizer from a local ``save_pretrained`` folder or a hub id.
 
-    A hub id is downloaded by ``transformers`` (it needs the network); a folder is read directly.
+    A hub id is downloaded by ``transformers`` (it needs the network; its code is never run, only its
+    safetensors weights are read); a folder is checked (:func:`refuse_custom_code`) and read directly.
     """
     from transformers import AutoConfig
 
@@ -63,24 +131,25 @@ def load_hf(source: str | Path) -> tuple[GPT, Tokenizer | None]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            hf = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32)
-            tok_dir = AutoTokenizer.from_pretrained(str(source))
+            hf = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32,
+                                                      trust_remote_code=False, use_safetensors=True)
+            tok_dir = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
         except OSError as e:
-            raise UserError(f"'{source}' is neither a local folder nor a reachable hub model ({e})") from None
+            raise UserError(f"'{source}' is neither a local folder nor a reachable hub model with "
+                            f"safetensors weights ({' '.join(str(e).split())})") from None
+        except ValueError as e:  # custom code (trust_remote_code=False), an unknown model type
+            raise UserError(f"hub model '{source}': {' '.join(str(e).split())} (lmforge never runs a "
+                            f"model's own code; supported: {', '.join(SUPPORTED)})") from None
         model = from_hf_model(hf)
         return model, Tokenizer.from_str(tok_dir.backend_tokenizer.to_str())
+    refuse_custom_code(folder)
     try:
-        hf_cfg = AutoConfig.from_pretrained(str(folder))
+        hf_cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
-        kind = json.loads((folder / "config.json").read_text()).get("model_type", "?") \
-            if (folder / "config.json").is_file() else "?"
-        if (folder / "config.json").is_file() and kind not in SUPPORTED:
-            raise UserError(f"unsupported Hugging Face model_type '{kind}' (supported: {', '.join(SUPPORTED)})") \
-                from None
-        raise UserError(f"'{folder}': cannot read config.json ({e})") from None
+        raise UserError(f"'{folder / HF_CONFIG}': cannot read it ({' '.join(str(e).split())})") from None
     cfg = config_from_hf(hf_cfg)
-    model = GPT(cfg)
     sd = {k: v.float() for k, v in _read_hf_weights(folder).items()}
+    model = GPT(cfg)
     model.load_state_dict(from_hf_state_dict(cfg, sd))
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
     if tokenizer is not None:

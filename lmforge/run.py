@@ -47,13 +47,23 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
         model, tokenizer = load_hf(path)
         if tokenizer is None:
             raise UserError(f"'{path}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
-        return LoadedRun(model=model.to(device), tokenizer=tokenizer, config=TrainConfig(model=model.cfg),
-                         checkpoint=Path(path), folder=Path(path))
-    run_dir, ckpt = rundir.resolve_checkpoint(path)
-    info = rundir.read_run_info(run_dir)
-    run = _load_finetuned(run_dir, ckpt, info) if info.kind == "finetune" else _load_pretrained(run_dir, ckpt)
+        run = LoadedRun(model=model, tokenizer=tokenizer, config=TrainConfig(model=model.cfg),
+                        checkpoint=Path(path), folder=Path(path))
+    else:
+        run_dir, ckpt = rundir.resolve_checkpoint(path)
+        info = rundir.read_run_info(run_dir)
+        run = _load_finetuned(run_dir, ckpt, info) if info.kind == "finetune" else _load_pretrained(run_dir, ckpt)
+    _check_finite(run.model, run.checkpoint)
     run.model.to(device).eval()
     return run
+
+
+def _check_finite(model: torch.nn.Module, source: Path) -> None:
+    """UserError if any weight is NaN or infinite (a diverged run): such a model only produces noise."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(f"'{source}' holds non-finite weights ({name} has NaN or Inf): the run diverged; "
+                            f"use an earlier checkpoint or train again with a lower optim.lr")
 
 
 def _load_pretrained(run_dir: Path, ckpt: Path) -> LoadedRun:

@@ -17,19 +17,30 @@ A run directory is what ``lmforge train``, ``lmforge finetune`` and ``lmforge im
           adapter.safetensors       LoRA: only the trained tensors
           trainer.safetensors       optimizer moments + RNG states
           trainer.json              step, optimizer hyper-parameters, best val loss, ...
+          manifest.json             size and SHA-256 of every file above, written last
         latest                      names the newest complete checkpoint
 
 Code decides what a run is from ``run.json`` (:func:`read_run_info`), never from which keys or files
 happen to be present. Runs written before ``run.json`` existed are recognised once, by
 :func:`infer_run_info`.
+
+A checkpoint counts only if it is valid (:func:`checkpoint_problem`): every file its manifest lists
+has the recorded size and SHA-256, and every file opens (checkpoints written before manifests
+existed are held to the second test only). :func:`latest_checkpoint` takes the newest valid one and
+warns about each newer one it skipped, and why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +48,7 @@ from typing import Literal
 import yaml
 
 from lmforge import __version__
-from lmforge.errors import UserError
+from lmforge.errors import StorageError, UserError
 
 RUN_INFO = "run.json"
 CONFIG = "config.yaml"
@@ -52,6 +63,7 @@ WEIGHTS = "model.safetensors"
 ADAPTER = "adapter.safetensors"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_STATE = "trainer.json"
+MANIFEST = "manifest.json"
 
 Kind = Literal["pretrain", "finetune", "imported"]
 Task = Literal["lm", "sft", "classify"]
@@ -73,11 +85,48 @@ class RunInfo:
     """When the run was created (local time, ISO 8601)."""
 
 
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+"""Errors of the storage, not of lmforge: a full disk, a quota, a file-size limit, an I/O error, read-only."""
+
+
+def _free_space(path: Path) -> str:
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
+    return f"{free / 2**20:,.0f} MiB free" if free < 2**30 else f"{free / 2**30:,.1f} GiB free"
+
+
+@contextlib.contextmanager
+def storage_errors(path: Path, operation: str, hint: str = "") -> Iterator[None]:
+    """Turn a storage failure inside the block into a :class:`StorageError` naming ``path``, the
+    operation, the free space (and ``hint``). safetensors reports them as its own errors ("os error N")."""
+    try:
+        yield
+    except Exception as e:
+        code = e.errno if isinstance(e, OSError) else next(
+            (n for n in STORAGE_ERRNOS if f"(os error {n})" in str(e)), None)
+        if code not in STORAGE_ERRNOS:
+            raise
+        raise StorageError(f"{operation} '{path}' failed: {os.strerror(code)} ({_free_space(path)})"
+                           + (f"; {hint}" if hint else "")) from e
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries (its renames), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file and a rename: readers see the old or the new text."""
+    """Write ``path`` through a temporary file, an fsync and a rename: after a crash, readers see the
+    old text or the new one, never a part."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def write_run_info(run_dir: Path, kind: Kind, task: Task, lora: bool = False) -> RunInfo:
@@ -145,7 +194,7 @@ def open_run_dir(out_dir: str | Path, resume: bool) -> tuple[Path, Path | None]:
         run_dir = Path(out_dir)
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
-            raise UserError(f"cannot resume: '{run_dir}' has no checkpoint")
+            raise UserError(f"cannot resume: {no_valid_checkpoint(run_dir)}")
         return run_dir, ckpt
     return fresh_run_dir(out_dir), None
 
@@ -172,24 +221,105 @@ def has_weights(ckpt: Path) -> bool:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Checkpoint directories of a run, oldest first, valid or not (see :func:`checkpoint_problem`);
+    temporary ones being written are not checkpoints."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and not p.name.endswith(".tmp") and has_weights(p))
+                  and not p.name.endswith(".tmp"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Record the size and SHA-256 of every file in checkpoint directory ``ckpt`` (fsync'd, last)."""
+    files = sorted(p for p in ckpt.iterdir() if p.is_file() and p.name != MANIFEST)
+    for p in files:
+        fsync_path(p)
+    manifest = {"files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    write_text_atomic(ckpt / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def _opens(path: Path) -> str | None:
+    """Why a checkpoint file cannot be read (safetensors header, JSON), or None if it can."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open  # the header only; no tensors are read
+
+            with safe_open(str(path), framework="numpy") as f:
+                f.keys()
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        return f"{path.name} does not open ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why checkpoint directory ``ckpt`` cannot be used, or None if it is valid."""
+    if not has_weights(ckpt):
+        return f"no weights ({WEIGHTS} or {ADAPTER})"
+    manifest_path = ckpt / MANIFEST
+    if manifest_path.is_file():
+        try:
+            listed = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is damaged"
+        for name, rec in listed.items():
+            path = ckpt / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != rec["size"]:
+                return f"{name} has {path.stat().st_size} bytes, {rec['size']} were written"
+            if _sha256(path) != rec["sha256"]:
+                return f"{name} does not match its SHA-256"
+    for path in sorted(ckpt.iterdir()):
+        problem = _opens(path) if path.is_file() and path.name != MANIFEST else None
+        if problem:
+            return problem
+    return None
+
+
+def _newest_valid(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """(the newest valid checkpoint or None, 'step_N: problem' for each newer one skipped)."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    candidates = list_checkpoints(run_dir)[::-1]
+    if named in candidates:  # normally the newest anyway
+        candidates.remove(named)
+        candidates.insert(0, named)
+    skipped = []
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append(f"{ckpt.name}: {problem}")
+    return None, skipped
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names, else the newest complete one, else None."""
-    root = Path(run_dir) / CHECKPOINTS
-    pointer = root / LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text(encoding="utf-8").strip()
-        if has_weights(path):
-            return path
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    """The newest valid checkpoint (the one ``latest`` names first), warning about each one skipped
+    and why; None if there is none (the callers' errors then say what is damaged)."""
+    ckpt, skipped = _newest_valid(run_dir)
+    for line in skipped if ckpt is not None else []:
+        name, problem = line.split(": ", 1)
+        warnings.warn(f"skipped checkpoint '{Path(run_dir) / CHECKPOINTS / name}': {problem}", stacklevel=2)
+    return ckpt
+
+
+def no_valid_checkpoint(run_dir: str | Path) -> str:
+    """Why a run has no valid checkpoint, for an error message."""
+    skipped = _newest_valid(run_dir)[1]
+    return f"'{run_dir}' has no valid checkpoint" + (f" ({len(skipped)} damaged; newest {skipped[0]})"
+                                                      if skipped else " yet")
 
 
 def set_latest(ckpt: Path) -> None:
@@ -203,11 +333,14 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not p.exists():
         raise UserError(f"'{p}' does not exist (expected a run directory or a checkpoint directory)")
     if has_weights(p) and p.parent.name == CHECKPOINTS:
+        problem = checkpoint_problem(p)
+        if problem:
+            raise UserError(f"checkpoint '{p}' is damaged: {problem}")
         return p.parent.parent, p
     if is_run_dir(p):
         ckpt = latest_checkpoint(p)
         if ckpt is None:
-            raise UserError(f"run directory '{p}' has no checkpoint yet")
+            raise UserError(f"run directory {no_valid_checkpoint(p)}")
         return p, ckpt
     raise UserError(f"'{p}' is not a run directory (no {CONFIG}) nor a checkpoint (no {WEIGHTS})")
 

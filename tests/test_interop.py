@@ -1,10 +1,14 @@
 """Hugging Face model folders in and out (lmforge.interop): import, direct loading, export, sharded
-weights, bad folders; round trips checked against `transformers` itself on tiny random models."""
+weights, bad and untrusted folders (custom code, pickles); round trips checked against `transformers`
+itself on tiny random models."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from lmforge.cli import main  # noqa: E402
 from lmforge.data.tokenizer import Tokenizer  # noqa: E402
+from lmforge.errors import UserError  # noqa: E402
 from lmforge.interop import load_hf  # noqa: E402
 from lmforge.run import load_run  # noqa: E402
 from lmforge.rundir import read_run_info  # noqa: E402
@@ -65,3 +70,115 @@ def test_sharded_weights_and_bad_folders(tmp_path, capsys):
     assert main(["import", str(bert), "--out", str(tmp_path / "x")]) == 2
     assert "unsupported Hugging Face model_type 'bert'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# Untrusted folders: a model folder is data. Its Python (auto_map) is never imported, its pickles are
+# never loaded; each planted file below would create MARKER if anything ran it.
+
+def _evil_code(marker) -> str:
+    return f"open({str(marker)!r}, 'w').close()\n"
+
+
+class _Evil:
+    """Pickled, it is a call to open(MARKER, 'w'): unpickling it would create the marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _gpt2_folder(folder, marker):
+    """A valid tiny GPT-2 folder (it would load), with Python files next to its config.json."""
+    save_hf_folder(hf_gpt2(), folder, Tokenizer.train_char(["abc"]))
+    for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
+        (folder / name).write_text(_evil_code(marker))
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+CUSTOM_CODE = {
+    "config-custom-type": ("config.json", {"model_type": "evil", "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}),
+    "config-gpt2": ("config.json", {"auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}),
+    "tokenizer-config": ("tokenizer_config.json", {"tokenizer_class": "EvilTokenizer", "auto_map": {
+        "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}),
+}
+
+
+@pytest.mark.parametrize("case", CUSTOM_CODE)
+def test_a_folder_asking_to_run_its_code_is_refused_without_running_it(case, tmp_path, capsys):
+    marker, src, out = tmp_path / "MARKER", tmp_path / "evil", tmp_path / "out"
+    _gpt2_folder(src, marker)
+    name, extra = CUSTOM_CODE[case]
+    path = src / name
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.is_file() else {}), **extra}))
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["import", str(src), "--out", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert f"'{path}' asks to run custom code (auto_map: " in err and "_evil.py" in err
+    assert "lmforge never runs a model folder's code; supported: gpt2, llama, mistral, qwen2" in err
+    with pytest.raises(UserError, match="auto_map"):  # direct loading, and fine-tuning from the folder
+        load_run(src)
+    assert not marker.exists() and not out.exists()
+
+
+def test_the_command_refuses_custom_code_without_a_prompt(tmp_path):
+    marker, src, out = tmp_path / "MARKER", tmp_path / "evil", tmp_path / "out"
+    _gpt2_folder(src, marker)
+    (src / "config.json").write_text(json.dumps(CUSTOM_CODE["config-custom-type"][1]))
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "import", str(src), "--out", str(out)], input="",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "[y/N]" not in proc.stdout + proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "asks to run custom code (auto_map" in proc.stderr
+    assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("name,pickled", [("pytorch_model.bin", False), ("pytorch_model.bin", True),
+                                          ("model.ckpt", True)])
+def test_pickled_weights_are_refused_never_loaded(name, pickled, tmp_path, capsys):
+    marker, src, out = tmp_path / "MARKER", tmp_path / "src", tmp_path / "out"
+    _gpt2_folder(src, marker)
+    (src / "model.safetensors").unlink()
+    if pickled:
+        torch.save({"transformer.wte.weight": _Evil(marker)}, src / name)
+    else:
+        (src / name).write_bytes(b"\x80\x02not really a checkpoint")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["import", str(src), "--out", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert f"found only pickled weights: {name}" in err and "only safetensors weights are read" in err
+    with pytest.raises(UserError, match="never pickles"):
+        load_run(src)
+    # An index that lists a pickle as a shard is refused too.
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": name}}))
+    assert main(["import", str(src), "--out", str(out)]) == 2
+    assert f"lists '{name}', which is no safetensors file" in _one_error_line(capsys)
+    assert not marker.exists() and not out.exists()
+
+
+def test_a_hub_id_is_loaded_without_its_code_and_from_safetensors_only(monkeypatch):
+    tok, calls = Tokenizer.train_char(["abc"]), []
+
+    def model(name, **kw):
+        calls.append(("model", name, kw))
+        return hf_gpt2()
+
+    def tokenizer(name, **kw):
+        calls.append(("tokenizer", name, kw))
+        return types.SimpleNamespace(backend_tokenizer=tok.hf)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+    loaded, loaded_tok = load_hf("some-org/tiny-model")
+    assert loaded.cfg.vocab_size == 101 and loaded_tok.vocab_size == tok.vocab_size
+    assert [(what, name) for what, name, _ in calls] == [("model", "some-org/tiny-model"),
+                                                         ("tokenizer", "some-org/tiny-model")]
+    assert calls[0][2]["trust_remote_code"] is False and calls[0][2]["use_safetensors"] is True
+    assert calls[1][2]["trust_remote_code"] is False

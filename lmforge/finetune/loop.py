@@ -175,3 +175,4 @@ def write_merged(model: torch.nn.Module, ckpt: Path) -> None:
     tmp = ckpt / (rundir.WEIGHTS + ".tmp")
     save_model(merged, str(tmp))
     tmp.replace(ckpt / rundir.WEIGHTS)
+    rundir.write_manifest(ckpt)

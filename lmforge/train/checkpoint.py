@@ -80,49 +80,63 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _new_checkpoint_dir(run_dir: Path, step: int) -> tuple[Path, Path]:
-    """(final, tmp) directories of checkpoint ``step``; tmp is created empty."""
+def _write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -> Path:
+    """Checkpoint ``step`` of a run, atomically: ``write(tmp)`` fills a temporary directory, a manifest
+    of its files is written last, files and directories are fsync'd, then it is renamed into place and
+    ``latest`` moves to it. On any failure the temporary directory is removed and ``latest`` stays.
+    """
     final = rundir.checkpoint_dir(run_dir, step)
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("step_*.tmp"):  # left by a process that died mid-write (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(final.name + ".tmp")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return final, tmp
+    try:
+        with rundir.storage_errors(final, "writing checkpoint", "the previous checkpoint is intact: free some "
+                                   "space, then run again with --resume"):
+            tmp.mkdir()
+            write(tmp)
+            rundir.write_manifest(tmp)
+            rundir.fsync_path(tmp)
+            if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            rundir.fsync_path(root)
+            rundir.set_latest(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: TrainerState, keep_last: int,
                     write_weights: Callable[[Path], None] | None = None) -> Path:
-    """Write checkpoint ``state.step`` atomically, point ``latest`` at it, and prune old ones.
+    """Write checkpoint ``state.step`` (see :func:`_write_checkpoint`), then prune all but the newest
+    ``keep_last`` (only once the new one is in place).
 
     write_weights(dir) writes the weights instead of ``model.safetensors`` (LoRA: only the adapters).
     """
-    final, tmp = _new_checkpoint_dir(run_dir, state.step)
-    if write_weights is None:
-        save_model(model, str(tmp / rundir.WEIGHTS))
-    else:
-        write_weights(tmp)
-    tensors, optim_meta = _optimizer_tensors(optimizer)
-    tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
-    save_file(tensors, str(tmp / rundir.TRAINER_TENSORS))
-    meta = {**asdict(state), "optimizer": optimizer_meta_jsonable(optim_meta)}
-    (tmp / rundir.TRAINER_STATE).write_text(json.dumps(meta), encoding="utf-8")
-    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    rundir.set_latest(final)
+    def write(tmp: Path) -> None:
+        if write_weights is None:
+            save_model(model, str(tmp / rundir.WEIGHTS))
+        else:
+            write_weights(tmp)
+        tensors, optim_meta = _optimizer_tensors(optimizer)
+        tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
+        save_file(tensors, str(tmp / rundir.TRAINER_TENSORS))
+        meta = {**asdict(state), "optimizer": optimizer_meta_jsonable(optim_meta)}
+        (tmp / rundir.TRAINER_STATE).write_text(json.dumps(meta), encoding="utf-8")
+
+    final = _write_checkpoint(run_dir, state.step, write)
     for old in rundir.list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def save_weights_only(run_dir: Path, step: int, model: torch.nn.Module) -> Path:
-    """A checkpoint with weights and no trainer state (an imported model), written atomically."""
-    final, tmp = _new_checkpoint_dir(run_dir, step)
-    save_model(model, str(tmp / rundir.WEIGHTS))
-    os.rename(tmp, final)
-    rundir.set_latest(final)
-    return final
+    """A checkpoint with weights and no trainer state (an imported model), written the same way."""
+    return _write_checkpoint(run_dir, step, lambda tmp: save_model(model, str(tmp / rundir.WEIGHTS)))
 
 
 def optimizer_meta_jsonable(meta: dict) -> dict:

@@ -158,3 +158,45 @@ def test_a_model_trained_from_scratch_exports_to_transformers_with_identical_gre
     # Exporting again into the same folder is refused and leaves it as it was.
     again = lmforge("export", str(run), "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_resumes_exactly(trained_run, tmp_path):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "checkpoints" / "step_000150" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a torn write
+    result = lmforge("generate", str(copy), "-p", "def ", "-n", "5", "-t", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"lmforge: warning: skipped checkpoint '{weights.parent}': model.safetensors has 1000 bytes, "
+        f"{(run / 'checkpoints' / 'step_000150' / 'model.safetensors').stat().st_size} were written"]
+    # Resuming starts from step 100 and recomputes steps 101-150 exactly as the uninterrupted run did.
+    resumed = lmforge("train", "--resume", str(copy))
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert "step_000100 (step 100)" in resumed.stdout
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"} for d in (run, copy)]
+    assert losses[0] == losses[1] and max(losses[1]) == 150
+    # With no valid checkpoint left: one line, exit 2.
+    for step in (100, 150):
+        w = copy / "checkpoints" / f"step_000{step}" / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:1000])
+    _one_line_error(lmforge("generate", str(copy)), "no valid checkpoint (2 damaged; newest step_000150")
+
+
+def test_a_model_with_non_finite_weights_is_refused_with_one_line(trained_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.rundir import write_manifest
+
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = copy / "checkpoints" / "step_000150"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["blocks.0.mlp.fc.weight"][0, 0] = float("nan")  # as a diverged run would have saved it
+    save_file(weights, str(ckpt / "model.safetensors"))
+    write_manifest(ckpt)
+    _one_line_error(lmforge("generate", str(copy), "-n", "5"), "non-finite weights", "blocks.0.mlp.fc.weight",
+                    "optim.lr")

@@ -17,7 +17,7 @@ from lmforge import __version__
 from lmforge.config import load_finetune_config
 from lmforge.finetune.loop import finetune
 from lmforge.run import load_run
-from lmforge.rundir import RunInfo, read_run_info
+from lmforge.rundir import RunInfo, read_run_info, write_manifest
 from tests.fixtures import finished_output, sigkill_after, train_losses
 
 SFT = ["train.max_steps=300", "train.batch_size=16", "optim.lr=1e-3", "train.log_interval=50",
@@ -117,6 +117,7 @@ def test_a_lora_run_loads_the_same_from_adapters_as_from_merged_weights(base_run
     adapters_only = tmp_path / "adapters_only"
     shutil.copytree(result.run_dir, adapters_only)
     (adapters_only / "checkpoints" / "step_000040" / "model.safetensors").unlink()
+    write_manifest(adapters_only / "checkpoints" / "step_000040")  # as a run without --merge writes it
     x = torch.arange(1, 40)[None]
     with torch.no_grad():
         merged = load_run(result.run_dir).model(x)[0]
