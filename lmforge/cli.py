@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 import warnings
@@ -92,7 +93,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lmforge.evaluate.runner import EvalRequest, evaluate_run, format_report, write_report
+    from lmforge.evaluate.runner import EvalRequest, evaluate_run, format_report, report_path, write_report
 
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "repetition_penalty": args.repetition_penalty, "seed": args.seed}
@@ -100,9 +101,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       choice=args.choice, classify=args.classify, stride=args.stride, batch_size=args.batch_size,
                       text_field=args.text_field, label_field=args.label_field, sampling=sampling,
                       max_new_tokens=args.max_new_tokens, stop=args.stop or [])
+    out = report_path(args.output, args.run)
     report = evaluate_run(args.run, req, args.device, args.precision)
     print(format_report(report))
-    print(f"\nwrote {write_report(report, args.output, args.run)}")
+    print(f"\nwrote {write_report(report, out)}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -114,16 +116,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from lmforge.data.records import read_text_file
     from lmforge.generate import generate_text
     from lmforge.run import load_run
     from lmforge.runtime import compile_falls_back_to_eager, maybe_compile, setup_runtime
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UserError(f"--prompt-file '{path}' does not exist")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += [line for line in read_text_file(args.prompt_file, "--prompt-file").splitlines() if line.strip()]
     if not prompts:
         prompts = [""]
     rt = setup_runtime(args.device, args.precision)
@@ -197,8 +197,31 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type, names: tuple[str, .
                        help=f"{docs[name]} (default {default})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported as one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (no nan, no inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="Train, evaluate and use GPT-style models.")
+    parser = _Parser(prog="lmforge", description="Train, evaluate and use GPT-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="turn text files into tokenized train/val shards",
@@ -222,11 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or checkpoint directory")
     p.add_argument("--prompt", "-p", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", help="file with one prompt per line")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=200)
-    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=200)
+    p.add_argument("--temperature", "-t", type=finite_float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=finite_float, default=None)
+    p.add_argument("--repetition-penalty", type=finite_float, default=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the run's chat template")
@@ -242,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory, checkpoint directory or Hugging Face folder")
     p.add_argument("--lm", nargs="+", metavar="SRC", help="text files/folders/globs (.jsonl/.parquet: a text "
                                                          "field): loss, perplexity, bits per byte")
-    p.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: the context: disjoint)")
+    p.add_argument("--stride", type=positive_int,
+                   help="sliding-window stride in tokens (default: the context: disjoint)")
     p.add_argument("--dataset", metavar="DIR", help="a prepared dataset: its split, windowed as training evaluates")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--generate", metavar="FILE", help="JSONL of prompt + reference(s): BLEU, chrF, ROUGE, exact match")
@@ -250,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classify", metavar="FILE", help="CSV/JSONL of text + label (classification runs)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 (default) means greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=64)
+    p.add_argument("--temperature", "-t", type=finite_float, default=0.0, help="0 (default) means greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=finite_float, default=None)
+    p.add_argument("--repetition-penalty", type=finite_float, default=1.0)
     p.add_argument("--stop", action="append", help="stop string for --generate (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", help="JSON report path (default: RUN/eval.json, or ./eval.json)")

@@ -38,6 +38,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 """Weight files that are pickles (torch.save): never read, loading one can run arbitrary code."""
 
 
+def check_new_folder(out: Path) -> None:
+    """UserError unless ``out`` can become a new folder: absent, or an empty folder (never overwrite)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file (expected a folder to create)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out '{out}' already exists and is not empty (nothing was overwritten)")
+
+
 def is_hf_folder(path: str | Path) -> bool:
     """A ``save_pretrained`` folder: it has transformers' config.json and is no lmforge run directory."""
     p = Path(path)
@@ -161,8 +169,7 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
     """Write an HF model as an lmforge run directory (run.json, config.yaml, tokenizer.json, its chat
     template if it has one, and a checkpoint of step 0)."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out '{out}' already exists and is not empty (nothing was overwritten)")
+    check_new_folder(out)
     model, tokenizer = load_hf(source)
     if tokenizer is None:
         raise UserError(f"'{source}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
@@ -189,8 +196,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path,
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out '{out}' already exists and is not empty (nothing was overwritten)")
+    check_new_folder(out)
     if next(model.parameters()).dtype != torch.float32:  # export fp32 without changing the caller's model
         model = copy.deepcopy(model).float()
     hf = to_hf_model(model)

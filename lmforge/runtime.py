@@ -97,6 +97,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("train.precision=bf16, but this GPU does not support bf16 (use fp16 or auto)")
+        if name == "fp16" and device.type == "cpu":
+            # CPUs have no fast fp16 matmuls, and fp16 training needs loss scaling made for GPUs.
+            raise UserError("precision fp16 is for GPUs; on a CPU use bf16, fp32 or auto")
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

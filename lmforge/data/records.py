@@ -101,6 +101,20 @@ def require(record: dict[str, Any], name: str, kind: type | tuple[type, ...] = s
     return value
 
 
+def read_text_file(path: str, flag: str) -> str:
+    """The text of a UTF-8 text file given as ``flag``; UserError if it is missing, a folder or binary."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} '{p}' {'is a folder' if p.is_dir() else 'does not exist'} (expected a text file)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} '{p}' is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    if "\0" in text:
+        raise UserError(f"{flag} '{p}' is a binary file (it holds NUL bytes); expected text")
+    return text
+
+
 def read_train_val(train: str, val: str | None, val_fraction: float, seed: int,
                    convert: Callable[[dict[str, Any]], Any], skip_bad_lines: bool,
                    report: ReadReport) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.records import BadRecord, read_records, require
+from lmforge.data.records import BadRecord, read_records, read_text_file, require
 from lmforge.errors import UserError
 from lmforge.evaluate.tasks import classification_metrics, format_confusion
 from lmforge.model.classifier import class_probabilities
@@ -19,9 +19,7 @@ def read_texts(file: str, text_field: str, label_field: str) -> tuple[list[str],
     """Texts of a .txt (one per line), .jsonl or .csv file, and their (label, where) if every record has one."""
     path = Path(file)
     if path.suffix.lower() not in (".jsonl", ".csv"):
-        if not path.is_file():
-            raise UserError(f"--file '{path}' does not exist")
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()], None
+        return [line for line in read_text_file(file, "--file").splitlines() if line.strip()], None
 
     def convert(r: dict) -> tuple[str, str | None]:
         label = r.get(label_field)
@@ -63,6 +61,8 @@ def predict_cli(run_path: str, texts: list[str], file: str | None, text_field: s
             gold = None  # --text entries have no labels
     if not texts:
         raise UserError("nothing to label: give --text TEXT or --file FILE")
+    if output and Path(output).is_dir():
+        raise UserError(f"--output '{output}' is a folder (expected the path of a .jsonl file)")
     rt = setup_runtime(device, "fp32")
     run = load_run(run_path, rt.device)
     if run.task != "classify" or run.labels is None:

@@ -118,14 +118,21 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, output: str | None, run_path: str) -> Path:
-    """Write the JSON report: --output, else eval.json in the run directory (or here for other models)."""
+def report_path(output: str | None, run_path: str) -> Path:
+    """Where the JSON report goes: --output, else eval.json in the run directory (or here for other
+    models); UserError if that is a folder. Checked before any evaluation runs."""
     if output:
         out = Path(output)
     else:
         run = Path(run_path)
-        folder = run if rundir.is_run_dir(run) else Path(".")
-        out = folder / "eval.json"
+        out = (run if rundir.is_run_dir(run) else Path(".")) / "eval.json"
+    if out.is_dir():
+        raise UserError(f"--output '{out}' is a folder (expected the path of a .json file)")
+    return out
+
+
+def write_report(report: dict, out: Path) -> Path:
+    """Write the JSON report to ``out`` (see :func:`report_path`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return out

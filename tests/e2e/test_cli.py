@@ -200,3 +200,30 @@ def test_a_model_with_non_finite_weights_is_refused_with_one_line(trained_run, t
     write_manifest(ckpt)
     _one_line_error(lmforge("generate", str(copy), "-n", "5"), "non-finite weights", "blocks.0.mlp.fc.weight",
                     "optim.lr")
+
+
+def test_bad_flag_values_and_wrong_kinds_of_file_are_one_line_errors(trained_run, tmp_path, capsys):
+    from lmforge.cli import main
+
+    run, _ = trained_run
+
+    def fails(*args: str, fragments: tuple[str, ...], code: int = 2) -> None:
+        try:
+            result = main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            result = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert result == code and len(err) == 1, err
+        assert all(f in err[0] for f in fragments), err[0]
+
+    fails("generate", str(run), "-n", "-5", fragments=("-n", "at least 1, got -5"))
+    fails("generate", str(run), "-t", "nan", fragments=("finite number",))
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\x00\xff\xfe binary")
+    fails("generate", str(run), "--prompt-file", str(binary), fragments=("--prompt-file", "not UTF-8"))
+    fails("generate", str(run), "--prompt-file", str(tmp_path), fragments=("--prompt-file", "is a folder"))
+    text = tmp_path / "t.txt"
+    text.write_text("the end\n")
+    fails("eval", str(run), "--lm", str(text), "-o", str(tmp_path), fragments=("--output", "is a folder"))
+    fails("export", str(run), "--out", str(text), fragments=("--out", "is a file"))
+    fails("generate", str(run), "--device", "cpu", "--precision", "fp16", fragments=("fp16 is for GPUs",))
