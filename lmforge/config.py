@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -24,6 +25,20 @@ import yaml
 
 from lmforge.errors import UserError
 from lmforge.presets import preset_values
+
+
+def _check(key: str, value: Any, ok: bool, expected: str) -> None:
+    """UserError naming a config key whose value passes its type but makes no sense."""
+    if not ok:
+        raise UserError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+MAX_CONTEXT = 1 << 20
+"""The largest model.block_size accepted: beyond it the position tables alone outgrow any machine."""
 
 
 @dataclass
@@ -122,6 +137,15 @@ class ModelConfig:
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        _check("model.block_size", self.block_size, self.block_size <= MAX_CONTEXT, f"at most {MAX_CONTEXT:,}")
+        _check("model.vocab_size", self.vocab_size, self.vocab_size >= 0, "0 (from the tokenizer) or more")
+        for name in ("n_kv_head", "intermediate_size"):
+            value = getattr(self, name)
+            _check(f"model.{name}", value, value is None or value > 0, "null or a positive integer")
+        _check("model.dropout", self.dropout, 0 <= self.dropout < 1, "a probability in [0, 1)")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            _check(f"model.{name}", value, _finite(value) and value > 0, "a finite number > 0")
 
 
 @dataclass
@@ -146,6 +170,21 @@ class OptimConfig:
     """AdamW's epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+
+    def validate(self, prefix: str = "optim") -> None:
+        """UserError naming the key whose value cannot work."""
+        for name in ("lr", "eps"):
+            value = getattr(self, name)
+            _check(f"{prefix}.{name}", value, _finite(value) and value > 0, "a finite number > 0")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            _check(f"{prefix}.{name}", value, _finite(value) and value >= 0, "a finite number >= 0")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check(f"{prefix}.{name}", value, 0 <= value < 1, "a number in [0, 1)")
+        _check(f"{prefix}.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "0 or more")
+        _check(f"{prefix}.decay_steps", self.decay_steps, self.decay_steps is None or self.decay_steps > 0,
+               "null or a positive integer")
 
 
 @dataclass
@@ -186,6 +225,20 @@ class TrainLoopConfig:
     """Recompute each block's activations in backward: far less memory for about one more forward pass."""
 
 
+def _validate_train_loop(tc: TrainLoopConfig, prefix: str = "train") -> None:
+    """UserError naming the ``train.*`` key whose value cannot work."""
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval",
+                 "ckpt_interval"):
+        value = getattr(tc, name)
+        _check(f"{prefix}.{name}", value, value > 0, "a positive integer")
+    for name in ("keep_last", "threads"):
+        value = getattr(tc, name)
+        _check(f"{prefix}.{name}", value, value >= 0, "0 or more")
+    _check(f"{prefix}.patience", tc.patience, tc.patience is None or tc.patience > 0, "null or a positive integer")
+    _check(f"{prefix}.max_minutes", tc.max_minutes,
+           tc.max_minutes is None or (_finite(tc.max_minutes) and tc.max_minutes > 0), "null or a number > 0")
+
+
 @dataclass
 class SampleConfig:
     """Samples printed at the end of training."""
@@ -200,6 +253,14 @@ class SampleConfig:
     """Sampling temperature; 0 is greedy."""
     top_k: int | None = 50
     """Sample among the k most likely tokens; None means all."""
+
+    def validate(self) -> None:
+        """UserError naming the key whose value cannot work."""
+        _check("sample.num_samples", self.num_samples, self.num_samples >= 0, "0 or more")
+        _check("sample.max_new_tokens", self.max_new_tokens, self.max_new_tokens > 0, "a positive integer")
+        _check("sample.temperature", self.temperature, _finite(self.temperature) and self.temperature >= 0,
+               "a finite number >= 0 (0 is greedy)")
+        _check("sample.top_k", self.top_k, self.top_k is None or self.top_k > 0, "null or a positive integer")
 
 
 @dataclass
@@ -248,6 +309,13 @@ class FinetuneDataConfig:
     eval_generations: int = 50
     """SFT: val examples answered greedily at the end to report exact match; 0 disables."""
 
+    def validate(self) -> None:
+        """UserError naming the key whose value cannot work."""
+        _check("data.val_fraction", self.val_fraction, 0 < self.val_fraction < 1, "a number between 0 and 1")
+        _check("data.max_length", self.max_length, self.max_length is None or self.max_length > 0,
+               "null or a positive integer")
+        _check("data.eval_generations", self.eval_generations, self.eval_generations >= 0, "0 or more")
+
 
 @dataclass
 class LoraSettings:
@@ -263,6 +331,12 @@ class LoraSettings:
     """Linear layers that get adapters (names as in lmforge.model.gpt: qkv, proj, fc)."""
     merge: bool = False
     """At the end, also write full weights with the adapters merged in (no base model needed to load)."""
+
+    def validate(self) -> None:
+        """UserError naming the key whose value cannot work."""
+        _check("lora.rank", self.rank, self.rank >= 0, "0 (no LoRA) or more")
+        _check("lora.alpha", self.alpha, _finite(self.alpha) and self.alpha > 0, "a finite number > 0")
+        _check("lora.dropout", self.dropout, 0 <= self.dropout < 1, "a probability in [0, 1)")
 
 
 @dataclass
@@ -329,6 +403,11 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):  # YAML 1.1 reads 1e8 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise UserError(f"config key '{key}': expected an integer, got {value!r}")
@@ -452,8 +531,17 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     data = load_yaml(resolve_config_path(path)) if path else {}
     data = merge_overrides(data, overrides or [])
     cfg = from_dict(TrainConfig, data)
-    cfg.model.validate()
+    validate_train_config(cfg)
     return cfg
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Every value of a pretraining config checked by meaning (ranges, finiteness, divisibility)."""
+    cfg.data.validate()
+    cfg.model.validate()
+    cfg.optim.validate()
+    _validate_train_loop(cfg.train)
+    cfg.sample.validate()
 
 
 def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -477,9 +565,17 @@ def load_finetune_config(path: str | Path | None = None, overrides: list[str] | 
         raise UserError("finetune needs a base model: set base=RUN_DIR (an lmforge run or a Hugging Face folder)")
     if not cfg.data.train:
         raise UserError("finetune needs training examples: set data.train=FILE.jsonl")
-    if cfg.lora.rank < 0:
-        raise UserError(f"lora.rank must be >= 0 (0 disables LoRA), got {cfg.lora.rank}")
+    validate_finetune_config(cfg)
     return cfg
+
+
+def validate_finetune_config(cfg: FinetuneConfig) -> None:
+    """Every value of a fine-tuning config checked by meaning (the model's come from the base)."""
+    cfg.data.validate()
+    cfg.lora.validate()
+    cfg.optim.validate()
+    _validate_train_loop(cfg.train)
+    _check("dropout", cfg.dropout, cfg.dropout is None or 0 <= cfg.dropout < 1, "null or a probability in [0, 1)")
 
 
 def _key_paths(data: dict, prefix: tuple[str, ...] = ()) -> typing.Iterator[list[str]]:

@@ -116,3 +116,30 @@ def test_finetune_refuses_model_keys_it_would_take_from_the_base(tmp_path):
     assert load_finetune_config(saved, ["train.max_steps=5"], resume=True).train.max_steps == 5
     with pytest.raises(UserError, match="'model.n_layer' cannot be set"):
         load_finetune_config(saved, ["model.n_layer=3"], resume=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "'optim.lr': expected a finite number > 0, got -1.0"),
+    ("optim.lr=nan", "'optim.lr': expected a finite number > 0, got nan"),
+    ("optim.beta2=1", "'optim.beta2': expected a number in [0, 1)"),
+    ("train.batch_size=0", "'train.batch_size': expected a positive integer, got 0"),
+    ("train.grad_accum=0", "'train.grad_accum'"),
+    ("train.eval_interval=0", "'train.eval_interval'"),
+    ("train.max_steps=-5", "'train.max_steps': expected a positive integer, got -5"),
+    ("model.dropout=2", "'model.dropout': expected a probability in [0, 1), got 2.0"),
+    ("model.block_size=1e8", "'model.block_size': expected at most 1,048,576"),
+    ("sample.temperature=-1", "'sample.temperature'"),
+    ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
+])
+def test_values_that_pass_type_checks_but_make_no_sense_are_refused_at_load_time(override, message, tmp_path):
+    with pytest.raises(UserError) as e:
+        load_train_config(None, [override, f"out_dir={tmp_path / 'run'}"])
+    assert message in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["lora.alpha=0", "lora.dropout=1", "data.max_length=0", "dropout=1.5",
+                                      "optim.weight_decay=-0.1", "train.patience=0"])
+def test_finetune_values_are_checked_by_meaning_too(override):
+    with pytest.raises(UserError, match=override.split("=")[0]):
+        load_finetune_config(None, ["base=runs/x", "data.train=x.jsonl", override])

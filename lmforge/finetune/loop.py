@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_model
 
 from lmforge import rundir
-from lmforge.config import FinetuneConfig
+from lmforge.config import FinetuneConfig, validate_finetune_config
 from lmforge.data.loader import EpochSampler, to_device
 from lmforge.errors import UserError
 from lmforge.finetune.classify import ClassifyTask
@@ -75,6 +75,7 @@ class FinetuneTask(Protocol):
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> FinetuneResult:
     """Fine-tune per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint."""
+    validate_finetune_config(cfg)  # before anything is created
     tc = cfg.train
     session = TrainingSession.open(cfg, resume, progress)
     rt, run_dir, say = session.rt, session.run_dir, session.say

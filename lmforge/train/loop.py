@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lmforge import rundir
-from lmforge.config import TrainConfig
+from lmforge.config import TrainConfig, validate_train_config
 from lmforge.data.loader import BatchSampler, TokenShard, prefetch_batches
 from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
 from lmforge.data.tokenizer import Tokenizer
@@ -56,6 +56,7 @@ def resolve_dataset(cfg: TrainConfig, progress: bool) -> Path:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint."""
+    validate_train_config(cfg)  # before anything is created
     tc = cfg.train
     session = TrainingSession.open(cfg, resume, progress)
     rt, run_dir, say = session.rt, session.run_dir, session.say
