@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_train_config(*_resume_config(args.resume, overrides)) if resume \
         else load_train_config(args.config or "default", overrides)
     _training_process(cfg.train.compile)
-    train(cfg, resume=resume)
+    train(cfg, resume=resume, allow_data_change=args.allow_data_change)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_config_epilog(TrainConfig))
     p.add_argument("--config", "-c", help="YAML recipe, or a shipped recipe's name (e.g. shakespeare-char)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue even if the dataset was prepared again with other content")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6")
     p.set_defaults(func=cmd_train)
 

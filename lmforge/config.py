@@ -10,6 +10,7 @@ the wrong type raise :class:`~lmforge.errors.UserError` naming the key.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -404,10 +405,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str):  # YAML 1.1 reads 1e8 as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise UserError(f"config key '{key}': expected an integer, got {value!r}")

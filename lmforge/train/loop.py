@@ -7,6 +7,7 @@ and schedule in ``optim``, checkpoints in ``checkpoint``, batches in ``data.load
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from lmforge.config import TrainConfig, validate_train_config
 from lmforge.data.loader import BatchSampler, TokenShard, prefetch_batches
 from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.runtime import Runtime, maybe_compile
@@ -54,8 +56,20 @@ def resolve_dataset(cfg: TrainConfig, progress: bool) -> Path:
     return out
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint."""
+def check_same_data(run_dir: Path, dataset_dir: Path, meta: dict) -> None:
+    """UserError if the dataset changed since the run started (it was prepared again from other text, or
+    with another tokenizer): resuming would silently continue on other data."""
+    started = json.loads((run_dir / rundir.DATASET_META).read_text(encoding="utf-8"))
+    if (started.get("content_hash"), started.get("splits")) != (meta.get("content_hash"), meta.get("splits")):
+        raise UserError(f"cannot resume: the dataset '{dataset_dir}' changed since the run started (content or "
+                        f"token counts differ from {run_dir / rundir.DATASET_META}); --allow-data-change "
+                        f"resumes on it anyway")
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          allow_data_change: bool = False) -> TrainResult:
+    """Train per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint
+    (on the same data, unless ``allow_data_change``)."""
     validate_train_config(cfg)  # before anything is created
     tc = cfg.train
     session = TrainingSession.open(cfg, resume, progress)
@@ -69,6 +83,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         cfg.model.vocab_size = tokenizer.vocab_size
     tokenizer.check_fits(cfg.model.vocab_size, f"model.vocab_size={cfg.model.vocab_size}")
     cfg.data.dataset_dir = str(dataset_dir)
+    if session.resume_from is not None and not allow_data_change:
+        check_same_data(run_dir, dataset_dir, meta)
 
     def write_files(run_dir: Path) -> None:
         tokenizer.save(run_dir / rundir.TOKENIZER)

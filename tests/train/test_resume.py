@@ -52,3 +52,22 @@ def test_sigkill_then_resume_gives_identical_train_losses(dataset, tmp_path):
     assert sorted(resumed_losses) == list(range(1, 61))
     assert resumed_losses == ref_losses  # bit-exact, every step, before and after the kill
     assert ref_losses[60] < ref_losses[1]
+
+
+def test_resume_refuses_a_dataset_prepared_again_with_other_content(tmp_path):
+    from lmforge.config import load_train_config
+    from lmforge.errors import UserError
+    from lmforge.train.loop import train
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("the first text, repeated. " * 400)
+    data = tmp_path / "ds"
+    prepare(DataConfig(sources=[str(src)], tokenizer="char", val_fraction=0.1), data, progress=False)
+    args = [f"data.dataset_dir={data}", f"out_dir={tmp_path / 'run'}", *ARGS, "train.max_steps=10"]
+    train(load_train_config(None, args), progress=False)
+    src.write_text("repeated text, the first. " * 300)  # other content, the same characters
+    prepare(DataConfig(sources=[str(src)], tokenizer="char", val_fraction=0.1), data, progress=False, overwrite=True)
+    resume = [*args[:-1], "train.max_steps=12"]
+    with pytest.raises(UserError, match="changed since the run started.*--allow-data-change"):
+        train(load_train_config(None, resume), resume=True, progress=False)
+    assert train(load_train_config(None, resume), resume=True, progress=False, allow_data_change=True).step == 12
