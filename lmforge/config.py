@@ -129,20 +129,21 @@ class ModelConfig:
 
     def validate(self) -> None:
         """UserError naming the key whose value cannot work."""
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        _check("model.n_kv_head", self.n_kv_head, self.n_kv_head is None or self.n_kv_head > 0,
+               "null or a positive integer")
         if self.n_embd % self.n_head:
             raise UserError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_head % self.kv_heads:
             raise UserError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.kv_heads}")
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head size, got n_embd/n_head={self.head_dim}")
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         _check("model.block_size", self.block_size, self.block_size <= MAX_CONTEXT, f"at most {MAX_CONTEXT:,}")
         _check("model.vocab_size", self.vocab_size, self.vocab_size >= 0, "0 (from the tokenizer) or more")
-        for name in ("n_kv_head", "intermediate_size"):
-            value = getattr(self, name)
-            _check(f"model.{name}", value, value is None or value > 0, "null or a positive integer")
+        _check("model.intermediate_size", self.intermediate_size,
+               self.intermediate_size is None or self.intermediate_size > 0, "null or a positive integer")
         _check("model.dropout", self.dropout, 0 <= self.dropout < 1, "a probability in [0, 1)")
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
@@ -445,7 +446,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     data = dict(data)
     if cls is ModelConfig and data.get("preset"):
-        data = {**preset_values(data["preset"]), **data}
+        preset = _check_value(data["preset"], str, f"{prefix}.preset" if prefix else "preset")
+        data = {**preset_values(preset), **data}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key

@@ -7,7 +7,13 @@ traceback.
 
 
 class UserError(Exception):
-    """A user's mistake: the message names the thing (file, key, value) and what is expected."""
+    """A user's mistake: the message names the thing (file, key, value) and what is expected.
+
+    The message is always one line: a newline in it (a value the user typed, quoted back) reads ``\\n``.
+    """
+
+    def __str__(self) -> str:
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
 class StorageError(Exception):

@@ -26,9 +26,11 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
     logits: (B, V); seen: (B, V) boolean, True where the token occurs in the row's prompt or output.
     A positive logit is divided by ``penalty`` and a negative one multiplied, so that for
-    penalty > 1 a seen token always becomes less likely.
+    penalty > 1 a seen token always becomes less likely. Results stay finite (an extreme penalty
+    would otherwise overflow to inf, and sampling from inf gives NaN).
     """
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    finfo = torch.finfo(logits.dtype)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty).clamp(finfo.min, finfo.max)
     return torch.where(seen, penalized, logits)
 
 
@@ -40,9 +42,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
     the ``top_k`` most likely tokens, then to the nucleus (the smallest set of most likely tokens
     whose probability mass reaches ``top_p``, at least one token), and sampled with ``generator``.
     """
-    if temperature == 0:
+    if temperature <= torch.finfo(logits.dtype).tiny:  # 0, or too small to divide by in this dtype: greedy
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Shifted so the largest logit is 0: a tiny temperature then gives -inf, never inf - inf = nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     ids = None  # vocabulary ids of the candidates, when they are a sorted subset
     if top_k is not None and top_k < logits.shape[-1]:
         # Continuing with just the k candidates (sorted by topk) keeps top-p's sort small.
@@ -51,8 +54,11 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
     if top_p is not None and top_p < 1.0:
         if ids is None:
             probs, ids = probs.sort(dim=-1, descending=True)
-        # Drop a candidate once the mass before it already reaches top_p: the most likely one stays.
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+        # Drop a candidate once the mass before it already reaches top_p; the most likely one always
+        # stays (a top_p below the dtype's resolution would otherwise drop every candidate).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False
+        probs = probs.masked_fill(drop, 0.0)
     # multinomial renormalizes, so the cut distributions need no division by their mass.
     choice = torch.multinomial(probs, 1, generator=generator)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)

@@ -1,0 +1,152 @@
+"""Fuzzing with hypothesis: whatever the input, a user mistake is a UserError (one line at the CLI),
+never another exception, and the same input gives the same output.
+
+The example counts are small and the examples the same every run here (profile "ci", derandomized);
+``python bench/fuzz.py`` runs 2,000 random ones per target (``LMFORGE_FUZZ=bench``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmforge.config import DataConfig, load_finetune_config, load_train_config
+from lmforge.data.prepare import prepare
+from lmforge.data.records import read_records
+from lmforge.errors import UserError
+from lmforge.evaluate.tasks import read_choice_task, read_generation_task
+from lmforge.generate import generate
+from tests.fixtures import tiny_model
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("bench", max_examples=int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", 2000)), deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("LMFORGE_FUZZ", "ci"))
+
+# --------------------------------------------------------------------------------------------------
+# prepare: random bytes, invalid UTF-8, NULs, empty files, long lines, malformed JSONL and Parquet
+
+TEXTS = st.one_of(
+    st.binary(max_size=3000),
+    st.text(max_size=3000).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.text(alphabet="ab \n", min_size=2000, max_size=20000).map(str.encode),  # long lines, little variety
+    st.lists(st.one_of(st.text(max_size=80), st.binary(max_size=40).map(lambda b: b.hex())), max_size=30)
+    .map(lambda lines: "\n".join(json.dumps({"text": x}) if i % 3 else x for i, x in enumerate(lines)).encode()),
+)
+FILES = st.lists(st.tuples(st.sampled_from([".txt", ".py", ".md", ".jsonl", ".parquet"]), TEXTS),
+                 min_size=1, max_size=3)
+
+
+def _prepare_hash(files: list[tuple[str, bytes]], tokenizer: str, root: Path) -> str | None:
+    """sha256 of train.bin + val.bin + meta's counts, or None when prepare says the input is unusable."""
+    src = root / "src"
+    src.mkdir()
+    for i, (suffix, data) in enumerate(files):
+        (src / f"f{i}{suffix}").write_bytes(data)
+    cfg = DataConfig(sources=[str(src)], tokenizer=tokenizer, vocab_size=300, val_fraction=0.2, workers=1)
+    try:
+        meta = prepare(cfg, root / "out", progress=False)
+    except UserError as e:
+        assert "\n" not in str(e), str(e)
+        return None
+    h = hashlib.sha256(json.dumps(meta["splits"], sort_keys=True).encode())
+    for split in ("train", "val"):
+        h.update((root / "out" / f"{split}.bin").read_bytes())
+    return h.hexdigest()
+
+
+@given(files=FILES, tokenizer=st.sampled_from(["char", "bpe"]))
+def test_prepare_never_crashes_and_is_deterministic(files, tokenizer):
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        assert _prepare_hash(files, tokenizer, Path(a)) == _prepare_hash(files, tokenizer, Path(b))
+
+
+# --------------------------------------------------------------------------------------------------
+# Config keys and values
+
+KEYS = ["out_dir", "data.sources", "data.vocab_size", "data.val_fraction", "data.tokenizer", "model.preset",
+        "model.n_layer", "model.n_head", "model.n_kv_head", "model.n_embd", "model.block_size", "model.dropout",
+        "model.mlp", "model.rope_theta", "optim.lr", "optim.beta2", "optim.grad_clip", "optim.decay_steps",
+        "train.max_steps", "train.batch_size", "train.grad_accum", "train.eval_interval", "train.precision",
+        "train.max_minutes", "train.patience", "sample.temperature", "sample.top_k", "model", "train",
+        "nonsense", "model.nonsense", "train.max_steps.x"]
+VALUES = st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                   st.none(), st.text(max_size=20), st.lists(st.integers(), max_size=3),
+                   st.sampled_from(["nan", "inf", "-1", "1e8", "3e-4", "[a, b]", "{x: 1}", "gpt2-tiny", "fp8"]))
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+@given(pairs=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4), finetune=st.booleans())
+def test_config_overrides_are_loaded_or_refused_in_one_line(pairs, finetune):
+    overrides = [_override(k, v) for k, v in pairs]
+    try:
+        if finetune:
+            load_finetune_config(None, ["base=runs/x", "data.train=x.jsonl", *overrides])
+        else:
+            load_train_config(None, overrides)
+    except UserError as e:
+        assert "\n" not in str(e), str(e)
+
+
+# --------------------------------------------------------------------------------------------------
+# generate's arguments
+
+MODEL = tiny_model()
+
+
+@given(prompts=st.lists(st.lists(st.integers(0, 96), max_size=40), min_size=1, max_size=3),
+       max_new=st.integers(-3, 40), temperature=st.one_of(st.floats(-1, 3), st.just(0.0)),
+       top_k=st.one_of(st.none(), st.integers(-2, 120)), top_p=st.one_of(st.none(), st.floats(-0.5, 1.5)),
+       penalty=st.floats(-1, 3), seed=st.integers(0, 2**31))
+def test_generate_arguments_give_tokens_or_a_user_error(prompts, max_new, temperature, top_k, top_p, penalty,
+                                                        seed):
+    def run() -> list[list[int]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # prompts past the context are cut, with a warning
+            return generate(MODEL, prompts, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=penalty, seed=seed)
+
+    try:
+        out = run()
+    except UserError as e:
+        assert "\n" not in str(e), str(e)
+        return
+    assert len(out) == len(prompts) and all(0 <= t < MODEL.cfg.vocab_size for row in out for t in row)
+    assert run() == out  # the same seed, the same tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation records (JSONL and CSV)
+
+RECORD = st.one_of(
+    st.dictionaries(st.sampled_from(["prompt", "reference", "references", "context", "choices", "label", "text"]),
+                    st.one_of(st.text(max_size=20), st.integers(-3, 5), st.lists(st.text(max_size=8), max_size=4),
+                              st.none(), st.floats()), max_size=5).map(json.dumps),
+    st.text(max_size=60),
+    st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
+)
+
+
+@given(lines=st.lists(RECORD, max_size=8), suffix=st.sampled_from([".jsonl", ".csv"]))
+def test_evaluation_records_are_read_or_refused_in_one_line(lines, suffix):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"task{suffix}"
+        path.write_text("\n".join(lines), encoding="utf-8", errors="surrogateescape")
+        for read in (read_generation_task, read_choice_task, lambda p: read_records(p, dict, True)):
+            try:
+                items = read(str(path))
+            except UserError as e:
+                assert "\n" not in str(e), str(e)
+                continue
+            assert isinstance(items, list) and items
