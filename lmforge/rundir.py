@@ -192,6 +192,7 @@ def open_run_dir(out_dir: str | Path, resume: bool) -> tuple[Path, Path | None]:
     else a fresh directory (see :func:`fresh_run_dir`) and no checkpoint."""
     if resume:
         run_dir = Path(out_dir)
+        remove_temporary_checkpoints(run_dir)
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise UserError(f"cannot resume: {no_valid_checkpoint(run_dir)}")
@@ -209,6 +210,13 @@ def run_config_path(run_dir: str | Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
+
+
+def remove_temporary_checkpoints(run_dir: str | Path) -> None:
+    """Remove the ``step_N.tmp`` directories a process that died while writing or rotating checkpoints
+    left behind (a run has one writer: nothing else is writing them now)."""
+    for stale in (Path(run_dir) / CHECKPOINTS).glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("lmforge", "lmforge.errors", "lmforge.presets", "lmforge.config", "lmforge.malloc",
-                "lmforge.runtime", "lmforge.rundir", "lmforge._lm_eval_hook", "lmforge.devtools")),
+                "lmforge.runtime", "lmforge.rundir", "lmforge.faults", "lmforge._lm_eval_hook", "lmforge.devtools")),
     ("data, model, chat", ("lmforge.data", "lmforge.model", "lmforge.chat")),
     ("train, generate, interop, run", ("lmforge.train", "lmforge.generate", "lmforge.interop", "lmforge.run")),
     ("evaluate", ("lmforge.evaluate",)),

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lmforge import rundir
 from lmforge.errors import UserError
+from lmforge.faults import fault_point
 
 
 @dataclass
@@ -88,8 +89,7 @@ def _write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -
     final = rundir.checkpoint_dir(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("step_*.tmp"):  # left by a process that died mid-write (one writer per run)
-        shutil.rmtree(stale, ignore_errors=True)
+    rundir.remove_temporary_checkpoints(run_dir)
     tmp = final.with_name(final.name + ".tmp")
     try:
         with rundir.storage_errors(final, "writing checkpoint", "the previous checkpoint is intact: free some "
@@ -97,11 +97,13 @@ def _write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -
             tmp.mkdir()
             write(tmp)
             rundir.write_manifest(tmp)
+            fault_point("after_manifest")
             rundir.fsync_path(tmp)
             if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
                 shutil.rmtree(final)
             os.rename(tmp, final)
             rundir.fsync_path(root)
+            fault_point("before_latest")
             rundir.set_latest(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,15 +124,23 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
             save_model(model, str(tmp / rundir.WEIGHTS))
         else:
             write_weights(tmp)
+        fault_point("after_weights_file")
         tensors, optim_meta = _optimizer_tensors(optimizer)
         tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
         save_file(tensors, str(tmp / rundir.TRAINER_TENSORS))
+        fault_point("after_trainer_tensors")
         meta = {**asdict(state), "optimizer": optimizer_meta_jsonable(optim_meta)}
         (tmp / rundir.TRAINER_STATE).write_text(json.dumps(meta), encoding="utf-8")
+        fault_point("after_trainer_state")
 
     final = _write_checkpoint(run_dir, state.step, write)
     for old in rundir.list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed first: a crash mid-delete leaves a temporary directory (removed by the next save),
+        # never a half-deleted checkpoint.
+        doomed = old.with_name(old.name + ".tmp")
+        os.rename(old, doomed)
+        fault_point("during_rotation")
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -1,0 +1,39 @@
+"""Fault injection for tests: die at a named point exactly as ``kill -9`` would.
+
+``LMFORGE_FAULT=POINT:N`` makes the process SIGKILL itself the N-th time (from 1) it reaches
+``fault_point("POINT")``; unset, every fault point is a dictionary lookup and nothing else. The
+points (see :data:`POINTS`) sit where a crash could lose or corrupt something: between the files of
+a checkpoint, after its rename but before ``latest`` moves, while old checkpoints are rotated away.
+Tests kill a run at each point, resume it, and compare every step's loss with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = ("after_weights_file", "after_trainer_tensors", "after_trainer_state", "after_manifest",
+          "before_latest", "during_rotation")
+"""The fault points, in the order a checkpoint write reaches them."""
+
+_reached: dict[str, int] = {}
+
+
+def _armed() -> tuple[str, int] | None:
+    spec = os.environ.get("LMFORGE_FAULT")
+    if not spec:
+        return None
+    point, _, count = spec.partition(":")
+    if point not in POINTS or not count.isdigit():
+        raise ValueError(f"LMFORGE_FAULT={spec!r}: expected POINT:N with POINT one of {', '.join(POINTS)}")
+    return point, int(count)
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here if ``LMFORGE_FAULT`` arms ``name`` and this is its N-th visit."""
+    armed = _armed()
+    if armed is None or armed[0] != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] == armed[1]:
+        os.kill(os.getpid(), signal.SIGKILL)

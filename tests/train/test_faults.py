@@ -1,0 +1,72 @@
+"""Kill a training run at every fault point of a checkpoint write (lmforge.faults), resume it, and get
+every step's loss exactly as an uninterrupted run has it, with at most ckpt_interval steps recomputed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import DataConfig
+from lmforge.data.prepare import prepare
+from lmforge.faults import POINTS
+from tests.fixtures import train_losses
+
+CKPT_INTERVAL = 10
+ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "model.dropout=0.1",
+        "train.batch_size=8", "train.max_steps=30", "train.log_interval=1", f"train.ckpt_interval={CKPT_INTERVAL}",
+        "train.eval_interval=15", "train.eval_batches=2", "train.keep_last=2", "sample.num_samples=0",
+        "optim.warmup_steps=5", "train.threads=1"]
+# One thread per process: two processes run at a time, and with dropout on a CPU the random masks depend
+# on how many threads draw them (MKL may hand a busy process fewer).
+# The second checkpoint (step 20) is where each file-level point fires; rotation first runs at step 30.
+FAULTS = {point: 1 if point == "during_rotation" else 2 for point in POINTS}
+
+
+def _train(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_FAULT"}
+    if fault:
+        env["LMFORGE_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "lmforge", "train", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    import json as json_module
+
+    src = tmp_path_factory.mktemp("src") / "corpus.txt"
+    src.write_text(Path(json_module.__file__).read_text() * 3)
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare(DataConfig(sources=[str(src)], tokenizer="char", val_fraction=0.1), out, progress=False)
+    return out
+
+
+def _killed_then_resumed(dataset: Path, root: Path, point: str) -> tuple[dict[int, float], int, int]:
+    run = root / point
+    killed = _train([f"data.dataset_dir={dataset}", f"out_dir={run}", *ARGS], f"{point}:{FAULTS[point]}")
+    assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
+    killed_at = max(train_losses(run))
+    resumed = _train(["--resume", str(run)])
+    assert resumed.returncode == 0, (point, resumed.stdout[-2000:], resumed.stderr[-2000:])
+    start = int(re.search(r"resuming from .* \(step (\d+)\)", resumed.stdout).group(1))
+    return train_losses(run), killed_at, start
+
+
+def test_a_kill_at_any_fault_point_resumes_to_the_same_losses(dataset, tmp_path):
+    with ThreadPoolExecutor(2) as pool:  # two processes at a time: one per core
+        reference = pool.submit(_train, [f"data.dataset_dir={dataset}", f"out_dir={tmp_path / 'ref'}", *ARGS])
+        results = dict(zip(POINTS, pool.map(lambda p: _killed_then_resumed(dataset, tmp_path, p), POINTS),
+                           strict=True))
+        assert reference.result().returncode == 0
+    expected = train_losses(tmp_path / "ref")
+    assert sorted(expected) == list(range(1, 31))
+    for point, (losses, killed_at, start) in results.items():
+        assert losses == expected, point  # bit-identical, every step
+        assert killed_at - start <= CKPT_INTERVAL, (point, killed_at, start)
+        assert not list((tmp_path / point / "checkpoints").glob("*.tmp")), point
