@@ -29,7 +29,7 @@ from lmforge.config import (
     load_finetune_config,
     load_train_config,
 )
-from lmforge.errors import StorageError, UserError
+from lmforge.errors import StorageError, TrainingHalted, UserError
 from lmforge.rundir import STORAGE_ERRNOS, run_config_path
 
 PREPARE_FIELDS = ("tokenizer", "vocab_size", "val_fraction", "seed", "text_field", "workers")
@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except TrainingHalted as e:
+        print(f"lmforge {args.command}: halted: {e}", file=sys.stderr)
+        return 3
     except OSError as e:
         if e.errno not in STORAGE_ERRNOS:
             raise

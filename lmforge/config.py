@@ -225,6 +225,10 @@ class TrainLoopConfig:
     """CPU threads for PyTorch; 0 leaves PyTorch's default."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward: far less memory for about one more forward pass."""
+    on_nonfinite: Literal["halt", "skip"] = "halt"
+    """A step with a NaN/Inf loss or gradient: 'halt' (exit 3; the last checkpoint is good) or 'skip' it."""
+    max_nonfinite_steps: int = 10
+    """With on_nonfinite=skip: halt after this many non-finite steps in a row."""
 
 
 def _validate_train_loop(tc: TrainLoopConfig, prefix: str = "train") -> None:
@@ -236,6 +240,7 @@ def _validate_train_loop(tc: TrainLoopConfig, prefix: str = "train") -> None:
     for name in ("keep_last", "threads"):
         value = getattr(tc, name)
         _check(f"{prefix}.{name}", value, value >= 0, "0 or more")
+    _check(f"{prefix}.max_nonfinite_steps", tc.max_nonfinite_steps, tc.max_nonfinite_steps >= 0, "0 or more")
     _check(f"{prefix}.patience", tc.patience, tc.patience is None or tc.patience > 0, "null or a positive integer")
     _check(f"{prefix}.max_minutes", tc.max_minutes,
            tc.max_minutes is None or (_finite(tc.max_minutes) and tc.max_minutes > 0), "null or a number > 0")

@@ -20,3 +20,9 @@ class StorageError(Exception):
     """Writing failed for a reason outside lmforge (a full disk, a quota, a file-size limit, an I/O
     error): the message names the path, the operation and the free space. The CLI prints it as one
     line and exits with status 1; what was written before (the previous checkpoint) is intact."""
+
+
+class TrainingHalted(Exception):
+    """Training stopped because a step's loss or gradients were not finite (NaN or Inf), before that
+    step reached the optimizer: the last checkpoint holds the last good weights. The CLI prints the
+    message as one line and exits with status 3."""

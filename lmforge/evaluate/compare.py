@@ -19,7 +19,7 @@ def _final(records: list[dict]) -> dict:
         out["time_s"] = train[-1].get("time_s")
     if evals:
         out.update({k: v for k, v in evals[-1].items() if k not in ("step", "kind") and isinstance(v, float | int)})
-        out["best_val_loss"] = min(r["val_loss"] for r in evals if "val_loss" in r)
+        out["best_val_loss"] = min((r["val_loss"] for r in evals if r.get("val_loss") is not None), default=None)
     return out
 
 
@@ -39,8 +39,8 @@ def compare_runs(run_dirs: list[str], png: str | Path) -> tuple[list[tuple[str, 
         records = read_metrics(path)
         rows.append((run, _final(records)))
         color = f"C{i % 10}"
-        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-        val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval" and "val_loss" in r]
+        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
         if train:
             ax.plot(*zip(*train, strict=True), color=color, linewidth=1, alpha=0.6, label=f"{Path(run).name} train")
         if val:

@@ -129,7 +129,9 @@ class MetricsLogger:
         """Append one record ({"step": ..., "kind": "train"|"eval", metrics...})."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        # Strict JSON: a NaN or infinite value (a diverged loss) is written as null.
+        strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(strict, allow_nan=False) + "\n")
         self.file.flush()
         kind = record.get("kind", "train")
         for k, v in record.items():
@@ -156,8 +158,8 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=False), label="train", linewidth=1)

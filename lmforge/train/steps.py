@@ -8,6 +8,7 @@ evaluation with early stopping, checkpoints, and the time limit.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Protocol
 import torch
 
 from lmforge.config import OptimConfig, TrainLoopConfig
+from lmforge.errors import TrainingHalted
 from lmforge.runtime import Runtime
 from lmforge.train.checkpoint import TrainerState
 from lmforge.train.metrics import MetricsLogger, eta_seconds, format_duration, mfu
@@ -60,11 +62,29 @@ def format_metrics(metrics: dict) -> str:
     return " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int))
 
 
+def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor | None, params: list[torch.Tensor]) -> str | None:
+    """What is not finite about a step (its loss, or its gradients' norm), or None if all is.
+
+    One host-device sync per step (the check's one number); the norm is the one clipping already
+    computed, else computed here.
+    """
+    if grad_norm is None:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if bool(torch.isfinite(loss + grad_norm)):
+        return None
+    if not torch.isfinite(loss):
+        return f"the loss is {loss.item():.4g}"
+    return f"the gradient norm is {grad_norm.item():.4g}"
+
+
 def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, state: TrainerState,
               say: Callable[..., None]) -> LoopResult:
     """Train from ``state.step`` to cfg.train.max_steps (or early stop, or the time limit).
 
-    ``state`` is the trainer state saved with every checkpoint; it is updated in place.
+    ``state`` is the trainer state saved with every checkpoint; it is updated in place. A step whose
+    loss or gradients are not finite never reaches the optimizer: ``train.on_nonfinite=halt`` raises
+    :class:`TrainingHalted`, ``skip`` drops it (logged) and halts after ``train.max_nonfinite_steps``
+    such steps in a row.
     """
     tc = cfg.train
     start_step = step = state.step
@@ -74,6 +94,8 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     t_start = time.perf_counter() - resumed_time
     t_log, tokens_since_log = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=rt.device)
+    steps_in_sum = 0  # steps whose loss is in loss_sum (skipped ones are not)
+    nonfinite_in_a_row = 0
     job.model.train()
     trainable = [p for p in job.model.parameters() if p.requires_grad]  # what clipping looks at
 
@@ -87,19 +109,34 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         lr = lr_at(step, cfg.optim, tc.max_steps)
         for group in job.optimizer.param_groups:
             group["lr"] = lr
+        step_loss = torch.zeros((), device=rt.device)
         for _ in range(tc.grad_accum):
             batch = next(job.batches)
             tokens_since_log += batch[0].numel() * rt.world_size  # input slots, padding included
             with rt.autocast():
                 loss = job.loss(batch)
             job.scaler.scale(loss / tc.grad_accum).backward()
-            loss_sum += loss.detach()
+            step_loss += loss.detach()
         grad_norm = None
         if cfg.optim.grad_clip > 0:
             job.scaler.unscale_(job.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-        job.scaler.step(job.optimizer)
-        job.scaler.update()
+        problem = None if job.scaler.is_enabled() else nonfinite(step_loss, grad_norm, trainable)
+        if problem is None:  # fp16's GradScaler skips non-finite steps itself
+            job.scaler.step(job.optimizer)
+            job.scaler.update()
+            loss_sum += step_loss
+            steps_in_sum += 1
+            nonfinite_in_a_row = 0
+        else:
+            nonfinite_in_a_row += 1
+            if tc.on_nonfinite == "halt" or nonfinite_in_a_row > tc.max_nonfinite_steps:
+                logger.close()
+                raise TrainingHalted(f"step {step + 1}: {problem} ({nonfinite_in_a_row} in a row); stopped before "
+                                     f"the optimizer step, so every checkpoint holds finite weights (try a lower "
+                                     f"optim.lr, or optim.grad_clip)")
+            logger.log({"step": step + 1, "kind": "skip", "reason": problem})
+            say(f"step {step + 1}: skipped ({problem}; {nonfinite_in_a_row} in a row)", flush=True)
         job.optimizer.zero_grad(set_to_none=True)
         step += 1
         train_time = time.perf_counter() - t_start
@@ -108,9 +145,9 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
 
         if step % tc.log_interval == 0 or last_step:
             # .item() syncs with the device: only here, once per log interval.
-            n_steps = tc.log_interval if step % tc.log_interval == 0 else (step - start_step) % tc.log_interval
-            loss_val = loss_sum.item() / (max(1, n_steps) * tc.grad_accum)
+            loss_val = loss_sum.item() / (steps_in_sum * tc.grad_accum) if steps_in_sum else math.nan
             loss_sum.zero_()
+            steps_in_sum = 0
             tps = tokens_since_log / (time.perf_counter() - t_log)
             record = {"step": step, "kind": "train", "loss": loss_val, "lr": lr, "tokens_per_s": tps,
                       "mfu": mfu(tps / rt.world_size, job.flops_per_token, job.peak_flops), "time_s": train_time}
