@@ -2,8 +2,9 @@
 
 ``LMFORGE_FAULT=POINT:N`` makes the process SIGKILL itself the N-th time (from 1) it reaches
 ``fault_point("POINT")``; unset, every fault point is a dictionary lookup and nothing else. The
-points (see :data:`POINTS`) sit where a crash could lose or corrupt something: between the files of
-a checkpoint, after its rename but before ``latest`` moves, while old checkpoints are rotated away.
+points (see :data:`POINTS`) sit where a crash could lose or corrupt something: inside a step, inside
+an evaluation, between the files of a checkpoint, after its rename but before ``latest`` moves,
+while old checkpoints are rotated away.
 Tests kill a run at each point, resume it, and compare every step's loss with an uninterrupted run.
 """
 
@@ -12,9 +13,10 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_weights_file", "after_trainer_tensors", "after_trainer_state", "after_manifest",
-          "before_latest", "during_rotation")
-"""The fault points, in the order a checkpoint write reaches them."""
+POINTS = ("mid_accumulation", "mid_step", "during_eval", "after_weights_file", "after_trainer_tensors",
+          "after_trainer_state", "after_manifest", "before_latest", "during_rotation")
+"""The fault points: in a training step (between micro-batches, after the backward before the optimizer
+step), in an evaluation, then in the order a checkpoint write and its rotation reach them."""
 
 _reached: dict[str, int] = {}
 

@@ -18,6 +18,7 @@ import torch
 
 from lmforge.config import OptimConfig, TrainLoopConfig
 from lmforge.errors import TrainingHalted
+from lmforge.faults import fault_point
 from lmforge.runtime import Runtime
 from lmforge.train.checkpoint import TrainerState
 from lmforge.train.metrics import MetricsLogger, eta_seconds, format_duration, mfu
@@ -100,6 +101,7 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     trainable = [p for p in job.model.parameters() if p.requires_grad]  # what clipping looks at
 
     def evaluate(final: bool) -> dict[str, float]:
+        fault_point("during_eval")
         metrics = job.evaluate(final)
         logger.log({"step": step, "kind": "eval", **metrics})
         say(f"step {step}: val {format_metrics(metrics)}", flush=True)
@@ -110,7 +112,9 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         for group in job.optimizer.param_groups:
             group["lr"] = lr
         step_loss = torch.zeros((), device=rt.device)
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
+            if micro:
+                fault_point("mid_accumulation")
             batch = next(job.batches)
             tokens_since_log += batch[0].numel() * rt.world_size  # input slots, padding included
             with rt.autocast():
@@ -121,6 +125,7 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         if cfg.optim.grad_clip > 0:
             job.scaler.unscale_(job.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+        fault_point("mid_step")
         problem = None if job.scaler.is_enabled() else nonfinite(step_loss, grad_norm, trainable)
         if problem is None:  # fp16's GradScaler skips non-finite steps itself
             job.scaler.step(job.optimizer)

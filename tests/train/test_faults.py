@@ -1,5 +1,6 @@
-"""Kill a training run at every fault point of a checkpoint write (lmforge.faults), resume it, and get
-every step's loss exactly as an uninterrupted run has it, with at most ckpt_interval steps recomputed."""
+"""Kill a training run at every fault point (lmforge.faults: in a step, in an evaluation, in a checkpoint
+write and its rotation), resume it, and get every step's loss exactly as an uninterrupted run has it,
+with at most ckpt_interval steps recomputed."""
 
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ from tests.fixtures import train_losses
 
 CKPT_INTERVAL = 10
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "model.dropout=0.1",
-        "train.batch_size=8", "train.max_steps=30", "train.log_interval=1", f"train.ckpt_interval={CKPT_INTERVAL}",
-        "train.eval_interval=15", "train.eval_batches=2", "train.keep_last=2", "sample.num_samples=0",
+        "train.batch_size=4", "train.grad_accum=2", "train.max_steps=30", "train.log_interval=1",
+        f"train.ckpt_interval={CKPT_INTERVAL}", "train.eval_interval=15", "train.eval_batches=2", "train.keep_last=2", "sample.num_samples=0",
         "optim.warmup_steps=5", "train.threads=1"]
-# One thread per process: two processes run at a time, and with dropout on a CPU the random masks depend
-# on how many threads draw them (MKL may hand a busy process fewer).
-# The second checkpoint (step 20) is where each file-level point fires; rotation first runs at step 30.
-FAULTS = {point: 1 if point == "during_rotation" else 2 for point in POINTS}
+# One thread per process: two processes run at a time, one per core.
+# In-step points fire at step 15 (between checkpoints 10 and 20), the evaluation at step 15, the
+# checkpoint points at the second checkpoint (step 20); rotation first runs at step 30.
+FAULTS = {"mid_accumulation": 15, "mid_step": 15, "during_eval": 1, "during_rotation": 1}
+FAULTS = {point: FAULTS.get(point, 2) for point in POINTS}
 
 
 def _train(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
