@@ -21,8 +21,8 @@ from tests.fixtures import train_losses
 CKPT_INTERVAL = 10
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "model.dropout=0.1",
         "train.batch_size=4", "train.grad_accum=2", "train.max_steps=30", "train.log_interval=1",
-        f"train.ckpt_interval={CKPT_INTERVAL}", "train.eval_interval=15", "train.eval_batches=2", "train.keep_last=2", "sample.num_samples=0",
-        "optim.warmup_steps=5", "train.threads=1"]
+        f"train.ckpt_interval={CKPT_INTERVAL}", "train.eval_interval=15", "train.eval_batches=2",
+        "train.keep_last=2", "sample.num_samples=0", "optim.warmup_steps=5", "train.threads=1"]
 # One thread per process: two processes run at a time, one per core.
 # In-step points fire at step 15 (between checkpoints 10 and 20), the evaluation at step 15, the
 # checkpoint points at the second checkpoint (step 20); rotation first runs at step 30.
