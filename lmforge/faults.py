@@ -14,9 +14,10 @@ import os
 import signal
 
 POINTS = ("mid_accumulation", "mid_step", "during_eval", "after_weights_file", "after_trainer_tensors",
-          "after_trainer_state", "after_manifest", "before_latest", "during_rotation")
+          "after_trainer_state", "after_manifest", "before_latest", "during_rotation", "mid_prepare")
 """The fault points: in a training step (between micro-batches, after the backward before the optimizer
-step), in an evaluation, then in the order a checkpoint write and its rotation reach them."""
+step), in an evaluation, in the order a checkpoint write and its rotation reach them, and in the
+middle of ``prepare`` (the tokenizer written, the shards not yet)."""
 
 _reached: dict[str, int] = {}
 

@@ -104,9 +104,13 @@ def storage_errors(path: Path, operation: str, hint: str = "") -> Iterator[None]
     except Exception as e:
         code = e.errno if isinstance(e, OSError) else next(
             (n for n in STORAGE_ERRNOS if f"(os error {n})" in str(e)), None)
-        if code not in STORAGE_ERRNOS:
+        if code in STORAGE_ERRNOS:
+            reason = os.strerror(code)
+        elif isinstance(e, OSError) and code is None:  # a short write (numpy's tofile says only that)
+            reason = str(e)
+        else:
             raise
-        raise StorageError(f"{operation} '{path}' failed: {os.strerror(code)} ({_free_space(path)})"
+        raise StorageError(f"{operation} '{path}' failed: {reason} ({_free_space(path)})"
                            + (f"; {hint}" if hint else "")) from e
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -36,8 +37,9 @@ from lmforge.data.corpus import default_corpus_id, default_corpus_sources
 from lmforge.data.sources import SourceStats, iter_documents
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.faults import fault_point
 from lmforge.malloc import M_MMAP_THRESHOLD, mallopt
-from lmforge.rundir import cache_root
+from lmforge.rundir import cache_root, storage_errors
 
 FORMAT = 1
 DEFAULT_CORPUS_NAME = "<python stdlib>"
@@ -306,37 +308,60 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True, overwri
 
     final = out.resolve()  # a name to derive the temp folder's from, even for out_dir="."
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tok, tok_meta = _tokenizer(cfg, sources, scan, progress)
-        tok.save(tmp / "tokenizer.json")
-        dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
-        workers = cfg.workers or os.cpu_count() or 1
-        splits = _tokenize(_chunks(_pieces(sources, cfg, scan)), tok, dtype, workers, tmp,
-                           scan.kept_bytes, progress)
-        meta = {
-            "format": FORMAT,
-            "dtype": dtype,
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "tokenizer": {**tok_meta, "path": "tokenizer.json"},
-            "split": scan.split,
-            "val_fraction": cfg.val_fraction,
-            "seed": cfg.seed,
-            "splits": splits,
-            "documents": {"read": stats.documents, "kept": scan.kept, "duplicates": scan.duplicates,
-                          "empty": scan.empty, "skipped_binary": stats.skipped_binary},
-            "invalid_utf8": stats.invalid_utf8,
-            "sources": list(cfg.sources) or [DEFAULT_CORPUS_NAME],
-            "content_hash": scan.content_hash,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, final, overwrite)
+        with storage_errors(final, "writing dataset", "nothing was changed; free some space and run "
+                            "prepare again"):
+            tok, tok_meta = _tokenizer(cfg, sources, scan, progress)
+            tok.save(tmp / "tokenizer.json")
+            fault_point("mid_prepare")
+            dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+            workers = cfg.workers or os.cpu_count() or 1
+            splits = _tokenize(_chunks(_pieces(sources, cfg, scan)), tok, dtype, workers, tmp,
+                               scan.kept_bytes, progress)
+            meta = {
+                "format": FORMAT,
+                "dtype": dtype,
+                "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id,
+                "tokenizer": {**tok_meta, "path": "tokenizer.json"},
+                "split": scan.split,
+                "val_fraction": cfg.val_fraction,
+                "seed": cfg.seed,
+                "splits": splits,
+                "documents": {"read": stats.documents, "kept": scan.kept, "duplicates": scan.duplicates,
+                              "empty": scan.empty, "skipped_binary": stats.skipped_binary},
+                "invalid_utf8": stats.invalid_utf8,
+                "sources": list(cfg.sources) or [DEFAULT_CORPUS_NAME],
+                "content_hash": scan.content_hash,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            _move_into_place(tmp, final, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**meta, "dir": str(out)}
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Remove the ``OUT.tmp-PID`` / ``OUT.old-PID`` folders that a killed ``prepare`` of the same
+    output left behind (its process no longer exists; a running one's are left alone)."""
+    for path in final.parent.glob(f"{glob.escape(final.name)}.*-*"):
+        kind, _, pid = path.name[len(final.name) + 1:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:

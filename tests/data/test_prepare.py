@@ -160,3 +160,36 @@ def test_default_dataset_is_prepared_once_and_reused(tmp_path, monkeypatch):
     other = prepared_default_dataset(DataConfig(tokenizer="char", workers=1, seed=2), tmp_path / "cache",
                                      progress=False)
     assert other != path
+
+
+def _prepare_cli(src: Path, out: Path, env: dict | None = None, file_limit: int | None = None):
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    return subprocess.run([sys.executable, "-m", "lmforge", "prepare", str(src), "--out", str(out),
+                           "--tokenizer", "char", "--workers", "1"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, preexec_fn=limit if file_limit else None)
+
+
+def test_a_killed_prepare_leaves_nothing_that_lasts_and_a_full_disk_is_one_line(tmp_path):
+    src = tmp_path / "input.txt"
+    src.write_text("To be, or not to be, that is the question.\n" * 2000)
+    out = tmp_path / "ds"
+    assert _prepare_cli(src, out, {"LMFORGE_FAULT": "mid_prepare:1"}).returncode == -9
+    assert not out.exists() and len(list(tmp_path.glob("ds.tmp-*"))) == 1  # the dead process's half-work
+    assert _prepare_cli(src, out).returncode == 0
+    assert not list(tmp_path.glob("ds.*-*"))  # removed by the next prepare of the same output
+    clean = tmp_path / "clean"
+    assert _prepare_cli(src, clean).returncode == 0
+    assert (out / "train.bin").read_bytes() == (clean / "train.bin").read_bytes()
+
+    full = _prepare_cli(src, tmp_path / "full", file_limit=1000)  # train.bin outgrows the limit
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert "writing dataset" in last and "written" in last and "free" in last, last
+    assert not (tmp_path / "full").exists() and not list(tmp_path.glob("full.*"))
