@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 from collections import deque
@@ -46,7 +47,12 @@ DEFAULT_CORPUS_NAME = "<python stdlib>"
 CHUNK_CHARS = 1 << 20
 """Characters of text per tokenization task: large enough to amortise inter-process overhead."""
 ENCODE_BATCH_CHARS = 1 << 16
-"""Characters a worker encodes in one call (at least one document): bounds the Encoding objects alive."""
+"""Characters a worker encodes in one call (at least one piece): bounds the Encoding objects alive."""
+PIECE_CHARS = 1 << 18
+"""Longest text tokenized (or fed to the BPE trainer) at once: longer documents are cut into pieces
+(:func:`_document_pieces`), so memory does not grow with the largest document."""
+_WORD_START = re.compile(r" (?=\S)")
+"""A space that starts a word: byte-level BPE's pre-tokenizer begins a new pre-token there."""
 SPLITS = ("train", "val")
 _SKIP, _TRAIN, _VAL, _KEPT = 0, 1, 2, 3
 """Per-document flags of pass 1: dropped, train, val, or kept for the tail split (both)."""
@@ -76,6 +82,16 @@ class _Scan:
     split: str = "document"
 
 
+def _utf8_sha256(text: str) -> tuple[bytes, int]:
+    """SHA-256 of ``text``'s UTF-8 bytes and their count, encoded a piece at a time (no full copy)."""
+    h, n = hashlib.sha256(), 0
+    for i in range(0, len(text), PIECE_CHARS):
+        data = text[i:i + PIECE_CHARS].encode("utf-8")
+        h.update(data)
+        n += len(data)
+    return h.digest(), n
+
+
 def _scan(sources: list[str], cfg: DataConfig) -> _Scan:
     stats = SourceStats()
     scan = _Scan(bytearray(), stats)
@@ -89,8 +105,7 @@ def _scan(sources: list[str], cfg: DataConfig) -> _Scan:
             scan.empty += 1
             scan.flags.append(_SKIP)
             continue
-        data = doc.text.encode("utf-8")
-        digest = hashlib.sha256(data).digest()
+        digest, n_bytes = _utf8_sha256(doc.text)
         key = int.from_bytes(digest[:8], "little")
         if key in seen:
             scan.duplicates += 1
@@ -99,7 +114,7 @@ def _scan(sources: list[str], cfg: DataConfig) -> _Scan:
         seen.add(key)
         content.update(digest)
         scan.kept += 1
-        scan.kept_bytes += len(data)
+        scan.kept_bytes += n_bytes
         is_val = _val_draw(cfg.seed, digest) < cfg.val_fraction
         n_val += is_val
         scan.flags.append(_VAL if is_val else _TRAIN)
@@ -112,20 +127,52 @@ def _scan(sources: list[str], cfg: DataConfig) -> _Scan:
     return scan
 
 
-def _pieces(sources: list[str], cfg: DataConfig, scan: _Scan) -> Iterator[tuple[int, str]]:
-    """Re-read the sources: (split, text) for each kept document, or its two parts in a tail split."""
+def _document_pieces(text: str, size: int | None = None, start: int = 0, end: int | None = None) -> Iterator[str]:
+    """``text`` in pieces of about ``size`` characters (:data:`PIECE_CHARS`) whose tokens, concatenated,
+    are the whole text's: each cut is just before a space that starts a word (a space followed by a
+    character that is not whitespace), where byte-level BPE's pre-tokenizer starts a new pre-token
+    anyway, and a character tokenizer cuts anywhere alike. A stretch of 4 x size characters without
+    such a space (no ordinary text has one) is cut where it ends: the one place pieces may tokenize
+    differently from the whole. ``start``/``end`` select a part of ``text`` without copying it.
+    """
+    size = size or PIECE_CHARS
+    end = len(text) if end is None else end
+    while end - start > size:
+        hit = _WORD_START.search(text, start + size, min(end, start + 4 * size))
+        cut = hit.start() if hit else min(end, start + 4 * size)
+        if cut == end:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:end]
+
+
+def _pieces(sources: list[str], cfg: DataConfig, scan: _Scan) -> Iterator[tuple[int, str, bool]]:
+    """Re-read the sources: (split, text, ends a document) for each kept document, cut into pieces of
+    at most about PIECE_CHARS (the tail split: its two parts, each ending a document).
+
+    Only lmforge's own tokenizers (bpe, char) get pieces; a tokenizer.json from elsewhere may treat the
+    start of a text specially (SentencePiece's leading "▁"), so it is given whole documents.
+    """
+    cut_pieces = cfg.tokenizer in ("bpe", "char")
     n = 0
     for n, doc in enumerate(iter_documents(sources, cfg.text_field), 1):
         if n > len(scan.flags):
             break
         flag = scan.flags[n - 1]
+        text = doc.text
         if flag == _KEPT:
-            cut = int(len(doc.text) * (1 - cfg.val_fraction))
-            for split, text in ((_TRAIN, doc.text[:cut]), (_VAL, doc.text[cut:])):
-                if text:
-                    yield split, text
+            cut = int(len(text) * (1 - cfg.val_fraction))
+            parts = [(_TRAIN, 0, cut), (_VAL, cut, len(text))]
         elif flag != _SKIP:
-            yield flag, doc.text
+            parts = [(flag, 0, len(text))]
+        else:
+            continue
+        for split, start, end in parts:
+            if end > start:
+                *head, last = _document_pieces(text, None, start, end) if cut_pieces else [text[start:end]]
+                yield from ((split, piece, False) for piece in head)
+                yield split, last, True
     if n != len(scan.flags):
         raise UserError(f"the sources changed while being prepared ({_describe(cfg.sources)}); run again")
 
@@ -155,9 +202,9 @@ def _init_worker(tokenizer_json: str) -> None:
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 
 
-def _encode_chunk(chunk: list[tuple[int, str]], tokenizer: Tokenizer | None = None,
+def _encode_chunk(chunk: list[tuple[int, str, bool]], tokenizer: Tokenizer | None = None,
                   dtype: str = "uint16") -> dict[int, tuple[np.ndarray, int, int]]:
-    """split -> (tokens of its documents, each followed by EOT; UTF-8 bytes; document count)."""
+    """split -> (tokens of its pieces, EOT after each document's last; UTF-8 bytes; document count)."""
     tok = tokenizer or _worker_tokenizer
     assert tok is not None, "worker used before _init_worker"
     # tokenizers' Encoding objects take ~200 bytes a token: a worker (one thread) encodes
@@ -176,17 +223,17 @@ def _encode_chunk(chunk: list[tuple[int, str]], tokenizer: Tokenizer | None = No
             size += len(chunk[end][1])
             end += 1
         batch = chunk[start:end]
-        for (split, text), ids in zip(batch, tok.encode_batch([text for _, text in batch]), strict=True):
-            parts[split] += [np.array(ids, dtype=dtype), eot]
+        for (split, text, ends), ids in zip(batch, tok.encode_batch([t for _, t, _ in batch]), strict=True):
+            parts[split] += [np.array(ids, dtype=dtype), eot] if ends else [np.array(ids, dtype=dtype)]
             n_bytes[split] += len(text.encode("utf-8"))
-            n_docs[split] += 1
+            n_docs[split] += ends
         start = end
     return {split: (np.concatenate(parts[split]) if parts[split] else np.empty(0, dtype=dtype),
                     n_bytes[split], n_docs[split]) for split in (_TRAIN, _VAL)}
 
 
-def _chunks(pieces: Iterator[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
-    chunk: list[tuple[int, str]] = []
+def _chunks(pieces: Iterator[tuple[int, str, bool]]) -> Iterator[list[tuple[int, str, bool]]]:
+    chunk: list[tuple[int, str, bool]] = []
     size = 0
     for piece in pieces:
         chunk.append(piece)
@@ -211,7 +258,7 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
-def _tokenize(chunks: Iterator[list[tuple[int, str]]], tok: Tokenizer, dtype: str, workers: int,
+def _tokenize(chunks: Iterator[list[tuple[int, str, bool]]], tok: Tokenizer, dtype: str, workers: int,
               out_dir: Path, total_bytes: int, progress: bool) -> dict[str, dict[str, int]]:
     counts = {name: {"documents": 0, "bytes": 0, "tokens": 0} for name in SPLITS}
     with contextlib.ExitStack() as stack:
@@ -279,12 +326,12 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 def _tokenizer(cfg: DataConfig, sources: list[str], scan: _Scan, progress: bool) -> tuple[Tokenizer, dict]:
     if cfg.tokenizer == "bpe":
-        texts = (text for split, text in _pieces(sources, cfg, scan) if split == _TRAIN)
+        texts = (text for split, text, _ in _pieces(sources, cfg, scan) if split == _TRAIN)
         # Away from a terminal the trainer's progress bars degrade to bare blank lines.
         show = progress and sys.stderr.isatty()
         return Tokenizer.train_bpe(texts, cfg.vocab_size, show_progress=show), {"kind": "bpe"}
     if cfg.tokenizer == "char":
-        return Tokenizer.train_char(text for _, text in _pieces(sources, cfg, scan)), {"kind": "char"}
+        return Tokenizer.train_char(text for _, text, _ in _pieces(sources, cfg, scan)), {"kind": "char"}
     return Tokenizer.from_file(cfg.tokenizer), {"kind": "file", "source": str(cfg.tokenizer)}
 
 

@@ -193,3 +193,28 @@ def test_a_killed_prepare_leaves_nothing_that_lasts_and_a_full_disk_is_one_line(
     last = full.stderr.strip().splitlines()[-1]
     assert "writing dataset" in last and "written" in last and "free" in last, last
     assert not (tmp_path / "full").exists() and not list(tmp_path.glob("full.*"))
+
+
+TRICKY = ("def f(x):\n    return  x  +  1   # spaces\n\n\n" + "word " * 50 + "x" * 200 + " tail"
+          + " ünïcödé ½ 日本語 text\r\ncrlf line\r\n" + "\t\t tabs then  two spaces" + "'s it's we're")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_a_document_cut_into_pieces_tokenizes_exactly_as_the_whole(kind):
+    import json as json_module
+
+    text = Path(json_module.__file__).read_text() + TRICKY * 20
+    tok = (Tokenizer.train_bpe([text], 400) if kind == "bpe" else Tokenizer.train_char([text]))
+    pieces = list(prep._document_pieces(text, size=97))
+    assert "".join(pieces) == text and len(pieces) > 50
+    assert [t for piece in pieces for t in tok.encode(piece)] == tok.encode(text)
+
+
+def test_a_huge_single_document_prepares_to_the_same_bins_whole_or_in_pieces(tmp_path, monkeypatch):
+    src = tmp_path / "one.txt"
+    src.write_text(("the quick brown fox jumps over the lazy dog; " * 40 + "\n") * 40)  # one document
+    for name, piece_chars in (("whole", 10**9), ("pieces", 1000)):
+        monkeypatch.setattr(prep, "PIECE_CHARS", piece_chars)
+        prepare(_cfg(src, tokenizer="bpe", vocab_size=300, val_fraction=0.1), tmp_path / name, progress=False)
+    for f in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "pieces" / f).read_bytes(), f
