@@ -164,9 +164,10 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         missing, unexpected = load_model(model, str(ckpt / rundir.WEIGHTS), strict=False)
     except RuntimeError as e:
         raise UserError(f"checkpoint '{ckpt}' does not fit this model: {str(e).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise UserError(f"checkpoint '{ckpt}' does not fit this model: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
+    if missing or unexpected:  # (sets, in some safetensors versions)
+        raise UserError(f"checkpoint '{ckpt}' does not fit this model: missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]} (were model.* settings changed since it was "
+                        f"written?)")
 
 
 def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> TrainerState:

@@ -123,3 +123,11 @@ def test_a_stale_temporary_directory_from_a_dead_writer_is_removed_by_the_next_s
     (tmp_path / "checkpoints" / "step_000005.tmp").mkdir(parents=True)
     save_checkpoint(tmp_path, model, opt, TrainerState(step=10), keep_last=2)
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_a_checkpoint_of_another_shape_is_one_user_error(tmp_path):
+    model, opt = _trained_pair()
+    save_checkpoint(tmp_path, model, opt, TrainerState(step=1), keep_last=1)
+    deeper = tiny_model("llama-tiny", n_layer=3)
+    with pytest.raises(UserError, match=r"does not fit this model: missing \['blocks.2"):
+        load_weights(deeper, latest_checkpoint(tmp_path))
