@@ -11,10 +11,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
-from lmforge.config import DataConfig
-from lmforge.data.prepare import prepare
 from lmforge.faults import POINTS
 from tests.fixtures import train_losses
 
@@ -36,17 +32,6 @@ def _train(args: list[str], fault: str | None = None) -> subprocess.CompletedPro
         env["LMFORGE_FAULT"] = fault
     return subprocess.run([sys.executable, "-m", "lmforge", "train", *args], capture_output=True, text=True,
                           env=env, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    import json as json_module
-
-    src = tmp_path_factory.mktemp("src") / "corpus.txt"
-    src.write_text(Path(json_module.__file__).read_text() * 3)
-    out = tmp_path_factory.mktemp("data") / "ds"
-    prepare(DataConfig(sources=[str(src)], tokenizer="char", val_fraction=0.1), out, progress=False)
-    return out
 
 
 def _killed_then_resumed(dataset: Path, root: Path, point: str) -> tuple[dict[int, float], int, int]:

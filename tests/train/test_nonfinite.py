@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.config import DataConfig, load_train_config
-from lmforge.data.prepare import prepare
+from lmforge.config import load_train_config
 from lmforge.errors import TrainingHalted
 from lmforge.model.gpt import GPT
 from lmforge.rundir import latest_checkpoint
@@ -23,17 +22,6 @@ from lmforge.train.loop import train
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "train.batch_size=8",
         "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=1", "sample.num_samples=0",
         "optim.warmup_steps=2"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    import json as json_module
-
-    src = tmp_path_factory.mktemp("src") / "corpus.txt"
-    src.write_text(Path(json_module.__file__).read_text() * 3)
-    out = tmp_path_factory.mktemp("data") / "ds"
-    prepare(DataConfig(sources=[str(src)], tokenizer="char", val_fraction=0.1), out, progress=False)
-    return out
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ per-step losses as an uninterrupted run with the same seed."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,17 +15,6 @@ ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "mod
         "train.batch_size=8", "train.max_steps=60", "train.log_interval=1", "train.ckpt_interval=10",
         "train.eval_interval=25", "train.eval_batches=2", "train.keep_last=2", "sample.num_samples=0",
         "optim.warmup_steps=5"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    import json as json_module  # the corpus: real text, a stdlib module's source
-
-    src = tmp_path_factory.mktemp("src") / "corpus.txt"
-    src.write_text(Path(json_module.__file__).read_text() * 3)
-    out = tmp_path_factory.mktemp("data") / "ds"
-    prepare(DataConfig(sources=[str(src)], tokenizer="char", val_fraction=0.1), out, progress=False)
-    return out
 
 
 def _train(args: list[str]) -> subprocess.Popen:

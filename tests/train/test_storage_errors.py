@@ -6,28 +6,12 @@ import os
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-
-from lmforge.config import DataConfig
-from lmforge.data.prepare import prepare
 from tests.fixtures import train_losses
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "train.batch_size=8",
         "train.log_interval=1", "train.ckpt_interval=10", "train.eval_interval=1000", "train.eval_batches=1",
         "sample.num_samples=0", "optim.warmup_steps=5", "optim.decay_steps=30"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    import json as json_module  # the corpus: real text, a stdlib module's source
-
-    src = tmp_path_factory.mktemp("src") / "corpus.txt"
-    src.write_text(Path(json_module.__file__).read_text() * 3)
-    out = tmp_path_factory.mktemp("data") / "ds"
-    prepare(DataConfig(sources=[str(src)], tokenizer="char", val_fraction=0.1), out, progress=False)
-    return out
 
 
 def _train(args: list[str], file_limit: int | None = None) -> subprocess.CompletedProcess:
