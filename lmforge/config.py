@@ -593,8 +593,25 @@ def _key_paths(data: dict, prefix: tuple[str, ...] = ()) -> typing.Iterator[list
             yield [*prefix, key]
 
 
+def to_yaml(cfg: Any) -> str:
+    """The config as config.yaml holds it."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    Path(path).write_text(to_yaml(cfg), encoding="utf-8")
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

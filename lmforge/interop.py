@@ -28,7 +28,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.model.hf import SUPPORTED, config_from_hf, from_hf_model, from_hf_state_dict, to_hf_model
-from lmforge.train.checkpoint import save_weights_only
+from lmforge.train.checkpoint import mismatch_detail, save_weights_only
 
 HF_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -151,14 +151,24 @@ def load_hf(source: str | Path) -> tuple[GPT, Tokenizer | None]:
         model = from_hf_model(hf)
         return model, Tokenizer.from_str(tok_dir.backend_tokenizer.to_str())
     refuse_custom_code(folder)
+    where = folder / HF_CONFIG
     try:
         hf_cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"'{folder / HF_CONFIG}': cannot read it ({' '.join(str(e).split())})") from None
-    cfg = config_from_hf(hf_cfg)
+    except Exception as e:  # noqa: BLE001 - transformers and huggingface_hub raise their own types for a bad file
+        raise UserError(f"'{where}': cannot read it ({' '.join(str(e).split())})") from None
+    try:
+        cfg = config_from_hf(hf_cfg)
+        cfg.validate()  # the values by meaning, as for a config of ours
+    except UserError as e:
+        raise UserError(f"'{where}': {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type, or a key missing
+        raise UserError(f"'{where}': {type(e).__name__}: {' '.join(str(e).split())}") from None
     sd = {k: v.float() for k, v in _read_hf_weights(folder).items()}
     model = GPT(cfg)
-    model.load_state_dict(from_hf_state_dict(cfg, sd))
+    try:
+        model.load_state_dict(from_hf_state_dict(cfg, sd))
+    except RuntimeError as e:
+        raise UserError(f"the weights in '{folder}' do not fit its {HF_CONFIG}: {mismatch_detail(e)}") from None
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
     if tokenizer is not None:
         tokenizer.check_fits(cfg.vocab_size)

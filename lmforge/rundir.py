@@ -274,23 +274,34 @@ def _opens(path: Path) -> str | None:
     return None
 
 
+def _manifest_files(path: Path) -> dict[str, tuple[int, str]] | None:
+    """file name -> (size, SHA-256) as a manifest records them; None if it is not a manifest's shape."""
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        listed = {name: (rec["size"], rec["sha256"]) for name, rec in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, not UTF-8, or another shape
+        return None
+    shaped = all(isinstance(name, str) and "/" not in name and type(size) is int and isinstance(sha, str)
+                 for name, (size, sha) in listed.items())
+    return listed if shaped else None
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why checkpoint directory ``ckpt`` cannot be used, or None if it is valid."""
     if not has_weights(ckpt):
         return f"no weights ({WEIGHTS} or {ADAPTER})"
     manifest_path = ckpt / MANIFEST
     if manifest_path.is_file():
-        try:
-            listed = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-        except (ValueError, KeyError, TypeError):
+        listed = _manifest_files(manifest_path)
+        if listed is None:
             return f"{MANIFEST} is damaged"
-        for name, rec in listed.items():
+        for name, (size, sha256) in listed.items():
             path = ckpt / name
             if not path.is_file():
                 return f"{name} is missing"
-            if path.stat().st_size != rec["size"]:
-                return f"{name} has {path.stat().st_size} bytes, {rec['size']} were written"
-            if _sha256(path) != rec["sha256"]:
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+            if _sha256(path) != sha256:
                 return f"{name} does not match its SHA-256"
     for path in sorted(ckpt.iterdir()):
         problem = _opens(path) if path.is_file() and path.name != MANIFEST else None
@@ -303,7 +314,10 @@ def _newest_valid(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     """(the newest valid checkpoint or None, 'step_N: problem' for each newer one skipped)."""
     root = Path(run_dir) / CHECKPOINTS
     pointer = root / LATEST
-    named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    try:
+        named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    except (OSError, ValueError):  # a damaged pointer: the newest valid checkpoint is found without it
+        named = None
     candidates = list_checkpoints(run_dir)[::-1]
     if named in candidates:  # normally the newest anyway
         candidates.remove(named)

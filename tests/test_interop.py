@@ -5,6 +5,7 @@ itself on tiny random models."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,20 @@ def test_sharded_weights_and_bad_folders(tmp_path, capsys):
     assert main(["import", str(bert), "--out", str(tmp_path / "x")]) == 2
     assert "unsupported Hugging Face model_type 'bert'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"n_layer": "x"}, "cannot read it .*'n_layer'"), ({"n_head": 3}, "divisible by model.n_head=3"),
+    ({"n_layer": 0}, "model.n_layer must be positive"), ({"n_positions": 10**9}, "model.block_size.*at most"),
+    ({"vocab_size": 10}, "do not fit its config.json: size mismatch")])
+def test_a_config_json_with_values_that_cannot_work_is_one_line_naming_it(change, expected, tmp_path, capsys):
+    folder = tmp_path / "hf"
+    save_hf_folder(hf_gpt2(), folder, Tokenizer.train_char(["abc"]))
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **change}))
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    assert main(["import", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert re.search(f"'{re.escape(str(folder))}.*{expected}", _one_error_line(capsys))
+    assert not (tmp_path / "out").exists()
 
 
 # Untrusted folders: a model folder is data. Its Python (auto_map) is never imported, its pickles are

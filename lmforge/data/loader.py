@@ -20,12 +20,24 @@ from lmforge.errors import UserError
 
 
 class TokenShard:
-    """One split (train.bin / val.bin) of a prepared dataset, memory-mapped."""
+    """One split (train.bin / val.bin) of a prepared dataset, memory-mapped.
 
-    def __init__(self, dataset_dir: str | Path, split: str, dtype: str, block_size: int):
+    A file of the wrong size (other than ``expected_tokens`` tokens, or not whole tokens) is refused
+    when opened; a window holding a token id of ``vocab_size`` or more when it is read (the check
+    costs one max over the batch, on the host).
+    """
+
+    def __init__(self, dataset_dir: str | Path, split: str, dtype: str, block_size: int,
+                 vocab_size: int | None = None, expected_tokens: int | None = None):
         path = Path(dataset_dir) / f"{split}.bin"
         if not path.is_file():
             raise UserError(f"dataset file '{path}' is missing (run `lmforge prepare` first)")
+        self.path, self.vocab_size = path, vocab_size
+        size, itemsize = path.stat().st_size, np.dtype(dtype).itemsize
+        n_tokens = size // itemsize
+        if size % itemsize or (expected_tokens is not None and n_tokens != expected_tokens):
+            raise UserError(f"'{path}' has {size:,} bytes, expected {expected_tokens or 'a whole number of'} {dtype} "
+                            f"tokens as meta.json records: the file is damaged (prepare the dataset again)")
         self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
         self.block_size = block_size
         if len(self.tokens) < block_size + 2:
@@ -38,8 +50,20 @@ class TokenShard:
     def windows(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets for windows starting at the given offsets."""
         idx = offsets[:, None] + np.arange(self.block_size + 1)
-        chunk = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        window = self.tokens[idx]
+        if self.vocab_size is not None and window.max() >= self.vocab_size:
+            bad = int(idx.flat[np.argmax(window >= self.vocab_size)])
+            raise UserError(f"'{self.path}' holds token id {int(self.tokens[bad])} at token {bad:,}, outside the "
+                            f"model's vocabulary of {self.vocab_size}: the file is damaged or from another "
+                            f"tokenizer (prepare the dataset again)")
+        chunk = torch.from_numpy(window.astype(np.int64))
         return chunk[:, :-1], chunk[:, 1:]
+
+
+def open_split(meta: dict, split: str, block_size: int, vocab_size: int) -> TokenShard:
+    """A split of a prepared dataset (``meta`` as :func:`lmforge.data.prepare.load_meta` returns it),
+    checked against the token count meta.json records and the model's vocabulary."""
+    return TokenShard(meta["dir"], split, meta["dtype"], block_size, vocab_size, meta["splits"][split]["tokens"])
 
 
 class BatchSampler:
@@ -75,22 +99,32 @@ def prefetch_batches(sampler: BatchSampler, start_step: int, grad_accum: int, de
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        """Queue ``item`` unless the consumer has stopped; False once it has."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def worker() -> None:
-        for item in produce(start_step):
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
-                return
+        try:
+            for item in produce(start_step):
+                if not put(item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            put(e)
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()
     try:
         while True:
-            yield q.get()
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
         stop.set()
 

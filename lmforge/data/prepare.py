@@ -437,6 +437,14 @@ def load_meta(dataset_dir: str | Path) -> dict:
         raise UserError(f"'{path}' is not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a prepared dataset of format {FORMAT}")
+    try:
+        shaped = meta["dtype"] in ("uint16", "uint32") and all(
+            type(meta["splits"][split][count]) is int for split in ("train", "val") for count in ("tokens", "bytes"))
+    except (KeyError, TypeError):
+        shaped = False
+    if not shaped:
+        raise UserError(f"'{path}' is damaged: it needs 'dtype' (uint16 or uint32) and token and byte counts of "
+                        f"the train and val splits (prepare the dataset again)")
     return {**meta, "dir": str(d)}
 
 

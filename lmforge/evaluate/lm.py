@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.loader import TokenShard
+from lmforge.data.loader import open_split
 from lmforge.data.prepare import load_meta
 from lmforge.data.sources import expand_sources, iter_documents, looks_binary
 from lmforge.data.tokenizer import Tokenizer
@@ -162,7 +162,7 @@ def score_split(model: torch.nn.Module, dataset_dir: str | Path, rt: Runtime, sp
                 batch_size: int = 16) -> dict:
     """A prepared dataset's split, windowed exactly as training's final evaluation: the same figures."""
     meta = load_meta(Path(dataset_dir))
-    shard = TokenShard(dataset_dir, split, meta["dtype"], model.cfg.block_size)
+    shard = open_split(meta, split, model.cfg.block_size, model.cfg.vocab_size)
     loss = split_loss(model, shard, rt, batch_size, 10**9)
     counts = meta["splits"][split]
     return {"loss": loss, "perplexity": perplexity(loss),

@@ -92,8 +92,10 @@ def _write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -
     rundir.remove_temporary_checkpoints(run_dir)
     tmp = final.with_name(final.name + ".tmp")
     try:
-        with rundir.storage_errors(final, "writing checkpoint", "the previous checkpoint is intact: free some "
-                                   "space, then run again with --resume"):
+        hint = ("the previous checkpoint is intact: free some space, then run again with --resume"
+                if rundir.list_checkpoints(run_dir) else "no checkpoint of this run was written yet: free some "
+                "space, then run the command again")
+        with rundir.storage_errors(final, "writing checkpoint", hint):
             tmp.mkdir()
             write(tmp)
             rundir.write_manifest(tmp)
@@ -158,12 +160,18 @@ def optimizer_meta_jsonable(meta: dict) -> dict:
     return {"param_groups": groups, "scalars": scalars}
 
 
+def mismatch_detail(e: RuntimeError) -> str:
+    """The telling line of ``load_state_dict``'s error (its first line only names the model class)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
+
+
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load model.safetensors into ``model``; a shape mismatch is a user error (wrong checkpoint)."""
     try:
         missing, unexpected = load_model(model, str(ckpt / rundir.WEIGHTS), strict=False)
     except RuntimeError as e:
-        raise UserError(f"checkpoint '{ckpt}' does not fit this model: {str(e).splitlines()[0]}") from None
+        raise UserError(f"checkpoint '{ckpt}' does not fit this model: {mismatch_detail(e)}") from None
     if missing or unexpected:  # (sets, in some safetensors versions)
         raise UserError(f"checkpoint '{ckpt}' does not fit this model: missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]} (were model.* settings changed since it was "

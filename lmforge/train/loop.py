@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from lmforge import rundir
 from lmforge.config import TrainConfig, validate_train_config
-from lmforge.data.loader import BatchSampler, TokenShard, prefetch_batches
+from lmforge.data.loader import BatchSampler, open_split, prefetch_batches
 from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
@@ -56,14 +57,18 @@ def resolve_dataset(cfg: TrainConfig, progress: bool) -> Path:
     return out
 
 
-def check_same_data(run_dir: Path, dataset_dir: Path, meta: dict) -> None:
+def check_same_data(run_dir: Path, dataset_dir: Path, meta: dict, allow_change: bool) -> None:
     """UserError if the dataset changed since the run started (it was prepared again from other text, or
-    with another tokenizer): resuming would silently continue on other data."""
+    with another tokenizer): resuming would silently continue on other data. With ``allow_change``, a
+    warning instead."""
     started = json.loads((run_dir / rundir.DATASET_META).read_text(encoding="utf-8"))
-    if (started.get("content_hash"), started.get("splits")) != (meta.get("content_hash"), meta.get("splits")):
-        raise UserError(f"cannot resume: the dataset '{dataset_dir}' changed since the run started (content or "
-                        f"token counts differ from {run_dir / rundir.DATASET_META}); --allow-data-change "
-                        f"resumes on it anyway")
+    if (started.get("content_hash"), started.get("splits")) == (meta.get("content_hash"), meta.get("splits")):
+        return
+    changed = (f"the dataset '{dataset_dir}' changed since the run started (content or token counts differ from "
+               f"{run_dir / rundir.DATASET_META})")
+    if not allow_change:
+        raise UserError(f"cannot resume: {changed}; --allow-data-change resumes on it anyway")
+    warnings.warn(f"{changed}: resuming on it (--allow-data-change)", stacklevel=2)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
@@ -83,8 +88,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         cfg.model.vocab_size = tokenizer.vocab_size
     tokenizer.check_fits(cfg.model.vocab_size, f"model.vocab_size={cfg.model.vocab_size}")
     cfg.data.dataset_dir = str(dataset_dir)
-    if session.resume_from is not None and not allow_data_change:
-        check_same_data(run_dir, dataset_dir, meta)
+    if session.resume_from is not None:
+        check_same_data(run_dir, dataset_dir, meta, allow_data_change)
+    block = cfg.model.block_size
+    train_shard, val_shard = (open_split(meta, split, block, cfg.model.vocab_size) for split in ("train", "val"))
 
     def write_files(run_dir: Path) -> None:
         tokenizer.save(run_dir / rundir.TOKENIZER)
@@ -100,10 +107,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     state = session.restore(optimizer, lambda ckpt: load_weights(model, ckpt))
     step_model = maybe_compile(model, tc.compile)
 
-    block = cfg.model.block_size
-    train_batches = BatchSampler(TokenShard(dataset_dir, "train", meta["dtype"], block), tc.batch_size,
-                                 tc.seed, rt.rank)
-    val_shard = TokenShard(dataset_dir, "val", meta["dtype"], block)
+    train_batches = BatchSampler(train_shard, tc.batch_size, tc.seed, rt.rank)
     val_split = meta["splits"]["val"]
 
     n_params = model.num_params()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.rundir import METRICS, cache_root
+from lmforge.rundir import METRICS, cache_root, write_text_atomic
 from lmforge.runtime import cpu_supports_bf16
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor figures, no sparsity).
@@ -48,31 +48,41 @@ def format_duration(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def measure_gemm_peak(device: torch.device, dtype: torch.dtype, reps: int = 8) -> float:
+def measure_gemm_peak(device: torch.device, dtype: torch.dtype, reps: int = 8, budget_s: float = 10.0) -> float:
     """FLOP/s of a square GEMM, the best of ``reps`` timings: the practical peak of CPUs and unknown devices.
 
     The best rather than the mean, so that a moment of contention from another process at start-up
     does not lower the figure that every later MFU is divided by. Half-precision GEMMs need a large
     size to reach their peak (AMX on a Xeon: 0.75 TFLOP/s at 2048², 1.4 at 4096²).
     """
+    def seconds_per_gemm(n: int, warmup: int, timed: int) -> float:
+        # Its own generator: drawing from the global one would change a run's dropout masks depending on
+        # whether the peak was cached already (same config, different losses).
+        gen = torch.Generator(device).manual_seed(0)
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        for _ in range(warmup):
+            a @ b
+        best = math.inf
+        for _ in range(timed):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return best
+
     n = 2048 if dtype == torch.float32 and device.type == "cpu" else 4096
-    # Its own generator: drawing from the global one would change a run's dropout masks depending on
-    # whether the peak was cached already (same config, different losses).
-    gen = torch.Generator(device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    for _ in range(3):
-        a @ b
-    best = math.inf
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    # Where a precision has no fast kernel (bf16 on a CPU without bf16 units runs at ~1 GFLOP/s) the
+    # full size would take half an hour: a small GEMM first, and the size halved until the
+    # measurement fits in budget_s (a fast kernel keeps the full size: small GEMMs underrate it).
+    probe = 512
+    rate = 2 * probe**3 / seconds_per_gemm(probe, 1, 1)
+    while n > probe and 2 * n**3 / rate * (reps + 3) > budget_s:
+        n //= 2
+    return 2 * n**3 / seconds_per_gemm(n, 3, reps)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
@@ -105,6 +115,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     return known[key], f"measured {dtype} GEMM on {label}".replace("torch.", "")
 
 
+def _record_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a blank or torn line."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 class MetricsLogger:
     """One sink for everything a run records: console, metrics.jsonl, TensorBoard, loss PNG."""
 
@@ -115,11 +133,12 @@ class MetricsLogger:
         self.tb = None
         if not enabled:
             return
-        # On resume, drop records past the checkpoint: those steps are about to be replayed.
+        # On resume, drop records past the checkpoint (those steps are about to be replayed) and a line
+        # torn by a kill; rewritten atomically, so a second crash here loses no history.
         if start_step > 0 and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if _record_step(line) is not None and _record_step(line) <= start_step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         from torch.utils.tensorboard import SummaryWriter
 

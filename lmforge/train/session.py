@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import yaml
 
 from lmforge import rundir
-from lmforge.config import save_yaml
+from lmforge.config import changed_keys, save_yaml, to_dict, to_yaml
 from lmforge.runtime import Runtime, setup_runtime
 from lmforge.train.checkpoint import TrainerState, load_trainer_state
 from lmforge.train.metrics import MetricsLogger, peak_flops
@@ -56,8 +57,18 @@ class TrainingSession:
 
     def create_run_dir(self, kind: rundir.Kind, task: rundir.Task, lora: bool,
                        write_files: Callable[[Path], None]) -> None:
-        """For a new run, on the main process: config.yaml, the command's own files, then run.json."""
-        if self.resume_from is not None or not self.rt.is_main:
+        """For a new run, on the main process: config.yaml, the command's own files, then run.json. A
+        resumed run whose config was changed by overrides (a larger train.max_steps) gets config.yaml
+        rewritten, so that it says what is trained from now on."""
+        if not self.rt.is_main:
+            return
+        if self.resume_from is not None:
+            path = self.run_dir / rundir.CONFIG
+            changes = changed_keys(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, to_dict(self.cfg))
+            if changes:
+                rundir.write_text_atomic(path, to_yaml(self.cfg))
+                self.say(f"{path} updated for this resume: "
+                         + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes))
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(self.cfg, self.run_dir / rundir.CONFIG)

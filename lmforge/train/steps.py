@@ -21,6 +21,7 @@ from lmforge.errors import TrainingHalted
 from lmforge.faults import fault_point
 from lmforge.runtime import Runtime
 from lmforge.train.checkpoint import TrainerState
+from lmforge.train.guard import NonfiniteGuard
 from lmforge.train.metrics import MetricsLogger, eta_seconds, format_duration, mfu
 from lmforge.train.optim import lr_at
 
@@ -63,29 +64,15 @@ def format_metrics(metrics: dict) -> str:
     return " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int))
 
 
-def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor | None, params: list[torch.Tensor]) -> str | None:
-    """What is not finite about a step (its loss, or its gradients' norm), or None if all is.
-
-    One host-device sync per step (the check's one number); the norm is the one clipping already
-    computed, else computed here.
-    """
-    if grad_norm is None:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if bool(torch.isfinite(loss + grad_norm)):
-        return None
-    if not torch.isfinite(loss):
-        return f"the loss is {loss.item():.4g}"
-    return f"the gradient norm is {grad_norm.item():.4g}"
-
-
 def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, state: TrainerState,
               say: Callable[..., None]) -> LoopResult:
     """Train from ``state.step`` to cfg.train.max_steps (or early stop, or the time limit).
 
     ``state`` is the trainer state saved with every checkpoint; it is updated in place. A step whose
-    loss or gradients are not finite never reaches the optimizer: ``train.on_nonfinite=halt`` raises
-    :class:`TrainingHalted`, ``skip`` drops it (logged) and halts after ``train.max_nonfinite_steps``
-    such steps in a row.
+    loss or gradients are not finite never changes the weights (:class:`NonfiniteGuard`, no device sync
+    per step): where the loop syncs anyway (logging, evaluation, checkpoints) ``train.on_nonfinite=halt``
+    raises :class:`TrainingHalted` naming the step, ``skip`` logs the dropped steps and halts after
+    ``train.max_nonfinite_steps`` such steps in a row.
     """
     tc = cfg.train
     start_step = step = state.step
@@ -94,11 +81,27 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     resumed_time = state.train_time_s  # training time before this process started (resume)
     t_start = time.perf_counter() - resumed_time
     t_log, tokens_since_log = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=rt.device)
-    steps_in_sum = 0  # steps whose loss is in loss_sum (skipped ones are not)
-    nonfinite_in_a_row = 0
+    loss_sum = torch.zeros((), device=rt.device)  # the loss of the steps kept since the last log line
+    steps_in_sum = torch.zeros((), device=rt.device)
+    # fp16's GradScaler skips non-finite steps itself (and lowers its scale).
+    guard = None if job.scaler.is_enabled() else NonfiniteGuard(job.optimizer, tc.on_nonfinite,
+                                                                tc.max_nonfinite_steps, rt.device)
     job.model.train()
     trainable = [p for p in job.model.parameters() if p.requires_grad]  # what clipping looks at
+
+    def settle() -> None:
+        """Apply the guard's policy to the steps since the last call (one device sync: call it only where
+        the loop syncs anyway)."""
+        if guard is None:
+            return
+        try:
+            skipped = guard.settle()
+        except TrainingHalted:
+            logger.close()
+            raise
+        for s in skipped:
+            logger.log({"step": s.step, "kind": "skip", "reason": s.reason})
+            say(f"step {s.step}: skipped ({s.reason}; {s.in_a_row} in a row)", flush=True)
 
     def evaluate(final: bool) -> dict[str, float]:
         fault_point("during_eval")
@@ -126,45 +129,44 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
             job.scaler.unscale_(job.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
         fault_point("mid_step")
-        problem = None if job.scaler.is_enabled() else nonfinite(step_loss, grad_norm, trainable)
-        if problem is None:  # fp16's GradScaler skips non-finite steps itself
+        if guard is None:
             job.scaler.step(job.optimizer)
             job.scaler.update()
             loss_sum += step_loss
             steps_in_sum += 1
-            nonfinite_in_a_row = 0
         else:
-            nonfinite_in_a_row += 1
-            if tc.on_nonfinite == "halt" or nonfinite_in_a_row > tc.max_nonfinite_steps:
-                logger.close()
-                raise TrainingHalted(f"step {step + 1}: {problem} ({nonfinite_in_a_row} in a row); stopped before "
-                                     f"the optimizer step, so every checkpoint holds finite weights (try a lower "
-                                     f"optim.lr, or optim.grad_clip)")
-            logger.log({"step": step + 1, "kind": "skip", "reason": problem})
-            say(f"step {step + 1}: skipped ({problem}; {nonfinite_in_a_row} in a row)", flush=True)
+            if grad_norm is None:  # not clipped: the guard still needs the norm
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            skipped = guard.step(step + 1, step_loss, grad_norm)
+            loss_sum += step_loss.masked_fill(skipped, 0.0)
+            steps_in_sum += ~skipped
         job.optimizer.zero_grad(set_to_none=True)
         step += 1
         train_time = time.perf_counter() - t_start
         last_step = step == tc.max_steps
         out_of_time = tc.max_minutes is not None and train_time >= tc.max_minutes * 60
+        final = last_step or out_of_time
+        if final or any(step % n == 0 for n in (tc.log_interval, tc.eval_interval, tc.ckpt_interval)):
+            settle()  # before anything is logged, evaluated or saved of a step that must halt
 
         if step % tc.log_interval == 0 or last_step:
-            # .item() syncs with the device: only here, once per log interval.
-            loss_val = loss_sum.item() / (steps_in_sum * tc.grad_accum) if steps_in_sum else math.nan
+            # Reading the numbers syncs with the device: only here, once per log interval.
+            numbers = (loss_sum, steps_in_sum) if grad_norm is None else (loss_sum, steps_in_sum, grad_norm.float())
+            summed, kept, *norm = torch.stack(numbers).tolist()
+            loss_val = summed / (kept * tc.grad_accum) if kept else math.nan
             loss_sum.zero_()
-            steps_in_sum = 0
+            steps_in_sum.zero_()
             tps = tokens_since_log / (time.perf_counter() - t_log)
             record = {"step": step, "kind": "train", "loss": loss_val, "lr": lr, "tokens_per_s": tps,
                       "mfu": mfu(tps / rt.world_size, job.flops_per_token, job.peak_flops), "time_s": train_time}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm.item()
+            if norm:
+                record["grad_norm"] = norm[0]
             logger.log(record)
             eta = eta_seconds(train_time - resumed_time, step - start_step, tc.max_steps - step)
             say(f"step {step}/{tc.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
                 f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
             t_log, tokens_since_log = time.perf_counter(), 0
 
-        final = last_step or out_of_time
         if step % tc.eval_interval == 0 or final:
             last_eval = evaluate(final)
             if last_eval["val_loss"] < state.best_val_loss:

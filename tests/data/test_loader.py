@@ -59,3 +59,30 @@ def test_prefetched_batches_on_cuda_match_the_sampler(shard):
     for step in range(4):
         x, _ = next(stream)
         assert x.is_cuda and torch.equal(x.cpu(), sampler.batch(step)[0])
+
+
+def test_a_damaged_shard_is_refused_when_opened_and_a_foreign_token_when_read(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16)
+    tokens.tofile(tmp_path / "train.bin")
+    with open(tmp_path / "train.bin", "ab") as f:
+        f.write(b"\0")  # half a token
+    with pytest.raises(UserError, match="'.*train.bin' has 2,001 bytes, expected a whole number of uint16 tokens"):
+        TokenShard(tmp_path, "train", "uint16", block_size=16)
+    tokens[:998].tofile(tmp_path / "train.bin")  # cut at a token boundary: only meta.json's count tells
+    with pytest.raises(UserError, match="has 1,996 bytes, expected 1000 uint16 tokens"):
+        TokenShard(tmp_path, "train", "uint16", block_size=16, expected_tokens=1000)
+    shard = TokenShard(tmp_path, "train", "uint16", block_size=16, vocab_size=500)
+    assert shard.windows(np.array([0, 400]))[0].shape == (2, 16)
+    with pytest.raises(UserError, match="token id 500 at token 500, outside the model's vocabulary of 500"):
+        shard.windows(np.array([0, 500]))
+
+
+def test_an_error_in_the_background_loader_reaches_the_training_loop(shard):
+    class Broken(BatchSampler):
+        def batch(self, step, micro=0):
+            raise UserError("the shard broke")
+
+    # The CUDA path gathers in a thread; here it fails before any copy to the (absent) GPU.
+    stream = prefetch_batches(Broken(shard, 4, seed=1), 0, 1, torch.device("cuda"))
+    with pytest.raises(UserError, match="the shard broke"):
+        next(stream)

@@ -81,6 +81,23 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_valid_one(tmp_pat
         assert latest_checkpoint(tmp_path).name == "step_000020"
 
 
+@pytest.mark.parametrize("manifest", [b"\xd6\x00garbage", b'{"files": []}', b'{"files": {"model.safetensors": 5}}',
+                                      b'{"files": {"../x": {"size": 1, "sha256": "0"}}}', b"[]"])
+def test_a_manifest_of_another_shape_is_damage_not_a_crash(tmp_path, manifest):
+    _three_checkpoints(tmp_path)
+    (tmp_path / "checkpoints" / "step_000030" / "manifest.json").write_bytes(manifest)
+    with pytest.warns(UserWarning, match="step_000030.*manifest.json is damaged"):
+        assert latest_checkpoint(tmp_path).name == "step_000020"
+
+
+@pytest.mark.parametrize("pointer", [b"\xd6\xff\x00binary", b"../../../etc", b"step_000010"])
+def test_a_damaged_or_foreign_latest_pointer_still_finds_a_valid_checkpoint(tmp_path, pointer):
+    _three_checkpoints(tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_bytes(pointer)
+    expected = "step_000010" if pointer == b"step_000010" else "step_000030"  # latest names the one to load
+    assert latest_checkpoint(tmp_path).name == expected
+
+
 def test_checkpoints_without_a_manifest_are_still_checked_by_opening_their_files(tmp_path):
     _three_checkpoints(tmp_path)
     newest = tmp_path / "checkpoints" / "step_000030"
@@ -106,13 +123,19 @@ def test_a_failed_write_leaves_no_temporary_directory_and_latest_where_it_was(tm
     import lmforge.train.checkpoint as ckpt_module
 
     model, opt = _trained_pair()
-    save_checkpoint(tmp_path, model, opt, TrainerState(step=10), keep_last=1)
+    real_save_file = ckpt_module.save_file
 
     def disk_full(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt_module, "save_file", disk_full)
-    with pytest.raises(StorageError, match="writing checkpoint .*step_000020' failed: No space left on device .*free"):
+    with pytest.raises(StorageError, match="step_000010' failed: .*no checkpoint of this run was written yet"):
+        save_checkpoint(tmp_path, model, opt, TrainerState(step=10), keep_last=1)
+    monkeypatch.setattr(ckpt_module, "save_file", real_save_file)
+    save_checkpoint(tmp_path, model, opt, TrainerState(step=10), keep_last=1)
+    monkeypatch.setattr(ckpt_module, "save_file", disk_full)
+    with pytest.raises(StorageError, match="writing checkpoint .*step_000020' failed: No space left on device .*free"
+                       ".*the previous checkpoint is intact"):
         save_checkpoint(tmp_path, model, opt, TrainerState(step=20), keep_last=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000010"]
     assert latest_checkpoint(tmp_path).name == "step_000010"  # and keep_last=1 rotated nothing away

@@ -1,10 +1,12 @@
 """The arithmetic behind what a run reports."""
 
+import json
 import math
 
 import pytest
+import torch
 
-from lmforge.train.metrics import bits_per_byte, perplexity
+from lmforge.train.metrics import MetricsLogger, bits_per_byte, measure_gemm_peak, perplexity
 
 
 def test_bits_per_byte():
@@ -14,3 +16,25 @@ def test_bits_per_byte():
 def test_perplexity_is_exp_of_the_loss_and_stays_finite_for_a_diverged_run():
     assert perplexity(math.log(7.0)) == pytest.approx(7.0)
     assert math.isfinite(perplexity(1e9))
+
+
+def test_resuming_drops_the_records_past_the_checkpoint_and_a_line_torn_by_a_kill(tmp_path):
+    records = [json.dumps({"step": s, "kind": "train", "loss": 1.0}) for s in range(1, 7)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(records) + '\n{"step": 7, "kind": "tr')
+    logger = MetricsLogger(tmp_path, start_step=4)
+    logger.log({"step": 5, "kind": "train", "loss": 2.0})
+    logger.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 2.0)]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_gemm_peak_shrinks_its_size_to_fit_the_time_budget(monkeypatch):
+    sizes, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda n, *a, **k: sizes.append(n) or randn(n, *a, **k))
+    # A precision without a fast kernel (bf16 on a CPU with no bf16 units: 27 minutes at full size).
+    assert measure_gemm_peak(torch.device("cpu"), torch.float32, budget_s=1e-6) > 0
+    assert max(sizes) == 512
+    sizes.clear()
+    measure_gemm_peak(torch.device("cpu"), torch.float32, reps=1, budget_s=1e9)
+    assert max(sizes) == 2048  # a kernel fast enough for the budget keeps the full size

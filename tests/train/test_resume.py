@@ -58,4 +58,7 @@ def test_resume_refuses_a_dataset_prepared_again_with_other_content(tmp_path):
     resume = [*args[:-1], "train.max_steps=12"]
     with pytest.raises(UserError, match="changed since the run started.*--allow-data-change"):
         train(load_train_config(None, resume), resume=True, progress=False)
-    assert train(load_train_config(None, resume), resume=True, progress=False, allow_data_change=True).step == 12
+    with pytest.warns(UserWarning, match="changed since the run started.*resuming on it"):
+        assert train(load_train_config(None, resume), resume=True, progress=False, allow_data_change=True).step == 12
+    # The override is recorded: config.yaml says what the run trained to.
+    assert load_train_config(tmp_path / "run" / "config.yaml").train.max_steps == 12
