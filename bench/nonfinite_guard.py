@@ -3,7 +3,7 @@
     python bench/nonfinite_guard.py [--steps 20] [--grad-clip 1.0] [--device cpu|cuda]
 
 The default model (gpt2-mini shape, vocabulary 4096, batch 16 x 256, as `lmforge train` runs it).
-Steps alternate: one with the optimizer step through ``lmforge.train.guard.NonfiniteGuard`` (the
+Steps alternate: one with the optimizer step through ``lmforge.training.guard.NonfiniteGuard`` (the
 loss and gradient norm tested on the device, fused AdamW told by ``found_inf``), one with a plain
 optimizer step. Reported: the median of each, their ratio, and the median time of the guard's own
 work (its step minus the optimizer's; with grad_clip 0 it also computes the gradient norm).
@@ -21,8 +21,8 @@ import torch
 from lmforge.config import ModelConfig, OptimConfig, from_dict
 from lmforge.model.gpt import GPT
 from lmforge.runtime import keep_freed_memory
-from lmforge.train.guard import NonfiniteGuard
-from lmforge.train.optim import build_optimizer
+from lmforge.training.guard import NonfiniteGuard
+from lmforge.training.optim import build_optimizer
 
 
 def sync(device: torch.device) -> None:

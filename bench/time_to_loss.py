@@ -20,7 +20,7 @@ from pathlib import Path
 from lmforge.config import load_train_config
 from lmforge.data.prepare import prepare
 from lmforge.runtime import compile_falls_back_to_eager, keep_freed_memory
-from lmforge.train.loop import train
+from lmforge.training.loop import train
 
 RECIPES = ("shakespeare-fast", "shakespeare-char")
 

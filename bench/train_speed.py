@@ -25,8 +25,8 @@ import torch
 from lmforge.config import ModelConfig, OptimConfig, from_dict
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.runtime import Runtime, keep_freed_memory, maybe_compile, resolve_precision
-from lmforge.train.metrics import peak_flops
-from lmforge.train.optim import build_optimizer
+from lmforge.training.metrics import peak_flops
+from lmforge.training.optim import build_optimizer
 
 SIZES = {  # name: (preset, vocab, context, batch)
     "tiny": ("gpt2-tiny", 4096, 256, 16),

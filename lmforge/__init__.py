@@ -2,7 +2,9 @@
 
 The public API::
 
-    from lmforge import TrainConfig, load_train_config, train, load_run, generate_text
+    from lmforge import load_train_config, train, load_finetune_config, finetune, load_run, generate_text
+
+    result = train(load_train_config("default", ["train.max_steps=100"]))  # a shipped recipe, by name
 
 Names are imported on first use, so ``import lmforge.config`` does not pull in the trainer.
 Token-level decoding is ``lmforge.generate.generate``.
@@ -13,10 +15,11 @@ from importlib import import_module
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "TrainConfig": "lmforge.config", "load_train_config": "lmforge.config", "UserError": "lmforge.errors",
-    "generate_text": "lmforge.generate",
+    "TrainConfig": "lmforge.config", "load_train_config": "lmforge.config", "FinetuneConfig": "lmforge.config",
+    "load_finetune_config": "lmforge.config", "UserError": "lmforge.errors", "generate_text": "lmforge.generate",
     "LoadedRun": "lmforge.run", "load_run": "lmforge.run",
-    "TrainResult": "lmforge.train.loop", "train": "lmforge.train.loop",
+    "TrainResult": "lmforge.training.loop", "train": "lmforge.training.loop",
+    "FinetuneResult": "lmforge.finetuning.loop", "finetune": "lmforge.finetuning.loop",
 }
 __all__ = sorted(_EXPORTS)
 

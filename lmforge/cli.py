@@ -63,7 +63,7 @@ def _training_process(compile_model: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmforge.train.loop import train
+    from lmforge.training.loop import train
 
     overrides = list(args.overrides)
     resume = args.resume is not None
@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from lmforge.finetune.loop import finetune
+    from lmforge.finetuning.loop import finetune
 
     overrides = list(args.overrides) + (["lora.merge=true"] if args.merge else []) \
         + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])

@@ -28,7 +28,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.model.hf import SUPPORTED, config_from_hf, from_hf_model, from_hf_state_dict, to_hf_model
-from lmforge.train.checkpoint import mismatch_detail, save_weights_only
+from lmforge.training.checkpoint import mismatch_detail, save_weights_only
 
 HF_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

@@ -20,7 +20,7 @@ from lmforge.interop import is_hf_folder, load_hf
 from lmforge.model import lora
 from lmforge.model.classifier import SequenceClassifier
 from lmforge.model.gpt import GPT
-from lmforge.train.checkpoint import load_weights
+from lmforge.training.checkpoint import load_weights
 
 
 @dataclass

@@ -4,7 +4,7 @@ Everything that depends on the hardware or on the process group is decided here,
 training loop stays the same on a laptop CPU, one GPU, or (later) many under torchrun.
 
 Nothing here changes process-wide state as a side effect of building a model or calling
-``lmforge.train()``. The two process-wide settings the ``lmforge`` command makes are explicit calls
+``lmforge.training()``. The two process-wide settings the ``lmforge`` command makes are explicit calls
 (:func:`keep_freed_memory`, :func:`compile_falls_back_to_eager`); a notebook may make them too.
 """
 

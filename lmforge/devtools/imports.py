@@ -24,9 +24,9 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("lmforge", "lmforge.errors", "lmforge.presets", "lmforge.config", "lmforge.malloc",
                 "lmforge.runtime", "lmforge.rundir", "lmforge.faults", "lmforge._lm_eval_hook", "lmforge.devtools")),
     ("data, model, chat", ("lmforge.data", "lmforge.model", "lmforge.chat")),
-    ("train, generate, interop, run", ("lmforge.train", "lmforge.generate", "lmforge.interop", "lmforge.run")),
+    ("train, generate, interop, run", ("lmforge.training", "lmforge.generate", "lmforge.interop", "lmforge.run")),
     ("evaluate", ("lmforge.evaluate",)),
-    ("finetune", ("lmforge.finetune",)),
+    ("finetune", ("lmforge.finetuning",)),
     ("command line", ("lmforge.cli", "lmforge.__main__")),
 ]
 """Floors, lowest first: a module imports only from its own floor or below."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 from lmforge.rundir import METRICS
-from lmforge.train.metrics import read_metrics
+from lmforge.training.metrics import read_metrics
 
 
 def _final(records: list[dict]) -> dict:

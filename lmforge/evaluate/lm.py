@@ -31,8 +31,8 @@ from lmforge.data.sources import expand_sources, iter_documents, looks_binary
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.runtime import Runtime
-from lmforge.train.metrics import bits_per_byte, perplexity
-from lmforge.train.validation import split_loss
+from lmforge.training.metrics import bits_per_byte, perplexity
+from lmforge.training.validation import split_loss
 
 PIECE_BYTES = 1 << 20
 

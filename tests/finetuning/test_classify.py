@@ -3,7 +3,7 @@
 import pytest
 
 from lmforge.errors import UserError
-from lmforge.finetune.classify import class_weight_tensor
+from lmforge.finetuning.classify import class_weight_tensor
 
 
 def test_balanced_class_weights_up_weight_rare_classes():

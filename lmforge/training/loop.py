@@ -24,12 +24,12 @@ from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.runtime import Runtime, maybe_compile
-from lmforge.train.checkpoint import load_weights, save_checkpoint
-from lmforge.train.metrics import bits_per_byte, format_duration, perplexity
-from lmforge.train.optim import build_optimizer
-from lmforge.train.session import TrainingSession
-from lmforge.train.steps import Job
-from lmforge.train.validation import split_loss
+from lmforge.training.checkpoint import load_weights, save_checkpoint
+from lmforge.training.metrics import bits_per_byte, format_duration, perplexity
+from lmforge.training.optim import build_optimizer
+from lmforge.training.session import TrainingSession
+from lmforge.training.steps import Job
+from lmforge.training.validation import split_loss
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from lmforge import __version__
 from lmforge.config import load_finetune_config
-from lmforge.finetune.loop import finetune
+from lmforge.finetuning.loop import finetune
 from lmforge.run import load_run
 from lmforge.rundir import RunInfo, read_run_info, write_manifest
 from tests.fixtures import finished_output, sigkill_after, train_losses

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lmforge.config import OptimConfig
-from lmforge.train.metrics import eta_seconds, format_duration, mfu
-from lmforge.train.optim import build_optimizer, lr_at, param_groups
+from lmforge.training.metrics import eta_seconds, format_duration, mfu
+from lmforge.training.optim import build_optimizer, lr_at, param_groups
 from tests.fixtures import tiny_model
 
 

@@ -45,7 +45,7 @@ def test_sigkill_then_resume_gives_identical_train_losses(dataset, tmp_path):
 def test_resume_refuses_a_dataset_prepared_again_with_other_content(tmp_path):
     from lmforge.config import load_train_config
     from lmforge.errors import UserError
-    from lmforge.train.loop import train
+    from lmforge.training.loop import train
 
     src = tmp_path / "corpus.txt"
     src.write_text("the first text, repeated. " * 400)

@@ -26,7 +26,7 @@ from lmforge.errors import UserError
 from lmforge.generate import generate
 from lmforge.model.gpt import GPT
 from lmforge.runtime import Runtime, eval_mode
-from lmforge.train.metrics import perplexity
+from lmforge.training.metrics import perplexity
 
 IGNORE = -100
 

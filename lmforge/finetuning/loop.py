@@ -1,6 +1,6 @@
 """``lmforge finetune``: start from a trained model and adapt it (SFT or classification, full or LoRA).
 
-The optimisation loop, checkpoints, metrics and resume are pretraining's (:mod:`lmforge.train`);
+The optimisation loop, checkpoints, metrics and resume are pretraining's (:mod:`lmforge.training`);
 this module builds what differs: the examples, the batches, the loss, the evaluation and, for LoRA
 runs, adapter-only checkpoints.
 """
@@ -21,17 +21,17 @@ from lmforge import rundir
 from lmforge.config import FinetuneConfig, validate_finetune_config
 from lmforge.data.loader import EpochSampler, to_device
 from lmforge.errors import UserError
-from lmforge.finetune.classify import ClassifyTask
-from lmforge.finetune.sft import SFTTask
+from lmforge.finetuning.classify import ClassifyTask
+from lmforge.finetuning.sft import SFTTask
 from lmforge.model import lora
 from lmforge.model.gpt import flops_per_token
 from lmforge.run import load_run
 from lmforge.runtime import maybe_compile
-from lmforge.train.checkpoint import load_weights, save_checkpoint
-from lmforge.train.metrics import format_duration
-from lmforge.train.optim import build_optimizer
-from lmforge.train.session import TrainingSession
-from lmforge.train.steps import Job, format_metrics
+from lmforge.training.checkpoint import load_weights, save_checkpoint
+from lmforge.training.metrics import format_duration
+from lmforge.training.optim import build_optimizer
+from lmforge.training.session import TrainingSession
+from lmforge.training.steps import Job, format_metrics
 
 
 @dataclass

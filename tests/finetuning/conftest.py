@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.finetune.tasks import train_base, write_module_snippets, write_repeat_task
+from tests.finetuning.tasks import train_base, write_module_snippets, write_repeat_task
 
 
 @pytest.fixture(scope="package")

@@ -12,7 +12,7 @@ from lmforge.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from lmforge.data.records import BadRecord
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.finetune import sft
+from lmforge.finetuning import sft
 from tests.fixtures import tiny_model
 
 TEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :#\n.,?!<>|_-'"

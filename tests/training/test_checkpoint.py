@@ -4,8 +4,8 @@ import torch
 from lmforge.config import OptimConfig
 from lmforge.errors import StorageError, UserError
 from lmforge.rundir import latest_checkpoint, list_checkpoints, resolve_checkpoint
-from lmforge.train.checkpoint import TrainerState, load_trainer_state, load_weights, save_checkpoint
-from lmforge.train.optim import build_optimizer
+from lmforge.training.checkpoint import TrainerState, load_trainer_state, load_weights, save_checkpoint
+from lmforge.training.optim import build_optimizer
 from tests.fixtures import tiny_model
 
 
@@ -120,7 +120,7 @@ def test_no_valid_checkpoint_is_one_user_error_naming_the_damage(tmp_path):
 
 
 def test_a_failed_write_leaves_no_temporary_directory_and_latest_where_it_was(tmp_path, monkeypatch):
-    import lmforge.train.checkpoint as ckpt_module
+    import lmforge.training.checkpoint as ckpt_module
 
     model, opt = _trained_pair()
     real_save_file = ckpt_module.save_file

@@ -17,8 +17,8 @@ from lmforge.config import load_train_config
 from lmforge.errors import TrainingHalted
 from lmforge.model.gpt import GPT
 from lmforge.rundir import latest_checkpoint
-from lmforge.train.guard import NonfiniteGuard
-from lmforge.train.loop import train
+from lmforge.training.guard import NonfiniteGuard
+from lmforge.training.loop import train
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "train.batch_size=8",
         "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=1", "sample.num_samples=0",

@@ -2,9 +2,9 @@
 to resume), the trainer state restored from a checkpoint, the peak FLOP/s that MFU divides by, and
 the metrics logger.
 
-``train()`` (:mod:`lmforge.train.loop`) and ``finetune()`` (:mod:`lmforge.finetune.loop`) open a
+``train()`` (:mod:`lmforge.training.loop`) and ``finetune()`` (:mod:`lmforge.finetuning.loop`) open a
 :class:`TrainingSession`, build what differs between them (data, model, task) and hand a
-:class:`~lmforge.train.steps.Job` to the shared loop through :meth:`TrainingSession.run`.
+:class:`~lmforge.training.steps.Job` to the shared loop through :meth:`TrainingSession.run`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import yaml
 from lmforge import rundir
 from lmforge.config import changed_keys, save_yaml, to_dict, to_yaml
 from lmforge.runtime import Runtime, setup_runtime
-from lmforge.train.checkpoint import TrainerState, load_trainer_state
-from lmforge.train.metrics import MetricsLogger, peak_flops
-from lmforge.train.steps import Job, LoopConfig, LoopResult, run_steps
+from lmforge.training.checkpoint import TrainerState, load_trainer_state
+from lmforge.training.metrics import MetricsLogger, peak_flops
+from lmforge.training.steps import Job, LoopConfig, LoopResult, run_steps
 
 
 class RunConfig(LoopConfig, Protocol):

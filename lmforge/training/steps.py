@@ -20,10 +20,10 @@ from lmforge.config import OptimConfig, TrainLoopConfig
 from lmforge.errors import TrainingHalted
 from lmforge.faults import fault_point
 from lmforge.runtime import Runtime
-from lmforge.train.checkpoint import TrainerState
-from lmforge.train.guard import NonfiniteGuard
-from lmforge.train.metrics import MetricsLogger, eta_seconds, format_duration, mfu
-from lmforge.train.optim import lr_at
+from lmforge.training.checkpoint import TrainerState
+from lmforge.training.guard import NonfiniteGuard
+from lmforge.training.metrics import MetricsLogger, eta_seconds, format_duration, mfu
+from lmforge.training.optim import lr_at
 
 
 @dataclass

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lmforge.train.metrics import MetricsLogger, bits_per_byte, measure_gemm_peak, perplexity
+from lmforge.training.metrics import MetricsLogger, bits_per_byte, measure_gemm_peak, perplexity
 
 
 def test_bits_per_byte():
