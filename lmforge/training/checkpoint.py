@@ -38,6 +38,12 @@ class TrainerState:
     """Evaluations since the best one (early stopping stops at train.patience)."""
     train_time_s: float = 0.0
     """Training wall time so far, across resumes (train.max_minutes counts it)."""
+    log_loss_sum: float = 0.0
+    """The summed loss of the steps since the last log line (a resumed run logs what an uninterrupted one would)."""
+    log_steps: int = 0
+    """How many steps that sum holds (non-finite ones skipped are not among them)."""
+    nonfinite_in_a_row: int = 0
+    """Non-finite steps in a row up to this step (train.max_nonfinite_steps counts them across a resume)."""
 
 
 def rng_state() -> dict[str, torch.Tensor]:

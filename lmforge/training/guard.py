@@ -34,7 +34,7 @@ class NonfiniteGuard:
     """Keeps non-finite steps from the optimizer; :meth:`settle` applies ``on_nonfinite`` to them."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, on_nonfinite: Literal["halt", "skip"],
-                 max_in_a_row: int, device: torch.device):
+                 max_in_a_row: int, device: torch.device, in_a_row: int = 0):
         self.optimizer = optimizer
         self.on_nonfinite = on_nonfinite
         self.max_in_a_row = max_in_a_row
@@ -43,7 +43,8 @@ class NonfiniteGuard:
         self._rows = torch.zeros((64, 2), device=device)  # (loss, gradient norm) per step since settle()
         self._count = 0
         self._first_step = 0
-        self._in_a_row = 0  # non-finite steps in a row, up to the last settle()
+        self.in_a_row = in_a_row
+        """Non-finite steps in a row, up to the last :meth:`settle` (a resumed run starts from its checkpoint's)."""
 
     def step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """Run the optimizer step for training step ``step`` unless its loss or gradient norm is not
@@ -77,14 +78,14 @@ class NonfiniteGuard:
         for i, (loss, norm) in enumerate(rows):
             # The same float32 values the device tested, so the same verdict.
             if math.isfinite(loss) and math.isfinite(norm):
-                self._in_a_row = 0
+                self.in_a_row = 0
                 continue
-            self._in_a_row += 1
+            self.in_a_row += 1
             step = self._first_step + i
             reason = f"the loss is {loss:.4g}" if not math.isfinite(loss) else f"the gradient norm is {norm:.4g}"
-            if self.on_nonfinite == "halt" or self._in_a_row > self.max_in_a_row:
-                raise TrainingHalted(f"step {step}: {reason} ({self._in_a_row} in a row); stopped before its "
+            if self.on_nonfinite == "halt" or self.in_a_row > self.max_in_a_row:
+                raise TrainingHalted(f"step {step}: {reason} ({self.in_a_row} in a row); stopped before its "
                                      f"optimizer step, so no checkpoint holds non-finite weights (try a lower "
                                      f"optim.lr, or optim.grad_clip)")
-            skipped.append(SkippedStep(step, reason, self._in_a_row))
+            skipped.append(SkippedStep(step, reason, self.in_a_row))
         return skipped

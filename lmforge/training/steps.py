@@ -81,11 +81,12 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     resumed_time = state.train_time_s  # training time before this process started (resume)
     t_start = time.perf_counter() - resumed_time
     t_log, tokens_since_log = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=rt.device)  # the loss of the steps kept since the last log line
-    steps_in_sum = torch.zeros((), device=rt.device)
+    # The loss of the steps kept since the last log line (a resumed run continues its checkpoint's sum).
+    loss_sum = torch.tensor(state.log_loss_sum, device=rt.device)
+    steps_in_sum = torch.tensor(float(state.log_steps), device=rt.device)
     # fp16's GradScaler skips non-finite steps itself (and lowers its scale).
-    guard = None if job.scaler.is_enabled() else NonfiniteGuard(job.optimizer, tc.on_nonfinite,
-                                                                tc.max_nonfinite_steps, rt.device)
+    guard = None if job.scaler.is_enabled() else NonfiniteGuard(
+        job.optimizer, tc.on_nonfinite, tc.max_nonfinite_steps, rt.device, state.nonfinite_in_a_row)
     job.model.train()
     trainable = [p for p in job.model.parameters() if p.requires_grad]  # what clipping looks at
 
@@ -178,6 +179,9 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                     stopped_early = final = True
         if step % tc.ckpt_interval == 0 or final:
             state.step, state.train_time_s = step, time.perf_counter() - t_start
+            state.log_loss_sum, log_steps = torch.stack((loss_sum, steps_in_sum)).tolist()
+            state.log_steps = int(log_steps)
+            state.nonfinite_in_a_row = guard.in_a_row if guard is not None else 0
             if rt.is_main:
                 job.save(state)
         if final:

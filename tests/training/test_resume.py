@@ -1,6 +1,7 @@
 """Exact resume: a training process killed with SIGKILL mid-run, then resumed, produces the same
 per-step losses as an uninterrupted run with the same seed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,12 @@ def _train(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _records(run_dir) -> list[dict]:
+    """metrics.jsonl without what depends on the clock (time, tokens/s, MFU)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time_s", "tokens_per_s", "mfu")} for r in records]
+
+
 def test_sigkill_then_resume_gives_identical_train_losses(dataset, tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref = _train([f"data.dataset_dir={dataset}", f"out_dir={ref_dir}", *ARGS])
@@ -40,6 +47,24 @@ def test_sigkill_then_resume_gives_identical_train_losses(dataset, tmp_path):
     assert sorted(resumed_losses) == list(range(1, 61))
     assert resumed_losses == ref_losses  # bit-exact, every step, before and after the kill
     assert ref_losses[60] < ref_losses[1]
+
+
+def test_a_resumed_run_logs_line_for_line_what_an_uninterrupted_one_does(dataset, tmp_path):
+    # Checkpoints every 10 steps, log lines every 4: the checkpoint at 10 falls inside the window 9-12,
+    # whose line must still average all four steps after a resume.
+    args = [f"data.dataset_dir={dataset}", *ARGS, "train.max_steps=24", "train.log_interval=4",
+            "train.eval_interval=8"]
+    ref = _train([*args, f"out_dir={tmp_path / 'ref'}"])
+    killed = tmp_path / "killed"
+    env = {**os.environ, "LMFORGE_FAULT": "mid_step:14"}  # dies in step 14: resumes from step 10
+    crash = subprocess.run([sys.executable, "-m", "lmforge", "train", *args, f"out_dir={killed}"], env=env,
+                           capture_output=True, timeout=300)
+    assert crash.returncode == -9
+    finished_output(_train(["--resume", str(killed)]))
+    finished_output(ref)
+    expected = _records(tmp_path / "ref")
+    assert [r["step"] for r in expected if r["kind"] == "train"] == [4, 8, 12, 16, 20, 24]
+    assert _records(killed) == expected  # losses, lr, grad norms, evaluations: every line
 
 
 def test_resume_refuses_a_dataset_prepared_again_with_other_content(tmp_path):
