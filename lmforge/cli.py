@@ -29,7 +29,7 @@ from lmforge.config import (
     load_finetune_config,
     load_train_config,
 )
-from lmforge.errors import StorageError, TrainingHalted, UserError
+from lmforge.errors import StorageError, TrainingHalted, TrainingInterrupted, UserError
 from lmforge.rundir import STORAGE_ERRNOS, run_config_path
 
 PREPARE_FIELDS = ("tokenizer", "vocab_size", "val_fraction", "seed", "text_field", "workers")
@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingHalted as e:
         print(f"lmforge {args.command}: halted: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:
+        print(f"lmforge {args.command}: {e}", file=sys.stderr)
+        return 130
     except OSError as e:
         if e.errno not in STORAGE_ERRNOS:
             raise

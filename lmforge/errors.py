@@ -26,3 +26,8 @@ class TrainingHalted(Exception):
     """Training stopped because a step's loss or gradients were not finite (NaN or Inf), before that
     step reached the optimizer: the last checkpoint holds the last good weights. The CLI prints the
     message as one line and exits with status 3."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped at a signal (Ctrl-C, SIGTERM) after saving a checkpoint of the step it reached;
+    the message says how to resume. The CLI prints it as one line and exits with status 130."""

@@ -19,6 +19,7 @@ import yaml
 
 from lmforge import rundir
 from lmforge.config import changed_keys, save_yaml, to_dict, to_yaml
+from lmforge.errors import TrainingInterrupted
 from lmforge.runtime import Runtime, setup_runtime
 from lmforge.training.checkpoint import TrainerState, load_trainer_state
 from lmforge.training.metrics import MetricsLogger, peak_flops
@@ -93,4 +94,7 @@ class TrainingSession:
 
     def run(self, job: Job, state: TrainerState, logger: MetricsLogger) -> LoopResult:
         """The shared optimisation loop, from state.step to the end (see :func:`run_steps`)."""
-        return run_steps(job, self.cfg, self.rt, logger, state, self.say)
+        try:
+            return run_steps(job, self.cfg, self.rt, logger, state, self.say)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(f"{e}; continue with --resume {self.run_dir}") from None

@@ -17,13 +17,14 @@ from typing import Protocol
 import torch
 
 from lmforge.config import OptimConfig, TrainLoopConfig
-from lmforge.errors import TrainingHalted
+from lmforge.errors import TrainingHalted, TrainingInterrupted
 from lmforge.faults import fault_point
 from lmforge.runtime import Runtime
 from lmforge.training.checkpoint import TrainerState
 from lmforge.training.guard import NonfiniteGuard
 from lmforge.training.metrics import MetricsLogger, eta_seconds, format_duration, mfu
 from lmforge.training.optim import lr_at
+from lmforge.training.signals import GracefulStop
 
 
 @dataclass
@@ -111,83 +112,90 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         say(f"step {step}: val {format_metrics(metrics)}", flush=True)
         return metrics
 
-    while step < tc.max_steps:
-        lr = lr_at(step, cfg.optim, tc.max_steps)
-        for group in job.optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=rt.device)
-        for micro in range(tc.grad_accum):
-            if micro:
-                fault_point("mid_accumulation")
-            batch = next(job.batches)
-            tokens_since_log += batch[0].numel() * rt.world_size  # input slots, padding included
-            with rt.autocast():
-                loss = job.loss(batch)
-            job.scaler.scale(loss / tc.grad_accum).backward()
-            step_loss += loss.detach()
-        grad_norm = None
-        if cfg.optim.grad_clip > 0:
-            job.scaler.unscale_(job.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-        fault_point("mid_step")
-        if guard is None:
-            job.scaler.step(job.optimizer)
-            job.scaler.update()
-            loss_sum += step_loss
-            steps_in_sum += 1
-        else:
-            if grad_norm is None:  # not clipped: the guard still needs the norm
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-            skipped = guard.step(step + 1, step_loss, grad_norm)
-            loss_sum += step_loss.masked_fill(skipped, 0.0)
-            steps_in_sum += ~skipped
-        job.optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_time = time.perf_counter() - t_start
-        last_step = step == tc.max_steps
-        out_of_time = tc.max_minutes is not None and train_time >= tc.max_minutes * 60
-        final = last_step or out_of_time
-        if final or any(step % n == 0 for n in (tc.log_interval, tc.eval_interval, tc.ckpt_interval)):
-            settle()  # before anything is logged, evaluated or saved of a step that must halt
-
-        if step % tc.log_interval == 0 or last_step:
-            # Reading the numbers syncs with the device: only here, once per log interval.
-            numbers = (loss_sum, steps_in_sum) if grad_norm is None else (loss_sum, steps_in_sum, grad_norm.float())
-            summed, kept, *norm = torch.stack(numbers).tolist()
-            loss_val = summed / (kept * tc.grad_accum) if kept else math.nan
-            loss_sum.zero_()
-            steps_in_sum.zero_()
-            tps = tokens_since_log / (time.perf_counter() - t_log)
-            record = {"step": step, "kind": "train", "loss": loss_val, "lr": lr, "tokens_per_s": tps,
-                      "mfu": mfu(tps / rt.world_size, job.flops_per_token, job.peak_flops), "time_s": train_time}
-            if norm:
-                record["grad_norm"] = norm[0]
-            logger.log(record)
-            eta = eta_seconds(train_time - resumed_time, step - start_step, tc.max_steps - step)
-            say(f"step {step}/{tc.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
-            t_log, tokens_since_log = time.perf_counter(), 0
-
-        if step % tc.eval_interval == 0 or final:
-            last_eval = evaluate(final)
-            if last_eval["val_loss"] < state.best_val_loss:
-                state.best_val_loss, state.evals_without_improvement = last_eval["val_loss"], 0
+    with GracefulStop() as stop:
+        while step < tc.max_steps:
+            lr = lr_at(step, cfg.optim, tc.max_steps)
+            for group in job.optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=rt.device)
+            for micro in range(tc.grad_accum):
+                if micro:
+                    fault_point("mid_accumulation")
+                batch = next(job.batches)
+                tokens_since_log += batch[0].numel() * rt.world_size  # input slots, padding included
+                with rt.autocast():
+                    loss = job.loss(batch)
+                job.scaler.scale(loss / tc.grad_accum).backward()
+                step_loss += loss.detach()
+            grad_norm = None
+            if cfg.optim.grad_clip > 0:
+                job.scaler.unscale_(job.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+            fault_point("mid_step")
+            if guard is None:
+                job.scaler.step(job.optimizer)
+                job.scaler.update()
+                loss_sum += step_loss
+                steps_in_sum += 1
             else:
-                state.evals_without_improvement += 1
-                if tc.patience is not None and state.evals_without_improvement >= tc.patience:
-                    say(f"early stop: no val improvement in {tc.patience} evaluations")
-                    stopped_early = final = True
-        if step % tc.ckpt_interval == 0 or final:
-            state.step, state.train_time_s = step, time.perf_counter() - t_start
-            state.log_loss_sum, log_steps = torch.stack((loss_sum, steps_in_sum)).tolist()
-            state.log_steps = int(log_steps)
-            state.nonfinite_in_a_row = guard.in_a_row if guard is not None else 0
-            if rt.is_main:
-                job.save(state)
-        if final:
-            if out_of_time and not last_step:
-                say(f"time limit of {tc.max_minutes} min reached at step {step}")
-            break
+                if grad_norm is None:  # not clipped: the guard still needs the norm
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+                skipped = guard.step(step + 1, step_loss, grad_norm)
+                loss_sum += step_loss.masked_fill(skipped, 0.0)
+                steps_in_sum += ~skipped
+            job.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_time = time.perf_counter() - t_start
+            last_step = step == tc.max_steps
+            out_of_time = tc.max_minutes is not None and train_time >= tc.max_minutes * 60
+            interrupted = stop.requested is not None
+            final = last_step or out_of_time or interrupted
+            if final or any(step % n == 0 for n in (tc.log_interval, tc.eval_interval, tc.ckpt_interval)):
+                settle()  # before anything is logged, evaluated or saved of a step that must halt
+
+            if step % tc.log_interval == 0 or last_step:
+                # Reading the numbers syncs with the device: only here, once per log interval.
+                numbers = (loss_sum, steps_in_sum) if grad_norm is None else (loss_sum, steps_in_sum, grad_norm.float())
+                summed, kept, *norm = torch.stack(numbers).tolist()
+                loss_val = summed / (kept * tc.grad_accum) if kept else math.nan
+                loss_sum.zero_()
+                steps_in_sum.zero_()
+                tps = tokens_since_log / (time.perf_counter() - t_log)
+                record = {"step": step, "kind": "train", "loss": loss_val, "lr": lr, "tokens_per_s": tps,
+                          "mfu": mfu(tps / rt.world_size, job.flops_per_token, job.peak_flops), "time_s": train_time}
+                if norm:
+                    record["grad_norm"] = norm[0]
+                logger.log(record)
+                eta = eta_seconds(train_time - resumed_time, step - start_step, tc.max_steps - step)
+                say(f"step {step}/{tc.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+                    f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
+                t_log, tokens_since_log = time.perf_counter(), 0
+
+            # An interrupted run still makes the evaluation due at this step (its resume will not), but not
+            # the final one over the whole split.
+            if step % tc.eval_interval == 0 or (final and not interrupted):
+                last_eval = evaluate(final and not interrupted)
+                if last_eval["val_loss"] < state.best_val_loss:
+                    state.best_val_loss, state.evals_without_improvement = last_eval["val_loss"], 0
+                else:
+                    state.evals_without_improvement += 1
+                    if tc.patience is not None and state.evals_without_improvement >= tc.patience:
+                        say(f"early stop: no val improvement in {tc.patience} evaluations")
+                        stopped_early = final = True
+            if step % tc.ckpt_interval == 0 or final:
+                state.step, state.train_time_s = step, time.perf_counter() - t_start
+                state.log_loss_sum, log_steps = torch.stack((loss_sum, steps_in_sum)).tolist()
+                state.log_steps = int(log_steps)
+                state.nonfinite_in_a_row = guard.in_a_row if guard is not None else 0
+                if rt.is_main:
+                    job.save(state)
+            if interrupted:
+                logger.close()
+                raise TrainingInterrupted(f"stopped at step {step} by {stop.requested}, with a checkpoint of it")
+            if final:
+                if out_of_time and not last_step:
+                    say(f"time limit of {tc.max_minutes} min reached at step {step}")
+                break
     if last_eval is None:  # resumed a run that had already finished
         last_eval = evaluate(True)
     logger.close()
