@@ -351,13 +351,26 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"lmforge: warning: {message}\n"
 
 
+def parse_intermixed(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse with dotted overrides and flags in any order (``train a=1 -c recipe b=2``): argparse stops
+    filling a positional list at the first flag, so the overrides after it are gathered here (argparse's
+    own parse_intermixed_args does not support subcommands)."""
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [a for a in extra if not a.startswith("-") and "=" in a]
+        extra = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.formatwarning = _one_line_warning  # notes such as a skipped damaged checkpoint: one line each
     if argv[:1] == ["lm-eval"]:
         return run_lm_eval(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_intermixed(parser, argv)
     try:
         args.func(args)
     except UserError as e:

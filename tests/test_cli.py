@@ -1,0 +1,26 @@
+"""The command line's parsing (lmforge.cli), without running commands: tests/e2e runs them."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.cli import build_parser, parse_intermixed
+
+
+@pytest.mark.parametrize(("argv", "overrides", "flags"), [
+    (["train", "train.max_steps=5", "-c", "shakespeare-fast"], ["train.max_steps=5"], {"config": "shakespeare-fast"}),
+    (["finetune", "base=b", "lora.rank=8", "--merge", "train.max_steps=60"], ["base=b", "lora.rank=8",
+                                                                               "train.max_steps=60"], {"merge": True}),
+    (["train", "a.b=1", "--resume", "r", "c.d=2", "-c", "x", "e.f=3"], ["a.b=1", "c.d=2", "e.f=3"],
+     {"resume": "r", "config": "x"})])
+def test_overrides_and_flags_mix_in_any_order_and_keep_their_order(argv, overrides, flags):
+    args = parse_intermixed(build_parser(), argv)
+    assert args.overrides == overrides
+    assert {k: getattr(args, k) for k in flags} == flags
+
+
+def test_an_unknown_flag_among_overrides_is_still_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_intermixed(build_parser(), ["train", "a.b=1", "--bogus", "c.d=2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["lmforge: error: unrecognized arguments: --bogus"]
