@@ -28,10 +28,14 @@ from lmforge.config import (
     field_docs,
     load_finetune_config,
     load_train_config,
+    resolve_config_path,
+    to_dict,
 )
 from lmforge.errors import StorageError, TrainingHalted, TrainingInterrupted, UserError
 from lmforge.rundir import STORAGE_ERRNOS, run_config_path
 
+DEFAULT_RECIPE = "default"
+"""The recipe `lmforge train` runs without -c (`train --help` shows its values)."""
 PREPARE_FIELDS = ("tokenizer", "vocab_size", "val_fraction", "seed", "text_field", "workers")
 """DataConfig fields that ``lmforge prepare`` takes as flags (--vocab-size, ...); sources are positional."""
 
@@ -68,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     resume = args.resume is not None
     cfg = load_train_config(*_resume_config(args.resume, overrides)) if resume \
-        else load_train_config(args.config or "default", overrides)
+        else load_train_config(args.config or DEFAULT_RECIPE, overrides)
     _training_process(cfg.train.compile)
     train(cfg, resume=resume, allow_data_change=args.allow_data_change)
 
@@ -182,8 +186,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {run.checkpoint} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
 
 
-def _config_epilog(cls: type, hide: frozenset[str] = frozenset()) -> str:
-    return "config keys (set in YAML or as key=value):\n" + "\n".join(config_help(cls, hide=hide))
+def _config_epilog(cls: type, hide: frozenset[str] = frozenset(), recipe: str | None = None) -> str:
+    """The config keys with their docs, and the values of ``recipe`` (what runs without -c) if named."""
+    if recipe is None:
+        return "config keys (set in YAML or as key=value):\n" + "\n".join(config_help(cls, hide=hide))
+    values = to_dict(load_train_config(recipe))
+    return (f"config keys (set in YAML or as key=value), with the values that run without -c: the recipe "
+            f"'{recipe}' ({resolve_config_path(recipe)}) over the defaults in code:\n"
+            + "\n".join(config_help(cls, hide=hide, values=values)))
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...]) -> None:
@@ -235,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain a model (no arguments: the default corpus and recipe)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_config_epilog(TrainConfig))
+                       epilog=_config_epilog(TrainConfig, recipe=DEFAULT_RECIPE))
     p.add_argument("--config", "-c", help="YAML recipe, or a shipped recipe's name (e.g. shakespeare-char)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     p.add_argument("--allow-data-change", action="store_true",

@@ -200,7 +200,8 @@ class TrainLoopConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_minutes: float | None = None
-    """Stop (with a checkpoint) after this much training wall time, whatever max_steps says."""
+    """Stop (with a checkpoint) after this many minutes of training in this process, whatever max_steps
+    says; a --resume gets as many again. None: no limit."""
     eval_interval: int = 250
     """Evaluate on the val split every this many steps (and at the end)."""
     eval_batches: int = 20
@@ -635,9 +636,11 @@ def field_default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def config_help(cls: type, prefix: str = "", hide: frozenset[str] = frozenset()) -> list[str]:
-    """``key = default  # what it does`` for every field of a config, sections as ``[section]`` headers
-    (the section's docstring: its field's, else its class's); ``hide``: sections listed without keys."""
+def config_help(cls: type, prefix: str = "", hide: frozenset[str] = frozenset(),
+                values: dict | None = None) -> list[str]:
+    """``key = value  # what it does`` for every field of a config, sections as ``[section]`` headers
+    (the section's docstring: its field's, else its class's); the values are ``values`` (a config as a
+    dict, e.g. a recipe's) or else the defaults in code; ``hide``: sections listed without keys."""
     lines = []
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -646,7 +649,9 @@ def config_help(cls: type, prefix: str = "", hide: frozenset[str] = frozenset())
         if dataclasses.is_dataclass(hints[f.name]):
             section_doc = docs.get(f.name) or " ".join((hints[f.name].__doc__ or "").split())
             lines += ["", f"[{key}]  {section_doc}"]
-            lines += [] if f.name in hide else config_help(hints[f.name], key + ".")
+            lines += [] if f.name in hide else config_help(hints[f.name], key + ".",
+                                                              values=None if values is None else values[f.name])
             continue
-        lines.append(f"  {key} = {field_default(f)!r}  # {docs.get(f.name, '')}")
+        value = field_default(f) if values is None else values[f.name]
+        lines.append(f"  {key} = {value!r}  # {docs.get(f.name, '')}")
     return lines

@@ -24,3 +24,12 @@ def test_an_unknown_flag_among_overrides_is_still_one_line_exit_2(capsys):
         parse_intermixed(build_parser(), ["train", "a.b=1", "--bogus", "c.d=2"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == ["lmforge: error: unrecognized arguments: --bogus"]
+
+
+def test_train_help_shows_the_values_of_the_recipe_that_runs_without_c(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "the recipe 'default'" in out
+    for line in ("optim.lr = 0.002", "train.max_minutes = 8", "out_dir = 'runs/default'", "sample.prompt = ''"):
+        assert line in out, line  # default.yaml's values, not the defaults in code

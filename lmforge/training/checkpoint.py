@@ -37,7 +37,8 @@ class TrainerState:
     evals_without_improvement: int = 0
     """Evaluations since the best one (early stopping stops at train.patience)."""
     train_time_s: float = 0.0
-    """Training wall time so far, across resumes (train.max_minutes counts it)."""
+    """Training wall time so far, across resumes (the figures reported; train.max_minutes counts only
+    the current process's)."""
     log_loss_sum: float = 0.0
     """The summed loss of the steps since the last log line (a resumed run logs what an uninterrupted one would)."""
     log_steps: int = 0

@@ -112,6 +112,8 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         say(f"step {step}: val {format_metrics(metrics)}", flush=True)
         return metrics
 
+    if tc.max_minutes is not None:
+        say(f"time limit: {tc.max_minutes:g} min of training in this process (train.max_minutes; null for none)")
     with GracefulStop() as stop:
         while step < tc.max_steps:
             lr = lr_at(step, cfg.optim, tc.max_steps)
@@ -147,7 +149,7 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
             step += 1
             train_time = time.perf_counter() - t_start
             last_step = step == tc.max_steps
-            out_of_time = tc.max_minutes is not None and train_time >= tc.max_minutes * 60
+            out_of_time = tc.max_minutes is not None and train_time - resumed_time >= tc.max_minutes * 60
             interrupted = stop.requested is not None
             final = last_step or out_of_time or interrupted
             if final or any(step % n == 0 for n in (tc.log_interval, tc.eval_interval, tc.ckpt_interval)):
@@ -194,7 +196,8 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                 raise TrainingInterrupted(f"stopped at step {step} by {stop.requested}, with a checkpoint of it")
             if final:
                 if out_of_time and not last_step:
-                    say(f"time limit of {tc.max_minutes} min reached at step {step}")
+                    say(f"time limit of {tc.max_minutes:g} min reached at step {step} (train.max_minutes; "
+                        f"--resume continues for as long again)")
                 break
     if last_eval is None:  # resumed a run that had already finished
         last_eval = evaluate(True)

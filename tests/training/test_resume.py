@@ -87,3 +87,22 @@ def test_resume_refuses_a_dataset_prepared_again_with_other_content(tmp_path):
         assert train(load_train_config(None, resume), resume=True, progress=False, allow_data_change=True).step == 12
     # The override is recorded: config.yaml says what the run trained to.
     assert load_train_config(tmp_path / "run" / "config.yaml").train.max_steps == 12
+
+
+def test_the_time_limit_counts_this_process_so_a_resume_gets_as_long_again(dataset, tmp_path, monkeypatch):
+    from lmforge.config import load_train_config
+    from lmforge.training import session
+    from lmforge.training.loop import train
+
+    args = [f"data.dataset_dir={dataset}", f"out_dir={tmp_path / 'run'}", *ARGS, "train.max_steps=10"]
+    train(load_train_config(None, [*args, "train.max_steps=5"]), progress=False)
+    restore = session.load_trainer_state
+
+    def after_a_long_first_process(ckpt, optimizer):
+        state = restore(ckpt, optimizer)
+        state.train_time_s += 3600.0  # as if the first process had trained for an hour
+        return state
+
+    monkeypatch.setattr(session, "load_trainer_state", after_a_long_first_process)
+    result = train(load_train_config(None, [*args, "train.max_minutes=30"]), resume=True, progress=False)
+    assert result.step == 10  # the 30 minutes are this process's: it trains on to max_steps
