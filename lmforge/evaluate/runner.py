@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from lmforge import rundir
+from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.evaluate import lm, tasks
 from lmforge.evaluate.predict import gold_ids, label_probabilities, read_texts
@@ -41,12 +42,16 @@ class EvalRequest:
 
 def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: str = "auto",
                  progress: bool = True) -> dict:
-    """Every requested evaluation of the model at ``path``; the JSON-ready report."""
-    if not (req.lm or req.dataset or req.generate or req.choice or req.classify):
-        raise UserError("nothing to evaluate: give --lm FILES, --dataset DIR, --generate FILE, --choice FILE "
-                        "or --classify FILE")
+    """Every requested evaluation of the model at ``path``; the JSON-ready report. Nothing requested: a
+    pretraining run's own val split (the prepared dataset it trained on)."""
     rt = setup_runtime(device, precision)
     run = load_run(path, rt.device)
+    if not (req.lm or req.dataset or req.generate or req.choice or req.classify):
+        own = run.config.data.dataset_dir if isinstance(run.config, TrainConfig) else None
+        if not (own and Path(own, "meta.json").is_file()):
+            raise UserError(f"nothing to evaluate: '{path}' names no prepared dataset of its own; give --lm FILES, "
+                            f"--dataset DIR, --generate FILE, --choice FILE or --classify FILE")
+        req = replace(req, dataset=own)
     model = run.model
     if run.task == "classify" and (req.lm or req.dataset or req.generate or req.choice):
         raise UserError(f"'{path}' is a classification run: only --classify applies to it")

@@ -165,8 +165,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
         (run_dir / rundir.FINAL_EVAL).write_text(json.dumps(final_metrics, indent=1) + "\n", encoding="utf-8")
     for line in task.final_lines(final_metrics):
         say(line)
-    say(f"done: {out.step} steps in {format_duration(out.train_time_s)} | val {format_metrics(final_metrics)} | "
-        f"{run_dir}")
+    use = f"lmforge predict {run_dir} --text TEXT" if cfg.task == "classify" else \
+        f"lmforge generate {run_dir} --chat -p TEXT"
+    session.say_done(f"{out.step} steps in {format_duration(out.train_time_s)} | val {format_metrics(final_metrics)} | "
+                     f"{run_dir}", [use, f"lmforge export {run_dir} --out DIR"])
     return FinetuneResult(run_dir, out.step, final_metrics, out.train_time_s)
 
 

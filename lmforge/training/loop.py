@@ -134,8 +134,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
               flops_per_token=flops_tok, peak_flops=peak)
     out = session.run(job, state, session.logger(state.step))
     step, last_eval = out.step, out.last_eval
-    say(f"done: {step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "
-        f"{last_eval['val_bpb']:.4f} bits/byte | {run_dir}")
+    session.say_done(f"{step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "
+                     f"{last_eval['val_bpb']:.4f} bits/byte | {run_dir}",
+                     [f"lmforge generate {run_dir} -p TEXT", f"lmforge eval {run_dir}",
+                      f"lmforge export {run_dir} --out DIR"])
     if rt.is_main and progress and cfg.sample.num_samples > 0:
         print_samples(model, tokenizer, cfg, rt)
     return TrainResult(run_dir, step, last_eval["val_loss"], last_eval["val_bpb"], out.train_time_s,

@@ -52,9 +52,14 @@ class TrainingSession:
         is set to it)."""
         tc = cfg.train
         rt = setup_runtime(tc.device, tc.precision, tc.threads)
-        run_dir, ckpt = rundir.open_run_dir(cfg.out_dir, resume)
+        asked = Path(cfg.out_dir)
+        run_dir, ckpt = rundir.open_run_dir(asked, resume)
         cfg.out_dir = str(run_dir)
-        return cls(cfg, rt, run_dir, ckpt, print if rt.is_main and progress else _quiet)
+        session = cls(cfg, rt, run_dir, ckpt, print if rt.is_main and progress else _quiet)
+        if run_dir != asked:  # never overwrite: say where this run goes instead, and how to continue that one
+            session.say(f"{asked} already holds a run, so this one is {run_dir} (out_dir=DIR picks another; "
+                        f"--resume {asked} continues that run)")
+        return session
 
     def create_run_dir(self, kind: rundir.Kind, task: rundir.Task, lora: bool,
                        write_files: Callable[[Path], None]) -> None:
@@ -91,6 +96,12 @@ class TrainingSession:
 
     def logger(self, start_step: int) -> MetricsLogger:
         return MetricsLogger(self.run_dir, self.rt.is_main, start_step)
+
+    def say_done(self, summary: str, next_commands: list[str]) -> None:
+        """The closing lines: the summary, where the checkpoint and the loss curve are, what to run next."""
+        self.say(f"done: {summary}")
+        self.say(f"  checkpoint {rundir.latest_checkpoint(self.run_dir)} | loss curve {self.run_dir / 'loss.png'}")
+        self.say("  next: " + "  |  ".join(next_commands))
 
     def run(self, job: Job, state: TrainerState, logger: MetricsLogger) -> LoopResult:
         """The shared optimisation loop, from state.step to the end (see :func:`run_steps`)."""

@@ -81,7 +81,7 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     last_eval: dict[str, float] | None = None
     resumed_time = state.train_time_s  # training time before this process started (resume)
     t_start = time.perf_counter() - resumed_time
-    t_log, tokens_since_log = time.perf_counter(), 0
+    t_log, tokens_since_log, log_step = time.perf_counter(), 0, start_step
     # The loss of the steps kept since the last log line (a resumed run continues its checkpoint's sum).
     loss_sum = torch.tensor(state.log_loss_sum, device=rt.device)
     steps_in_sum = torch.tensor(float(state.log_steps), device=rt.device)
@@ -107,11 +107,17 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
 
     def evaluate(final: bool) -> dict[str, float]:
         fault_point("during_eval")
+        if final:
+            say(f"step {step}: final evaluation over the whole val split ...", flush=True)
+        t0 = time.perf_counter()
         metrics = job.evaluate(final)
         logger.log({"step": step, "kind": "eval", **metrics})
-        say(f"step {step}: val {format_metrics(metrics)}", flush=True)
+        took = f" ({format_duration(time.perf_counter() - t0)})" if final else ""
+        say(f"step {step}: val {format_metrics(metrics)}{took}", flush=True)
         return metrics
 
+    if tc.compile:
+        say("torch.compile: the first step compiles the model (tens of seconds on a CPU) ...", flush=True)
     if tc.max_minutes is not None:
         say(f"time limit: {tc.max_minutes:g} min of training in this process (train.max_minutes; null for none)")
     with GracefulStop() as stop:
@@ -168,10 +174,12 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                 if norm:
                     record["grad_norm"] = norm[0]
                 logger.log(record)
-                eta = eta_seconds(train_time - resumed_time, step - start_step, tc.max_steps - step)
+                # ETA at the pace of the last log interval: the first steps (compilation, warm-up) and an
+                # earlier load on the machine stop counting once they are past.
+                eta = eta_seconds(time.perf_counter() - t_log, step - log_step, tc.max_steps - step)
                 say(f"step {step}/{tc.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
                     f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
-                t_log, tokens_since_log = time.perf_counter(), 0
+                t_log, tokens_since_log, log_step = time.perf_counter(), 0, step
 
             # An interrupted run still makes the evaluation due at this step (its resume will not), but not
             # the final one over the whole split.

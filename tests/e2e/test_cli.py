@@ -59,6 +59,10 @@ def test_training_lowers_the_loss_and_writes_every_artefact(trained_run):
     assert (run / "checkpoints" / "latest").read_text() == "step_000150"
     assert "MFU" in result.stdout and "ETA" in result.stdout and "--- sample 1 ---" in result.stdout
     assert "binary" in result.stdout.lower()  # the prepare summary counts the skipped binary file
+    # No silent phase, and the last lines say where everything is and what to run next.
+    assert "step 150: final evaluation over the whole val split ..." in result.stdout
+    assert f"checkpoint {run / 'checkpoints' / 'step_000150'} | loss curve {run / 'loss.png'}" in result.stdout
+    assert f"next: lmforge generate {run} -p TEXT  |  lmforge eval {run}  |" in result.stdout
 
 
 def test_generate_from_run_is_deterministic_when_greedy(trained_run):
@@ -98,6 +102,7 @@ def test_train_twice_never_overwrites(trained_run, corpus):
     assert result.returncode == 0, result.stderr
     assert (run / "config.yaml").read_text() == before
     assert (run.with_name(run.name + "-2") / "config.yaml").is_file()
+    assert f"{run} already holds a run, so this one is {run.with_name(run.name + '-2')}" in result.stdout
 
 
 def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -88,7 +89,7 @@ def test_eval_user_mistakes_are_one_line_errors(memorised, tmp_path):
     run_dir, folder = memorised
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "choices": ["x", "y"], "label": 0}\n{"context": "a", "choices": ["x"]}\n')
-    for args, fragment in ((["--choice", str(bad)], "bad.jsonl:2"), ([], "nothing to evaluate"),
+    for args, fragment in ((["--choice", str(bad)], "bad.jsonl:2"),
                            (["--lm", str(tmp_path / "missing.txt")], "missing.txt"),
                            (["--classify", str(bad)], "classification run")):
         result = _lmforge("eval", str(run_dir), *args)
@@ -108,3 +109,20 @@ def test_classification_metrics_are_macro_averaged_with_a_confusion_matrix():
     assert m["macro_precision"] == pytest.approx((0.5 + 2 / 3) / 3)
     assert m["macro_recall"] == pytest.approx(0.5)
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_eval_with_nothing_asked_scores_the_runs_own_val_split(memorised, tmp_path):
+    from lmforge.config import load_train_config
+    from lmforge.evaluate.runner import EvalRequest, evaluate_run
+
+    run_dir, _ = memorised
+    own = load_train_config(run_dir / "config.yaml").data.dataset_dir
+    report = evaluate_run(str(run_dir), EvalRequest(), progress=False)
+    assert report["results"]["dataset"] == evaluate_run(str(run_dir), EvalRequest(dataset=own),
+                                                        progress=False)["results"]["dataset"]
+    moved = tmp_path / "run"  # a copy whose dataset is gone
+    shutil.copytree(run_dir, moved)
+    config = moved / "config.yaml"
+    config.write_text(config.read_text().replace(own, str(tmp_path / "gone")))
+    with pytest.raises(UserError, match="nothing to evaluate: .* names no prepared dataset of its own"):
+        evaluate_run(str(moved), EvalRequest(), progress=False)
