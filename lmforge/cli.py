@@ -19,9 +19,12 @@ import typing
 import warnings
 from pathlib import Path
 
+from lmforge import __version__
 from lmforge.config import (
+    RECIPES_DIR,
     DataConfig,
     FinetuneConfig,
+    ModelConfig,
     TrainConfig,
     config_help,
     field_default,
@@ -29,9 +32,11 @@ from lmforge.config import (
     load_finetune_config,
     load_train_config,
     resolve_config_path,
+    shipped_recipes,
     to_dict,
 )
 from lmforge.errors import StorageError, TrainingHalted, TrainingInterrupted, UserError
+from lmforge.presets import PRESETS
 from lmforge.rundir import STORAGE_ERRNOS, run_config_path
 
 DEFAULT_RECIPE = "default"
@@ -46,6 +51,22 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     cfg = DataConfig(sources=args.sources, **{name: getattr(args, name) for name in PREPARE_FIELDS})
     meta = prepare(cfg, args.out, progress=True, overwrite=args.overwrite)
     print(format_summary(meta))
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    recipes = shipped_recipes()
+    width = max(map(len, recipes))
+    print(f"recipes (lmforge train -c NAME; the files are in {RECIPES_DIR}):")
+    for name, description in recipes.items():
+        print(f"  {name:<{width}}  {description}")
+    width = max(map(len, PRESETS))
+    print("\nmodel presets (model.preset=NAME; parameters without the embeddings and output head, whose size comes "
+          "from the vocabulary):")
+    print(f"  {'preset':<{width}}  n_layer  n_head  n_embd  block_size  parameters")
+    for name, values in PRESETS.items():
+        cfg = ModelConfig(preset=name, **values)
+        print(f"  {name:<{width}}  {cfg.n_layer:>7}  {cfg.n_head:>6}  {cfg.n_embd:>6}  {cfg.block_size:>10}  "
+              f"{cfg.params_without_embeddings / 1e6:>9.2f}M")
 
 
 def _resume_config(run: str, overrides: list[str]) -> tuple[Path, list[str]]:
@@ -75,6 +96,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         else load_train_config(args.config or DEFAULT_RECIPE, overrides)
     _training_process(cfg.train.compile)
     train(cfg, resume=resume, allow_data_change=args.allow_data_change)
+
+
+def cmd_examples(args: argparse.Namespace) -> None:
+    from lmforge.examples import write_examples
+
+    files = write_examples(args.out)
+    names = ", ".join(str(f.relative_to(args.out)) for f in files)
+    print(f"wrote {len(files)} example files into {args.out}: {names}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -137,10 +166,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.compile:
         compile_falls_back_to_eager()
     model = maybe_compile(run.model, args.compile, dynamic=True)
+    # What stdout shows before each continuation: a plain prompt (the continuation carries it on); with
+    # --chat, not the rendered template: nothing before a streamed answer, the user's text in a batch.
+    shown = [p + "\n" for p in prompts] if args.chat else list(prompts)
     stop_ids: list[int] = []
     if args.chat:
         prompts, stop_ids = chat_prompts(args.run, run, prompts)
-    if len(prompts) == 1:  # the continuation streams right after its prompt
+    if len(prompts) == 1 and not args.chat:  # the continuation streams right after its prompt
         print(prompts[0], end="", flush=True)
     with rt.autocast():
         texts = generate_text(
@@ -152,17 +184,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if len(prompts) == 1:
         print()
         return
-    for prompt, text in zip(prompts, texts, strict=False):
+    for prompt, text in zip(shown, texts, strict=True):
         print(f"{prompt}{text}\n----")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.chat_repl import chat_cli
+
+    chat_cli(args.run, max_new_tokens=args.max_new_tokens, device=args.device, precision=args.precision,
+             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+             repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def chat_prompts(path: str, run, prompts: list[str]) -> tuple[list[str], list[int]]:
     """Each prompt as a user turn in the run's chat template, ending where the answer starts."""
-    from lmforge.chat import ChatTemplate, find_chat_template
+    from lmforge.chat_repl import run_template
 
-    if find_chat_template(run.folder) is None:
-        print(f"note: '{path}' has no chat template of its own; using lmforge's default", file=sys.stderr)
-    template = ChatTemplate.resolve(None, run.folder, run.tokenizer)
+    template = run_template(path, run)
     return [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts], \
         template.stop_ids
 
@@ -230,8 +268,53 @@ def finite_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number of at least 0 (a temperature: 0 is greedy)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 means greedy), got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (a repetition penalty: 1 is none)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 (1 means none), got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number in (0, 1] (top-p: 1 keeps every token)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """The flags ``generate`` and ``chat`` share: how many tokens, how to sample them, where to run."""
+    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=200,
+                   help="tokens to generate per prompt (chat: per reply) (default %(default)s)")
+    p.add_argument("--temperature", "-t", type=non_negative_float, default=0.8,
+                   help="sampling temperature, 0 means greedy (default %(default)s)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=probability, default=None,
+                   help="sample among the most likely tokens whose probabilities add up to p, in (0, 1] (default: all)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="make tokens already in the text less likely (> 1) or more (< 1); 1 is none "
+                        "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', 'mps' (default %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 where the hardware is fast at it, fp16 on older GPUs, else fp32 "
+                        "(default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmforge", description="Train, evaluate and use GPT-style models.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="turn text files into tokenized train/val shards",
@@ -243,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("recipes", help="list the shipped recipes (train -c NAME) and the model presets, with sizes")
+    p.set_defaults(func=cmd_recipes)
+
     p = sub.add_parser("train", help="pretrain a model (no arguments: the default corpus and recipe)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=_config_epilog(TrainConfig, recipe=DEFAULT_RECIPE))
@@ -253,24 +339,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("examples", help="write the README tour's small example inputs (from the standard library)")
+    p.add_argument("out", help="folder to create")
+    p.set_defaults(func=cmd_examples)
+
     p = sub.add_parser("generate", help="sample text from a trained model")
     p.add_argument("run", help="run directory or checkpoint directory")
-    p.add_argument("--prompt", "-p", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-file", help="file with one prompt per line")
-    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=200)
-    p.add_argument("--temperature", "-t", type=finite_float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--top-p", type=finite_float, default=None)
-    p.add_argument("--repetition-penalty", type=finite_float, default=1.0)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", "-p", action="append",
+                   help="prompt text (repeat for a batch; default: none, one empty prompt starts a new document)")
+    p.add_argument("--prompt-file", help="file with one prompt per line, after the --prompt ones (default: none)")
+    p.add_argument("--stop", action="append",
+                   help="stop where the text contains this string, taken literally (a newline in bash: $'\\n'); "
+                        "repeatable (default: none)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the run's chat template")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model first: decoding gets faster after a one-off compile (20-30 s on a "
                         "small CPU); worth it for long or many generations")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    _add_generation_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk with a model: a multi-turn conversation in its chat template",
+                       description="An interactive conversation in the run's chat template, each reply streamed; "
+                                   "the oldest turns give way when the conversation outgrows the context. "
+                                   "/reset, /system TEXT, /exit (or Ctrl-D); Ctrl-C stops a reply.")
+    p.add_argument("run", help="run directory, checkpoint directory or Hugging Face folder")
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="measure a model: perplexity/bits per byte, generation and choice tasks",
                        description="Evaluate a run, checkpoint or Hugging Face folder; prints a table and writes JSON.")
@@ -280,23 +374,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=positive_int,
                    help="sliding-window stride in tokens (default: the context: disjoint)")
     p.add_argument("--dataset", metavar="DIR", help="a prepared dataset: its split, windowed as training evaluates")
-    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--split", default="val", choices=["train", "val"],
+                   help="the --dataset split to score (default %(default)s)")
     p.add_argument("--generate", metavar="FILE", help="JSONL of prompt + reference(s): BLEU, chrF, ROUGE, exact match")
     p.add_argument("--choice", metavar="FILE", help="JSONL of context + choices + label: multiple-choice accuracy")
     p.add_argument("--classify", metavar="FILE", help="CSV/JSONL of text + label (classification runs)")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--label-field", default="label")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=64)
-    p.add_argument("--temperature", "-t", type=finite_float, default=0.0, help="0 (default) means greedy")
-    p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--top-p", type=finite_float, default=None)
-    p.add_argument("--repetition-penalty", type=finite_float, default=1.0)
-    p.add_argument("--stop", action="append", help="stop string for --generate (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-field", default="text",
+                   help="the text's field in --lm .jsonl/.parquet and --classify files (default %(default)s)")
+    p.add_argument("--label-field", default="label", help="the label's field in --classify files (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default %(default)s)")
+    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=64,
+                   help="--generate: tokens per answer at most (default %(default)s)")
+    p.add_argument("--temperature", "-t", type=non_negative_float, default=0.0,
+                   help="--generate: sampling temperature, 0 means greedy (default %(default)s)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="--generate: sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=probability, default=None,
+                   help="--generate: sample among the most likely tokens whose probabilities add up to p, in (0, 1] "
+                        "(default: all)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="--generate: make tokens already in the text less likely (> 1); 1 is none "
+                        "(default %(default)s)")
+    p.add_argument("--stop", action="append",
+                   help="--generate: stop where the answer contains this string, taken literally; repeatable "
+                        "(default: none)")
+    p.add_argument("--seed", type=int, default=0, help="--generate: sampling seed (default %(default)s)")
     p.add_argument("--output", "-o", help="JSON report path (default: RUN/eval.json, or ./eval.json)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', 'mps' (default %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 where the hardware is fast at it, fp16 on older GPUs, else fp32 "
+                        "(default %(default)s)")
     p.set_defaults(func=cmd_eval)
 
     sub.add_parser("lm-eval", help="lm-evaluation-harness's command line with --model lmforge registered "

@@ -49,7 +49,9 @@ class DataConfig:
     sources: list[str] = field(default_factory=list)
     """Files, folders (recursive) or globs; empty means the embedded default corpus."""
     dataset_dir: str | None = None
-    """An already prepared dataset folder (train.bin/val.bin/meta.json); skips preparation."""
+    """An already prepared dataset folder (train.bin/val.bin/meta.json); skips preparation, so the other data.*
+    keys (sources, tokenizer, vocab_size, val_fraction, ...) do not apply: it has its own (overriding one is an
+    error)."""
     tokenizer: str = "bpe"
     """'bpe' (byte-level BPE trained on the corpus), 'char', or a path to a tokenizer.json."""
     vocab_size: int = 4096
@@ -126,6 +128,19 @@ class ModelConfig:
         if self.mlp == "swiglu":
             return 64 * ((8 * self.n_embd // 3 + 63) // 64)
         return 4 * self.n_embd
+
+    @property
+    def params_without_embeddings(self) -> int:
+        """Parameters of the blocks and the final norm, counted from the shape alone (no torch, so that
+        ``lmforge recipes`` answers at once): all but the embeddings and the output head, whose size
+        comes from the tokenizer. Mirrors lmforge.model.gpt (a test compares the two)."""
+        bias = int(self.bias)
+        norm = self.n_embd * (2 if self.norm == "layernorm" and self.bias else 1)
+        qkv = (self.n_head + 2 * self.kv_heads) * self.head_dim
+        fc = (2 if self.mlp == "swiglu" else 1) * self.mlp_hidden
+        attn = self.n_embd * qkv + bias * qkv + self.n_embd * self.n_embd + bias * self.n_embd
+        mlp = self.n_embd * fc + bias * fc + self.mlp_hidden * self.n_embd + bias * self.n_embd
+        return self.n_layer * (2 * norm + attn + mlp) + norm
 
     def validate(self) -> None:
         """UserError naming the key whose value cannot work."""
@@ -533,13 +548,37 @@ def resolve_config_path(name: str | Path) -> Path:
     raise UserError(f"config '{name}' does not exist (expected a YAML file or a shipped recipe: {known})")
 
 
+def shipped_recipes() -> dict[str, str]:
+    """Each shipped recipe's name (what -c takes) and the first line of its leading comment, its description."""
+    recipes = {}
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        comments = (line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#"))
+        recipes[path.stem] = next(comments, "#").lstrip("#").strip()
+    return recipes
+
+
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults in code, then the YAML file (or shipped recipe), then the dotted overrides; validated."""
     data = load_yaml(resolve_config_path(path)) if path else {}
     data = merge_overrides(data, overrides or [])
     cfg = from_dict(TrainConfig, data)
     validate_train_config(cfg)
+    _check_no_moot_data_overrides(cfg, overrides or [])
     return cfg
+
+
+def _check_no_moot_data_overrides(cfg: TrainConfig, overrides: list[str]) -> None:
+    """UserError when an override sets a data.* key that a prepared dataset (data.dataset_dir) makes moot: those
+    keys say how to prepare one, and the prepared one has its own tokenizer and split. Only the overrides are
+    checked, because only there does a key mean the user's intent: a recipe's data.* values are what it prepares
+    with when it has no dataset_dir, and a run's config.yaml (what --resume loads) holds both."""
+    if not cfg.data.dataset_dir:
+        return
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key.startswith("data.") and key != "data.dataset_dir":
+            raise UserError(f"'{key}' has no effect with data.dataset_dir='{cfg.data.dataset_dir}': a prepared dataset "
+                            f"has its own tokenizer and split (drop '{key}', or prepare again: lmforge prepare)")
 
 
 def validate_train_config(cfg: TrainConfig) -> None:

@@ -99,8 +99,12 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     ``max_new_tokens``; the loop ends when every row has stopped. Sampling: repetition penalty,
     then temperature (0 = greedy), top-k, top-p (see :func:`sample_next`), seeded by ``seed``.
 
-    The context is ``model.cfg.block_size``: a longer prompt keeps its last block_size - 1 tokens,
-    and max_new_tokens is capped so that the longest prompt plus the new tokens fit (both warn).
+    The context is ``model.cfg.block_size``: a longer prompt keeps its last block_size - 1 tokens
+    (with a warning). Past the context the window slides, as nanoGPT's cropping does: once the
+    window would hold block_size + 1 tokens it restarts at the last block_size - 1 of them, which
+    are prefilled again (their positions change), so the model sees the last block_size - 1 to
+    block_size tokens (one warning says so). The window counts the slots of the left-padded batch,
+    so after a slide a shorter prompt's row may differ from its result alone.
 
     on_token(row, token_id) is called for each new token as it is produced (streaming); returning
     True stops that row (the token stays in its output). use_cache=False recomputes the whole
@@ -115,13 +119,15 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     if max_new_tokens <= 0 or not prompts:
         return [[] for _ in prompts]
     block = model.cfg.block_size
-    prompts = [_fit_context(p, block - 1, i) for i, p in enumerate(prompts)]
+    keep = max(block - 1, 1)  # the tokens a prompt keeps and a slid window restarts with
+    prompts = _fit_context(prompts, keep)
     B, L = len(prompts), max(len(p) for p in prompts)
-    if L + max_new_tokens > block:
-        warnings.warn(f"max_new_tokens={max_new_tokens} reaches past the context of {block} tokens "
-                      f"after a {L}-token prompt: generating at most {block - L}", stacklevel=2)
-        max_new_tokens = block - L
     S = L + max_new_tokens  # slots: the padded prompts, then the new tokens
+    if block < S:
+        # stacklevel 3: past torch.inference_mode's wrapper, to the caller.
+        warnings.warn(f"a {L}-token prompt + {max_new_tokens} new tokens pass the model's context of {block} tokens: "
+                      f"beyond it the window slides, and the model sees only the last {keep} to {block} tokens",
+                      stacklevel=3)
 
     device = model.wte.weight.device
     tokens = torch.tensor([[pad_id] * (L - len(p)) + p + [pad_id] * max_new_tokens for p in prompts],
@@ -129,9 +135,6 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     n_pad = torch.tensor([L - len(p) for p in prompts], device=device)
     slots = torch.arange(S, device=device)
     valid = slots >= n_pad[:, None]  # (B, S): which slots hold real tokens
-    positions = (slots - n_pad[:, None]).clamp(min=0)
-    # Equal lengths need no mask, which lets attention use its fused causal kernels.
-    padded = bool(n_pad.any())
     seen = None
     if repetition_penalty != 1.0:
         # One spare column absorbs the pad slots, so that pad_id is not counted as seen.
@@ -149,13 +152,26 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     done = [False] * B
     # Under autocast the keys/values come out in the autocast dtype: the cache stores them so.
     cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    with eval_mode(model), _static_kv_cache(model, B, S, cache_dtype, enabled=use_cache):
+    # The model sees the slots [first, end); the cache holds [first, cached), cache slot 0 = slot first.
+    first = cached = 0
+    origin = n_pad[:, None]  # the slot of each row's position 0
+    # Equal lengths need no mask, which lets attention use its fused causal kernels. A mask stays on
+    # after the pads slide out of the window: switching would cost torch.compile another graph.
+    padded = bool(n_pad.any())
+    # A window holds at most block slots; one spare keeps the cache from ever filling up, which
+    # torch.compile would treat as a special case (one more graph).
+    with eval_mode(model), _static_kv_cache(model, B, min(S, block + 1), cache_dtype, enabled=use_cache):
         for end in range(L, S):
-            # With the cache, only the newest token goes in after the prefill; without it, everything.
-            start = end - 1 if use_cache and end > L else 0
-            logits, _ = model(tokens[:, start:end], positions=positions[:, start:end],
-                              mask=_attention_mask(valid, start, end) if padded else None,
-                              cache_start=start if use_cache else None, last_only=True)
+            if end - first > block:
+                # Slide: every kept token's position changes, so the cache is refilled from the window.
+                first = cached = end - keep
+                origin = n_pad.clamp(min=first)[:, None]
+            # With the cache, only the newest token goes in after a prefill; without it, the whole window.
+            start = cached if use_cache else first
+            logits, _ = model(tokens[:, start:end], positions=(slots[start:end] - origin).clamp(min=0),
+                              mask=_attention_mask(valid[:, first:], start - first, end - first) if padded else None,
+                              cache_start=start - first if use_cache else None, last_only=True)
+            cached = end
             logits = logits[:, -1].float()
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -192,13 +208,14 @@ def _static_kv_cache(model: GPT, batch: int, max_len: int, dtype: torch.dtype | 
         model.clear_cache()
 
 
-def _fit_context(prompt: list[int], limit: int, index: int) -> list[int]:
-    """The last ``limit`` tokens of a prompt, warning when that drops any."""
-    if len(prompt) <= limit:
-        return list(prompt)
-    warnings.warn(f"prompt {index} has {len(prompt)} tokens but the context leaves room for {limit}: "
-                  f"dropped its first {len(prompt) - limit} tokens", stacklevel=3)
-    return list(prompt[-limit:])
+def _fit_context(prompts: list[list[int]], limit: int) -> list[list[int]]:
+    """The last ``limit`` tokens of each prompt, warning for each one that loses any."""
+    for i, p in enumerate(prompts):
+        if len(p) > limit:
+            # stacklevel 4: past generate and torch.inference_mode's wrapper, to generate's caller.
+            warnings.warn(f"prompt {i} has {len(p)} tokens but the context leaves room for {limit}: "
+                          f"dropped its first {len(p) - limit} tokens", stacklevel=4)
+    return [list(p[-limit:]) for p in prompts]
 
 
 def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:

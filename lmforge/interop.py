@@ -36,6 +36,8 @@ CODE_KEY = "auto_map"
 """The key with which a folder's config.json or tokenizer_config.json names its own Python classes."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 """Weight files that are pickles (torch.save): never read, loading one can run arbitrary code."""
+HUB_TIMEOUT_S = 5.0
+"""How long a hub id's first question to the Hugging Face hub waits for an answer before it counts as unreachable."""
 
 
 def check_new_folder(out: Path) -> None:
@@ -126,23 +128,54 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def hub_reachable(repo_id: str) -> bool:
+    """Whether the Hugging Face hub answers about ``repo_id`` within HUB_TIMEOUT_S, asked once: without a
+    network, transformers' own downloads retry with back-off for about a minute before giving up. Any
+    answer counts (no such model, gated, ...: transformers then says which); UserError if ``repo_id``
+    cannot be a hub id either."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import HfHubHTTPError, HFValidationError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, HF_CONFIG), timeout=HUB_TIMEOUT_S)
+    except HFValidationError:
+        raise UserError(f"'{repo_id}' is no local folder (it does not exist) and no hub id either") from None
+    except HfHubHTTPError:
+        return True
+    except Exception:  # noqa: BLE001 - no network, a timeout, HF_HUB_OFFLINE: each HTTP library has its own types
+        return False
+    return True
+
+
 def load_hf(source: str | Path) -> tuple[GPT, Tokenizer | None]:
     """Model (fp32, eval) and tokenizer from a local ``save_pretrained`` folder or a hub id.
 
     A hub id is downloaded by ``transformers`` (it needs the network; its code is never run, only its
-    safetensors weights are read); a folder is checked (:func:`refuse_custom_code`) and read directly.
+    safetensors weights are read); when the hub cannot be reached, only the local hub cache is looked at,
+    so the answer comes in seconds. A folder is checked (:func:`refuse_custom_code`) and read directly.
     """
     from transformers import AutoConfig
 
     folder = Path(source)
     if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        offline = not hub_reachable(str(source))
+        unreachable = UserError(f"'{source}' is not a local folder and the Hugging Face hub cannot be reached (no "
+                                f"network?): pass a folder saved with save_pretrained, e.g. made by `lmforge export`")
+        if offline and not isinstance(try_to_load_from_cache(str(source), HF_CONFIG), str):
+            raise unreachable
+        # Offline, a model in the local hub cache still loads. adapter_kwargs too: transformers' look for a PEFT
+        # adapter does not inherit local_files_only, and would ask the hub again, with retries, for half a minute.
         try:
-            hf = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32,
-                                                      trust_remote_code=False, use_safetensors=True)
-            tok_dir = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+            hf = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32, trust_remote_code=False,
+                                                      use_safetensors=True, local_files_only=offline,
+                                                      adapter_kwargs={"local_files_only": offline})
+            tok_dir = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False, local_files_only=offline)
         except OSError as e:
+            if offline:
+                raise unreachable from None
             raise UserError(f"'{source}' is neither a local folder nor a reachable hub model with "
                             f"safetensors weights ({' '.join(str(e).split())})") from None
         except ValueError as e:  # custom code (trust_remote_code=False), an unknown model type

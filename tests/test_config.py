@@ -15,6 +15,7 @@ from lmforge.config import (
     save_yaml,
 )
 from lmforge.errors import UserError
+from lmforge.presets import PRESETS
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -95,7 +96,7 @@ def test_the_help_of_the_commands_comes_from_the_config_docstrings():
 
     subcommands = build_parser()._subparsers._group_actions[0].choices
     train_help = subcommands["train"].format_help()
-    assert "train.max_steps = 1000  # Optimizer steps to train for." in train_help
+    assert "train.max_steps = 600  # Optimizer steps to train for." in train_help  # the default recipe's value
     finetune_help = subcommands["finetune"].format_help()
     assert "lora.rank = 0  # Rank of the adapters" in finetune_help
     assert "model.n_layer" not in finetune_help and "[model]" in finetune_help  # copied from the base
@@ -143,3 +144,43 @@ def test_values_that_pass_type_checks_but_make_no_sense_are_refused_at_load_time
 def test_finetune_values_are_checked_by_meaning_too(override):
     with pytest.raises(UserError, match=override.split("=")[0]):
         load_finetune_config(None, ["base=runs/x", "data.train=x.jsonl", override])
+
+
+@pytest.mark.parametrize("recipe", [None, *sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))])
+def test_a_prepared_dataset_loads_with_every_recipe_and_a_data_override_it_makes_moot_names_both_keys(recipe):
+    # The recipes set data.tokenizer / vocab_size / sources: those are what they prepare with, no conflict.
+    assert load_train_config(recipe, ["data.dataset_dir=prepared"]).data.dataset_dir == "prepared"
+    for override in ("data.tokenizer=char", "data.sources=[a.txt]", "data.vocab_size=512", "data.val_fraction=0.2"):
+        key = override.split("=")[0]
+        with pytest.raises(UserError) as error:
+            load_train_config(recipe, [override, "data.dataset_dir=prepared"])
+        assert str(error.value).startswith(f"'{key}' has no effect with data.dataset_dir='prepared'")
+        assert "\n" not in str(error.value)
+
+
+def test_a_resumed_run_whose_config_holds_sources_and_their_prepared_dataset_still_loads(tmp_path):
+    # What train() saves: the recipe's sources, and the dataset it prepared from them.
+    save_yaml(load_train_config("shakespeare-char", ["data.dataset_dir=runs/x/data"]), tmp_path / "config.yaml")
+    cfg = load_train_config(tmp_path / "config.yaml", ["train.max_steps=4000", "out_dir=runs/x"])
+    assert (cfg.data.sources, cfg.data.dataset_dir) == (["tinyshakespeare.txt"], "runs/x/data")
+    with pytest.raises(UserError, match="^'data.tokenizer' has no effect with data.dataset_dir='runs/x/data'"):
+        load_train_config(tmp_path / "config.yaml", ["data.tokenizer=bpe"])
+
+
+@pytest.mark.parametrize(("preset", "changes"), [*((name, {}) for name in sorted(PRESETS)),
+                                                 ("gpt2-tiny", {"bias": False}),
+                                                 ("llama-tiny", {"n_kv_head": 1, "intermediate_size": 200}),
+                                                 ("gpt2-tiny", {"mlp": "swiglu", "norm": "rmsnorm"})],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()) or "-")
+def test_the_parameter_count_from_the_shape_alone_is_the_models(preset, changes):
+    import torch
+
+    from lmforge.config import ModelConfig
+    from lmforge.model.gpt import GPT
+
+    cfg = ModelConfig(preset=preset, **{**PRESETS[preset], **changes, "vocab_size": 50})
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = GPT(cfg)
+    embeddings = {"wte.weight", "wpe.weight", "lm_head.weight"}
+    assert sum(p.numel() for name, p in model.named_parameters() if name not in embeddings) \
+        == cfg.params_without_embeddings

@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import pytest
 import torch
@@ -206,11 +207,65 @@ def test_a_too_long_prompt_is_left_truncated_with_a_warning():
     assert out == generate(model, [long[-31:]], 1, temperature=0)
 
 
-def test_max_new_tokens_is_capped_at_the_context():
+def reference_sliding_greedy(model: GPT, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy without a cache, one full forward per token and row over the window generate() defines.
+
+    In slots of the left-padded batch, the window is [first, end): first is 0 until the window would
+    hold block_size + 1 slots, then it restarts at the last block_size - 1 slots. A row sees its own
+    tokens inside the window (none of its pads), numbered from 0.
+    """
+    block, L = model.cfg.block_size, max(len(p) for p in prompts)
+    rows, first = [list(p) for p in prompts], 0
+    for end in range(L, L + n):
+        if end - first > block:
+            first = end - (block - 1)
+        for row, p in zip(rows, prompts, strict=True):
+            n_pad = L - len(p)
+            logits = model(torch.tensor([row[max(first - n_pad, 0):]]))[0]
+            row.append(int(logits[0, -1].argmax()))
+    return [row[-n:] for row in rows]
+
+
+def test_a_window_that_never_slides_is_plain_greedy_without_a_warning():
     model = lively_model(block_size=32)
-    with pytest.warns(UserWarning, match="generating at most 12"):
-        out = generate(model, [prompt(20), prompt(5)], 50, temperature=0)
-    assert [len(o) for o in out] == [12, 12]
+    prompts = [prompt(20, 1), prompt(5, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = generate(model, prompts, 12, temperature=0)  # 20 + 12 = the context exactly
+    assert out == [reference_penalized_greedy(model, p, 12, 1.0) for p in prompts]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_past_the_context_the_window_slides_and_every_requested_token_comes(preset, use_cache):
+    model = lively_model(preset, block_size=16)
+    p = prompt(10)
+    with pytest.warns(UserWarning, match="sees only the last 15 to 16 tokens") as caught:
+        out = generate(model, [p], 50, temperature=0, use_cache=use_cache)
+    assert len(caught) == 1
+    assert out == reference_sliding_greedy(model, [p], 50)
+    assert len(out[0]) == 50 and len(set(out[0])) > 10, "the test model should not be stuck on one token"
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_a_slid_window_keeps_hiding_a_short_rows_padding(preset):
+    model = lively_model(preset, block_size=16)
+    # At the first slide the short row's window still starts with pads; later ones cut into its tokens.
+    prompts = [prompt(14, 1), prompt(2, 2)]
+    with pytest.warns(UserWarning, match="context of 16 tokens"):
+        out = generate(model, prompts, 30, temperature=0)
+    assert out == reference_sliding_greedy(model, prompts, 30)
+
+
+def test_generate_text_past_the_context_streams_all_its_tokens():
+    class NeverEnding(CharTokenizer):
+        eot_id = VOCAB  # outside the model's vocabulary: only max_new_tokens ends the text
+
+    model = lively_model(block_size=16)
+    stream = io.StringIO()
+    with pytest.warns(UserWarning, match="window slides"):
+        texts = generate_text(model, NeverEnding(), ["hello"], 60, temperature=0, stream=stream)
+    assert len(texts[0]) == 60 and stream.getvalue() == texts[0]
 
 
 def test_restores_training_mode_and_frees_the_cache():
@@ -305,9 +360,10 @@ def test_a_compiled_model_generates_the_same_tokens_as_eager():
 
     model = tiny_model()
     prompts = [[5, 6, 7, 8, 9], [1, 2, 3]]
-    eager = generate(model, prompts, 12, temperature=0.0)
     compiled = maybe_compile(model, True, dynamic=True)
-    assert generate(compiled, prompts, 12, temperature=0.0) == eager
+    # Past the context of 32 (the re-prefills reuse the prefill's graph), then well inside it.
+    with pytest.warns(UserWarning, match="window slides"):
+        assert generate(compiled, prompts, 45, temperature=0.0) == generate(model, prompts, 45, temperature=0.0)
     assert generate(compiled, [[4, 4, 4, 4, 4, 4, 4]], 12, temperature=0.0) == generate(model, [[4] * 7], 12,
                                                                                          temperature=0.0)
     assert counters["stats"]["unique_graphs"] > 0  # it really compiled (no silent eager fallback)

@@ -191,9 +191,44 @@ def test_a_hub_id_is_loaded_without_its_code_and_from_safetensors_only(monkeypat
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", lambda url, **kw: None)  # the hub answers, offline
     loaded, loaded_tok = load_hf("some-org/tiny-model")
     assert loaded.cfg.vocab_size == 101 and loaded_tok.vocab_size == tok.vocab_size
     assert [(what, name) for what, name, _ in calls] == [("model", "some-org/tiny-model"),
                                                          ("tokenizer", "some-org/tiny-model")]
     assert calls[0][2]["trust_remote_code"] is False and calls[0][2]["use_safetensors"] is True
     assert calls[1][2]["trust_remote_code"] is False
+
+
+@pytest.mark.parametrize("no_answer", [ConnectionError("[Errno -2] Name or service not known"),
+                                       TimeoutError("timed out"), "offline"], ids=["no-dns", "timeout", "offline"])
+def test_a_hub_id_without_a_network_fails_in_seconds_with_one_line_saying_to_pass_a_folder(no_answer, monkeypatch,
+                                                                                            tmp_path, capsys):
+    import time
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def hub(url, **kw):  # one question, as lmforge asks it: never a retry, never the network in this test
+        asked.append(kw.get("timeout"))
+        raise OfflineModeIsEnabled("HF_HUB_OFFLINE=1") if no_answer == "offline" else no_answer
+
+    def transformers_is_not_asked(*args, **kw):  # it would retry with back-off for about a minute
+        raise AssertionError("from_pretrained was called")
+
+    asked = []
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", hub)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", transformers_is_not_asked)
+    start = time.perf_counter()
+    assert main(["import", "gpt2", "--out", str(tmp_path / "run")]) == 2
+    assert time.perf_counter() - start < 3 and asked == [5.0]
+    assert _one_error_line(capsys) == (
+        "lmforge import: error: 'gpt2' is not a local folder and the Hugging Face hub cannot be reached (no network?): "
+        "pass a folder saved with save_pretrained, e.g. made by `lmforge export`")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_path_that_is_neither_a_folder_nor_a_hub_id_is_one_line_without_asking_the_hub(monkeypatch, tmp_path):
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", lambda url, **kw: pytest.fail("the hub was asked"))
+    with pytest.raises(UserError, match=r"^'no/such/folder' is no local folder \(it does not exist\) and no hub id"):
+        load_hf("no/such/folder")

@@ -17,6 +17,9 @@ def _final(records: list[dict]) -> dict:
         out["train_loss"] = train[-1]["loss"]
         out["tokens_per_s"] = sum(r["tokens_per_s"] for r in train) / len(train)
         out["time_s"] = train[-1].get("time_s")
+    done = [r for r in records if r.get("kind") == "done"]
+    if done:  # the time the run printed when it finished (final evaluation included)
+        out["time_s"] = done[-1]["time_s"]
     if evals:
         out.update({k: v for k, v in evals[-1].items() if k not in ("step", "kind") and isinstance(v, float | int)})
         out["best_val_loss"] = min((r["val_loss"] for r in evals if r.get("val_loss") is not None), default=None)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from lmforge.rundir import METRICS, cache_root, write_text_atomic
 from lmforge.runtime import cpu_supports_bf16
@@ -115,6 +116,17 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     return known[key], f"measured {dtype} GEMM on {label}".replace("torch.", "")
 
 
+def _flat_scalars(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """A nested config as ``{"optim.lr": 0.002, ...}``, TensorBoard's hparams types only (None and lists as text)."""
+    out: dict[str, int | float | str | bool] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat_scalars(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
 def _record_step(line: str) -> int | None:
     """The step of one metrics.jsonl line; None for a blank or torn line."""
     try:
@@ -126,7 +138,7 @@ def _record_step(line: str) -> int | None:
 class MetricsLogger:
     """One sink for everything a run records: console, metrics.jsonl, TensorBoard, loss PNG."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, start_step: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool = True, start_step: int = 0, config: dict | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.path = self.run_dir / METRICS
@@ -143,6 +155,9 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step or None)
+        if config is not None and start_step == 0:  # the run's config, once: as text, and as hparams to filter by
+            self.tb.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```")
+            self.tb.add_hparams(_flat_scalars(config), {}, run_name=".")
 
     def log(self, record: dict) -> None:
         """Append one record ({"step": ..., "kind": "train"|"eval", metrics...})."""
@@ -179,16 +194,25 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    lrs = [(r["step"], r["lr"]) for r in records if r.get("kind") == "train" and r.get("lr") is not None]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), dpi=100, sharex=True, height_ratios=(3, 1))
     if train:
         ax.plot(*zip(*train, strict=False), label="train", linewidth=1)
+        first_step, first_loss = train[0]  # where the curve starts: a log interval in, not at step 0
+        ax.annotate(f"step {first_step}: {first_loss:.3f}", (first_step, first_loss), textcoords="offset points",
+                    xytext=(8, -4), fontsize=8)
+        ax.plot([first_step], [first_loss], "o", color="C0", markersize=4)
     if val:
         ax.plot(*zip(*val, strict=False), "o-", label="val", markersize=3)
-    ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(png_path.parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    if lrs:
+        ax_lr.plot(*zip(*lrs, strict=False), color="C2", linewidth=1)
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("lr")
+    ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)

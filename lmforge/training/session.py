@@ -95,7 +95,7 @@ class TrainingSession:
         return peak_flops(self.rt.device, self.rt.autocast_dtype or torch.float32)
 
     def logger(self, start_step: int) -> MetricsLogger:
-        return MetricsLogger(self.run_dir, self.rt.is_main, start_step)
+        return MetricsLogger(self.run_dir, self.rt.is_main, start_step, config=to_dict(self.cfg))
 
     def say_done(self, summary: str, next_commands: list[str]) -> None:
         """The closing lines: the summary, where the checkpoint and the loss curve are, what to run next."""

@@ -209,5 +209,7 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                 break
     if last_eval is None:  # resumed a run that had already finished
         last_eval = evaluate(True)
+    train_time = time.perf_counter() - t_start
+    logger.log({"step": step, "kind": "done", "time_s": train_time})  # the time the done: line prints
     logger.close()
-    return LoopResult(step, last_eval, time.perf_counter() - t_start, stopped_early)
+    return LoopResult(step, last_eval, train_time, stopped_early)

@@ -26,6 +26,14 @@ def test_final_metrics_side_by_side_and_one_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_comparison(rows)
     assert "val_bpb" in table and "0.8000" in table and "1.2000" in table
+    assert rows[0][1]["time_s"] == 2.0  # no done record: the last train record's time
+
+
+def test_the_time_is_the_one_the_run_printed_when_it_finished(tmp_path):
+    run = _run(tmp_path / "a", [3.0, 2.0], 1.6)
+    with open(f"{run}/metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "kind": "done", "time_s": 7.5}) + "\n")  # final evaluation included
+    assert compare_runs([run], tmp_path / "cmp.png")[0][0][1]["time_s"] == 7.5
 
 
 def test_a_folder_without_metrics_is_named(tmp_path):

@@ -38,3 +38,18 @@ def test_the_gemm_peak_shrinks_its_size_to_fit_the_time_budget(monkeypatch):
     sizes.clear()
     measure_gemm_peak(torch.device("cpu"), torch.float32, reps=1, budget_s=1e9)
     assert max(sizes) == 2048  # a kernel fast enough for the budget keeps the full size
+
+
+def test_tensorboard_gets_the_config_as_text_and_hparams_and_the_plot_an_lr_panel(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, config={"optim": {"lr": 0.002}, "train": {"patience": None}})
+    for step in (5, 10):
+        logger.log({"step": step, "kind": "train", "loss": 3.0 / step, "lr": 1e-3 * step})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "config/text_summary" in events.Tags()["tensors"]
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "lr: 0.002" in text and "patience: null" in text
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
