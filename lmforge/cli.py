@@ -143,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from lmforge.evaluate.compare import compare_runs, format_comparison
 
-    rows, png = compare_runs(args.runs, args.png)
+    rows, png = compare_runs(args.runs, args.png, bpb=args.bpb)
     print(format_comparison(rows))
     print(f"\nloss curves: {png}")
 
@@ -412,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="final metrics of several runs side by side, and one PNG of their loss curves")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--png", default="compare.png", help="where to write the loss curves (default compare.png)")
+    p.add_argument("--bpb", action="store_true",
+                   help="plot bits per byte instead of loss per token: runs with different tokenizers on one axis")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("finetune", help="adapt a trained model: chat SFT or classification, full or LoRA",

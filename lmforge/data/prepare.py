@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -327,9 +328,16 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 def _tokenizer(cfg: DataConfig, sources: list[str], scan: _Scan, progress: bool) -> tuple[Tokenizer, dict]:
     if cfg.tokenizer == "bpe":
         texts = (text for split, text, _ in _pieces(sources, cfg, scan) if split == _TRAIN)
-        # Away from a terminal the trainer's progress bars degrade to bare blank lines.
+        # Away from a terminal the trainer's progress bars degrade to bare blank lines: a line instead.
         show = progress and sys.stderr.isatty()
-        return Tokenizer.train_bpe(texts, cfg.vocab_size, show_progress=show), {"kind": "bpe"}
+        if progress and not show:
+            print(f"training a BPE tokenizer (vocabulary {cfg.vocab_size:,}) on the train split ...",
+                  file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        tok = Tokenizer.train_bpe(texts, cfg.vocab_size, show_progress=show)
+        if progress:
+            print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return tok, {"kind": "bpe"}
     if cfg.tokenizer == "char":
         return Tokenizer.train_char(text for _, text, _ in _pieces(sources, cfg, scan)), {"kind": "char"}
     return Tokenizer.from_file(cfg.tokenizer), {"kind": "file", "source": str(cfg.tokenizer)}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from lmforge.errors import UserError
-from lmforge.rundir import METRICS
+from lmforge.rundir import DATASET_META, METRICS
 from lmforge.training.metrics import read_metrics
 
 
@@ -26,8 +28,20 @@ def _final(records: list[dict]) -> dict:
     return out
 
 
-def compare_runs(run_dirs: list[str], png: str | Path) -> tuple[list[tuple[str, dict]], Path]:
-    """(run, final metrics) for each run, and the path of the PNG with every run's loss curves."""
+def _bits_per_byte_factor(run: str) -> float:
+    """What turns the run's train loss (nats per token) into bits per byte: its train split's tokens per
+    byte over ln 2. Runs with different tokenizers are comparable on that axis."""
+    try:
+        train = json.loads((Path(run) / DATASET_META).read_text(encoding="utf-8"))["splits"]["train"]
+        return train["tokens"] / train["bytes"] / math.log(2)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        raise UserError(f"'{run}' has no readable {DATASET_META} with token and byte counts: --bpb needs the "
+                        f"dataset a pretraining run trained on") from None
+
+
+def compare_runs(run_dirs: list[str], png: str | Path, bpb: bool = False) -> tuple[list[tuple[str, dict]], Path]:
+    """(run, final metrics) for each run, and the path of the PNG with every run's loss curves (with
+    ``bpb``, in bits per byte, so that runs with different tokenizers share one axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,14 +56,17 @@ def compare_runs(run_dirs: list[str], png: str | Path) -> tuple[list[tuple[str, 
         records = read_metrics(path)
         rows.append((run, _final(records)))
         color = f"C{i % 10}"
-        train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
-        val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
+        factor = _bits_per_byte_factor(run) if bpb else 1.0
+        val_key = "val_bpb" if bpb else "val_loss"
+        train = [(r["step"], r["loss"] * factor) for r in records
+                 if r.get("kind") == "train" and r.get("loss") is not None]
+        val = [(r["step"], r[val_key]) for r in records if r.get("kind") == "eval" and r.get(val_key) is not None]
         if train:
             ax.plot(*zip(*train, strict=True), color=color, linewidth=1, alpha=0.6, label=f"{Path(run).name} train")
         if val:
             ax.plot(*zip(*val, strict=True), "o-", color=color, markersize=3, label=f"{Path(run).name} val")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("bits per byte" if bpb else "loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -71,9 +71,12 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
         results["dataset"] = {**lm.score_split(model, req.dataset, rt, req.split, req.batch_size),
                               "dataset": req.dataset}
     if req.generate:
-        results["generate"] = _generation(model, run, req, rt)
+        results["generate"] = _generation(model, run, req, rt, progress)
     if req.choice:
         items = tasks.read_choice_task(req.choice)
+        if progress:  # one batched pass over every (context, choice) pair
+            print(f"scoring {sum(len(c) for _, c, _ in items):,} choices of {len(items):,} questions ...",
+                  file=sys.stderr, flush=True)
         with rt.autocast():
             results["choice"] = {**tasks.multiple_choice(model, run.tokenizer, items, req.batch_size, rt.device),
                                  "file": req.choice, "data_sha256": tasks.file_sha256(req.choice)}
@@ -82,13 +85,16 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
     return report
 
 
-def _generation(model: torch.nn.Module, run: LoadedRun, req: EvalRequest, rt: Runtime) -> dict:
+def _generation(model: torch.nn.Module, run: LoadedRun, req: EvalRequest, rt: Runtime, progress: bool) -> dict:
     items = tasks.read_generation_task(req.generate)
     outputs: list[str] = []
+    bar = tqdm(total=len(items), unit="prompt", desc="generating", disable=not progress, file=sys.stderr)
     for i in range(0, len(items), req.batch_size):
         with rt.autocast():
             outputs += generate_text(model, run.tokenizer, [p for p, _ in items[i:i + req.batch_size]],
                                      req.max_new_tokens, stop_strings=req.stop, **req.sampling)
+        bar.update(len(items[i:i + req.batch_size]))
+    bar.close()
     metrics = tasks.generation_metrics(outputs, [refs for _, refs in items])
     return {**metrics, "file": req.generate, "data_sha256": tasks.file_sha256(req.generate),
             "settings": {"max_new_tokens": req.max_new_tokens, "stop": req.stop, **req.sampling},

@@ -185,7 +185,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
-    """Train and val loss against step, as a PNG."""
+    """Train and val loss against step, the learning rate below, as a PNG; a classification run's loss is
+    per example, and its val accuracy is drawn on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,10 +205,18 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
         ax.plot([first_step], [first_loss], "o", color="C0", markersize=4)
     if val:
         ax.plot(*zip(*val, strict=False), "o-", label="val", markersize=3)
-    ax.set_ylabel("loss (nats/token)")
+    accuracy = [(r["step"], r["val_accuracy"]) for r in records
+                if r.get("kind") == "eval" and r.get("val_accuracy") is not None]
+    ax.set_ylabel("loss (nats/example)" if accuracy else "loss (nats/token)")
     ax.set_title(png_path.parent.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left" if accuracy else "best")
+    if accuracy:  # classification: what the loss is for
+        ax_acc = ax.twinx()
+        ax_acc.plot(*zip(*accuracy, strict=False), "s--", color="C3", markersize=3, label="val accuracy")
+        ax_acc.set_ylabel("val accuracy")
+        ax_acc.set_ylim(0, 1)
+        ax_acc.legend(loc="upper right")
     if lrs:
         ax_lr.plot(*zip(*lrs, strict=False), color="C2", linewidth=1)
     ax_lr.set_xlabel("step")

@@ -39,3 +39,19 @@ def test_the_time_is_the_one_the_run_printed_when_it_finished(tmp_path):
 def test_a_folder_without_metrics_is_named(tmp_path):
     with pytest.raises(UserError, match="no metrics.jsonl"):
         compare_runs([str(tmp_path)], tmp_path / "x.png")
+
+
+def test_bpb_puts_runs_with_different_tokenizers_on_one_axis(tmp_path):
+    import math
+
+    from lmforge.evaluate.compare import _bits_per_byte_factor
+
+    chars, bpe = _run(tmp_path / "char", [3.0, 2.0], 1.6), _run(tmp_path / "bpe", [6.0, 4.0], 3.2)
+    for run, tokens in ((chars, 1000), (bpe, 250)):  # the same 1000 bytes, 4 bytes per BPE token
+        (tmp_path / run / "dataset_meta.json").write_text(json.dumps({"splits": {"train": {"tokens": tokens,
+                                                                                           "bytes": 1000}}}))
+    # 2 nats per character and 8 nats per 4-byte token are the same 2 / ln 2 bits per byte
+    assert 2.0 * _bits_per_byte_factor(chars) == 8.0 * _bits_per_byte_factor(bpe) == 2.0 / math.log(2)
+    assert compare_runs([chars, bpe], tmp_path / "bpb.png", bpb=True)[1].is_file()
+    with pytest.raises(UserError, match="no readable dataset_meta.json"):
+        compare_runs([_run(tmp_path / "imported", [1.0], 1.0)], tmp_path / "x.png", bpb=True)
