@@ -30,7 +30,7 @@ CORPUS_MODULES = ("argparse", "tarfile", "zipfile", "pathlib", "functools", "ins
 SNIPPET_MODULES = ("argparse", "calendar", "tarfile", "difflib")
 
 HARNESS_TASK = """\
-task: tour_mc
+task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -44,6 +44,7 @@ target_delimiter: ""
 metric_list:
   - metric: acc
 """
+"""A multiple-choice JSONL file (``{mc}``) as an lm-evaluation-harness task named ``{name}``."""
 
 
 def _source(module: str) -> str:
@@ -119,6 +120,6 @@ def write_examples(out: str | Path) -> list[Path]:
     snippets = _snippets(rng)
     _write_csv(out / "modules.csv", snippets[:-20], ("text", "label"))
     _write_csv(out / "new_texts.csv", snippets[-20:], ("text",))
-    (out / "tasks" / "tour_mc.yaml").write_text(HARNESS_TASK.format(mc=(out / "mc.jsonl").resolve()),
+    (out / "tasks" / "tour_mc.yaml").write_text(HARNESS_TASK.format(name="tour_mc", mc=(out / "mc.jsonl").resolve()),
                                                 encoding="utf-8")
     return sorted(p for p in out.rglob("*") if p.is_file())

@@ -149,7 +149,7 @@ class MetricsLogger:
         # torn by a kill; rewritten atomically, so a second crash here loses no history.
         if start_step > 0 and self.path.exists():
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if _record_step(line) is not None and _record_step(line) <= start_step]
+                    if (step := _record_step(line)) is not None and step <= start_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         from torch.utils.tensorboard import SummaryWriter

@@ -10,23 +10,8 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 
 from lmforge.evaluate import lm, tasks  # noqa: E402
+from lmforge.examples import HARNESS_TASK  # noqa: E402
 from lmforge.run import load_run  # noqa: E402
-
-TASKS = """
-task: lmforge_colors
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {mc}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-"""
 
 ROLLING = """
 task: lmforge_facts_ppl
@@ -77,7 +62,7 @@ def test_lm_eval_runs_through_the_registered_model_and_matches_lmforge_eval(memo
                            for r in map(json.loads, (folder / "mc.jsonl").read_text().splitlines()[:4])))
     task_dir = tmp_path / "tasks"
     task_dir.mkdir()
-    (task_dir / "colors.yaml").write_text(TASKS.format(mc=folder / "mc.jsonl"))
+    (task_dir / "colors.yaml").write_text(HARNESS_TASK.format(name="lmforge_colors", mc=folder / "mc.jsonl"))
     (task_dir / "ppl.yaml").write_text(ROLLING.format(texts=texts))
     (task_dir / "gen.yaml").write_text(GENERATE.format(gen=gen))
 
@@ -106,7 +91,7 @@ def test_the_lm_eval_command_line_finds_the_lmforge_model(memorised, tmp_path):
     import sys
 
     run_dir, folder = memorised
-    (tmp_path / "colors.yaml").write_text(TASKS.format(mc=folder / "mc.jsonl"))
+    (tmp_path / "colors.yaml").write_text(HARNESS_TASK.format(name="lmforge_colors", mc=folder / "mc.jsonl"))
     result = subprocess.run([sys.executable, "-m", "lmforge", "lm-eval", "run", "--model", "lmforge", "--model_args",
                              f"path={run_dir}", "--tasks", "lmforge_colors", "--include_path", str(tmp_path)],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
