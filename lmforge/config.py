@@ -100,8 +100,9 @@ class ModelConfig:
     """Positions: 'learned' absolute embeddings (GPT-2) or 'rope' rotary embeddings (Llama)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """'layernorm' (GPT-2) or 'rmsnorm' (Llama)."""
-    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
-    """'gelu' exact GELU (2x faster on CPUs than tanh), 'gelu_tanh' GPT-2's approximation, 'swiglu' Llama's."""
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"
+    """'gelu' exact GELU (2x faster on CPUs than tanh), 'gelu_tanh' GPT-2's approximation, 'swiglu' Llama's,
+    'relu2' squared ReLU (Primer; modded-nanogpt)."""
     bias: bool = True
     """Biases in linear layers and norms (GPT-2 has them, Llama does not)."""
     tie_embeddings: bool = True
@@ -110,6 +111,14 @@ class ModelConfig:
     """RoPE base: larger values rotate slower and reach further."""
     norm_eps: float = 1e-5
     """Epsilon added inside the norms."""
+    qk_norm: bool = False
+    """RMS-normalize queries and keys per head before attention (keeps attention logits bounded at high
+    learning rates)."""
+    logit_softcap: float = 0.0
+    """Cap the output logits smoothly at +-this (cap * tanh(logits / cap), Gemma 2); 0 = off."""
+    zero_init: bool = False
+    """Start the residual-stream projections (and an untied output head) at zero, so that every block
+    starts as the identity (modded-nanogpt)."""
     dropout: float = 0.0
     """Dropout probability on embeddings, attention output and MLP output while training."""
 
@@ -160,6 +169,8 @@ class ModelConfig:
         _check("model.intermediate_size", self.intermediate_size,
                self.intermediate_size is None or self.intermediate_size > 0, "null or a positive integer")
         _check("model.dropout", self.dropout, 0 <= self.dropout < 1, "a probability in [0, 1)")
+        _check("model.logit_softcap", self.logit_softcap, _finite(self.logit_softcap) and self.logit_softcap >= 0,
+               "0 (off) or a number > 0")
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             _check(f"model.{name}", value, _finite(value) and value > 0, "a finite number > 0")
@@ -167,16 +178,29 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``min_lr``."""
+    """The optimizer (AdamW, or Muon for the hidden matrices) and the learning-rate schedule: linear warmup,
+    then cosine decay to ``min_lr`` or warmup-stable-decay."""
 
+    name: Literal["adamw", "muon"] = "adamw"
+    """'adamw' for every parameter, or 'muon': torch.optim.Muon (orthogonalized momentum) for the matrices
+    inside the blocks, AdamW for embeddings, the output head, gains and biases."""
     lr: float = 1e-3
     """Peak learning rate (reached at the end of the warmup)."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (optim.name=muon), on the same schedule as lr."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (Nesterov)."""
     min_lr: float = 1e-4
-    """Learning rate at the end of the cosine decay, and after it."""
+    """Learning rate at the end of the decay, and after it (Muon's is scaled by muon_lr / lr)."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """After the warmup: 'cosine' decay to min_lr over the rest of the run, or 'wsd' (warmup-stable-decay):
+    lr held until the last decay_fraction of the run, then a linear decay to min_lr."""
+    decay_fraction: float = 0.3
+    """The share of the run that the 'wsd' schedule spends decaying."""
     warmup_steps: int = 100
     """Steps of linear warmup from 0 to lr."""
     decay_steps: int | None = None
-    """Steps of the cosine decay; None means train.max_steps."""
+    """The step at which the decay ends; None means train.max_steps."""
     weight_decay: float = 0.1
     """AdamW weight decay of matrices (never of biases and norm gains)."""
     beta1: float = 0.9
@@ -200,6 +224,9 @@ class OptimConfig:
             value = getattr(self, name)
             _check(f"{prefix}.{name}", value, 0 <= value < 1, "a number in [0, 1)")
         _check(f"{prefix}.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "0 or more")
+        _check(f"{prefix}.muon_lr", self.muon_lr, _finite(self.muon_lr) and self.muon_lr > 0, "a finite number > 0")
+        _check(f"{prefix}.muon_momentum", self.muon_momentum, 0 <= self.muon_momentum < 1, "a number in [0, 1)")
+        _check(f"{prefix}.decay_fraction", self.decay_fraction, 0 < self.decay_fraction <= 1, "a number in (0, 1]")
         _check(f"{prefix}.decay_steps", self.decay_steps, self.decay_steps is None or self.decay_steps > 0,
                "null or a positive integer")
 
@@ -209,7 +236,11 @@ class TrainLoopConfig:
     """How long and how to train, evaluate and checkpoint."""
 
     max_steps: int = 1000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (with budget_minutes: the most it may plan)."""
+    budget_minutes: float | None = None
+    """Train for about this many minutes, with the learning-rate schedule completed: the step count is
+    planned from the pace of the first steps (see :data:`lmforge.training.steps.PLAN_AFTER`), at most
+    max_steps, and kept by a resume. None: train max_steps steps."""
     batch_size: int = 16
     """Sequences per micro-batch (per process)."""
     grad_accum: int = 1
@@ -258,8 +289,9 @@ def _validate_train_loop(tc: TrainLoopConfig, prefix: str = "train") -> None:
         _check(f"{prefix}.{name}", value, value >= 0, "0 or more")
     _check(f"{prefix}.max_nonfinite_steps", tc.max_nonfinite_steps, tc.max_nonfinite_steps >= 0, "0 or more")
     _check(f"{prefix}.patience", tc.patience, tc.patience is None or tc.patience > 0, "null or a positive integer")
-    _check(f"{prefix}.max_minutes", tc.max_minutes,
-           tc.max_minutes is None or (_finite(tc.max_minutes) and tc.max_minutes > 0), "null or a number > 0")
+    for name in ("max_minutes", "budget_minutes"):
+        value = getattr(tc, name)
+        _check(f"{prefix}.{name}", value, value is None or (_finite(value) and value > 0), "null or a number > 0")
 
 
 @dataclass

@@ -15,11 +15,11 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lmforge.errors import UserError
+from lmforge.hardware import bf16_gemm_speedup
 from lmforge.malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt
 
 
@@ -49,18 +49,8 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
 
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with AMX tiles (Sapphire Rapids and later), where bf16 GEMMs beat fp32 by ~4x.
-
-    AVX512-BF16 alone is not enough: on such a CPU (no AMX) a bf16 GEMM measured 0.16 TFLOP/s
-    against 0.33 for fp32, so 'auto' precision stays fp32 there (``train.precision=bf16`` still
-    forces it).
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags and torch.backends.mkldnn.is_available()
+BF16_MIN_SPEEDUP = 1.2
+"""bf16 is chosen on a CPU only where it measured at least this much faster than fp32."""
 
 
 def keep_freed_memory() -> bool:
@@ -104,7 +94,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
+        # Inference commands decide by the GEMMs; training refines this with its own model's step
+        # (lmforge.training.precision).
+        return "bf16" if bf16_gemm_speedup(device) >= BF16_MIN_SPEEDUP else "fp32"
     return "fp32"
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("lmforge", "lmforge.errors", "lmforge.presets", "lmforge.config", "lmforge.malloc",
-                "lmforge.runtime", "lmforge.rundir", "lmforge.faults", "lmforge._lm_eval_hook", "lmforge.devtools")),
+                "lmforge.runtime", "lmforge.hardware", "lmforge.rundir", "lmforge.faults", "lmforge._lm_eval_hook",
+                "lmforge.devtools")),
     ("data, model, chat", ("lmforge.data", "lmforge.model", "lmforge.chat", "lmforge.examples")),
     ("train, generate, interop, run, chat_repl", ("lmforge.training", "lmforge.generate", "lmforge.interop",
                                                   "lmforge.run", "lmforge.chat_repl")),

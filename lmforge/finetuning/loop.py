@@ -87,6 +87,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
     if cfg.dropout is not None:
         base.model.set_dropout(cfg.dropout)
     cfg.model = dataclasses.replace(base.model.cfg)
+    session.choose_precision(cfg.model)
     max_len = cfg.data.max_length or cfg.model.block_size
     if not 0 < max_len <= cfg.model.block_size:
         raise UserError(f"data.max_length={max_len} must be between 1 and the model's context "
@@ -102,7 +103,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
         model = lora.apply_lora(model, cfg.lora, task.trainable_modules)
     model.to(rt.device)
     trainable, total = lora.trainable_fraction(model)
-    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    optimizer = build_optimizer(model, cfg.optim, rt.device, rt.precision)
 
     def load_state(ckpt: Path) -> None:
         if cfg.lora.rank > 0:
@@ -123,7 +124,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
     peak, peak_source = session.peak_flops()
     say(f"run {run_dir} | {cfg.task} from {cfg.base} | trainable {trainable:,} of {total:,} parameters "
         f"({trainable / total:.2%}){' with LoRA rank ' + str(cfg.lora.rank) if cfg.lora.rank else ''} | "
-        f"{rt.device} {rt.precision} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+        f"{session.describe_device()} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
 
     logger = session.logger(state.step)
     if session.resume_from is None and task.compare_with_base:

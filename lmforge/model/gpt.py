@@ -96,6 +96,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.cfg.qk_norm:  # unit-RMS queries and keys: attention logits stay bounded whatever the lr
+            q, k = F.rms_norm(q, (self.hd,)), F.rms_norm(k, (self.hd,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache_start is not None:
@@ -111,12 +113,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-2; exact or tanh-approximated GELU) or SwiGLU (Llama): down(silu(gate(x)) * up(x))."""
+    """GELU MLP (GPT-2; exact or tanh-approximated GELU), squared ReLU, or SwiGLU (Llama):
+    down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.kind = cfg.mlp
         self.swiglu = cfg.mlp == "swiglu"
-        self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
         hidden = cfg.mlp_hidden
         # For SwiGLU the gate and up projections are fused into one GEMM.
         self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * hidden, bias=cfg.bias)
@@ -128,8 +131,10 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
-            h = F.gelu(h, approximate=self.approximate)
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return F.dropout(self.proj(h), self.dropout, self.training)
 
 
@@ -174,7 +179,9 @@ class GPT(nn.Module):
         # residual's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.0 if cfg.zero_init else 0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.zero_init and not cfg.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -214,6 +221,9 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)
+        if self.cfg.logit_softcap:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)

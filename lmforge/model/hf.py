@@ -237,6 +237,11 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     """The ``transformers`` config of the same architecture (GPT2Config or LlamaConfig)."""
     from transformers import GPT2Config, LlamaConfig
 
+    extras = [name for name, used in (("model.qk_norm", cfg.qk_norm), ("model.logit_softcap", cfg.logit_softcap),
+                                      ("model.mlp=relu2", cfg.mlp == "relu2")) if used]
+    if extras:
+        raise UserError(f"{', '.join(extras)}: GPT-2 and Llama in transformers have no such option, so this model "
+                        f"cannot be exported as one")
     if is_gpt2_style(cfg):
         if cfg.norm != "layernorm" or cfg.mlp == "swiglu":
             raise UserError("model: GPT-2-style export needs norm=layernorm and a gelu MLP")

@@ -45,6 +45,8 @@ class TrainerState:
     """How many steps that sum holds (non-finite ones skipped are not among them)."""
     nonfinite_in_a_row: int = 0
     """Non-finite steps in a row up to this step (train.max_nonfinite_steps counts them across a resume)."""
+    planned_steps: int = 0
+    """The step count that train.budget_minutes planned (0: not planned); a resume trains to it."""
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -87,6 +87,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
     tokenizer.check_fits(cfg.model.vocab_size, f"model.vocab_size={cfg.model.vocab_size}")
+    session.choose_precision(cfg.model)
     cfg.data.dataset_dir = str(dataset_dir)
     if session.resume_from is not None:
         check_same_data(run_dir, dataset_dir, meta, allow_data_change)
@@ -103,7 +104,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     torch.manual_seed(tc.seed + rt.rank)
     model = GPT(cfg.model).to(rt.device)
     model.activation_checkpointing = tc.activation_checkpointing
-    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    optimizer = build_optimizer(model, cfg.optim, rt.device, rt.precision)
     state = session.restore(optimizer, lambda ckpt: load_weights(model, ckpt))
     step_model = maybe_compile(model, tc.compile)
 
@@ -115,7 +116,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     peak, peak_source = session.peak_flops()
     tokens_per_step = tc.batch_size * block * tc.grad_accum * rt.world_size
     say(f"run {run_dir} | model {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOPs/token | "
-        f"{rt.device} {rt.precision} | {tokens_per_step} tokens/step | peak {peak / 1e12:.2f} TFLOP/s "
+        f"{session.describe_device()} | {tokens_per_step} tokens/step | peak {peak / 1e12:.2f} TFLOP/s "
         f"({peak_source})")
 
     # --- the loop

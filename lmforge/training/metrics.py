@@ -6,22 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from pathlib import Path
 
-import torch
 import yaml
 
-from lmforge.rundir import METRICS, cache_root, write_text_atomic
-from lmforge.runtime import cpu_supports_bf16
-
-# Dense bf16 peak FLOP/s of known accelerators (vendor figures, no sparsity).
-KNOWN_PEAKS: dict[str, float] = {
-    "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-    "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12,
-    "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
+from lmforge.rundir import METRICS, write_text_atomic
 
 
 def perplexity(loss_nats: float) -> float:
@@ -47,73 +36,6 @@ def eta_seconds(elapsed: float, done: int, remaining: int) -> float:
 def format_duration(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def measure_gemm_peak(device: torch.device, dtype: torch.dtype, reps: int = 8, budget_s: float = 10.0) -> float:
-    """FLOP/s of a square GEMM, the best of ``reps`` timings: the practical peak of CPUs and unknown devices.
-
-    The best rather than the mean, so that a moment of contention from another process at start-up
-    does not lower the figure that every later MFU is divided by. Half-precision GEMMs need a large
-    size to reach their peak (AMX on a Xeon: 0.75 TFLOP/s at 2048², 1.4 at 4096²).
-    """
-    def seconds_per_gemm(n: int, warmup: int, timed: int) -> float:
-        # Its own generator: drawing from the global one would change a run's dropout masks depending on
-        # whether the peak was cached already (same config, different losses).
-        gen = torch.Generator(device).manual_seed(0)
-        a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-        b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-        for _ in range(warmup):
-            a @ b
-        best = math.inf
-        for _ in range(timed):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        return best
-
-    n = 2048 if dtype == torch.float32 and device.type == "cpu" else 4096
-    # Where a precision has no fast kernel (bf16 on a CPU without bf16 units runs at ~1 GFLOP/s) the
-    # full size would take half an hour: a small GEMM first, and the size halved until the
-    # measurement fits in budget_s (a fast kernel keeps the full size: small GEMMs underrate it).
-    probe = 512
-    rate = 2 * probe**3 / seconds_per_gemm(probe, 1, 1)
-    while n > probe and 2 * n**3 / rate * (reps + 3) > budget_s:
-        n //= 2
-    return 2 * n**3 / seconds_per_gemm(n, 3, reps)
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """Peak FLOP/s for MFU and where it came from: a known GPU's spec, else a measured GEMM (cached)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in KNOWN_PEAKS.items():
-            if key in name:
-                return value, f"{name} spec"
-    if device.type == "cuda":
-        label = torch.cuda.get_device_name(device)
-    else:
-        # A VM can move to a host with other vector units (AMX or not: 10x apart for bf16).
-        label = f"cpu{torch.get_num_threads()}{'-amx' if cpu_supports_bf16() else ''}"
-    key = f"{label}|{dtype}|torch{torch.__version__}"
-    cache = cache_root() / "peak_flops.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = measure_gemm_peak(device, dtype)
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only home only costs a re-measurement next time
-    return known[key], f"measured {dtype} GEMM on {label}".replace("torch.", "")
 
 
 def _flat_scalars(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:

@@ -1,23 +1,43 @@
-"""AdamW with decay/no-decay parameter groups, and the warmup + cosine learning-rate schedule."""
+"""The optimizers (AdamW; Muon for the hidden matrices with AdamW for the rest) and the learning-rate
+schedules (warmup, then cosine decay or warmup-stable-decay)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from lmforge.config import OptimConfig
+from lmforge.errors import UserError
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warmup from 0 to cfg.lr over warmup_steps, then cosine decay to min_lr, then flat."""
+    """The learning rate of ``step``: linear warmup from 0 to cfg.lr over warmup_steps, then the decay to
+    min_lr by decay_steps (default max_steps), then flat.
+
+    'cosine' decays along a half cosine from the end of the warmup; 'wsd' holds lr until the last
+    decay_fraction of the steps after the warmup, then decays linearly.
+    """
     decay_steps = cfg.decay_steps or max_steps
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if step >= decay_steps:
         return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    span = max(1, decay_steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / span
+    if cfg.schedule == "wsd":
+        decay_start = 1.0 - cfg.decay_fraction
+        if progress < decay_start:
+            return cfg.lr
+        return cfg.lr + (progress - decay_start) / cfg.decay_fraction * (cfg.min_lr - cfg.lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
+    """Set every parameter group to the schedule's ``lr``, times the group's ``lr_scale`` (Muon's groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -32,8 +52,126 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel for all parameters) on devices that support it."""
+def orthogonalize(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration: ~U V^T of g = U S V^T, computed in ``dtype``."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide side: the Gram matrix x x^T is the smaller one
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` with the Newton-Schulz iteration in a chosen dtype.
+
+    PyTorch's runs it in bf16, which is right on GPUs and CPUs with bf16 units, and ~100x slower than
+    fp32 on CPUs without them (a bf16 GEMM at ~1 GFLOP/s): the training precision decides instead.
+    The update is PyTorch's otherwise (Nesterov momentum, decoupled weight decay, its lr adjustment).
+    """
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p, grad, buf in zip(params, grads, bufs, strict=True):
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                       self.ns_dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+        return loss
+
+
+class MuonAdamW:
+    """Muon for the 2-D weights inside the Transformer blocks, AdamW for everything else (embeddings, the
+    output head, gains, biases), stepped together.
+
+    It is one optimizer to the training loop and the checkpoints: ``param_groups`` lists both parts'
+    groups, and ``state_dict`` numbers the parameters through both, in the layout of one
+    ``torch.optim`` optimizer's state dict.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.parts = (muon, adamw)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for part in self.parts for p, s in part.state.items()}
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        state, groups, offset = {}, [], 0
+        for part in self.parts:
+            sd = part.state_dict()
+            state.update({pid + offset: s for pid, s in sd["state"].items()})
+            groups += [{**g, "params": [pid + offset for pid in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(groups)} parameter groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        offset = 0
+        for part in self.parts:
+            mine, groups = groups[: len(part.param_groups)], groups[len(part.param_groups):]
+            n = sum(len(g["params"]) for g in mine)
+            part.load_state_dict({
+                "state": {pid - offset: s for pid, s in sd["state"].items() if offset <= pid < offset + n},
+                "param_groups": [{**g, "params": [pid - offset for pid in g["params"]]} for g in mine]})
+            offset += n
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
+                    precision: str = "fp32") -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW (fused: one kernel for all parameters, on devices that support it), or :class:`MuonAdamW`
+    (whose Newton-Schulz iteration runs in bf16 when the training ``precision`` is bf16, else in fp32)."""
     fused = device.type in ("cuda", "cpu", "mps")
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=fused)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=cfg.eps,
+                                 fused=fused)
+    blocks = getattr(model, "blocks", None)
+    hidden = {id(p) for p in blocks.parameters() if p.dim() == 2 and p.requires_grad} if blocks is not None else set()
+    if not hidden:
+        raise UserError("optim.name=muon: this model has no trainable Transformer block matrices for Muon "
+                        "(use optim.name=adamw)")
+    muon_params = [p for p in model.parameters() if id(p) in hidden]
+    rest = [group for group in ({**g, "params": [p for p in g["params"] if id(p) not in hidden]}
+                                for g in param_groups(model, cfg.weight_decay)) if group["params"]]
+    scale = cfg.muon_lr / cfg.lr
+    # Muon's decay is lr * weight_decay per step like AdamW's: the same relative decay at Muon's larger lr.
+    ns_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    muon = Muon([{"params": muon_params, "lr_scale": scale}], ns_dtype=ns_dtype, lr=cfg.muon_lr,
+                weight_decay=cfg.weight_decay / scale, momentum=cfg.muon_momentum)
+    adamw = torch.optim.AdamW(rest, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)
+    return MuonAdamW(muon, adamw)

@@ -18,11 +18,13 @@ import torch
 import yaml
 
 from lmforge import rundir
-from lmforge.config import changed_keys, save_yaml, to_dict, to_yaml
+from lmforge.config import ModelConfig, changed_keys, save_yaml, to_dict, to_yaml
 from lmforge.errors import TrainingInterrupted
+from lmforge.hardware import peak_flops
 from lmforge.runtime import Runtime, setup_runtime
 from lmforge.training.checkpoint import TrainerState, load_trainer_state
-from lmforge.training.metrics import MetricsLogger, peak_flops
+from lmforge.training.metrics import MetricsLogger
+from lmforge.training.precision import choose_precision
 from lmforge.training.steps import Job, LoopConfig, LoopResult, run_steps
 
 
@@ -45,6 +47,8 @@ class TrainingSession:
     """The checkpoint to resume from; None for a new run."""
     say: Callable[..., None]
     """print on the main process when progress is shown, else nothing."""
+    precision_reason: str = ""
+    """Why the runtime trains in its precision (see :meth:`choose_precision`), for the run header."""
 
     @classmethod
     def open(cls, cfg: RunConfig, resume: bool, progress: bool) -> TrainingSession:
@@ -89,6 +93,17 @@ class TrainingSession:
         state = load_trainer_state(self.resume_from, optimizer)
         self.say(f"resuming from {self.resume_from} (step {state.step})")
         return state
+
+    def choose_precision(self, model_cfg: ModelConfig) -> None:
+        """Settle the training precision for this model: train.precision, or for 'auto' the faster one as
+        measured on this machine (:mod:`lmforge.training.precision`)."""
+        choice = choose_precision(self.cfg.train.precision, model_cfg, self.rt.device)
+        self.rt.precision, self.precision_reason = choice.precision, choice.reason
+
+    def describe_device(self) -> str:
+        """``cpu fp32 (auto: bf16 measured 0.01x fp32 here)``: the header's device and precision."""
+        reason = f" ({self.precision_reason})" if self.precision_reason else ""
+        return f"{self.rt.device} {self.rt.precision}{reason}"
 
     def peak_flops(self) -> tuple[float, str]:
         """Peak FLOP/s of this device in the training precision, and where the figure came from."""

@@ -1,0 +1,45 @@
+"""train.budget_minutes: the step count fitted to the measured pace, the schedule completed, the plan kept."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.config import TrainLoopConfig
+from lmforge.training.steps import plan_steps
+from tests.fixtures import train_losses
+
+ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "train.batch_size=8",
+        "train.max_steps=100000", "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2",
+        "train.ckpt_interval=20", "sample.num_samples=0", "optim.warmup_steps=5", "optim.min_lr=1e-5"]
+
+
+def test_the_plan_fills_the_budget_with_the_evaluations_counted():
+    tc = TrainLoopConfig(max_steps=10_000, eval_interval=100, eval_batches=30, grad_accum=1)
+    # 60 s left at 0.1 s/step, each step also paying 30 * 1/3 / 100 = 10% of an evaluation: 545 more steps.
+    assert plan_steps(70.0, 10.0, 11, 0.1, tc) == 11 + 545
+    assert plan_steps(70.0, 10.0, 11, 0.1, TrainLoopConfig(max_steps=300)) == 300  # the cap
+    assert plan_steps(5.0, 10.0, 11, 0.1, tc) == 12  # over budget already: one more step ends the schedule
+
+
+def test_a_budgeted_run_plans_its_steps_ends_its_schedule_and_a_resume_keeps_the_plan(dataset, tmp_path):
+    run = tmp_path / "run"
+    args = [f"data.dataset_dir={dataset}", f"out_dir={run}", *ARGS, "train.budget_minutes=0.1"]
+    env = {**os.environ, "LMFORGE_FAULT": "mid_step:30"}  # dies in step 30, after the plan (step 11)
+    crash = subprocess.run([sys.executable, "-m", "lmforge", "train", *args], env=env, capture_output=True,
+                           text=True)
+    assert crash.returncode != 0
+    assert "s/step, so" in crash.stdout and "fill the 0.1 min budget" in crash.stdout
+    planned = json.loads((run / "checkpoints" / "step_000020" / "trainer.json").read_text())["planned_steps"]
+    if planned <= 30:
+        pytest.skip(f"this machine planned only {planned} steps in 6 s: too slow to test the resume")
+    out = subprocess.run([sys.executable, "-m", "lmforge", "train", "--resume", str(run)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "fill the" not in out.stdout  # no second plan
+    assert max(train_losses(run)) == planned
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert last["lr"] == pytest.approx(1e-5, rel=0.2)  # the cosine reached its floor at the planned end
