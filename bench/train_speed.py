@@ -23,9 +23,9 @@ import time
 import torch
 
 from lmforge.config import ModelConfig, OptimConfig, from_dict
+from lmforge.hardware import peak_flops
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.runtime import Runtime, keep_freed_memory, maybe_compile, resolve_precision
-from lmforge.hardware import peak_flops
 from lmforge.training.optim import build_optimizer
 
 SIZES = {  # name: (preset, vocab, context, batch)

@@ -238,9 +238,9 @@ class TrainLoopConfig:
     max_steps: int = 1000
     """Optimizer steps to train for (with budget_minutes: the most it may plan)."""
     budget_minutes: float | None = None
-    """Train for about this many minutes, with the learning-rate schedule completed: the step count is
-    planned from the pace of the first steps (see :data:`lmforge.training.steps.PLAN_AFTER`), at most
-    max_steps, and kept by a resume. None: train max_steps steps."""
+    """Train for about this many minutes, the learning-rate schedule completed: the step count is planned
+    from the pace of the first steps, at most max_steps, and kept by a resume. None: max_steps steps (also
+    what a train.max_steps override alone means)."""
     batch_size: int = 16
     """Sequences per micro-batch (per process)."""
     grad_accum: int = 1
@@ -594,6 +594,10 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     data = load_yaml(resolve_config_path(path)) if path else {}
     data = merge_overrides(data, overrides or [])
     cfg = from_dict(TrainConfig, data)
+    keys = {".".join(parse_override(text)[0]) for text in overrides or []}
+    if "train.max_steps" in keys and "train.budget_minutes" not in keys:
+        # Asked for a step count, on the command line: that many steps, not a recipe's time budget.
+        cfg.train.budget_minutes = None
     validate_train_config(cfg)
     _check_no_moot_data_overrides(cfg, overrides or [])
     return cfg

@@ -185,3 +185,11 @@ def test_the_parameter_count_from_the_shape_alone_is_the_models(preset, changes)
     embeddings = {"wte.weight", "wpe.weight", "lm_head.weight"}
     assert sum(p.numel() for name, p in model.named_parameters() if name not in embeddings) \
         == cfg.params_without_embeddings
+
+
+def test_a_step_count_asked_for_replaces_a_recipes_time_budget():
+    budgeted = load_train_config(None, ["train.budget_minutes=3"])
+    assert budgeted.train.budget_minutes == 3
+    assert load_train_config(None, ["train.budget_minutes=3", "train.max_steps=50"]).train.budget_minutes == 3
+    with_steps = load_train_config("default", ["train.max_steps=50"])
+    assert (with_steps.train.max_steps, with_steps.train.budget_minutes) == (50, None)

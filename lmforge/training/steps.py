@@ -20,26 +20,12 @@ from lmforge.config import OptimConfig, TrainLoopConfig
 from lmforge.errors import TrainingHalted, TrainingInterrupted
 from lmforge.faults import fault_point
 from lmforge.runtime import Runtime
+from lmforge.training.budget import StepBudget
 from lmforge.training.checkpoint import TrainerState
 from lmforge.training.guard import NonfiniteGuard
 from lmforge.training.metrics import MetricsLogger, eta_seconds, format_duration, mfu
 from lmforge.training.optim import lr_at, set_lr
 from lmforge.training.signals import GracefulStop
-
-PLAN_AFTER = 10
-"""train.budget_minutes plans the step count from the pace of this many steps, timed after the first
-(which compiles and warms up)."""
-EVAL_BATCH_COST = 1 / 3
-"""An evaluation batch's cost relative to a training micro-batch (a forward pass without the backward)."""
-
-
-def plan_steps(budget_s: float, elapsed_s: float, step: int, step_s: float, tc: TrainLoopConfig) -> int:
-    """The step count that fills ``budget_s`` seconds of training: ``elapsed_s`` are spent at ``step``,
-    and each further step takes ``step_s`` plus its share of the periodic evaluations. At least one more
-    step, at most train.max_steps."""
-    eval_share = tc.eval_batches * EVAL_BATCH_COST / (tc.grad_accum * tc.eval_interval)
-    fits = int((budget_s - elapsed_s) / (step_s * (1 + eval_share)))
-    return max(step + 1, min(tc.max_steps, step + fits))
 
 
 @dataclass
@@ -92,9 +78,6 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     """
     tc = cfg.train
     start_step = step = state.step
-    # The steps to train: the plan of train.budget_minutes once it is made (a resume keeps it), else max_steps.
-    max_steps = state.planned_steps if tc.budget_minutes and state.planned_steps else tc.max_steps
-    t_paced = 0.0  # when the first step of this process ended: the pace for the plan is timed from there
     stopped_early = False
     last_eval: dict[str, float] | None = None
     resumed_time = state.train_time_s  # training time before this process started (resume)
@@ -138,15 +121,13 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         say("torch.compile: the first step compiles the model (tens of seconds on a CPU) ...", flush=True)
     if tc.max_minutes is not None:
         say(f"time limit: {tc.max_minutes:g} min of training in this process (train.max_minutes; null for none)")
-    if tc.budget_minutes and not state.planned_steps:
-        say(f"time budget: {tc.budget_minutes:g} min of training (train.budget_minutes): the step count is planned "
-            f"from the pace of steps {start_step + 2}-{start_step + 1 + PLAN_AFTER}, so that the learning-rate "
-            f"schedule ends with the budget")
 
     def sync() -> None:
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
 
+    budget = StepBudget(tc, state, say, sync)
+    max_steps = budget.max_steps
     with GracefulStop() as stop:
         while step < max_steps:
             lr = lr_at(step, cfg.optim, max_steps)
@@ -179,18 +160,9 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                 steps_in_sum += ~skipped
             job.optimizer.zero_grad(set_to_none=True)
             step += 1
-            if tc.budget_minutes and not state.planned_steps and step in (start_step + 1, start_step + 1 + PLAN_AFTER):
-                sync()  # two syncs in a run: the pace of queued GPU work is only known once it is done
-                if step == start_step + 1:
-                    t_paced = time.perf_counter()
-                else:
-                    step_s = (time.perf_counter() - t_paced) / PLAN_AFTER
-                    max_steps = state.planned_steps = plan_steps(
-                        tc.budget_minutes * 60, time.perf_counter() - t_start, step, step_s, tc)
-                    capped = " (capped by train.max_steps)" if max_steps == tc.max_steps else ""
-                    say(f"step {step}: {step_s:.3f} s/step, so {max_steps} steps fill the {tc.budget_minutes:g} min "
-                        f"budget{capped}; the learning-rate schedule ends at step {max_steps}", flush=True)
             train_time = time.perf_counter() - t_start
+            budget.after_step(step, train_time)
+            max_steps = budget.max_steps
             last_step = step == max_steps
             out_of_time = tc.max_minutes is not None and train_time - resumed_time >= tc.max_minutes * 60
             interrupted = stop.requested is not None

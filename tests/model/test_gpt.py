@@ -8,10 +8,14 @@ from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.presets import PRESETS
 from tests.fixtures import tiny_model
 
+# The options of the issue-14 recipe search (QK-norm, soft-capped logits, squared ReLU) on top of Llama.
+MODDED = {"qk_norm": True, "logit_softcap": 15.0, "mlp": "relu2"}
+VARIANTS = [("gpt2-tiny", {}), ("llama-tiny", {}), ("llama-tiny", MODDED)]
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
-def test_changing_token_t_never_changes_logits_before_t(preset):
-    model = tiny_model(preset)
+
+@pytest.mark.parametrize(("preset", "options"), VARIANTS)
+def test_changing_token_t_never_changes_logits_before_t(preset, options):
+    model = tiny_model(preset, **options)
     x = torch.randint(0, 97, (2, 20))
     logits, _ = model(x)
     for t in (0, 7, 19):
@@ -22,9 +26,9 @@ def test_changing_token_t_never_changes_logits_before_t(preset):
         assert not torch.allclose(logits[:, t:], logits2[:, t:]), "the change had no effect at all"
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
-def test_kv_cache_forward_matches_full_forward(preset):
-    model = tiny_model(preset)
+@pytest.mark.parametrize(("preset", "options"), VARIANTS)
+def test_kv_cache_forward_matches_full_forward(preset, options):
+    model = tiny_model(preset, **options)
     x = torch.randint(0, 97, (3, 16))
     full, _ = model(x)
     model.setup_cache(3, 16)
@@ -123,6 +127,33 @@ def test_gelu_variants_differ_but_both_work():
     idx = torch.randint(0, 97, (1, 8))
     a, b = exact(idx)[0], tanh(idx)[0]
     assert not torch.equal(a, b) and (a - b).abs().max() < 1e-2
+
+
+def test_soft_capped_logits_stay_inside_the_cap():
+    model = tiny_model(logit_softcap=2.0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)  # raw logits far beyond the cap
+    logits, _ = model(torch.randint(0, 97, (2, 8)))
+    assert logits.abs().max() <= 2.0 and logits.abs().max() > 1.9  # tanh saturates to exactly 1 in fp32
+
+
+def test_qk_norm_keeps_attention_finite_where_huge_queries_overflow_without_it():
+    x = torch.randint(0, 97, (1, 8))
+    for qk_norm in (False, True):
+        model = tiny_model(qk_norm=qk_norm)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight.mul_(1e20)
+        logits, _ = model(x)
+        assert torch.isfinite(logits).all() == qk_norm
+
+
+def test_zero_init_starts_every_block_as_the_identity_and_the_untied_head_at_zero():
+    model = tiny_model(zero_init=True, tie_embeddings=False)
+    x = torch.randint(0, 97, (2, 8))
+    h = model.wte(x) + model.wpe(torch.arange(8))
+    torch.testing.assert_close(model.hidden_states(x), model.norm_f(h))
+    assert torch.count_nonzero(model(x)[0]) == 0  # uniform predictions: loss ln(V) at step 0
 
 
 def test_cpu_causal_attention_matches_sdpa_values_and_gradients():

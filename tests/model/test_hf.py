@@ -10,8 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.generate import generate  # noqa: E402
-from lmforge.model.hf import config_from_hf, from_hf_model, to_hf_model  # noqa: E402
-from tests.fixtures import hf_gpt2, hf_llama  # noqa: E402
+from lmforge.model.hf import config_from_hf, from_hf_model, hf_config, to_hf_model  # noqa: E402
+from tests.fixtures import hf_gpt2, hf_llama, tiny_model  # noqa: E402
 
 MODELS = {"gpt2-tied": lambda: hf_gpt2(True), "gpt2-untied": lambda: hf_gpt2(False),
           "llama-gqa": lambda: hf_llama(False), "llama-tied": lambda: hf_llama(True),
@@ -98,3 +98,10 @@ def test_sliding_window_caps_the_context_and_stays_exact():
     idx = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (from_hf_model(hf)(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("option", [{"qk_norm": True}, {"logit_softcap": 30.0}, {"mlp": "relu2"}])
+def test_a_model_with_options_transformers_lacks_is_refused_for_export_naming_them(option):
+    cfg = tiny_model("llama-tiny", **option).cfg
+    with pytest.raises(UserError, match=f"model.{next(iter(option))}.*cannot be exported"):
+        hf_config(cfg)

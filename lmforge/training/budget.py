@@ -1,0 +1,82 @@
+"""``train.budget_minutes``: train for a given time with the learning-rate schedule completed.
+
+A step count cannot be chosen in advance for a time: the same model steps 3x faster on one CPU than on
+another, and a VM's speed drifts by ±15% within minutes. So the count is planned from the pace
+measured in the run itself: first after :data:`PLAN_AFTER` steps (timed from the end of the first
+step, which compiles and warms up), then revised at every log line from the pace of all steps so far,
+until the run is :data:`REVISE_UNTIL` of the way through its plan. A revision moves the end of the
+schedule (a cosine's lr shifts by a few percent at most; WSD's stable phase just gets longer or
+shorter); after that the plan is fixed, so the decay runs to its end undisturbed. The plan is saved
+with each checkpoint (:attr:`TrainerState.planned_steps`) and a resume keeps it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from lmforge.config import TrainLoopConfig
+from lmforge.training.checkpoint import TrainerState
+
+PLAN_AFTER = 10
+"""Steps timed, after the first, before the first plan."""
+REVISE_UNTIL = 0.5
+"""The plan is revised until the run is this far through it, then fixed."""
+EVAL_BATCH_COST = 1 / 3
+"""An evaluation batch's cost relative to a training micro-batch (a forward pass without the backward)."""
+
+
+def plan_steps(budget_s: float, elapsed_s: float, step: int, step_s: float, tc: TrainLoopConfig) -> int:
+    """The step count that fills ``budget_s`` seconds of training: ``elapsed_s`` are spent at ``step``,
+    and each further step takes ``step_s`` plus its share of the periodic evaluations. At least one more
+    step, at most train.max_steps."""
+    eval_share = tc.eval_batches * EVAL_BATCH_COST / (tc.grad_accum * tc.eval_interval)
+    fits = int((budget_s - elapsed_s) / (step_s * (1 + eval_share)))
+    return max(step + 1, min(tc.max_steps, step + fits))
+
+
+class StepBudget:
+    """The step count of a budgeted run, planned and revised as described in the module docstring."""
+
+    def __init__(self, tc: TrainLoopConfig, state: TrainerState, say: Callable[..., None],
+                 sync: Callable[[], None]):
+        self.tc, self.state, self.say, self.sync = tc, state, say, sync
+        self.active = bool(tc.budget_minutes)
+        self.start_step = state.step
+        self.t_paced = 0.0
+        if self.active and not state.planned_steps:
+            say(f"time budget: {tc.budget_minutes:g} min of training (train.budget_minutes): the step count is planned "
+                f"from the pace of the first steps, so that the learning-rate schedule ends with the budget")
+
+    @property
+    def max_steps(self) -> int:
+        """The steps to train: the plan once it is made, else train.max_steps."""
+        return self.state.planned_steps if self.active and self.state.planned_steps else self.tc.max_steps
+
+    def _frozen(self, step: int) -> bool:
+        return bool(self.state.planned_steps) and step >= REVISE_UNTIL * self.state.planned_steps
+
+    def after_step(self, step: int, train_time_s: float) -> None:
+        """Plan or revise at ``step`` (training time so far ``train_time_s``) where it is due."""
+        if not self.active or self._frozen(step):
+            return
+        paced = step - (self.start_step + 1)
+        first = not self.state.planned_steps and paced == PLAN_AFTER
+        if paced == 0:
+            self.sync()  # the pace of queued GPU work is known only once it is done
+            self.t_paced = time.perf_counter()
+            return
+        if not (first or (self.state.planned_steps and paced >= PLAN_AFTER and step % self.tc.log_interval == 0)):
+            return
+        self.sync()
+        step_s = (time.perf_counter() - self.t_paced) / paced
+        old = self.state.planned_steps
+        new = self.state.planned_steps = plan_steps(self.tc.budget_minutes * 60, train_time_s, step, step_s,
+                                                    self.tc)
+        capped = " (capped by train.max_steps)" if new == self.tc.max_steps else ""
+        if first:
+            self.say(f"step {step}: {step_s:.3f} s/step, so {new} steps fill the {self.tc.budget_minutes:g} min "
+                     f"budget{capped}; the learning-rate schedule ends there", flush=True)
+        elif abs(new - old) > 0.02 * old:
+            self.say(f"step {step}: {step_s:.3f} s/step so far: {new} steps now fill the budget{capped} "
+                     f"(planned {old})", flush=True)
