@@ -31,7 +31,7 @@ def test_train_help_shows_the_values_of_the_recipe_that_runs_without_c(capsys):
         build_parser().parse_args(["train", "--help"])
     out = capsys.readouterr().out
     assert "the recipe 'default'" in out
-    for line in ("optim.lr = 0.002", "train.max_minutes = 8", "out_dir = 'runs/default'", "sample.prompt = ''"):
+    for line in ("optim.lr = 0.004", "train.budget_minutes = 3", "out_dir = 'runs/default'", "sample.prompt = ''"):
         assert line in out, line  # default.yaml's values, not the defaults in code
 
 

@@ -96,7 +96,7 @@ def test_the_help_of_the_commands_comes_from_the_config_docstrings():
 
     subcommands = build_parser()._subparsers._group_actions[0].choices
     train_help = subcommands["train"].format_help()
-    assert "train.max_steps = 600  # Optimizer steps to train for (with budget_minutes: the most it may plan)." \
+    assert "train.max_steps = 5000  # Optimizer steps to train for (with budget_minutes: the most it may plan)." \
         in train_help  # the default recipe's value
     finetune_help = subcommands["finetune"].format_help()
     assert "lora.rank = 0  # Rank of the adapters" in finetune_help

@@ -233,25 +233,33 @@ def map_from_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor])
     return out
 
 
+def export_problem(cfg: ModelConfig) -> str | None:
+    """Why ``cfg`` has no ``transformers`` equivalent (GPT-2 or Llama), or None where it has one."""
+    extras = [name for name, used in (("model.qk_norm", cfg.qk_norm), ("model.logit_softcap", cfg.logit_softcap),
+                                      ("model.mlp=relu2", cfg.mlp == "relu2")) if used]
+    if extras:
+        return f"{', '.join(extras)}: GPT-2 and Llama in transformers have no such option"
+    gpt2 = (cfg.pos_embedding, cfg.norm) == ("learned", "layernorm") and cfg.mlp != "swiglu"
+    llama = (cfg.pos_embedding, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
+    if not (gpt2 or llama):
+        return (f"model: pos_embedding={cfg.pos_embedding}, norm={cfg.norm}, mlp={cfg.mlp} is neither GPT-2 "
+                f"(learned, layernorm, gelu) nor Llama (rope, rmsnorm, swiglu)")
+    return None
+
+
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     """The ``transformers`` config of the same architecture (GPT2Config or LlamaConfig)."""
     from transformers import GPT2Config, LlamaConfig
 
-    extras = [name for name, used in (("model.qk_norm", cfg.qk_norm), ("model.logit_softcap", cfg.logit_softcap),
-                                      ("model.mlp=relu2", cfg.mlp == "relu2")) if used]
-    if extras:
-        raise UserError(f"{', '.join(extras)}: GPT-2 and Llama in transformers have no such option, so this model "
-                        f"cannot be exported as one")
+    problem = export_problem(cfg)
+    if problem:
+        raise UserError(f"{problem}, so this model cannot be exported as one")
     if is_gpt2_style(cfg):
-        if cfg.norm != "layernorm" or cfg.mlp == "swiglu":
-            raise UserError("model: GPT-2-style export needs norm=layernorm and a gelu MLP")
         return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,
                           activation_function=_GELU[cfg.mlp], layer_norm_epsilon=cfg.norm_eps,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                           tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None)
-    if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu":
-        raise UserError("model: Llama-style export needs norm=rmsnorm and mlp=swiglu")
     return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
                        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,

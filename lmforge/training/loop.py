@@ -23,6 +23,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.model.gpt import GPT, flops_per_token
+from lmforge.model.hf import export_problem
 from lmforge.runtime import Runtime, maybe_compile
 from lmforge.training.checkpoint import load_weights, save_checkpoint
 from lmforge.training.metrics import bits_per_byte, format_duration, perplexity
@@ -137,8 +138,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     step, last_eval = out.step, out.last_eval
     session.say_done(f"{step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "
                      f"{last_eval['val_bpb']:.4f} bits/byte | {run_dir}",
-                     [f"lmforge generate {run_dir} -p TEXT", f"lmforge eval {run_dir}",
-                      f"lmforge export {run_dir} --out DIR"])
+                     [f"lmforge generate {run_dir} -p TEXT", f"lmforge eval {run_dir}"]
+                     + ([] if export_problem(cfg.model) else [f"lmforge export {run_dir} --out DIR"]))
     if rt.is_main and progress and cfg.sample.num_samples > 0:
         print_samples(model, tokenizer, cfg, rt)
     return TrainResult(run_dir, step, last_eval["val_loss"], last_eval["val_bpb"], out.train_time_s,

@@ -105,3 +105,9 @@ def test_a_model_with_options_transformers_lacks_is_refused_for_export_naming_th
     cfg = tiny_model("llama-tiny", **option).cfg
     with pytest.raises(UserError, match=f"model.{next(iter(option))}.*cannot be exported"):
         hf_config(cfg)
+
+
+def test_a_block_of_neither_family_is_refused_for_export_naming_its_parts():
+    cfg = tiny_model("gpt2-tiny", pos_embedding="rope", norm="rmsnorm", bias=False).cfg
+    with pytest.raises(UserError, match="pos_embedding=rope, norm=rmsnorm, mlp=gelu is neither GPT-2"):
+        hf_config(cfg)
