@@ -42,7 +42,7 @@ def time_train_step(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
     the best of ``repeats`` after one warm-up; under autocast to ``dtype`` (None: fp32)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # the same weights and tokens for both precisions; the run's RNG is untouched
-        model = GPT(cfg).to(device)
+        model = GPT(cfg).to(device).eval()  # eval: no dropout masks drawn; backward works all the same
         idx = torch.randint(cfg.vocab_size, (PROBE_SEQUENCES, cfg.block_size + 1), device=device)
         x, y = idx[:, :-1], idx[:, 1:]
         best, loss_value = math.inf, math.nan

@@ -13,7 +13,8 @@ import pytest
 TRAIN = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=64", "train.batch_size=16",
          "train.max_steps=150", "train.log_interval=10", "train.eval_interval=50", "train.eval_batches=4",
          "train.ckpt_interval=100", "optim.lr=3e-3", "optim.warmup_steps=10", "sample.num_samples=1",
-         "sample.max_new_tokens=20"]
+         "sample.max_new_tokens=20",
+         "model.mlp=swiglu"]  # with the default recipe's RoPE and RMSNorm: Llama's blocks, so it exports
 
 
 def lmforge(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -62,7 +63,7 @@ def test_training_lowers_the_loss_and_writes_every_artefact(trained_run):
     # No silent phase, and the last lines say where everything is and what to run next.
     assert "step 150: final evaluation over the whole val split ..." in result.stdout
     assert f"checkpoint {run / 'checkpoints' / 'step_000150'} | loss curve {run / 'loss.png'}" in result.stdout
-    assert f"next: lmforge generate {run} -p TEXT  |  lmforge eval {run}  |" in result.stdout
+    assert f"next: lmforge generate {run} -p TEXT  |  lmforge eval {run}  |  lmforge export {run}" in result.stdout
 
 
 def test_generate_from_run_is_deterministic_when_greedy(trained_run):

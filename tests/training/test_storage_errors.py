@@ -11,7 +11,8 @@ from tests.fixtures import train_losses
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "train.batch_size=8",
         "train.log_interval=1", "train.ckpt_interval=10", "train.eval_interval=1000", "train.eval_batches=1",
-        "sample.num_samples=0", "optim.warmup_steps=5", "optim.decay_steps=30"]
+        "sample.num_samples=0", "optim.warmup_steps=5", "optim.decay_steps=30",
+        "optim.name=adamw"]  # AdamW: an optimizer state of exactly two moments per weight (see below)
 
 
 def _train(args: list[str], file_limit: int | None = None) -> subprocess.CompletedProcess:
