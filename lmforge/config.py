@@ -595,24 +595,24 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     data = load_yaml(resolve_config_path(path)) if path else {}
     data = merge_overrides(data, overrides or [])
     cfg = from_dict(TrainConfig, data)
-    keys = {".".join(parse_override(text)[0]) for text in overrides or []}
+    keys = [".".join(parse_override(text)[0]) for text in overrides or []]
     if "train.max_steps" in keys and "train.budget_minutes" not in keys:
         # Asked for a step count, on the command line: that many steps, not a recipe's time budget.
         cfg.train.budget_minutes = None
     validate_train_config(cfg)
-    _check_no_moot_data_overrides(cfg, overrides or [])
+    _check_no_moot_data_overrides(cfg, keys)
     return cfg
 
 
-def _check_no_moot_data_overrides(cfg: TrainConfig, overrides: list[str]) -> None:
-    """UserError when an override sets a data.* key that a prepared dataset (data.dataset_dir) makes moot: those
-    keys say how to prepare one, and the prepared one has its own tokenizer and split. Only the overrides are
-    checked, because only there does a key mean the user's intent: a recipe's data.* values are what it prepares
-    with when it has no dataset_dir, and a run's config.yaml (what --resume loads) holds both."""
+def _check_no_moot_data_overrides(cfg: TrainConfig, keys: list[str]) -> None:
+    """UserError when an override (``keys``: the dotted keys the overrides set) sets a data.* key that a prepared
+    dataset (data.dataset_dir) makes moot: those keys say how to prepare one, and the prepared one has its own
+    tokenizer and split. Only the overrides are checked, because only there does a key mean the user's intent: a
+    recipe's data.* values are what it prepares with when it has no dataset_dir, and a run's config.yaml (what
+    --resume loads) holds both."""
     if not cfg.data.dataset_dir:
         return
-    for text in overrides:
-        key = ".".join(parse_override(text)[0])
+    for key in keys:
         if key.startswith("data.") and key != "data.dataset_dir":
             raise UserError(f"'{key}' has no effect with data.dataset_dir='{cfg.data.dataset_dir}': a prepared dataset "
                             f"has its own tokenizer and split (drop '{key}', or prepare again: lmforge prepare)")

@@ -10,6 +10,7 @@ another host, and a thread count or a PyTorch build changes every figure.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ KNOWN_PEAKS: dict[str, float] = {
 CACHE_FILE = "hardware.json"
 
 
+@functools.cache
 def _cpu_info() -> tuple[str, str]:
     """(model name, flags) of the CPU, from /proc/cpuinfo where there is one."""
     try:

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import torch
+from torch.optim._muon import _adjust_lr
 
 from lmforge.config import OptimConfig
 from lmforge.errors import UserError
@@ -95,7 +96,7 @@ class Muon(torch.optim.Muon):
                 update = orthogonalize(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
                                        self.ns_dtype)
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                p.add_(update.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
 
 
