@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import typing
 import warnings
@@ -26,6 +27,7 @@ from lmforge.config import (
     FinetuneConfig,
     ModelConfig,
     TrainConfig,
+    TrainLoopConfig,
     config_help,
     field_default,
     field_docs,
@@ -87,13 +89,33 @@ def _training_process(compile_model: bool) -> None:
         compile_falls_back_to_eager()
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _launch(args: argparse.Namespace, tc: TrainLoopConfig) -> int:
+    """``--nproc N``: this command again in N processes under torchrun's agent (its config already checked)."""
+    from lmforge.training.parallel import check_nproc, launch, launched, resolve_grad_accum
+
+    check_nproc(args.nproc, tc.device)
+    resolve_grad_accum(tc.batch_size, tc.grad_accum, tc.global_batch_size, args.nproc)  # before any process starts
+    if launched():
+        raise UserError("--nproc starts the processes itself; under torchrun, leave it out (torchrun's "
+                        "--nproc_per_node says how many)")
+    argv, skip = [], False
+    for arg in args.argv:  # the same command line without --nproc
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            continue
+        argv.append(arg)
+    return launch(args.nproc, argv, tc.device)
+
+
+def cmd_train(args: argparse.Namespace) -> int | None:
     from lmforge.training.loop import train
 
     overrides = list(args.overrides)
     resume = args.resume is not None
     cfg = load_train_config(*_resume_config(args.resume, overrides)) if resume \
         else load_train_config(args.config or DEFAULT_RECIPE, overrides)
+    if args.nproc is not None:
+        return _launch(args, cfg.train)
     _training_process(cfg.train.compile)
     train(cfg, resume=resume, allow_data_change=args.allow_data_change)
 
@@ -106,7 +128,7 @@ def cmd_examples(args: argparse.Namespace) -> None:
     print(f"wrote {len(files)} example files into {args.out}: {names}")
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
+def cmd_finetune(args: argparse.Namespace) -> int | None:
     from lmforge.finetuning.loop import finetune
 
     overrides = list(args.overrides) + (["lora.merge=true"] if args.merge else []) \
@@ -114,6 +136,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     resume = args.resume is not None
     cfg = load_finetune_config(*_resume_config(args.resume, overrides), resume=True) if resume \
         else load_finetune_config(args.config, overrides)
+    if args.nproc is not None:
+        return _launch(args, cfg.train)
     _training_process(cfg.train.compile)
     finetune(cfg, resume=resume)
 
@@ -252,6 +276,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _add_nproc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=positive_int, metavar="N",
+                   help="train in N processes on this machine (torchrun's agent, started for you: gloo on CPUs, "
+                        "NCCL on GPUs); parallel.strategy=ddp|fsdp says how")
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     value = int(text)
@@ -336,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     p.add_argument("--allow-data-change", action="store_true",
                    help="with --resume: continue even if the dataset was prepared again with other content")
+    _add_nproc_flag(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6")
     p.set_defaults(func=cmd_train)
 
@@ -424,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="LoRA: also write full weights with the adapters merged")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip (and count) records that are not valid or lack a field, instead of stopping")
+    _add_nproc_flag(p)
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides, e.g. base=runs/lmforge data.train=chat.jsonl task=sft lora.rank=8")
     p.set_defaults(func=cmd_finetune)
@@ -490,19 +522,22 @@ def main(argv: list[str] | None = None) -> int:
         return run_lm_eval(argv[1:])
     parser = build_parser()
     args = parse_intermixed(parser, argv)
+    args.argv = argv
+    # Under torchrun every process meets the same error: rank 0 says it.
+    say = print if os.environ.get("RANK", "0") == "0" else lambda *_a, **_k: None
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as e:
-        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        say(f"lmforge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except StorageError as e:
-        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        say(f"lmforge {args.command}: error: {e}", file=sys.stderr)
         return 1
     except TrainingHalted as e:
-        print(f"lmforge {args.command}: halted: {e}", file=sys.stderr)
+        say(f"lmforge {args.command}: halted: {e}", file=sys.stderr)
         return 3
     except TrainingInterrupted as e:
-        print(f"lmforge {args.command}: {e}", file=sys.stderr)
+        say(f"lmforge {args.command}: {e}", file=sys.stderr)
         return 130
     except OSError as e:
         if e.errno not in STORAGE_ERRNOS:
@@ -514,7 +549,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

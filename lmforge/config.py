@@ -244,7 +244,11 @@ class TrainLoopConfig:
     batch_size: int = 16
     """Sequences per micro-batch (per process)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (per process); decided by global_batch_size when that is set."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all processes: grad_accum becomes global_batch_size / (batch_size x
+    processes), so a run keeps its batch (and its samples) on any number of processes. None: batch_size x
+    grad_accum x processes."""
     max_minutes: float | None = None
     """Stop (with a checkpoint) after this many minutes of training in this process, whatever max_steps
     says; a --resume gets as many again. None: no limit."""
@@ -289,10 +293,21 @@ def _validate_train_loop(tc: TrainLoopConfig, prefix: str = "train") -> None:
         value = getattr(tc, name)
         _check(f"{prefix}.{name}", value, value >= 0, "0 or more")
     _check(f"{prefix}.max_nonfinite_steps", tc.max_nonfinite_steps, tc.max_nonfinite_steps >= 0, "0 or more")
+    _check(f"{prefix}.global_batch_size", tc.global_batch_size,
+           tc.global_batch_size is None or tc.global_batch_size > 0, "null or a positive integer")
     _check(f"{prefix}.patience", tc.patience, tc.patience is None or tc.patience > 0, "null or a positive integer")
     for name in ("max_minutes", "budget_minutes"):
         value = getattr(tc, name)
         _check(f"{prefix}.{name}", value, value is None or (_finite(value) and value > 0), "null or a number > 0")
+
+
+@dataclass
+class ParallelConfig:
+    """Data parallelism across the processes torchrun starts (``lmforge train --nproc N`` launches it)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """'ddp': every process holds the whole model and optimizer, gradients are averaged; 'fsdp': FSDP2 shards
+    parameters, gradients and optimizer state over the processes (per Transformer block). One process: neither."""
 
 
 @dataclass
@@ -329,6 +344,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
@@ -417,6 +433,7 @@ class FinetuneConfig:
                                                                    weight_decay=0.0))
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(max_steps=300, batch_size=8,
                                                                            eval_interval=100, ckpt_interval=100))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # --------------------------------------------------------------------------------------------------

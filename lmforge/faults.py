@@ -1,4 +1,5 @@
-"""Fault injection for tests: die at a named point exactly as ``kill -9`` would.
+"""Test instruments: fault injection (die at a named point exactly as ``kill -9`` would) and a trace of
+the training samples drawn.
 
 ``LMFORGE_FAULT=POINT:N`` makes the process SIGKILL itself the N-th time (from 1) it reaches
 ``fault_point("POINT")``; unset, every fault point is a dictionary lookup and nothing else. The
@@ -6,12 +7,18 @@ points (see :data:`POINTS`) sit where a crash could lose or corrupt something: i
 an evaluation, between the files of a checkpoint, after its rename but before ``latest`` moves,
 while old checkpoints are rotated away.
 Tests kill a run at each point, resume it, and compare every step's loss with an uninterrupted run.
+
+``LMFORGE_TRACE_BATCHES=FILE`` appends one JSON line per training micro-batch drawn (step, global
+micro-batch j, window starts) to FILE, from every process: a test compares the samples of runs on
+different numbers of processes, interrupted or not.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from collections.abc import Sequence
 
 POINTS = ("mid_accumulation", "mid_step", "during_eval", "after_weights_file", "after_trainer_tensors",
           "after_trainer_state", "after_manifest", "before_latest", "during_rotation", "mid_prepare")
@@ -40,3 +47,13 @@ def fault_point(name: str) -> None:
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == armed[1]:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trace_batch(step: int, j: int, offsets: Sequence[int]) -> None:
+    """Record micro-batch ``j`` of ``step`` if ``LMFORGE_TRACE_BATCHES`` names a file (see the module docstring)."""
+    path = os.environ.get("LMFORGE_TRACE_BATCHES")
+    if not path:
+        return
+    line = json.dumps({"step": step, "j": j, "offsets": [int(o) for o in offsets]}) + "\n"
+    with open(path, "a", encoding="utf-8") as f:  # one write per line: appends from several processes stay whole
+        f.write(line)

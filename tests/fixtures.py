@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -21,13 +22,18 @@ def tiny_model(preset: str = "gpt2-tiny", **overrides) -> GPT:
     return GPT(cfg).eval()
 
 
-def sigkill_after(proc: subprocess.Popen, metrics: Path, n_lines: int, timeout: float = 120) -> None:
+def sigkill_after(proc: subprocess.Popen, metrics: Path, n_lines: int, timeout: float = 120,
+                  group: bool = False) -> None:
     """SIGKILL a training process once its metrics.jsonl has ``n_lines`` records (mid-run, between
-    checkpoints); fails if the run ends first."""
+    checkpoints); fails if the run ends first. ``group``: its whole process group (a process started with
+    start_new_session, and every process it started: torchrun's agent and workers)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= n_lines:
-            proc.send_signal(signal.SIGKILL)
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"

@@ -1,9 +1,10 @@
 """Token shards on disk -> training batches.
 
-Batches are a pure function of (seed, rank, step, micro-step): the loader holds no hidden state, so
-resuming at step N replays exactly the batches an uninterrupted run would have seen, and every
-rank of a distributed run draws its own. Shards are memory-mapped: memory stays constant whatever
-the corpus size.
+Batches are a pure function of (seed, step, micro-batch): the loader holds no hidden state, so
+resuming at step N replays exactly the batches an uninterrupted run would have seen. A step's global
+batch is micro-batches j = 0 .. grad_accum x world_size - 1 and rank r takes those with j = r (mod
+world_size), so a run keeps its samples on any number of processes (grad_accum x world_size fixed).
+Shards are memory-mapped: memory stays constant whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import UserError
+from lmforge.faults import trace_batch
 
 
 class TokenShard:
@@ -67,15 +69,25 @@ def open_split(meta: dict, split: str, block_size: int, vocab_size: int) -> Toke
 
 
 class BatchSampler:
-    """Random windows from a shard; batch k is determined by (seed, rank, step, micro)."""
+    """Random windows from a shard: this rank's micro-batch ``micro`` of a step is the step's global
+    micro-batch j = micro x world_size + rank, determined by (seed, step, j)."""
 
-    def __init__(self, shard: TokenShard, batch_size: int, seed: int, rank: int = 0):
-        self.shard, self.batch_size, self.seed, self.rank = shard, batch_size, seed, rank
+    def __init__(self, shard: TokenShard, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.shard, self.batch_size, self.seed = shard, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+
+    def offsets(self, step: int, micro: int = 0) -> np.ndarray:
+        """The window starts (sample ids) of this rank's micro-batch ``micro`` of ``step``."""
+        j = micro * self.world_size + self.rank
+        # (The 0 keeps the stream of runs made before the global numbering: they resume unchanged.)
+        rng = np.random.default_rng([self.seed, 0, step, j])
+        high = len(self.shard) - self.shard.block_size - 1
+        offsets = rng.integers(0, high, size=self.batch_size)
+        trace_batch(step, j, offsets)
+        return offsets
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, step, micro])
-        high = len(self.shard) - self.shard.block_size - 1
-        return self.shard.windows(rng.integers(0, high, size=self.batch_size))
+        return self.shard.windows(self.offsets(step, micro))
 
 
 def prefetch_batches(sampler: BatchSampler, start_step: int, grad_accum: int, device: torch.device,

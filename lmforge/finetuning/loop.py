@@ -27,7 +27,7 @@ from lmforge.model import lora
 from lmforge.model.gpt import flops_per_token
 from lmforge.run import load_run
 from lmforge.runtime import maybe_compile
-from lmforge.training.checkpoint import load_weights, save_checkpoint
+from lmforge.training.checkpoint import load_weights
 from lmforge.training.metrics import format_duration
 from lmforge.training.optim import build_optimizer
 from lmforge.training.session import TrainingSession
@@ -78,7 +78,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
     validate_finetune_config(cfg)  # before anything is created
     tc = cfg.train
     session = TrainingSession.open(cfg, resume, progress)
-    rt, run_dir, say = session.rt, session.run_dir, session.say
+    rt, run_dir, say, par = session.rt, session.run_dir, session.say, session.parallel
 
     base = load_run(cfg.base)
     if base.task != "lm":
@@ -92,7 +92,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
     if not 0 < max_len <= cfg.model.block_size:
         raise UserError(f"data.max_length={max_len} must be between 1 and the model's context "
                         f"({cfg.model.block_size})")
-    torch.manual_seed(tc.seed + rt.rank)
+    torch.manual_seed(tc.seed)  # the same initial weights (a new head) on every rank
     task: FinetuneTask = (SFTTask(cfg, base.model, base.tokenizer, base.folder, max_len, rt) if cfg.task == "sft"
                           else ClassifyTask(cfg, base.model, base.tokenizer, max_len, rt))
     for line in task.summary:
@@ -103,6 +103,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
         model = lora.apply_lora(model, cfg.lora, task.trainable_modules)
     model.to(rt.device)
     trainable, total = lora.trainable_fraction(model)
+    par.check(model, cfg.optim.name, lora=cfg.lora.rank > 0)
+    synced = par.wrap(model)
     optimizer = build_optimizer(model, cfg.optim, rt.device, rt.precision)
 
     def load_state(ckpt: Path) -> None:
@@ -115,20 +117,22 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
         base.tokenizer.save(folder / rundir.TOKENIZER)
         task.save_files(folder)
 
-    state = session.restore(optimizer, load_state)
+    state = session.restore(model, optimizer, load_state)
     session.create_run_dir("finetune", cfg.task, lora=cfg.lora.rank > 0, write_files=write_files)
-    step_model = maybe_compile(model, tc.compile)
+    step_model = maybe_compile(synced, tc.compile)
+    # Evaluation runs on the model itself, the same on every rank: under DDP without its wrapper (no collectives).
+    eval_model = step_model if synced is model else maybe_compile(model, tc.compile)
 
     n_params = sum(p.numel() for p in base.model.parameters())
     flops_tok = flops_per_token(cfg.model, n_params)
     peak, peak_source = session.peak_flops()
     say(f"run {run_dir} | {cfg.task} from {cfg.base} | trainable {trainable:,} of {total:,} parameters "
         f"({trainable / total:.2%}){' with LoRA rank ' + str(cfg.lora.rank) if cfg.lora.rank else ''} | "
-        f"{session.describe_device()} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+        f"{session.describe_device()} | {session.describe_batch()} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
 
     logger = session.logger(state.step)
     if session.resume_from is None and task.compare_with_base:
-        before = task.evaluate(step_model, True)  # the base model's answers, for comparison
+        before = task.evaluate(eval_model, True)  # the base model's answers, for comparison
         logger.log({"step": 0, "kind": "eval", **{k: v for k, v in before.items() if isinstance(v, float)}})
         say(f"before fine-tuning: val loss {before['val_loss']:.4f} | exact match {before['exact_match']:.1%}")
 
@@ -141,21 +145,21 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
                 yield tuple(to_device(t, rt.device) for t in task.batch(sampler.indices(step, micro, tc.grad_accum)))
             step += 1
 
-    def save(st) -> Path:
+    def save(st) -> None:
         write = (lambda d: lora.save_adapter(model, d / rundir.ADAPTER)) if cfg.lora.rank > 0 else None
-        return save_checkpoint(run_dir, model, optimizer, st, tc.keep_last, write_weights=write)
+        session.save(st, model, optimizer, write_weights=write)
 
     final_metrics: dict = {}
 
     def evaluate(final: bool) -> dict[str, float]:
-        metrics = task.evaluate(step_model, final)
+        metrics = task.evaluate(eval_model, final)
         if final:
             final_metrics.update(metrics)
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     job = Job(model=model, optimizer=optimizer, scaler=rt.grad_scaler(), batches=batches(),
               loss=lambda b: task.loss(step_model, b), evaluate=evaluate, save=save,
-              flops_per_token=flops_tok, peak_flops=peak)
+              flops_per_token=flops_tok, peak_flops=peak, synced=synced)
     out = session.run(job, state, logger)
 
     if cfg.lora.rank > 0 and cfg.lora.merge and rt.is_main:

@@ -39,8 +39,9 @@ class StepBudget:
     """The step count of a budgeted run, planned and revised as described in the module docstring."""
 
     def __init__(self, tc: TrainLoopConfig, state: TrainerState, say: Callable[..., None],
-                 sync: Callable[[], None]):
-        self.tc, self.state, self.say, self.sync = tc, state, say, sync
+                 sync: Callable[[], None], agree: Callable[[int], int] = lambda n: n):
+        """``agree`` makes one plan of every process's (under torchrun: rank 0's, broadcast)."""
+        self.tc, self.state, self.say, self.sync, self.agree = tc, state, say, sync, agree
         self.active = bool(tc.budget_minutes)
         self.start_step = state.step
         self.t_paced = 0.0
@@ -71,8 +72,8 @@ class StepBudget:
         self.sync()
         step_s = (time.perf_counter() - self.t_paced) / paced
         old = self.state.planned_steps
-        new = self.state.planned_steps = plan_steps(self.tc.budget_minutes * 60, train_time_s, step, step_s,
-                                                    self.tc)
+        new = self.state.planned_steps = self.agree(plan_steps(self.tc.budget_minutes * 60, train_time_s, step,
+                                                               step_s, self.tc))
         capped = " (capped by train.max_steps)" if new == self.tc.max_steps else ""
         if first:
             self.say(f"step {step}: {step_s:.3f} s/step, so {new} steps fill the {self.tc.budget_minutes:g} min "

@@ -47,6 +47,8 @@ class TrainerState:
     """Non-finite steps in a row up to this step (train.max_nonfinite_steps counts them across a resume)."""
     planned_steps: int = 0
     """The step count that train.budget_minutes planned (0: not planned); a resume trains to it."""
+    global_batch: int = 0
+    """Sequences per optimizer step over all processes (0: not recorded); a resume must keep it."""
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -65,9 +67,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into tensors (safetensors) and plain JSON data."""
-    sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -78,7 +79,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The optimizer state dict that :func:`_optimizer_tensors` split."""
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
@@ -87,7 +89,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     for key, v in meta["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -> Path:
@@ -124,11 +126,14 @@ def _write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: TrainerState, keep_last: int,
-                    write_weights: Callable[[Path], None] | None = None) -> Path:
+                    write_weights: Callable[[Path], None] | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write checkpoint ``state.step`` (see :func:`_write_checkpoint`), then prune all but the newest
     ``keep_last`` (only once the new one is in place).
 
-    write_weights(dir) writes the weights instead of ``model.safetensors`` (LoRA: only the adapters).
+    write_weights(dir) writes the weights instead of ``model.safetensors`` of ``model`` (LoRA: only the
+    adapters; FSDP: the weights gathered from every rank); ``optimizer_state`` is saved instead of
+    ``optimizer.state_dict()`` (FSDP: gathered in the same numbering).
     """
     def write(tmp: Path) -> None:
         if write_weights is None:
@@ -136,7 +141,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         else:
             write_weights(tmp)
         fault_point("after_weights_file")
-        tensors, optim_meta = _optimizer_tensors(optimizer)
+        tensors, optim_meta = _optimizer_tensors(optimizer.state_dict() if optimizer_state is None
+                                                 else optimizer_state)
         tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
         save_file(tensors, str(tmp / rundir.TRAINER_TENSORS))
         fault_point("after_trainer_tensors")
@@ -187,10 +193,32 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
                         f"written?)")
 
 
-def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> TrainerState:
-    """Restore optimizer and RNG state; return the trainer's state (step, best loss, ...)."""
+def read_trainer_state(ckpt: Path) -> tuple[TrainerState, dict, dict[str, torch.Tensor]]:
+    """A checkpoint's trainer state, optimizer state dict and RNG tensors."""
     meta = json.loads((ckpt / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
     tensors = load_file(str(ckpt / rundir.TRAINER_TENSORS))
-    _load_optimizer(optimizer, tensors, meta.pop("optimizer"))
-    set_rng_state(tensors)
-    return TrainerState(**meta)
+    optimizer_sd = _optimizer_state_dict(tensors, meta.pop("optimizer"))
+    return TrainerState(**meta), optimizer_sd, {k: v for k, v in tensors.items() if k.startswith("rng.")}
+
+
+def read_full_weights(ckpt: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """model.safetensors of ``ckpt``, checked against the model's weight shapes (a UserError names what does
+    not fit, as :func:`load_weights` does)."""
+    weights = load_file(str(ckpt / rundir.WEIGHTS))
+    missing, unexpected = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
+    if missing or unexpected:
+        raise UserError(f"checkpoint '{ckpt}' does not fit this model: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]} (were model.* settings changed since it was written?)")
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != shape:
+            raise UserError(f"checkpoint '{ckpt}' does not fit this model: size mismatch for {name}: "
+                            f"{tuple(weights[name].shape)} in the checkpoint, {shape} in this model")
+    return weights
+
+
+def load_trainer_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> TrainerState:
+    """Restore optimizer and RNG state; return the trainer's state (step, best loss, ...)."""
+    state, optimizer_sd, rng = read_trainer_state(ckpt)
+    optimizer.load_state_dict(optimizer_sd)
+    set_rng_state(rng)
+    return state

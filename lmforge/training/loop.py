@@ -25,7 +25,7 @@ from lmforge.generate import generate_text
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.model.hf import export_problem
 from lmforge.runtime import Runtime, maybe_compile
-from lmforge.training.checkpoint import load_weights, save_checkpoint
+from lmforge.training.checkpoint import load_weights
 from lmforge.training.metrics import bits_per_byte, format_duration, perplexity
 from lmforge.training.optim import build_optimizer
 from lmforge.training.session import TrainingSession
@@ -79,10 +79,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     validate_train_config(cfg)  # before anything is created
     tc = cfg.train
     session = TrainingSession.open(cfg, resume, progress)
-    rt, run_dir, say = session.rt, session.run_dir, session.say
+    rt, run_dir, say, par = session.rt, session.run_dir, session.say, session.parallel
 
     # --- the data, the tokenizer, and the run directory
-    dataset_dir = resolve_dataset(cfg, progress and rt.is_main)
+    dataset_dir = par.on_rank0(lambda: resolve_dataset(cfg, progress))  # prepared once, by rank 0
     meta = load_meta(dataset_dir)
     tokenizer = Tokenizer.from_file(dataset_dir / "tokenizer.json")
     if cfg.model.vocab_size == 0:
@@ -99,31 +99,33 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         tokenizer.save(run_dir / rundir.TOKENIZER)
         shutil.copyfile(dataset_dir / "meta.json", run_dir / rundir.DATASET_META)
 
-    session.create_run_dir("pretrain", "lm", lora=False, write_files=write_files)
-
     # --- model, optimizer, and the state to resume from
-    torch.manual_seed(tc.seed + rt.rank)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = GPT(cfg.model).to(rt.device)
     model.activation_checkpointing = tc.activation_checkpointing
+    par.check(model, cfg.optim.name, lora=False)
+    session.create_run_dir("pretrain", "lm", lora=False, write_files=write_files)
+    synced = par.wrap(model)
     optimizer = build_optimizer(model, cfg.optim, rt.device, rt.precision)
-    state = session.restore(optimizer, lambda ckpt: load_weights(model, ckpt))
-    step_model = maybe_compile(model, tc.compile)
+    state = session.restore(model, optimizer, lambda ckpt: load_weights(model, ckpt))
+    step_model = maybe_compile(synced, tc.compile)
+    # Evaluation runs on the model itself: under DDP without its wrapper (no collectives, nothing to sync).
+    eval_model = step_model if synced is model else maybe_compile(model, tc.compile)
 
-    train_batches = BatchSampler(train_shard, tc.batch_size, tc.seed, rt.rank)
+    train_batches = BatchSampler(train_shard, tc.batch_size, tc.seed, rt.rank, rt.world_size)
     val_split = meta["splits"]["val"]
 
     n_params = model.num_params()
     flops_tok = flops_per_token(cfg.model, n_params)
     peak, peak_source = session.peak_flops()
-    tokens_per_step = tc.batch_size * block * tc.grad_accum * rt.world_size
     say(f"run {run_dir} | model {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOPs/token | "
-        f"{session.describe_device()} | {tokens_per_step} tokens/step | peak {peak / 1e12:.2f} TFLOP/s "
+        f"{session.describe_device()} | {session.describe_batch(block)} | peak {peak / 1e12:.2f} TFLOP/s "
         f"({peak_source})")
 
     # --- the loop
     def run_eval(final: bool) -> dict[str, float]:
         # The final evaluation covers the whole val split (non-overlapping windows).
-        loss = split_loss(step_model, val_shard, rt, tc.batch_size, 10**9 if final else tc.eval_batches)
+        loss = split_loss(eval_model, val_shard, rt, tc.batch_size, 10**9 if final else tc.eval_batches, par)
         return {"val_loss": loss, "val_ppl": perplexity(loss),
                 "val_bpb": bits_per_byte(loss, val_split["tokens"], val_split["bytes"])}
 
@@ -132,16 +134,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     job = Job(model=model, optimizer=optimizer, scaler=rt.grad_scaler(),
               batches=prefetch_batches(train_batches, state.step, tc.grad_accum, rt.device), loss=lm_loss,
-              evaluate=run_eval, save=lambda st: save_checkpoint(run_dir, model, optimizer, st, tc.keep_last),
-              flops_per_token=flops_tok, peak_flops=peak)
+              evaluate=run_eval, save=lambda st: session.save(st, model, optimizer),
+              flops_per_token=flops_tok, peak_flops=peak, synced=synced)
     out = session.run(job, state, session.logger(state.step))
     step, last_eval = out.step, out.last_eval
     session.say_done(f"{step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "
                      f"{last_eval['val_bpb']:.4f} bits/byte | {run_dir}",
                      [f"lmforge generate {run_dir} -p TEXT", f"lmforge eval {run_dir}"]
                      + ([] if export_problem(cfg.model) else [f"lmforge export {run_dir} --out DIR"]))
-    if rt.is_main and progress and cfg.sample.num_samples > 0:
-        print_samples(model, tokenizer, cfg, rt)
+    if progress and cfg.sample.num_samples > 0:
+        sample_model = par.unsharded(model, lambda: GPT(cfg.model).to(rt.device))  # every rank (a gather)
+        if rt.is_main:
+            print_samples(sample_model, tokenizer, cfg, rt)
     return TrainResult(run_dir, step, last_eval["val_loss"], last_eval["val_bpb"], out.train_time_s,
                        out.stopped_early)
 

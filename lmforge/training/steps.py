@@ -25,6 +25,7 @@ from lmforge.training.checkpoint import TrainerState
 from lmforge.training.guard import NonfiniteGuard
 from lmforge.training.metrics import MetricsLogger, eta_seconds, format_duration, mfu
 from lmforge.training.optim import lr_at, set_lr
+from lmforge.training.parallel import Parallel
 from lmforge.training.signals import GracefulStop
 
 
@@ -44,6 +45,9 @@ class Job:
     """Write a checkpoint of the trainer state's step."""
     flops_per_token: float
     peak_flops: float
+    synced: torch.nn.Module | None = None
+    """The module the loss runs through under torchrun (DDP's wrapper, or the FSDP-sharded model): a step's
+    gradient reduction is switched on it; None: ``model``."""
 
 
 @dataclass
@@ -66,8 +70,18 @@ def format_metrics(metrics: dict) -> str:
     return " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int))
 
 
+def log_memory(par: Parallel, job: Job, logger: MetricsLogger, say: Callable[..., None], step: int) -> None:
+    """What each process holds of the model and optimizer (its shards under FSDP), once, after the first step
+    (the optimizer's state exists from then on)."""
+    params, optim = par.bytes_per_rank(job.model, job.optimizer)
+    logger.log({"step": step, "kind": "memory", "strategy": par.strategy, "world_size": par.rt.world_size,
+                "param_bytes_per_rank": params, "optimizer_bytes_per_rank": optim})
+    say(f"{par.strategy} over {par.rt.world_size} processes: each holds {params / 2**20:.1f} MiB of parameters and "
+        f"{optim / 2**20:.1f} MiB of optimizer state", flush=True)
+
+
 def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, state: TrainerState,
-              say: Callable[..., None]) -> LoopResult:
+              say: Callable[..., None], par: Parallel | None = None) -> LoopResult:
     """Train from ``state.step`` to cfg.train.max_steps (or early stop, or the time limit).
 
     ``state`` is the trainer state saved with every checkpoint; it is updated in place. A step whose
@@ -75,7 +89,12 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     per step): where the loop syncs anyway (logging, evaluation, checkpoints) ``train.on_nonfinite=halt``
     raises :class:`TrainingHalted` naming the step, ``skip`` logs the dropped steps and halts after
     ``train.max_nonfinite_steps`` such steps in a row.
+
+    Under torchrun (``par``) every rank runs this loop in step: the loss it reports and guards is the
+    global batch's, and a time limit or a signal seen by one rank stops all of them at the same step.
     """
+    par = par or Parallel(rt)
+    synced = job.synced or job.model
     tc = cfg.train
     start_step = step = state.step
     stopped_early = False
@@ -126,7 +145,7 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
 
-    budget = StepBudget(tc, state, say, sync)
+    budget = StepBudget(tc, state, say, sync, par.broadcast)
     max_steps = budget.max_steps
     with GracefulStop() as stop:
         while step < max_steps:
@@ -138,14 +157,16 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                     fault_point("mid_accumulation")
                 batch = next(job.batches)
                 tokens_since_log += batch[0].numel() * rt.world_size  # input slots, padding included
-                with rt.autocast():
-                    loss = job.loss(batch)
-                job.scaler.scale(loss / tc.grad_accum).backward()
+                with par.micro_step(synced, sync=micro == tc.grad_accum - 1):
+                    with rt.autocast():
+                        loss = job.loss(batch)
+                    job.scaler.scale(loss / (tc.grad_accum * par.loss_divisor)).backward()
                 step_loss += loss.detach()
+            step_loss = par.mean(step_loss)
             grad_norm = None
             if cfg.optim.grad_clip > 0:
                 job.scaler.unscale_(job.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+                grad_norm = par.clip_grad_norm(trainable, cfg.optim.grad_clip)
             fault_point("mid_step")
             if guard is None:
                 job.scaler.step(job.optimizer)
@@ -154,18 +175,22 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                 steps_in_sum += 1
             else:
                 if grad_norm is None:  # not clipped: the guard still needs the norm
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+                    grad_norm = par.total_norm(trainable)
                 skipped = guard.step(step + 1, step_loss, grad_norm)
                 loss_sum += step_loss.masked_fill(skipped, 0.0)
                 steps_in_sum += ~skipped
             job.optimizer.zero_grad(set_to_none=True)
             step += 1
+            if par.active and step == start_step + 1:
+                log_memory(par, job, logger, say, step)
             train_time = time.perf_counter() - t_start
             budget.after_step(step, train_time)
             max_steps = budget.max_steps
             last_step = step == max_steps
             out_of_time = tc.max_minutes is not None and train_time - resumed_time >= tc.max_minutes * 60
             interrupted = stop.requested is not None
+            if par.active:  # one rank's clock or signal stops every rank at this step
+                out_of_time, interrupted = par.any([out_of_time, interrupted])
             final = last_step or out_of_time or interrupted
             if final or any(step % n == 0 for n in (tc.log_interval, tc.eval_interval, tc.ckpt_interval)):
                 settle()  # before anything is logged, evaluated or saved of a step that must halt
@@ -206,11 +231,11 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                 state.log_loss_sum, log_steps = torch.stack((loss_sum, steps_in_sum)).tolist()
                 state.log_steps = int(log_steps)
                 state.nonfinite_in_a_row = guard.in_a_row if guard is not None else 0
-                if rt.is_main:
-                    job.save(state)
+                job.save(state)  # every rank: under FSDP the weights are gathered from all
             if interrupted:
                 logger.close()
-                raise TrainingInterrupted(f"stopped at step {step} by {stop.requested}, with a checkpoint of it")
+                by = stop.requested or "a signal to another process"
+                raise TrainingInterrupted(f"stopped at step {step} by {by}, with a checkpoint of it")
             if final:
                 if out_of_time and not last_step:
                     say(f"time limit of {tc.max_minutes:g} min reached at step {step} (train.max_minutes; "

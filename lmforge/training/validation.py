@@ -10,17 +10,28 @@ import torch
 
 from lmforge.data.loader import TokenShard, eval_offsets, to_device
 from lmforge.runtime import Runtime, eval_mode
+from lmforge.training.parallel import Parallel
 
 
 @torch.no_grad()
-def split_loss(model: torch.nn.Module, shard: TokenShard, rt: Runtime, batch_size: int, n_batches: int) -> float:
-    """Mean next-token loss over fixed, evenly spaced windows of a split (all of it for a huge n_batches)."""
+def split_loss(model: torch.nn.Module, shard: TokenShard, rt: Runtime, batch_size: int, n_batches: int,
+               par: Parallel | None = None) -> float:
+    """Mean next-token loss over fixed, evenly spaced windows of a split (all of it for a huge n_batches).
+
+    Under torchrun the batches are dealt out to the ranks and the sums added up (the same windows as one
+    process, summed in another order). Under FSDP every forward is a collective, so a rank with one batch
+    fewer runs one more forward that counts for nothing.
+    """
+    par = par or Parallel(rt)
     offsets = eval_offsets(len(shard), shard.block_size, n_batches, batch_size)
+    batches = [offsets[i:i + batch_size] for i in range(0, len(offsets), batch_size)]
+    mine = batches[rt.rank::rt.world_size]
+    rounds = -(-len(batches) // rt.world_size) if par.sharded else len(mine)
     total = torch.zeros((), device=rt.device)
     with eval_mode(model):
-        for i in range(0, len(offsets), batch_size):
-            x, y = shard.windows(offsets[i:i + batch_size])
+        for k in range(rounds):
+            x, y = shard.windows(mine[k] if k < len(mine) else batches[0])
             with rt.autocast():
                 _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
-            total += loss.float() * len(x)
-    return total.item() / len(offsets)
+            total += loss.float() * (len(x) if k < len(mine) else 0)
+    return par.sum(total).item() / len(offsets)
