@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -67,10 +70,9 @@ def launch(nproc: int, argv: list[str], device: str) -> int:
     ``torchrun --standalone --nproc_per_node NPROC -m lmforge ARGV`` does); returns the exit status of the first
     process that failed (a user error in the config: 2, printed once by rank 0), else 0."""
     import logging
-    import signal
-    import sys
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -78,18 +80,18 @@ def launch(nproc: int, argv: list[str], device: str) -> int:
     if what == "CPU cores":  # each process a share of the cores (torchrun alone would give each one thread)
         os.environ.setdefault("OMP_NUM_THREADS", str(have // nproc))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
-    # Ctrl-C reaches every process of the terminal's group: the workers stop at a step with a checkpoint
-    # (lmforge.training.signals), and this agent waits for them instead of killing them.
-    previous = signal.signal(signal.SIGINT, lambda *_: None)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the workers say what failed
     try:
         elastic_launch(config, sys.executable)("-m", "lmforge", *argv)
     except ChildFailedError as e:
         return e.get_first_failure()[1].exitcode % 256 or 1
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    except SignalException as e:
+        # Ctrl-C or SIGTERM to this agent: it sent the workers SIGTERM, and they stopped at a step with a
+        # checkpoint (lmforge.training.signals).
+        print(f"lmforge: {signal.Signals(e.sigval).name}: the processes stopped (--resume continues the run)",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -119,6 +121,8 @@ class Parallel:
     def start(cls, rt: Runtime, strategy: str) -> Parallel:
         """The process group torchrun's environment describes (gloo on a CPU, NCCL on GPUs), if any."""
         if launched() and not dist.is_initialized():
+            if "TORCHELASTIC_RUN_ID" in os.environ:
+                _die_with_parent()
             dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
             atexit.register(_close)
         return cls(rt, strategy)
@@ -369,6 +373,22 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     """The optimizer's parameters in state-dict order, by name."""
     names = {id(p): name for name, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _die_with_parent() -> None:
+    """Have Linux SIGKILL this process when its parent, torchrun's agent, dies. torchrun starts each worker in a
+    session of its own, so a SIGKILL to the agent (or its process group) would otherwise leave the workers training
+    on, and writing checkpoints into a run directory that a resume is already using."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return
+    PR_SET_PDEATHSIG = 1  # linux/prctl.h
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before the call above
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _close() -> None:

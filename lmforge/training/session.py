@@ -110,8 +110,9 @@ class TrainingSession:
     def describe_batch(self, tokens_per_sequence: int | None = None) -> str:
         """``batch 16 x 2 micro-batches x 2 processes = 64 sequences (16,384 tokens)``, for the run header."""
         tc, world = self.cfg.train, self.rt.world_size
+        processes = f"{world} process{'es' if world > 1 else ''} ({self.parallel.strategy})"
         parts = [f"batch {tc.batch_size}"] + ([f"{tc.grad_accum} micro-batches"] if tc.grad_accum > 1 else []) \
-            + ([f"{world} processes ({self.parallel.strategy})"] if self.parallel.active else [])
+            + ([processes] if self.parallel.active else [])
         total = f" = {self.global_batch} sequences" if len(parts) > 1 else ""
         tokens = f" ({self.global_batch * tokens_per_sequence:,} tokens)" if tokens_per_sequence else ""
         return " x ".join(parts) + total + tokens + " per step"

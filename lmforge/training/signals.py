@@ -8,6 +8,7 @@ runs on the main thread, and the previous ones are put back afterwards.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -41,5 +42,7 @@ class GracefulStop:
             self._restore()
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every process gets it: rank 0 says so
+            return
         print(f"\n{self.requested}: finishing this step, then saving a checkpoint (once more to quit at once)",
               file=sys.stderr, flush=True)

@@ -150,6 +150,21 @@ def test_a_killed_lora_run_resumes_exactly(base_run, repeat_task, tmp_path):
     assert resumed_losses == ref_losses
 
 
+@pytest.mark.slow
+def test_lora_sft_on_two_ddp_processes_trains_what_one_process_trains(base_run, repeat_task, tmp_path):
+    train_file, val_file = repeat_task
+    args = [f"base={base_run}", f"data.train={train_file}", f"data.val={val_file}", "lora.rank=4", "lora.dropout=0",
+            "dropout=0", "train.max_steps=20", "train.batch_size=8", "train.global_batch_size=16",
+            "train.log_interval=1", "train.eval_interval=20", "train.precision=fp32", "train.device=cpu",
+            "data.eval_generations=0"]
+    one = _finetune([*args, f"out_dir={tmp_path / 'one'}"])
+    finished_output(one)
+    finished_output(_finetune([*args, f"out_dir={tmp_path / 'two'}", "--nproc", "2"]))
+    ref, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 21))
+    assert all(abs(two[s] - ref[s]) <= 1e-5 * abs(ref[s]) for s in ref)
+
+
 def _fails_with(args: list[str], *fragments: str) -> None:
     result = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr

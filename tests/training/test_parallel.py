@@ -169,3 +169,15 @@ def test_a_resume_with_another_global_batch_is_refused_and_changes_nothing(refer
     assert "it trained with a global batch of 8 sequences per step, this resume would use 4 (train.batch_size 2 x " \
            "train.grad_accum 2 x 1 process); train.grad_accum=4 keeps it" in resumed.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_nccl_process_under_torchrun_trains_what_the_plain_loop_trains(dataset, tmp_path):
+    gpu = [f"data.dataset_dir={dataset}", *ARGS, "train.device=cuda", "train.global_batch_size=null",
+           "train.max_steps=10"]
+    finished_output(_train([*gpu, f"out_dir={tmp_path / 'plain'}"], tmp_path / "plain.trace"))
+    out = finished_output(_train([*gpu, f"out_dir={tmp_path / 'ddp'}"], tmp_path / "ddp.trace", nproc=1))
+    assert "batch 4 x 1 process (ddp)" in out
+    plain, ddp = train_losses(tmp_path / "plain"), train_losses(tmp_path / "ddp")
+    assert all(abs(ddp[s] - plain[s]) <= 1e-5 * abs(plain[s]) for s in plain)
