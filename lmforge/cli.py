@@ -229,6 +229,14 @@ def chat_prompts(path: str, run, prompts: list[str]) -> tuple[list[str], list[in
         template.stop_ids
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lmforge.serve.app import serve
+
+    serve(args.run, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
+          precision=args.precision, max_batch=args.max_batch, max_queue=args.max_queue, compile_model=args.compile,
+          name=args.model_name, static=args.batching == "static")
+
+
 def cmd_import(args: argparse.Namespace) -> None:
     from lmforge.interop import import_hf
 
@@ -469,6 +477,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write predictions as JSONL here")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (completions, chat, streaming) and a chat page")
+    p.add_argument("run", help="run directory, checkpoint directory or Hugging Face folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--max-batch", type=positive_int, default=16,
+                   help="requests decoded together in one batch (default %(default)s)")
+    p.add_argument("--max-queue", type=positive_int, default=64,
+                   help="requests waiting for a free row before the server answers 429 (default %(default)s)")
+    p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="continuous: requests join and leave the running batch between steps; static (to compare): "
+                        "waiting requests start only when the whole batch has finished (default %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    p.add_argument("--model-name", help="the model's name in the API (default: the run directory's name)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', 'mps' (default %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast precision (default %(default)s)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("import", help="turn a Hugging Face model folder (or hub id) into a run directory")
     p.add_argument("source", help="folder in save_pretrained format (GPT-2, Llama, Mistral, Qwen2), or a hub id")

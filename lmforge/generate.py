@@ -218,13 +218,13 @@ def _fit_context(prompts: list[list[int]], limit: int) -> list[list[int]]:
     return [list(p[-limit:]) for p in prompts]
 
 
-def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     """Index where the first stop string occurring in ``text`` starts, or None."""
     hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
     return min(hits) if hits else None
 
 
-def _partial_stop(text: str, stop_strings: Sequence[str]) -> int:
+def partial_stop(text: str, stop_strings: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that could still grow into a stop string."""
     return max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
@@ -255,11 +255,11 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
         new_ids[row].append(tok)
         # Decode the whole continuation: a token may complete a multi-byte character begun earlier.
         text = tokenizer.decode(new_ids[row])
-        cut = _find_stop(text, stop_strings)
+        cut = find_stop(text, stop_strings)
         if live:
             if cut is None and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far
                 return False
-            ready = cut if cut is not None else len(text) - _partial_stop(text, stop_strings)
+            ready = cut if cut is not None else len(text) - partial_stop(text, stop_strings)
             if ready > written:
                 stream.write(text[written:ready])
                 stream.flush()
@@ -272,7 +272,7 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
     texts = []
     for out in outs:
         text = tokenizer.decode(out)
-        cut = _find_stop(text, stop_strings)
+        cut = find_stop(text, stop_strings)
         texts.append(text if cut is None else text[:cut])
     if live:
         # What was held back (a possible stop string start that never completed, a final partial char).

@@ -29,6 +29,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                                                   "lmforge.run", "lmforge.chat_repl")),
     ("evaluate", ("lmforge.evaluate",)),
     ("finetune", ("lmforge.finetuning",)),
+    ("serve", ("lmforge.serve",)),
     ("command line", ("lmforge.cli", "lmforge.__main__")),
 ]
 """Floors, lowest first: a module imports only from its own floor or below."""

@@ -63,15 +63,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Static per-layer key/value cache: (batch, kv_heads, max_len, head_dim), written at given slots."""
 
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__()
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v for slots [start, start+T) and return the cache up to start+T."""
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device) -> KVCache:
+        shape = (batch, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def rows(self, start: int, end: int) -> KVCache:
+        """The cache of rows [start, end), sharing this one's memory (a prefill into one row of a running batch)."""
+        return KVCache(self.k[start:end], self.v[start:end])
+
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v for slots [start, start+T) and return the cache up to start+T.
+
+        ``start`` may be a (B,) tensor: one new token per row, each at its own slot (continuous batching, where
+        rows hold sequences of different lengths); then the first B rows come back whole, and the caller's mask
+        says which slots each row sees.
+        """
+        if isinstance(start, torch.Tensor):
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, start] = k[:, :, 0]
+            self.v[rows, :, start] = v[:, :, 0]
+            return self.k[: k.shape[0]], self.v[: k.shape[0]]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -90,7 +108,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache_start: int | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache_start: int | torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
@@ -207,14 +225,15 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache_start: int | None = None, last_only: bool = False):
+                cache_start: int | torch.Tensor | None = None, last_only: bool = False):
         """Logits for token ids ``idx`` (B, T).
 
         targets: (B, T) next-token ids; positions equal to -100 are ignored. Returns (logits, loss);
             with targets the logits come back detached (only the loss is differentiable).
         positions: (B, T) or (T,) position ids; default 0..T-1 (offset by cache_start when decoding).
         mask: boolean (B, 1, T, S) attention mask, True = attend; default causal.
-        cache_start: write keys/values into the KV cache from this slot (see setup_cache).
+        cache_start: write keys/values into the KV cache from this slot (see setup_cache); a (B,) tensor:
+            one token per row, each written at its own slot (pass positions and mask too).
         last_only: compute logits for the last position only (generation needs nothing else).
         """
         x = self.hidden_states(idx, positions=positions, mask=mask, cache_start=cache_start)
@@ -233,7 +252,7 @@ class GPT(nn.Module):
         return logits.detach(), loss
 
     def hidden_states(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None, cache_start: int | None = None) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, cache_start: int | torch.Tensor | None = None) -> torch.Tensor:
         """The final normalized hidden states (B, T, n_embd): what the output head (or a task head) reads."""
         B, T = idx.shape
         if self.cfg.block_size < T and cache_start is None:
@@ -262,7 +281,7 @@ class GPT(nn.Module):
         p = self.wte.weight
         for block in self.blocks:
             a = block.attn
-            a.kv_cache = KVCache(batch, a.n_kv, max_len, a.hd, dtype or p.dtype, p.device)
+            a.kv_cache = KVCache.empty(batch, a.n_kv, max_len, a.hd, dtype or p.dtype, p.device)
 
     def clear_cache(self) -> None:
         for block in self.blocks:

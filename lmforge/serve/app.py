@@ -1,0 +1,525 @@
+"""``lmforge serve``: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the continuous-batching engine.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent
+events ending with ``data: [DONE]``), ``GET /health`` (503 until the model is loaded) and the chat page at ``/``.
+Every error has OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: a malformed or mistyped body
+is 400 naming the field (not FastAPI's 422), a prompt that does not fit the context 400 with the token counts,
+an unknown model 404, a missing or wrong key 401 (with ``--api-key``), a full queue 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmforge.chat import ChatTemplate
+from lmforge.chat_repl import run_template
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+from lmforge.generate import find_stop, partial_stop
+from lmforge.run import load_run
+from lmforge.runtime import maybe_compile, setup_runtime
+from lmforge.serve.engine import Engine, Finished, Job, QueueFull, Token
+
+STATIC = Path(__file__).parent / "static"
+MAX_STOP = 4
+"""Stop strings a request may give (OpenAI's limit)."""
+
+
+class APIError(Exception):
+    """An error answer: HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+
+
+# --- request bodies (strict: "5" is not a number) ------------------------------------------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")  # fields other clients send (user, ...) are ignored
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message]
+
+
+# --- the served model ---------------------------------------------------------------------------------
+
+@dataclass
+class Served:
+    name: str
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    engine: Engine
+    context: int
+
+
+class TextStream:
+    """A job's tokens as text that is safe to send: never half a UTF-8 character, never text that may turn out to
+    begin a stop string; ``stopped`` once a stop string appeared (the text ends before it)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)  # the whole text: a token may complete a character begun earlier
+        cut = find_stop(text, self.stop)
+        if cut is not None:
+            self.stopped = True
+            ready = cut
+        elif text.endswith("\ufffd"):
+            return ""
+        else:
+            ready = len(text) - partial_stop(text, self.stop)
+        piece, self.sent = text[self.sent:ready], max(self.sent, ready)
+        return piece
+
+    def rest(self) -> str:
+        """What was held back when the job ends without a stop string."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: list[Token] | None = None
+    completion_tokens: int = 0
+
+
+def _submit(engine: Engine, jobs: list[Job]) -> dict[int, asyncio.Queue]:
+    """Queue the jobs of one request (all or none: 429 when the queue is full); id(job) -> the queue its events
+    arrive in from the engine thread."""
+    loop = asyncio.get_running_loop()
+    queues: dict[int, asyncio.Queue] = {}
+    for job in jobs:
+        queue: asyncio.Queue = asyncio.Queue()
+        job.emit = lambda event, q=queue: loop.call_soon_threadsafe(q.put_nowait, event)
+        queues[id(job)] = queue
+    for k, job in enumerate(jobs):
+        try:
+            engine.submit(job)
+        except QueueFull:
+            for queued in jobs[:k]:
+                queued.cancel()
+            raise APIError(429, f"the server is busy: {engine.max_queue} requests are already waiting "
+                                f"(--max-queue); try again shortly", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+    return queues
+
+
+async def _events(queue: asyncio.Queue, job: Job, request: Request) -> AsyncIterator[Token | Finished]:
+    """A job's events as they come from the engine thread; the job is cancelled if the client goes away."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            yield event
+            if isinstance(event, Finished):
+                return
+    finally:
+        job.cancel()  # a no-op for a finished job; frees the row of one whose client left
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP:
+        raise APIError(400, f"'stop' has {len(stops)} strings; at most {MAX_STOP}", param="stop")
+    return [s for s in stops if s]
+
+
+def _check_model(served: Served, name: str) -> None:
+    if name != served.name:
+        raise APIError(404, f"the model '{name}' does not exist; this server serves '{served.name}' "
+                            f"(GET /v1/models)", param="model", code="model_not_found")
+
+
+def _fit(served: Served, prompt: list[int], max_tokens: int | None, param: str) -> int:
+    """max_tokens for ``prompt``: as asked, or all the context leaves; 400 with the counts when it does not fit."""
+    if not prompt:
+        raise APIError(400, f"'{param}' is empty: give at least one token", param=param)
+    room = served.context - len(prompt)
+    if max_tokens is None:
+        if room < 1:
+            raise APIError(400, f"this model's context is {served.context} tokens and the prompt has {len(prompt)}: "
+                                f"no room for an answer", param=param, code="context_length_exceeded")
+        return room
+    if len(prompt) + max_tokens > served.context:
+        raise APIError(400, f"this model's context is {served.context} tokens: the prompt has {len(prompt)} and "
+                            f"max_tokens asks for {max_tokens} more ({len(prompt) + max_tokens})",
+                       param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
+def _jobs(req: _Sampling, prompt: list[int], max_tokens: int, stop_ids: frozenset[int], logprobs: int | None,
+          first_index: int) -> list[tuple[int, Job]]:
+    """``req.n`` jobs for one prompt (seeded seed, seed + 1, ... when a seed is given)."""
+    return [(first_index + k, Job(prompt=prompt, max_tokens=max_tokens, emit=lambda _e: None,
+                                  temperature=req.temperature, top_k=req.top_k,
+                                  top_p=req.top_p if req.top_p < 1 else None,
+                                  seed=None if req.seed is None else req.seed + k, stop_ids=stop_ids,
+                                  logprobs=logprobs))
+            for k in range(req.n)]
+
+
+async def _run(served: Served, job: Job, queue: asyncio.Queue, choice: Choice, stop: list[str], request: Request,
+               on_piece: Callable[[str], None] | None = None) -> Choice:
+    """Follow one submitted job to its end, filling ``choice`` (text, tokens, finish reason); ``on_piece`` gets the
+    text as it comes."""
+    text = TextStream(served.tokenizer, stop)
+    async for event in _events(queue, job, request):
+        if isinstance(event, Finished):
+            choice.finish_reason = "length" if event.reason == "length" else "stop"
+            break
+        choice.completion_tokens += 1
+        if choice.tokens is not None:
+            choice.tokens.append(event)
+        piece = text.push(event.id)
+        choice.text += piece
+        if on_piece and piece:
+            on_piece(piece)
+        if text.stopped:
+            choice.finish_reason = "stop"
+            job.cancel()
+            break
+    tail = text.rest()
+    if tail:
+        choice.text += tail
+        if on_piece:
+            on_piece(tail)
+    return choice
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _logprobs(tokenizer: Tokenizer, tokens: list[Token | None], ids: list[int]) -> dict:
+    """OpenAI's completion logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for tok_id, tok in zip(ids, tokens, strict=True):
+        piece = tokenizer.decode([tok_id])
+        out["tokens"].append(piece)
+        out["text_offset"].append(offset)
+        offset += len(piece)
+        out["token_logprobs"].append(None if tok is None else tok.logprob)
+        out["top_logprobs"].append(None if tok is None or tok.top is None else
+                                   {tokenizer.decode([i]): lp for i, lp in tok.top})
+    return out
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAPI:
+    """The app; ``load()`` builds the served model on a background thread (``/health`` is 503 until it is done)."""
+    state: dict = {}
+
+    async def lifespan(_app: FastAPI):
+        def loading() -> None:
+            try:
+                served = load()
+                served.engine.start()
+                state["served"] = served
+            except UserError as e:
+                state["error"] = str(e)
+
+        thread = threading.Thread(target=loading, daemon=True)
+        thread.start()
+        yield
+        if "served" in state:
+            state["served"].engine.stop()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def served() -> Served:
+        if "served" not in state:
+            raise APIError(503, state.get("error", "the model is still loading"), type="server_error",
+                           code="loading")
+        return state["served"]
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"the request body is not valid JSON ({first.get('msg')})").response()
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(where) or None
+        shown = first.get("input")
+        got = "" if first.get("type") == "missing" else f", got {json.dumps(shown)[:80]}"
+        return APIError(400, f"'{param}': {first.get('msg', 'invalid')}{got}", param=param).response()
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            sent = request.headers.get("authorization", "")
+            if sent != f"Bearer {api_key}":
+                what = "no API key was given" if not sent else "the API key is wrong"
+                return APIError(401, f"{what} (send 'Authorization: Bearer KEY')", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if "served" not in state:
+            return JSONResponse({"status": "error" if "error" in state else "loading", **state}, status_code=503)
+        engine = state["served"].engine
+        return JSONResponse({"status": "ok", "running": len(engine.rows), "waiting": len(engine.waiting)})
+
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        s = served()
+        return {"object": "list", "data": [{"id": s.name, "object": "model", "owned_by": "lmforge",
+                                            "context_length": s.context}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        s = served()
+        _check_model(s, req.model)
+        stop = _stop_list(req.stop)
+        prompts = _prompt_ids(s.tokenizer, req.prompt)
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "'max_tokens' must be at least 1 (0 only with echo)", param="max_tokens")
+        jobs, fits = [], []
+        for i, ids in enumerate(prompts):
+            fits.append(_fit(s, ids, req.max_tokens, "prompt"))
+            if fits[-1] > 0:
+                jobs += [(i, *job) for job in _jobs(req, ids, fits[-1], frozenset({s.tokenizer.eot_id}),
+                                                    req.logprobs, i * req.n)]
+        want_logprobs = req.logprobs is not None
+        choices = {i * req.n + k: Choice(i * req.n + k, tokens=[] if want_logprobs else None)
+                   for i in range(len(prompts)) for k in range(req.n)}
+        for index, choice in choices.items():
+            choice.finish_reason = "length" if fits[index // req.n] == 0 else None
+        prompt_tokens = sum(len(p) for p in prompts) * req.n
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def body(chs: list[dict], usage: dict | None = None) -> dict:
+            out = {"id": cid, "object": "text_completion", "created": created, "model": s.name, "choices": chs}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        async def echoed(i: int) -> tuple[str, dict | None]:
+            ids = prompts[i]
+            if not req.echo:
+                return "", None
+            scored = await asyncio.to_thread(s.engine.score, ids, req.logprobs or 1) if want_logprobs else []
+            return s.tokenizer.decode(ids), ({"ids": ids, "tokens": [None, *scored]} if want_logprobs else None)
+
+        queues = _submit(s.engine, [job for _i, _index, job in jobs])
+        runs = [(choices[index], job, queues[id(job)]) for _i, index, job in jobs]
+        if req.stream:
+            return StreamingResponse(_stream_completion(s, req, request, runs, choices, stop, body, prompt_tokens),
+                                     media_type="text/event-stream")
+        results = await asyncio.gather(*(_run(s, job, queue, choice, stop, request) for choice, job, queue in runs))
+        out = []
+        for index, choice in sorted(choices.items()):
+            prefix, scored = await echoed(index // req.n)
+            entry = {"index": index, "text": prefix + choice.text, "finish_reason": choice.finish_reason,
+                     "logprobs": None}
+            if want_logprobs:
+                gen = choice.tokens or []
+                ids = (scored["ids"] if scored else []) + [t.id for t in gen]
+                entry["logprobs"] = _logprobs(s.tokenizer, (scored["tokens"] if scored else []) + gen, ids)
+            out.append(entry)
+        return body(out, _usage(prompt_tokens, sum(c.completion_tokens for c in results)))
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        s = served()
+        _check_model(s, req.model)
+        if not req.messages:
+            raise APIError(400, "'messages' is empty: give at least one message", param="messages")
+        stop = _stop_list(req.stop)
+        text = s.template.render([m.model_dump() for m in req.messages], add_generation_prompt=True)
+        ids = s.tokenizer.encode(text, allow_special=True)
+        max_tokens = _fit(s, ids, req.max_tokens, "messages")
+        if max_tokens == 0:
+            raise APIError(400, "'max_tokens' must be at least 1", param="max_tokens")
+        jobs = _jobs(req, ids, max_tokens, frozenset(s.template.stop_ids), None, 0)
+        queues = _submit(s.engine, [job for _index, job in jobs])
+        runs = [(Choice(index), job, queues[id(job)]) for index, job in jobs]
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return StreamingResponse(_stream_chat(s, req, request, runs, stop, cid, created, len(ids)),
+                                     media_type="text/event-stream")
+        choices = await asyncio.gather(*(_run(s, job, queue, choice, stop, request) for choice, job, queue in runs))
+        return {"id": cid, "object": "chat.completion", "created": created, "model": s.name,
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": _usage(len(ids) * req.n, sum(c.completion_tokens for c in choices))}
+
+    return app
+
+
+def _prompt_ids(tokenizer: Tokenizer, prompt: str | list) -> list[list[int]]:
+    """The prompts of a completion request as token ids (a string, strings, token ids, or lists of them)."""
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "'prompt' is empty: give a string, a list of strings or token ids", param="prompt")
+    out = []
+    for p in prompts:
+        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"'prompt' holds token id {bad[0]}, outside the vocabulary of {tokenizer.vocab_size}",
+                           param="prompt")
+        out.append(ids)
+    return out
+
+
+async def _merge(served: Served, runs: list[tuple[Choice, Job, asyncio.Queue]], stop: list[str], request: Request
+                 ) -> AsyncIterator[tuple[Choice, str | None]]:
+    """Follow submitted jobs side by side; (choice, text piece) as pieces come, then (choice, None) when one ends."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def one(choice: Choice, job: Job, events: asyncio.Queue) -> None:
+        await _run(served, job, events, choice, stop, request, on_piece=lambda piece: queue.put_nowait((choice, piece)))
+        queue.put_nowait((choice, None))
+
+    tasks = [asyncio.create_task(one(choice, job, events)) for choice, job, events in runs]
+    try:
+        for _ in range(len(tasks)):
+            while True:
+                item = await queue.get()
+                yield item
+                if item[1] is None:
+                    break
+        for task in tasks:
+            await task
+    finally:
+        for (_choice, job, _events), task in zip(runs, tasks, strict=True):
+            job.cancel()
+            task.cancel()
+
+
+async def _stream_completion(s: Served, req: CompletionRequest, request: Request, runs: list, choices: dict,
+                             stop: list[str], body: Callable, prompt_tokens: int) -> AsyncIterator[str]:
+    async for choice, piece in _merge(s, runs, stop, request):
+        entry = {"index": choice.index, "text": piece or "", "logprobs": None,
+                 "finish_reason": choice.finish_reason if piece is None else None}
+        yield _sse(body([entry]))
+    if req.stream_options and req.stream_options.include_usage:
+        yield _sse(body([], _usage(prompt_tokens, sum(c.completion_tokens for c in choices.values()))))
+    yield _sse("[DONE]")
+
+
+async def _stream_chat(s: Served, req: ChatRequest, request: Request, runs: list, stop: list[str], cid: str,
+                       created: int, prompt_tokens: int) -> AsyncIterator[str]:
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": s.name, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return _sse(out)
+
+    for choice, _job, _queue in runs:
+        yield chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    async for choice, piece in _merge(s, runs, stop, request):
+        if piece is None:
+            yield chunk([{"index": choice.index, "delta": {}, "finish_reason": choice.finish_reason}])
+        else:
+            yield chunk([{"index": choice.index, "delta": {"content": piece}, "finish_reason": None}])
+    if req.stream_options and req.stream_options.include_usage:
+        yield chunk([], _usage(prompt_tokens * req.n, sum(c.completion_tokens for c, _job, _queue in runs)))
+    yield _sse("[DONE]")
+
+
+def load_served(run: str, device: str = "auto", precision: str = "auto", max_batch: int = 16, max_queue: int = 64,
+                compile_model: bool = False, name: str | None = None, static: bool = False) -> Served:
+    """A run (or checkpoint, or Hugging Face folder) ready to serve: its model in an engine, its chat template."""
+    rt = setup_runtime(device, precision)
+    loaded = load_run(run, rt.device)
+    if loaded.task != "lm":
+        raise UserError(f"'{run}' is a {loaded.task} run: it labels texts (lmforge predict), it does not generate")
+    model = loaded.model.eval()
+    engine = Engine(model, rt, max_batch=max_batch, max_queue=max_queue,
+                    step_model=maybe_compile(model, compile_model, dynamic=True), static=static)
+    return Served(name or Path(run).resolve().name, loaded.tokenizer, run_template(run, loaded), engine,
+                  model.cfg.block_size)
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **load_kwargs) -> None:
+    """``lmforge serve``: load ``run`` and answer on host:port until interrupted."""
+    import uvicorn
+
+    app = create_app(lambda: load_served(run, **load_kwargs), api_key=api_key)
+    print(f"lmforge serve: http://{host}:{port}/ (chat page), http://{host}:{port}/v1 (OpenAI API) for '{run}'",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,245 @@
+"""Continuous batching: one thread owns the model and serves every request from one running batch.
+
+Each request is a :class:`Job`: a prompt (token ids) and its sampling settings. The engine keeps up to
+``max_batch`` jobs running in the rows of one static KV cache (a row per job, ``block_size`` slots each) and
+at most ``max_queue`` waiting. Between two decode steps it admits waiting jobs into free rows: each is
+prefilled alone (its prompt in one forward, written into its own cache row) and samples its first token.
+A decode step then feeds every running row its last token at its own position, each written at its own
+cache slot (``KVCache.update`` with a tensor of slots) under a mask that shows each row its own slots only.
+A job that finishes (a stop token, ``max_tokens``, or cancelled: its client went away, or a stop string was
+found) leaves at once: the last running row moves into its place, so the running rows stay the first ones
+of the cache and a step computes nothing for free rows.
+
+Jobs hear back through ``emit`` (called on the engine thread): :class:`Token` events, then one
+:class:`Finished`. Sampling is :func:`lmforge.generate.sample_next` with a generator per job, so a job
+samples the tokens it would sample alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.generate import sample_next
+from lmforge.model.gpt import GPT, KVCache
+from lmforge.runtime import Runtime
+
+
+@dataclass
+class Token:
+    id: int
+    logprob: float | None = None
+    """log P(token) under the model (temperature 1), when the job asked for logprobs."""
+    top: list[tuple[int, float]] | None = None
+    """The ``logprobs`` most likely tokens at this position and their log-probabilities."""
+
+
+@dataclass
+class Finished:
+    reason: str
+    """'stop' (a stop token, or cancelled after a stop string), 'length' (max_tokens), 'cancelled'."""
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[Token | Finished], None]
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: int = 0
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Stop this job at the next step (thread-safe): its row is freed, it emits Finished('cancelled')."""
+        self.cancelled.set()
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than ``max_queue`` allows."""
+
+
+@dataclass
+class _Row:
+    job: Job
+    length: int
+    """Tokens in this row's cache (the prompt and every generated token but the last)."""
+    last: int
+    """The newest token, fed in at the next decode step."""
+
+
+class Engine:
+    """Runs jobs on ``model`` in a background thread (see the module docstring)."""
+
+    def __init__(self, model: GPT, rt: Runtime, max_batch: int = 16, max_queue: int = 64,
+                 step_model: torch.nn.Module | None = None, static: bool = False):
+        """``static``: static batching, for comparison: waiting jobs are admitted only once every running one has
+        finished (the batch runs as long as its longest job)."""
+        self.model, self.rt, self.static = model, rt, static
+        self.step_model = step_model or model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.rows: list[_Row] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        """Decode steps run (each advances every running row by one token)."""
+        self.peak_batch = 0
+        """The most rows that ever ran in one step."""
+
+    # --- the API the server uses (any thread) --------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; QueueFull if ``max_queue`` jobs are already waiting."""
+        with self._cv:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull
+            self.waiting.append(job)
+            self._cv.notify()
+
+    def start(self) -> None:
+        """Run the engine thread (again, after :meth:`stop`: the waiting jobs are still queued)."""
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- the engine thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        cfg = self.model.cfg
+        p = self.model.wte.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if self.rt.autocast_dtype else p.dtype
+        self.caches = [KVCache.empty(self.max_batch, b.attn.n_kv, cfg.block_size, b.attn.hd, dtype, p.device)
+                       for b in self.model.blocks]
+        self.slots = torch.arange(cfg.block_size, device=p.device)
+        with torch.inference_mode(), self.rt.autocast():
+            self.model.eval()
+            while True:
+                with self._cv:
+                    self._cv.wait_for(lambda: self._stopping or self.waiting or self.rows)
+                    if self._stopping:
+                        break
+                self._admit()
+                if self.rows:
+                    self._decode()
+        for row in self.rows:
+            row.job.emit(Finished("cancelled"))
+        self.model.clear_cache()
+
+    def _admit(self) -> None:
+        """Prefill waiting jobs into free rows, one at a time."""
+        if self.static and self.rows:
+            return
+        while len(self.rows) < self.max_batch:
+            with self._cv:
+                if not self.waiting:
+                    return
+                job = self.waiting.popleft()
+            if job.cancelled.is_set():
+                job.emit(Finished("cancelled"))
+                continue
+            job.generator = torch.Generator(device=self.model.wte.weight.device)
+            if job.seed is None:
+                job.generator.seed()
+            else:
+                job.generator.manual_seed(job.seed)
+            r = len(self.rows)
+            self._use_caches(lambda c, r=r: c.rows(r, r + 1))
+            ids = torch.tensor([job.prompt], device=self.slots.device)
+            logits, _ = self.step_model(ids, positions=self.slots[: len(job.prompt)], cache_start=0, last_only=True)
+            row = _Row(job, len(job.prompt), -1)
+            self.rows.append(row)
+            if not self._take(row, logits[0, -1]):
+                self._leave(r)
+
+    def _decode(self) -> None:
+        """One token for every running row."""
+        n = len(self.rows)
+        self.peak_batch = max(self.peak_batch, n)
+        self._use_caches(lambda c: c)
+        device = self.slots.device
+        ids = torch.tensor([[row.last] for row in self.rows], device=device)
+        at = torch.tensor([row.length for row in self.rows], device=device)
+        mask = (self.slots[None, :] <= at[:, None])[:, None, None, :]  # (n, 1, 1, slots): each row its own
+        logits, _ = self.step_model(ids, positions=at[:, None], mask=mask, cache_start=at, last_only=True)
+        self.steps += 1
+        for row in self.rows:
+            row.length += 1
+        for r in reversed(range(n)):  # from the end: a row that leaves is replaced by the last one
+            if not self._take(self.rows[r], logits[r, -1]):
+                self._leave(r)
+
+    def _take(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Sample the row's next token from its logits (V,), tell its job; False if the job is done."""
+        job = row.job
+        if job.cancelled.is_set():
+            job.emit(Finished("cancelled"))
+            return False
+        logits = logits.float()
+        tok = int(sample_next(logits[None], temperature=job.temperature, top_k=job.top_k, top_p=job.top_p,
+                              generator=job.generator)[0])
+        if tok in job.stop_ids:
+            job.emit(Finished("stop"))
+            return False
+        job.generated += 1
+        job.emit(self._token(tok, logits, job.logprobs))
+        if job.generated >= job.max_tokens:
+            job.emit(Finished("length"))
+            return False
+        row.last = tok
+        return True
+
+    @staticmethod
+    def _token(tok: int, logits: torch.Tensor, logprobs: int | None) -> Token:
+        if logprobs is None:
+            return Token(tok)
+        lp = torch.log_softmax(logits, dim=-1)
+        top = torch.topk(lp, max(1, logprobs))
+        return Token(tok, float(lp[tok]), list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+
+    def _leave(self, r: int) -> None:
+        """Free row r: the last running row moves into it (its cache row copied), so rows stay contiguous."""
+        last = len(self.rows) - 1
+        if r != last:
+            for c in self.caches:
+                c.k[r].copy_(c.k[last])
+                c.v[r].copy_(c.v[last])
+            self.rows[r] = self.rows[last]
+        self.rows.pop()
+
+    def _use_caches(self, view: Callable[[KVCache], KVCache]) -> None:
+        for block, cache in zip(self.model.blocks, self.caches, strict=True):
+            block.attn.kv_cache = view(cache)
+
+    # --- scoring (echo / logprobs of a prompt) ---------------------------------------------------------
+
+    def score(self, prompt: list[int], top: int) -> list[Token]:
+        """log P(token | the tokens before it) for every prompt token but the first (not queued: the caller
+        runs it on a worker thread; it does not touch the KV cache)."""
+        with torch.inference_mode(), self.rt.autocast():
+            ids = torch.tensor([prompt], device=self.model.wte.weight.device)
+            logits, _ = self.model(ids)
+        lp = torch.log_softmax(logits[0].float(), dim=-1)
+        out = []
+        for i in range(1, len(prompt)):
+            values, indices = torch.topk(lp[i - 1], max(1, top))
+            out.append(Token(prompt[i], float(lp[i - 1, prompt[i]]),
+                             list(zip(indices.tolist(), values.tolist(), strict=True))))
+        return out
