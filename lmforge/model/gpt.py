@@ -67,6 +67,8 @@ class KVCache(nn.Module):
         super().__init__()
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
+        self.span: int | None = None
+        """Slots a per-row update returns (the longest row's length after it); None: all of them."""
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
@@ -82,14 +84,14 @@ class KVCache(nn.Module):
         """Write k/v for slots [start, start+T) and return the cache up to start+T.
 
         ``start`` may be a (B,) tensor: one new token per row, each at its own slot (continuous batching, where
-        rows hold sequences of different lengths); then the first B rows come back whole, and the caller's mask
-        says which slots each row sees.
+        rows hold sequences of different lengths); then the first B rows come back, their first ``span`` slots,
+        and the caller's mask says which of them each row sees.
         """
         if isinstance(start, torch.Tensor):
             rows = torch.arange(k.shape[0], device=k.device)
             self.k[rows, :, start] = k[:, :, 0]
             self.v[rows, :, start] = v[:, :, 0]
-            return self.k[: k.shape[0]], self.v[: k.shape[0]]
+            return self.k[: k.shape[0], :, : self.span], self.v[: k.shape[0], :, : self.span]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v

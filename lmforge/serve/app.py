@@ -91,6 +91,15 @@ class ChatRequest(_Sampling):
     messages: list[Message]
 
 
+class TokenizeRequest(_Body):
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+
+
 # --- the served model ---------------------------------------------------------------------------------
 
 @dataclass
@@ -319,7 +328,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path not in ("/", "/health"):
             sent = request.headers.get("authorization", "")
             if sent != f"Bearer {api_key}":
                 what = "no API key was given" if not sent else "the API key is wrong"
@@ -336,6 +345,24 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
     @app.get("/")
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    # The tokenizer, as vLLM's server offers it: lm-eval's local-completions finds it ("remote" tokenizer backend)
+    # and sends token ids, so its log-likelihoods are over this model's own tokens.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        s = served()
+        return {"eos_token": s.tokenizer.id_to_token(s.tokenizer.eot_id), "bos_token": None, "pad_token": None,
+                "chat_template": s.template.source, "model_max_length": s.context}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        s = served()
+        tokens = s.tokenizer.encode(req.prompt, allow_special=True)  # a special token's text is its id, as in HF
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": s.context}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        return {"prompt": served().tokenizer.decode(req.tokens)}
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -173,11 +173,17 @@ class Engine:
         """One token for every running row."""
         n = len(self.rows)
         self.peak_batch = max(self.peak_batch, n)
-        self._use_caches(lambda c: c)
+        span = max(row.length for row in self.rows) + 1  # attention reads no slot past the longest row
+
+        def full(cache: KVCache) -> KVCache:
+            cache.span = span
+            return cache
+
+        self._use_caches(full)
         device = self.slots.device
         ids = torch.tensor([[row.last] for row in self.rows], device=device)
         at = torch.tensor([row.length for row in self.rows], device=device)
-        mask = (self.slots[None, :] <= at[:, None])[:, None, None, :]  # (n, 1, 1, slots): each row its own
+        mask = (self.slots[None, :span] <= at[:, None])[:, None, None, :]  # (n, 1, 1, span): each row its own
         logits, _ = self.step_model(ids, positions=at[:, None], mask=mask, cache_start=at, last_only=True)
         self.steps += 1
         for row in self.rows:

@@ -201,3 +201,32 @@ def test_the_engine_refuses_past_max_queue_and_frees_rows_that_finish(run_dir):
     engine.submit(Job([1, 2, 3], 4, emit=lambda _e: None))
     with pytest.raises(QueueFull):
         engine.submit(Job([1, 2, 3], 4, emit=lambda _e: None))
+
+
+def test_lm_eval_local_completions_scores_a_task_through_the_server(server, run_dir, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lmforge.examples import HARNESS_TASK
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Contexts without trailing whitespace: lm-eval moves it into the continuation, lmforge eval does not.
+    items = [{"context": "import json", "choices": ["\ndef dumps", "zq!xv"], "label": 0},
+             {"context": "        return", "choices": [" self", "QQQQ"], "label": 0},
+             {"context": "class JSON", "choices": ["Decoder", "9;9;9"], "label": 0}]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    (tmp_path / "serve_mc.yaml").write_text(HARNESS_TASK.format(name="serve_mc", mc=tmp_path / "mc.jsonl"))
+    out = simple_evaluate(model="local-completions",
+                          model_args=f"model={run_dir.name},base_url={server.url}/v1/completions,"
+                                     f"tokenizer_backend=remote,num_concurrent=2,max_retries=1",
+                          tasks=["serve_mc"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    run = load_run(run_dir)
+    right = 0
+    for sample in out["samples"]["serve_mc"]:
+        doc = sample["doc"]
+        ours = [ll for ll, _ in loglikelihoods(run.model, [(run.tokenizer.encode(doc["context"]),
+                                                            run.tokenizer.encode(c)) for c in doc["choices"]])]
+        assert [r[0][0] for r in sample["resps"]] == pytest.approx(ours, abs=1e-4)
+        right += ours.index(max(ours)) == doc["label"]
+    assert out["results"]["serve_mc"]["acc,none"] == pytest.approx(right / len(items))
