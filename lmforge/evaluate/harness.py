@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lm_eval.models  # noqa: F401 - lm-eval's own models first: it loads them only into an empty registry
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
