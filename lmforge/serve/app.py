@@ -362,7 +362,12 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
-        return {"prompt": served().tokenizer.decode(req.tokens)}
+        tokenizer = served().tokenizer
+        bad = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"'tokens' holds {bad[0]}, outside the vocabulary of {tokenizer.vocab_size}",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -382,8 +387,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
         for i, ids in enumerate(prompts):
             fits.append(_fit(s, ids, req.max_tokens, "prompt"))
             if fits[-1] > 0:
-                jobs += [(i, *job) for job in _jobs(req, ids, fits[-1], frozenset({s.tokenizer.eot_id}),
-                                                    req.logprobs, i * req.n)]
+                jobs += _jobs(req, ids, fits[-1], frozenset({s.tokenizer.eot_id}), req.logprobs, i * req.n)
         want_logprobs = req.logprobs is not None
         choices = {i * req.n + k: Choice(i * req.n + k, tokens=[] if want_logprobs else None)
                    for i in range(len(prompts)) for k in range(req.n)}
@@ -405,8 +409,8 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
             scored = await asyncio.to_thread(s.engine.score, ids, req.logprobs or 1) if want_logprobs else []
             return s.tokenizer.decode(ids), ({"ids": ids, "tokens": [None, *scored]} if want_logprobs else None)
 
-        queues = _submit(s.engine, [job for _i, _index, job in jobs])
-        runs = [(choices[index], job, queues[id(job)]) for _i, index, job in jobs]
+        queues = _submit(s.engine, [job for _index, job in jobs])
+        runs = [(choices[index], job, queues[id(job)]) for index, job in jobs]
         if req.stream:
             return StreamingResponse(_stream_completion(s, req, request, runs, choices, stop, body, prompt_tokens),
                                      media_type="text/event-stream")
