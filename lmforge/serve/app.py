@@ -383,6 +383,8 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
         prompts = _prompt_ids(s.tokenizer, req.prompt)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "'max_tokens' must be at least 1 (0 only with echo)", param="max_tokens")
+        if req.stream and (req.echo or req.logprobs is not None):
+            raise APIError(400, "'echo' and 'logprobs' are answered without 'stream' only", param="stream")
         jobs, fits = [], []
         for i, ids in enumerate(prompts):
             fits.append(_fit(s, ids, req.max_tokens, "prompt"))

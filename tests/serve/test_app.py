@@ -122,6 +122,7 @@ BAD = [  # (what is sent, status, error type, param)
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request_error", "stop"),
     ({"model": "gpt-4"}, 404, "invalid_request_error", "model"),
     ({"n": "two"}, 400, "invalid_request_error", "n"),
+    ({"stream": True, "echo": True}, 400, "invalid_request_error", "stream"),
 ]
 
 
