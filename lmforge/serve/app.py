@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 import uuid
@@ -294,8 +295,12 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
                 served = load()
                 served.engine.start()
                 state["served"] = served
-            except UserError as e:
+            except UserError as e:  # a user's mistake: one line, and /health says it
                 state["error"] = str(e)
+                print(f"lmforge serve: error: {e}", file=sys.stderr, flush=True)
+            except Exception as e:
+                state["error"] = f"loading the model failed: {type(e).__name__}: {e}"
+                raise
 
         thread = threading.Thread(target=loading, daemon=True)
         thread.start()

@@ -85,7 +85,7 @@ class Engine:
         """``static``: static batching, for comparison: waiting jobs are admitted only once every running one has
         finished (the batch runs as long as its longest job)."""
         self.model, self.rt, self.static = model, rt, static
-        self.step_model = step_model or model
+        self.step_model = model if step_model is None else step_model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.waiting: collections.deque[Job] = collections.deque()
         self.rows: list[_Row] = []
@@ -173,7 +173,9 @@ class Engine:
         """One token for every running row."""
         n = len(self.rows)
         self.peak_batch = max(self.peak_batch, n)
-        span = max(row.length for row in self.rows) + 1  # attention reads no slot past the longest row
+        # Attention reads no slot past the longest row; a compiled step reads them all (one shape, no recompiles).
+        span = self.model.cfg.block_size if self.step_model is not self.model else \
+            max(row.length for row in self.rows) + 1
 
         def full(cache: KVCache) -> KVCache:
             cache.span = span
