@@ -92,8 +92,6 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.steps = 0
-        """Decode steps run (each advances every running row by one token)."""
         self.peak_batch = 0
         """The most rows that ever ran in one step."""
 
@@ -187,7 +185,6 @@ class Engine:
         at = torch.tensor([row.length for row in self.rows], device=device)
         mask = (self.slots[None, :span] <= at[:, None])[:, None, None, :]  # (n, 1, 1, span): each row its own
         logits, _ = self.step_model(ids, positions=at[:, None], mask=mask, cache_start=at, last_only=True)
-        self.steps += 1
         for row in self.rows:
             row.length += 1
         for r in reversed(range(n)):  # from the end: a row that leaves is replaced by the last one

@@ -158,10 +158,6 @@ class Parallel:
             raise UserError(value)
         return value
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
     def any(self, flags: list[bool]) -> list[bool]:
         """Each flag set on any rank (a time limit reached by one clock, a signal received by one process)."""
         if not self.active:
