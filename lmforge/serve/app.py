@@ -409,12 +409,18 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
                 out["usage"] = usage
             return out
 
+        echoes: dict[int, tuple[str, dict | None]] = {}
+
         async def echoed(i: int) -> tuple[str, dict | None]:
-            ids = prompts[i]
+            """Prompt i's text and, with logprobs, its scored tokens (once per prompt, whatever ``n``)."""
             if not req.echo:
                 return "", None
-            scored = await asyncio.to_thread(s.engine.score, ids, req.logprobs or 1) if want_logprobs else []
-            return s.tokenizer.decode(ids), ({"ids": ids, "tokens": [None, *scored]} if want_logprobs else None)
+            if i not in echoes:
+                ids = prompts[i]
+                scored = await asyncio.to_thread(s.engine.score, ids, req.logprobs or 1) if want_logprobs else []
+                echoes[i] = s.tokenizer.decode(ids), ({"ids": ids, "tokens": [None, *scored]} if want_logprobs
+                                                      else None)
+            return echoes[i]
 
         queues = _submit(s.engine, [job for _index, job in jobs])
         runs = [(choices[index], job, queues[id(job)]) for index, job in jobs]

@@ -188,14 +188,22 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     except RuntimeError as e:
         raise UserError(f"checkpoint '{ckpt}' does not fit this model: {mismatch_detail(e)}") from None
     if missing or unexpected:  # (sets, in some safetensors versions)
-        raise UserError(f"checkpoint '{ckpt}' does not fit this model: missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]} (were model.* settings changed since it was "
-                        f"written?)")
+        raise _does_not_fit(ckpt, missing, unexpected)
+
+
+def _does_not_fit(ckpt: Path, missing: set[str] | list[str], unexpected: set[str] | list[str]) -> UserError:
+    return UserError(f"checkpoint '{ckpt}' does not fit this model: missing {sorted(missing)[:3]}, unexpected "
+                     f"{sorted(unexpected)[:3]} (were model.* settings changed since it was written?)")
+
+
+def trainer_meta(ckpt: Path) -> dict:
+    """A checkpoint's trainer.json: the :class:`TrainerState` fields and the optimizer's JSON part."""
+    return json.loads((ckpt / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
 
 
 def read_trainer_state(ckpt: Path) -> tuple[TrainerState, dict, dict[str, torch.Tensor]]:
     """A checkpoint's trainer state, optimizer state dict and RNG tensors."""
-    meta = json.loads((ckpt / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
+    meta = trainer_meta(ckpt)
     tensors = load_file(str(ckpt / rundir.TRAINER_TENSORS))
     optimizer_sd = _optimizer_state_dict(tensors, meta.pop("optimizer"))
     return TrainerState(**meta), optimizer_sd, {k: v for k, v in tensors.items() if k.startswith("rng.")}
@@ -205,10 +213,9 @@ def read_full_weights(ckpt: Path, shapes: dict[str, tuple[int, ...]]) -> dict[st
     """model.safetensors of ``ckpt``, checked against the model's weight shapes (a UserError names what does
     not fit, as :func:`load_weights` does)."""
     weights = load_file(str(ckpt / rundir.WEIGHTS))
-    missing, unexpected = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
+    missing, unexpected = set(shapes) - set(weights), set(weights) - set(shapes)
     if missing or unexpected:
-        raise UserError(f"checkpoint '{ckpt}' does not fit this model: missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]} (were model.* settings changed since it was written?)")
+        raise _does_not_fit(ckpt, missing, unexpected)
     for name, shape in shapes.items():
         if tuple(weights[name].shape) != shape:
             raise UserError(f"checkpoint '{ckpt}' does not fit this model: size mismatch for {name}: "

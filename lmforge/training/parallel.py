@@ -95,6 +95,11 @@ def launch(nproc: int, argv: list[str], device: str) -> int:
     return 0
 
 
+def processes(n: int) -> str:
+    """``1 process``, ``2 processes``."""
+    return f"{n} process{'es' if n != 1 else ''}"
+
+
 def resolve_grad_accum(batch_size: int, grad_accum: int, global_batch_size: int | None, world_size: int,
                        prefix: str = "train") -> int:
     """Micro-batches per step and process: ``grad_accum``, or what ``global_batch_size`` makes of it."""
@@ -104,7 +109,7 @@ def resolve_grad_accum(batch_size: int, grad_accum: int, global_batch_size: int 
     if global_batch_size % per_accum:
         fits = ", ".join(str(per_accum * k) for k in range(1, 4))
         raise UserError(f"{prefix}.global_batch_size={global_batch_size} is not a multiple of {prefix}.batch_size="
-                        f"{batch_size} x {world_size} process{'es' if world_size > 1 else ''} = {per_accum} "
+                        f"{batch_size} x {processes(world_size)} = {per_accum} "
                         f"(fits: {fits}, ...)")
     return global_batch_size // per_accum
 

@@ -9,7 +9,6 @@ the metrics logger.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,10 @@ from lmforge.training.checkpoint import (
     read_trainer_state,
     save_checkpoint,
     set_rng_state,
+    trainer_meta,
 )
 from lmforge.training.metrics import MetricsLogger
-from lmforge.training.parallel import Parallel, resolve_grad_accum
+from lmforge.training.parallel import Parallel, processes, resolve_grad_accum
 from lmforge.training.precision import PrecisionChoice, choose_precision
 from lmforge.training.steps import Job, LoopConfig, LoopResult, run_steps
 
@@ -110,9 +110,8 @@ class TrainingSession:
     def describe_batch(self, tokens_per_sequence: int | None = None) -> str:
         """``batch 16 x 2 micro-batches x 2 processes = 64 sequences (16,384 tokens)``, for the run header."""
         tc, world = self.cfg.train, self.rt.world_size
-        processes = f"{world} process{'es' if world > 1 else ''} ({self.parallel.strategy})"
         parts = [f"batch {tc.batch_size}"] + ([f"{tc.grad_accum} micro-batches"] if tc.grad_accum > 1 else []) \
-            + ([processes] if self.parallel.active else [])
+            + ([f"{processes(world)} ({self.parallel.strategy})"] if self.parallel.active else [])
         total = f" = {self.global_batch} sequences" if len(parts) > 1 else ""
         tokens = f" ({self.global_batch * tokens_per_sequence:,} tokens)" if tokens_per_sequence else ""
         return " x ".join(parts) + total + tokens + " per step"
@@ -123,17 +122,16 @@ class TrainingSession:
         if self.resume_from is None:
             return
         ckpt = self.resume_from
-        saved = self.parallel.on_rank0(lambda: json.loads((ckpt / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
-                                       .get("global_batch", 0))
+        saved = self.parallel.on_rank0(lambda: trainer_meta(ckpt).get("global_batch", 0))
         now, tc, world = self.global_batch, self.cfg.train, self.rt.world_size
         if not saved or saved == now:
             return
         per_accum = tc.batch_size * world
-        fit = f"train.grad_accum={saved // per_accum} keeps it with {world} process{'es' if world > 1 else ''}, or " \
+        fit = f"train.grad_accum={saved // per_accum} keeps it with {processes(world)}, or " \
             if saved % per_accum == 0 else ""
         raise UserError(f"cannot resume {self.run_dir}: it trained with a global batch of {saved} sequences per step, "
                         f"this resume would use {now} (train.batch_size {tc.batch_size} x train.grad_accum "
-                        f"{tc.grad_accum} x {world} process{'es' if world > 1 else ''}); {fit}"
+                        f"{tc.grad_accum} x {processes(world)}); {fit}"
                         f"train.global_batch_size={saved} keeps it on any number of processes")
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

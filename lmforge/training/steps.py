@@ -25,7 +25,7 @@ from lmforge.training.checkpoint import TrainerState
 from lmforge.training.guard import NonfiniteGuard
 from lmforge.training.metrics import MetricsLogger, eta_seconds, format_duration, mfu
 from lmforge.training.optim import lr_at, set_lr
-from lmforge.training.parallel import Parallel
+from lmforge.training.parallel import Parallel, processes
 from lmforge.training.signals import GracefulStop
 
 
@@ -76,7 +76,7 @@ def log_memory(par: Parallel, job: Job, logger: MetricsLogger, say: Callable[...
     params, optim = par.bytes_per_rank(job.model, job.optimizer)
     logger.log({"step": step, "kind": "memory", "strategy": par.strategy, "world_size": par.rt.world_size,
                 "param_bytes_per_rank": params, "optimizer_bytes_per_rank": optim})
-    say(f"{par.strategy} over {par.rt.world_size} processes: each holds {params / 2**20:.1f} MiB of parameters and "
+    say(f"{par.strategy} over {processes(par.rt.world_size)}: each holds {params / 2**20:.1f} MiB of parameters and "
         f"{optim / 2**20:.1f} MiB of optimizer state", flush=True)
 
 
