@@ -247,13 +247,59 @@ def cmd_import(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from lmforge.chat import find_chat_template
     from lmforge.interop import export_hf
+    from lmforge.model.quantized import dequantized, is_quantized
     from lmforge.run import load_run
 
     run = load_run(args.run)
     if run.task != "lm":
-        raise UserError(f"'{args.run}' is a {run.task} run; only language models export to the hf format")
-    out = export_hf(run.model, run.tokenizer, args.out, chat_template=find_chat_template(run.folder))
-    print(f"exported {run.checkpoint} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
+        raise UserError(f"'{args.run}' is a {run.task} run; only language models export")
+    model, note = run.model, ""
+    if is_quantized(model):  # neither format holds our integer layout: the weights go out as floats
+        model, note = dequantized(model), " (its quantized weights dequantized to float)"
+    template = find_chat_template(run.folder)
+    if args.format == "gguf":
+        from lmforge.compress.gguf import export_gguf
+        from lmforge.compress.report import format_report, gguf_report
+
+        out = export_gguf(model, run.tokenizer, args.out, args.type, name=run.folder.name,
+                          chat_template=template[0] if template else None, turn_end=template[1] if template else None)
+        report = gguf_report(run, model, out, args.type)
+        print(format_report(report))
+        where = report.write_to(out.with_name(out.name + ".report.json"))
+        print(f"\nexported {run.checkpoint}{note} to {out} ({args.type}; llama.cpp: llama-cli -m {out}); "
+              f"report {where}")
+        return
+    out = export_hf(model, run.tokenizer, args.out, chat_template=template)
+    print(f"exported {run.checkpoint}{note} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.model.quantized import QuantSpec
+
+    spec = QuantSpec(args.method, args.group_size, args.include_embeddings)
+    report = quantize_run(args.run, args.out, spec, data=args.data, windows=args.windows, speed=not args.no_speed,
+                          device=args.device)
+    print(f"\nwrote {report.out} (use it wherever a run directory is accepted)")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from lmforge.compress.prune import PruneSpec, prune_run
+
+    spec = PruneSpec(args.method, args.sparsity, args.ratio)
+    report = prune_run(args.run, args.out, spec, calibration=args.calibration,
+                       calibration_windows=args.calibration_windows, data=args.data, windows=args.windows,
+                       recover_steps=args.recover_steps, speed=not args.no_speed, device=args.device)
+    print(f"\nwrote {report.out} (use it wherever a run directory is accepted)")
+
+
+def _add_report_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", metavar="SRC",
+                   help="text files/folders to measure perplexity on (default: the run's val split)")
+    p.add_argument("--windows", type=positive_int, default=64,
+                   help="context-length windows the perplexity is measured on (default %(default)s)")
+    p.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1' (default %(default)s)")
 
 
 def _config_epilog(cls: type, hide: frozenset[str] = frozenset(), recipe: str | None = None) -> str:
@@ -497,15 +543,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision (default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("quantize", help="store a run's Linear weights as int8 or int4, with a report of the cost",
+                       description="Weight-only quantization of every Linear of the blocks (int8: per output "
+                                   "channel; int4: scale and zero per group of inputs) into a new run directory that "
+                                   "generate, eval, serve and export load; prints and writes bytes, perplexity and "
+                                   "decode speed before and after.")
+    p.add_argument("run", help="run directory, checkpoint directory or Hugging Face folder")
+    p.add_argument("--method", required=True, choices=["int8", "int4"], help="integer width")
+    p.add_argument("--group-size", type=positive_int, default=32,
+                   help="int4: inputs per scale/zero group, 32/64/128/256 (default %(default)s)")
+    p.add_argument("--include-embeddings", action="store_true",
+                   help="quantize the token embedding and output head too (default: kept in bf16)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    _add_report_flags(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("prune", help="zero or remove weights of a run (magnitude, Wanda, MLP neurons), then recover",
+                       description="Unstructured pruning by |W| (magnitude) or |W|*||X|| per output row (Wanda), or "
+                                   "structured removal of MLP neurons (a smaller model), into a new run directory; "
+                                   "--recover-steps N trains it N steps with the sparsity held fixed (resumable with "
+                                   "lmforge train --resume OUT). Prints and writes a report.")
+    p.add_argument("run", help="run directory, checkpoint directory or Hugging Face folder")
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "structured"], help="what to remove")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="magnitude/wanda: fraction of each layer's weights set to zero (default %(default)s)")
+    p.add_argument("--ratio", type=float, default=0.25,
+                   help="structured: fraction of each block's MLP neurons removed (default %(default)s)")
+    p.add_argument("--calibration", nargs="+", metavar="SRC",
+                   help="wanda/structured: text files to calibrate on (default: the run's train split)")
+    p.add_argument("--calibration-windows", type=positive_int, default=128,
+                   help="calibration windows of the model's context (default %(default)s)")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="train the pruned model this many steps on the source's dataset (default: none)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    _add_report_flags(p)
+    p.set_defaults(func=cmd_prune)
+
     p = sub.add_parser("import", help="turn a Hugging Face model folder (or hub id) into a run directory")
     p.add_argument("source", help="folder in save_pretrained format (GPT-2, Llama, Mistral, Qwen2), or a hub id")
     p.add_argument("--out", required=True, help="run directory to create")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="write a run as a folder transformers loads directly")
+    p = sub.add_parser("export", help="write a run as a folder transformers loads, or a GGUF file for llama.cpp")
     p.add_argument("run", help="run directory or checkpoint directory")
-    p.add_argument("--format", default="hf", choices=["hf"], help="output format (hf: save_pretrained folder)")
-    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: a save_pretrained folder; gguf: one file for llama.cpp, Ollama, LM Studio "
+                        "(default %(default)s)")
+    p.add_argument("--type", default="f16", choices=["f16", "q8_0", "q4_0"],
+                   help="gguf: the matrices' storage type (default %(default)s)")
+    p.add_argument("--out", required=True, help="folder (hf) or file (gguf) to create")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -129,7 +129,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
                       f"beyond it the window slides, and the model sees only the last {keep} to {block} tokens",
                       stacklevel=3)
 
-    device = model.wte.weight.device
+    device = model.device
     tokens = torch.tensor([[pad_id] * (L - len(p)) + p + [pad_id] * max_new_tokens for p in prompts],
                           device=device)
     n_pad = torch.tensor([L - len(p) for p in prompts], device=device)

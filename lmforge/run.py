@@ -20,6 +20,7 @@ from lmforge.interop import is_hf_folder, load_hf
 from lmforge.model import lora
 from lmforge.model.classifier import SequenceClassifier
 from lmforge.model.gpt import GPT
+from lmforge.model.quantized import METHODS, QuantSpec, quantize_model
 from lmforge.training.checkpoint import load_weights
 
 
@@ -52,7 +53,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     else:
         run_dir, ckpt = rundir.resolve_checkpoint(path)
         info = rundir.read_run_info(run_dir)
-        run = _load_finetuned(run_dir, ckpt, info) if info.kind == "finetune" else _load_pretrained(run_dir, ckpt)
+        run = _load_finetuned(run_dir, ckpt, info) if info.kind == "finetune" \
+            else _load_pretrained(run_dir, ckpt, quant_spec(info))
     _check_finite(run.model, run.checkpoint)
     run.model.to(device).eval()
     return run
@@ -66,11 +68,21 @@ def _check_finite(model: torch.nn.Module, source: Path) -> None:
                             f"use an earlier checkpoint or train again with a lower optim.lr")
 
 
-def _load_pretrained(run_dir: Path, ckpt: Path) -> LoadedRun:
-    """A pretrained or imported model: a GPT and its weights."""
+def quant_spec(info: rundir.RunInfo) -> QuantSpec | None:
+    """How a run's weights are quantized (from its run.json), or None for float weights."""
+    found = info.compression or {}
+    if found.get("method") not in METHODS:
+        return None
+    return QuantSpec(found["method"], found.get("group_size", 32), found.get("include_embeddings", False))
+
+
+def _load_pretrained(run_dir: Path, ckpt: Path, quantized: QuantSpec | None = None) -> LoadedRun:
+    """A pretrained, imported or compressed model: a GPT (with integer Linears if quantized) and its weights."""
     cfg = from_dict(TrainConfig, load_yaml(run_dir / rundir.CONFIG))
     tokenizer = _run_tokenizer(run_dir, cfg.model.vocab_size)
     model = GPT(cfg.model)
+    if quantized is not None:
+        quantize_model(model, quantized, empty=True)
     load_weights(model, ckpt)
     return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, checkpoint=ckpt, folder=run_dir)
 

@@ -65,7 +65,7 @@ TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_STATE = "trainer.json"
 MANIFEST = "manifest.json"
 
-Kind = Literal["pretrain", "finetune", "imported"]
+Kind = Literal["pretrain", "finetune", "imported", "compressed"]
 Task = Literal["lm", "sft", "classify"]
 
 
@@ -74,7 +74,8 @@ class RunInfo:
     """The contents of ``run.json``."""
 
     kind: Kind
-    """pretrain (``lmforge train``), finetune (``lmforge finetune``) or imported (``lmforge import``)."""
+    """pretrain (``lmforge train``), finetune (``lmforge finetune``), imported (``lmforge import``) or compressed
+    (``lmforge quantize``, ``lmforge prune``)."""
     task: Task
     """What the model was trained for: lm (next token), sft (chat answers) or classify (a label head)."""
     lora: bool = False
@@ -83,6 +84,9 @@ class RunInfo:
     """The lmforge version that created the run."""
     created: str = ""
     """When the run was created (local time, ISO 8601)."""
+    compression: dict | None = None
+    """How the model was compressed from another run (``lmforge quantize`` / ``prune``): method, its settings,
+    the source; None for an uncompressed run."""
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
@@ -133,9 +137,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
-def write_run_info(run_dir: Path, kind: Kind, task: Task, lora: bool = False) -> RunInfo:
+def write_run_info(run_dir: Path, kind: Kind, task: Task, lora: bool = False,
+                   compression: dict | None = None) -> RunInfo:
     """Create ``run.json`` for a new run."""
-    info = RunInfo(kind=kind, task=task, lora=lora, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    info = RunInfo(kind=kind, task=task, lora=lora, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   compression=compression)
     write_text_atomic(Path(run_dir) / RUN_INFO, json.dumps(asdict(info), indent=1) + "\n")
     return info
 

@@ -27,7 +27,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("data, model, chat", ("lmforge.data", "lmforge.model", "lmforge.chat", "lmforge.examples")),
     ("train, generate, interop, run, chat_repl", ("lmforge.training", "lmforge.generate", "lmforge.interop",
                                                   "lmforge.run", "lmforge.chat_repl")),
-    ("evaluate", ("lmforge.evaluate",)),
+    ("evaluate, compress", ("lmforge.evaluate", "lmforge.compress")),
     ("finetune", ("lmforge.finetuning",)),
     ("serve", ("lmforge.serve",)),
     ("command line", ("lmforge.cli", "lmforge.__main__")),

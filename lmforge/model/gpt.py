@@ -278,12 +278,21 @@ class GPT(nn.Module):
                 x = block(x, rope, mask, cache_start)
         return self.norm_f(x)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (read from the final norm: a quantized model's embedding holds no float weight)."""
+        return self.norm_f.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's floating-point weights."""
+        return self.norm_f.weight.dtype
+
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate a static KV cache of max_len slots in every attention layer."""
-        p = self.wte.weight
         for block in self.blocks:
             a = block.attn
-            a.kv_cache = KVCache.empty(batch, a.n_kv, max_len, a.hd, dtype or p.dtype, p.device)
+            a.kv_cache = KVCache.empty(batch, a.n_kv, max_len, a.hd, dtype or self.dtype, self.device)
 
     def clear_cache(self) -> None:
         for block in self.blocks:

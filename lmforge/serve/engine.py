@@ -122,11 +122,11 @@ class Engine:
 
     def _run(self) -> None:
         cfg = self.model.cfg
-        p = self.model.wte.weight
-        dtype = torch.get_autocast_dtype(p.device.type) if self.rt.autocast_dtype else p.dtype
-        self.caches = [KVCache.empty(self.max_batch, b.attn.n_kv, cfg.block_size, b.attn.hd, dtype, p.device)
+        device = self.model.device
+        dtype = torch.get_autocast_dtype(device.type) if self.rt.autocast_dtype else self.model.dtype
+        self.caches = [KVCache.empty(self.max_batch, b.attn.n_kv, cfg.block_size, b.attn.hd, dtype, device)
                        for b in self.model.blocks]
-        self.slots = torch.arange(cfg.block_size, device=p.device)
+        self.slots = torch.arange(cfg.block_size, device=device)
         with torch.inference_mode(), self.rt.autocast():
             self.model.eval()
             while True:
@@ -153,7 +153,7 @@ class Engine:
             if job.cancelled.is_set():
                 job.emit(Finished("cancelled"))
                 continue
-            job.generator = torch.Generator(device=self.model.wte.weight.device)
+            job.generator = torch.Generator(device=self.model.device)
             if job.seed is None:
                 job.generator.seed()
             else:
@@ -239,7 +239,7 @@ class Engine:
         """log P(token | the tokens before it) for every prompt token but the first (not queued: the caller
         runs it on a worker thread; it does not touch the KV cache)."""
         with torch.inference_mode(), self.rt.autocast():
-            ids = torch.tensor([prompt], device=self.model.wte.weight.device)
+            ids = torch.tensor([prompt], device=self.model.device)
             logits, _ = self.model(ids)
         lp = torch.log_softmax(logits[0].float(), dim=-1)
         out = []

@@ -161,9 +161,19 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     return final
 
 
-def save_weights_only(run_dir: Path, step: int, model: torch.nn.Module) -> Path:
-    """A checkpoint with weights and no trainer state (an imported model), written the same way."""
-    return _write_checkpoint(run_dir, step, lambda tmp: save_model(model, str(tmp / rundir.WEIGHTS)))
+def save_weights_only(run_dir: Path, step: int, model: torch.nn.Module,
+                      tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """A checkpoint with weights and no trainer state (an imported or compressed model), written the same way.
+
+    tensors: stored instead of ``model``'s state dict (a quantized model's form on disk).
+    """
+    def write(tmp: Path) -> None:
+        if tensors is None:
+            save_model(model, str(tmp / rundir.WEIGHTS))
+        else:
+            save_file(tensors, str(tmp / rundir.WEIGHTS))
+
+    return _write_checkpoint(run_dir, step, write)
 
 
 def optimizer_meta_jsonable(meta: dict) -> dict:

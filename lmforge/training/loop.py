@@ -28,7 +28,9 @@ from lmforge.runtime import Runtime, maybe_compile
 from lmforge.training.checkpoint import load_weights
 from lmforge.training.metrics import bits_per_byte, format_duration, perplexity
 from lmforge.training.optim import build_optimizer
+from lmforge.training.parallel import Parallel
 from lmforge.training.session import TrainingSession
+from lmforge.training.sparsity import MaskHolder
 from lmforge.training.steps import Job
 from lmforge.training.validation import split_loss
 
@@ -108,6 +110,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     synced = par.wrap(model)
     optimizer = build_optimizer(model, cfg.optim, rt.device, rt.precision)
     state = session.restore(model, optimizer, lambda ckpt: load_weights(model, ckpt))
+    hold_mask = sparsity_mask(run_dir, model, par) if session.resume_from is not None else None
     step_model = maybe_compile(synced, tc.compile)
     # Evaluation runs on the model itself: under DDP without its wrapper (no collectives, nothing to sync).
     eval_model = step_model if synced is model else maybe_compile(model, tc.compile)
@@ -135,7 +138,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     job = Job(model=model, optimizer=optimizer, scaler=rt.grad_scaler(),
               batches=prefetch_batches(train_batches, state.step, tc.grad_accum, rt.device), loss=lm_loss,
               evaluate=run_eval, save=lambda st: session.save(st, model, optimizer),
-              flops_per_token=flops_tok, peak_flops=peak, synced=synced)
+              flops_per_token=flops_tok, peak_flops=peak, synced=synced, after_step=hold_mask)
     out = session.run(job, state, session.logger(state.step))
     step, last_eval = out.step, out.last_eval
     session.say_done(f"{step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "
@@ -148,6 +151,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             print_samples(sample_model, tokenizer, cfg, rt)
     return TrainResult(run_dir, step, last_eval["val_loss"], last_eval["val_bpb"], out.train_time_s,
                        out.stopped_early)
+
+
+def sparsity_mask(run_dir: Path, model: GPT, par: Parallel) -> MaskHolder | None:
+    """The mask a pruned run (``lmforge prune``, named in its run.json) trains under, or None."""
+    mask = (rundir.read_run_info(run_dir).compression or {}).get("mask")
+    if not mask:
+        return None
+    if par.sharded:
+        raise UserError(f"{run_dir} is a pruned run with a sparsity mask: train it in one process or with "
+                        f"parallel.strategy=ddp (the mask is not sharded)")
+    return MaskHolder(model, run_dir / mask)
 
 
 def print_samples(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, rt: Runtime) -> None:

@@ -122,6 +122,8 @@ class TrainingSession:
         if self.resume_from is None:
             return
         ckpt = self.resume_from
+        if not (ckpt / rundir.TRAINER_STATE).is_file():  # weights only: nothing trained with any batch yet
+            return
         saved = self.parallel.on_rank0(lambda: trainer_meta(ckpt).get("global_batch", 0))
         now, tc, world = self.global_batch, self.cfg.train, self.rt.world_size
         if not saved or saved == now:
@@ -141,6 +143,8 @@ class TrainingSession:
         par = self.parallel
         if self.resume_from is None:
             state = TrainerState()
+        elif not (self.resume_from / rundir.TRAINER_STATE).is_file():
+            state = self._start_from_weights(model, load_weights)
         elif not par.active:
             load_weights(self.resume_from)
             state = load_trainer_state(self.resume_from, optimizer)
@@ -152,6 +156,24 @@ class TrainingSession:
         if self.rt.rank > 0:  # dropout masks of their own on the other ranks (rank 0 has the checkpoint's RNG)
             torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.rt.rank + state.step)
         return state
+
+    def _start_from_weights(self, model: torch.nn.Module, load_weights: Callable[[Path], None]) -> TrainerState:
+        """A checkpoint of weights and no trainer state (an imported or compressed model): training starts from
+        them, at step 0 with a fresh optimizer (read by rank 0, broadcast to the others)."""
+        par, ckpt, read = self.parallel, self.resume_from, {}
+
+        def read_on_rank0() -> None:
+            if par.sharded:
+                read["weights"] = read_full_weights(ckpt, par.full_shapes(model))
+            else:
+                load_weights(ckpt)
+
+        par.on_rank0(read_on_rank0)
+        if par.sharded:
+            par.load_full_model_state(model, read.get("weights", {}))
+        else:
+            par.broadcast_module(model)
+        return TrainerState()
 
     def _restore_distributed(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                              load_weights: Callable[[Path], None]) -> TrainerState:

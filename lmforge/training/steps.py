@@ -48,6 +48,8 @@ class Job:
     synced: torch.nn.Module | None = None
     """The module the loss runs through under torchrun (DDP's wrapper, or the FSDP-sharded model): a step's
     gradient reduction is switched on it; None: ``model``."""
+    after_step: Callable[[], None] | None = None
+    """Called after every optimizer step (a pruned model's sparsity mask is re-applied there)."""
 
 
 @dataclass
@@ -180,6 +182,8 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                 loss_sum += step_loss.masked_fill(skipped, 0.0)
                 steps_in_sum += ~skipped
             job.optimizer.zero_grad(set_to_none=True)
+            if job.after_step is not None:
+                job.after_step()
             step += 1
             if par.active and step == start_step + 1:
                 log_memory(par, job, logger, say, step)
