@@ -211,6 +211,8 @@ def prune_run(source: str, out: str, spec: PruneSpec, *, calibration: list[str] 
     """Prune ``source`` into the new run directory ``out`` (then recover it for ``recover_steps``); returns the
     report (also written there)."""
     check_spec(spec)
+    if recover_steps < 0:
+        raise UserError(f"--recover-steps {recover_steps}: expected 0 (none) or a positive number of steps")
     out_dir = Path(out)
     check_new_folder(out_dir)
     check_source(source)

@@ -20,6 +20,7 @@ import torch
 
 from lmforge import rundir
 from lmforge.compress.gguf import read_gguf
+from lmforge.compress.output import source_weights
 from lmforge.config import TrainConfig
 from lmforge.data.loader import eval_offsets, open_split
 from lmforge.data.prepare import load_meta
@@ -221,7 +222,7 @@ def gguf_report(run: LoadedRun, model: GPT, path: Path, qtype: str, windows: int
     in float32; its decode speed is llama.cpp's, not measured)."""
     rt = setup_runtime("cpu", "fp32")
     ev = eval_windows(run, windows)
-    before = measure(model, run.tokenizer, ev, rt, None, speed=False)
+    before = measure(model, run.tokenizer, ev, rt, source_weights(run), speed=False)
     _, tensors = read_gguf(path)
     own = model.state_dict()
     back = GPT(model.cfg)

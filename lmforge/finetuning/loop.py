@@ -25,6 +25,7 @@ from lmforge.finetuning.classify import ClassifyTask
 from lmforge.finetuning.sft import SFTTask
 from lmforge.model import lora
 from lmforge.model.gpt import flops_per_token
+from lmforge.model.quantized import is_quantized
 from lmforge.run import load_run
 from lmforge.runtime import maybe_compile
 from lmforge.training.checkpoint import load_weights
@@ -83,6 +84,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
     base = load_run(cfg.base)
     if base.task != "lm":
         raise UserError(f"base '{cfg.base}' is a {base.task} run; fine-tune from a language model")
+    if is_quantized(base.model):
+        raise UserError(f"base '{cfg.base}' is quantized (its integer weights do not train): fine-tune its source "
+                        f"run, then quantize the result")
     cfg.base = str(Path(cfg.base).resolve())
     if cfg.dropout is not None:
         base.model.set_dropout(cfg.dropout)

@@ -113,6 +113,7 @@ def test_bad_prune_requests_are_refused_in_one_line_and_write_nothing(run_dir, t
         (["prune", str(run_dir), "--method", "wanda", "--sparsity", "1"], "--sparsity 1.0"),
         (["prune", str(run_dir), "--method", "magnitude", "--sparsity", "0"], "--sparsity 0.0"),
         (["prune", str(run_dir), "--method", "structured", "--ratio", "1.5"], "--ratio 1.5"),
+        (["prune", str(run_dir), "--method", "wanda", "--recover-steps", "-3"], "--recover-steps -3"),
         (["prune", str(lora), "--method", "magnitude"], "LoRA adapters only"),
         (["prune", str(quantized), "--method", "magnitude"], "is quantized"),
     ]
