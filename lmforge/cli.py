@@ -293,6 +293,18 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(f"\nwrote {report.out} (use it wherever a run directory is accepted)")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from lmforge.sweep import report_cli, run_sweep
+
+    if args.report:
+        report_cli(args.report, study=args.study, storage=args.storage)
+        return
+    if not args.config:
+        raise UserError("lmforge sweep needs -c SWEEP.yaml (or --report DIR)")
+    run_sweep(args.config, trials=args.trials, timeout_min=args.timeout, study=args.study, storage=args.storage,
+              out_dir=args.out)
+
+
 def _add_report_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="SRC",
                    help="text files/folders to measure perplexity on (default: the run's val split)")
@@ -578,6 +590,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create")
     _add_report_flags(p)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("sweep", help="hyper-parameter search on Optuna: each trial an ordinary run, pruned early",
+                       description="Run (or continue) the Optuna study a sweep file describes: TPE sampling, "
+                                   "MedianPruner, SQLite storage with heartbeats in the sweep directory (a killed "
+                                   "sweep resumes its running trial), then a table, best.yaml and PNGs.")
+    p.add_argument("--config", "-c", help="sweep YAML: base, overrides, space, metric, direction, trials, pruner")
+    p.add_argument("--trials", type=positive_int, help="finished trials to reach (default: the file's)")
+    p.add_argument("--timeout", type=positive_float, metavar="MIN", help="start no trial after this many minutes")
+    p.add_argument("--study", help="study name (default: the sweep file's name)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the sweep directory; journal:PATH for "
+                                     "a journal file several processes share)")
+    p.add_argument("--out", help="sweep directory (default: sweeps/STUDY)")
+    p.add_argument("--report", metavar="DIR", help="print and write the report of the sweep in DIR, then exit")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("import", help="turn a Hugging Face model folder (or hub id) into a run directory")
     p.add_argument("source", help="folder in save_pretrained format (GPT-2, Llama, Mistral, Qwen2), or a hub id")

@@ -203,6 +203,9 @@ class OptimConfig:
     """The step at which the decay ends; None means train.max_steps."""
     weight_decay: float = 0.1
     """AdamW weight decay of matrices (never of biases and norm gains)."""
+    l1: float = 0.0
+    """L1 regularization: adds l1 * sum(|w|) over the matrices weight decay applies to (the trained ones) to the
+    loss; 0 = off. The logged loss stays the data loss; the penalty is logged as l1_penalty."""
     beta1: float = 0.9
     """AdamW's first-moment decay."""
     beta2: float = 0.95
@@ -217,7 +220,7 @@ class OptimConfig:
         for name in ("lr", "eps"):
             value = getattr(self, name)
             _check(f"{prefix}.{name}", value, _finite(value) and value > 0, "a finite number > 0")
-        for name in ("min_lr", "weight_decay", "grad_clip"):
+        for name in ("min_lr", "weight_decay", "grad_clip", "l1"):
             value = getattr(self, name)
             _check(f"{prefix}.{name}", value, _finite(value) and value >= 0, "a finite number >= 0")
         for name in ("beta1", "beta2"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,10 +75,11 @@ def check_same_data(run_dir: Path, dataset_dir: Path, meta: dict, allow_change: 
     warnings.warn(f"{changed}: resuming on it (--allow-data-change)", stacklevel=2)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          allow_data_change: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, allow_data_change: bool = False,
+          on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> TrainResult:
     """Train per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint
-    (on the same data, unless ``allow_data_change``)."""
+    (on the same data, unless ``allow_data_change``). on_eval(step, metrics) is called after every evaluation;
+    True stops the run there (a sweep's pruner)."""
     validate_train_config(cfg)  # before anything is created
     tc = cfg.train
     session = TrainingSession.open(cfg, resume, progress)
@@ -138,7 +140,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     job = Job(model=model, optimizer=optimizer, scaler=rt.grad_scaler(),
               batches=prefetch_batches(train_batches, state.step, tc.grad_accum, rt.device), loss=lm_loss,
               evaluate=run_eval, save=lambda st: session.save(st, model, optimizer),
-              flops_per_token=flops_tok, peak_flops=peak, synced=synced, after_step=hold_mask)
+              flops_per_token=flops_tok, peak_flops=peak, synced=synced, after_step=hold_mask, on_eval=on_eval)
     out = session.run(job, state, session.logger(state.step))
     step, last_eval = out.step, out.last_eval
     session.say_done(f"{step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "

@@ -50,6 +50,9 @@ class Job:
     gradient reduction is switched on it; None: ``model``."""
     after_step: Callable[[], None] | None = None
     """Called after every optimizer step (a pruned model's sparsity mask is re-applied there)."""
+    on_eval: Callable[[int, dict[str, float]], bool] | None = None
+    """Called with (step, metrics) after every evaluation; True stops the run there, as early stopping does
+    (a sweep's pruner)."""
 
 
 @dataclass
@@ -82,6 +85,11 @@ def log_memory(par: Parallel, job: Job, logger: MetricsLogger, say: Callable[...
         f"{optim / 2**20:.1f} MiB of optimizer state", flush=True)
 
 
+def l1_penalty(params: list[torch.Tensor], weight: float) -> torch.Tensor:
+    """weight * sum(|w|) over ``params``: L1 regularization (``optim.l1``)."""
+    return weight * torch.stack([p.abs().sum() for p in params]).sum()
+
+
 def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, state: TrainerState,
               say: Callable[..., None], par: Parallel | None = None) -> LoopResult:
     """Train from ``state.step`` to cfg.train.max_steps (or early stop, or the time limit).
@@ -112,6 +120,7 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         job.optimizer, tc.on_nonfinite, tc.max_nonfinite_steps, rt.device, state.nonfinite_in_a_row)
     job.model.train()
     trainable = [p for p in job.model.parameters() if p.requires_grad]  # what clipping looks at
+    l1_params = [p for p in trainable if p.dim() >= 2]  # the matrices, as weight decay (optim.param_groups)
 
     def settle() -> None:
         """Apply the guard's policy to the steps since the last call (one device sync: call it only where
@@ -138,6 +147,9 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         say(f"step {step}: val {format_metrics(metrics)}{took}", flush=True)
         return metrics
 
+    def told_to_stop(metrics: dict[str, float]) -> bool:
+        return job.on_eval is not None and bool(job.on_eval(step, metrics))
+
     if tc.compile:
         say("torch.compile: the first step compiles the model (tens of seconds on a CPU) ...", flush=True)
     if tc.max_minutes is not None:
@@ -162,7 +174,8 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                 with par.micro_step(synced, sync=micro == tc.grad_accum - 1):
                     with rt.autocast():
                         loss = job.loss(batch)
-                    job.scaler.scale(loss / (tc.grad_accum * par.loss_divisor)).backward()
+                    objective = loss + l1_penalty(l1_params, cfg.optim.l1) if cfg.optim.l1 else loss
+                    job.scaler.scale(objective / (tc.grad_accum * par.loss_divisor)).backward()
                 step_loss += loss.detach()
             step_loss = par.mean(step_loss)
             grad_norm = None
@@ -211,6 +224,9 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                           "mfu": mfu(tps / rt.world_size, job.flops_per_token, job.peak_flops), "time_s": train_time}
                 if norm:
                     record["grad_norm"] = norm[0]
+                if cfg.optim.l1:
+                    with torch.no_grad():
+                        record["l1_penalty"] = l1_penalty(l1_params, cfg.optim.l1).item()
                 logger.log(record)
                 # ETA at the pace of the last log interval: the first steps (compilation, warm-up) and an
                 # earlier load on the machine stop counting once they are past.
@@ -230,6 +246,9 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                     if tc.patience is not None and state.evals_without_improvement >= tc.patience:
                         say(f"early stop: no val improvement in {tc.patience} evaluations")
                         stopped_early = final = True
+                if told_to_stop(last_eval) and not final:  # asked at every evaluation, the final one too
+                    say(f"step {step}: stopped by the caller (a sweep's pruner)")
+                    stopped_early = final = True
             if step % tc.ckpt_interval == 0 or final:
                 state.step, state.train_time_s = step, time.perf_counter() - t_start
                 state.log_loss_sum, log_steps = torch.stack((loss_sum, steps_in_sum)).tolist()

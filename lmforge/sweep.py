@@ -1,0 +1,406 @@
+"""``lmforge sweep``: hyper-parameter search on Optuna, each trial an ordinary lmforge training run.
+
+A sweep file (YAML) names the base recipe, the overrides every trial gets (its budget: ``train.max_steps=300``),
+the search space over any config keys, the metric and its direction::
+
+    base: shakespeare-fast
+    overrides: [train.max_steps=300, train.eval_interval=50]
+    metric: val_loss            # val_loss | val_bpb | val_ppl
+    direction: minimize
+    trials: 20
+    seed: 0
+    pruner: median              # median | hyperband | none
+    space:
+      optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+      optim.warmup_steps: {type: int, low: 0, high: 100}
+      model.n_layer: {type: categorical, choices: [2, 4, 6]}
+
+Each trial trains in ``SWEEP_DIR/trials/trial_NNNN`` through the same loop as ``lmforge train`` (checkpoints,
+metrics.jsonl, TensorBoard), reporting every evaluation to Optuna; the pruner stops poor trials there.
+
+Crash safety. The study lives in SQLite in the sweep directory (Optuna's RDB storage) with a heartbeat: a sweep
+killed mid-trial and started again marks that trial failed once its heartbeat is stale, and Optuna's
+``RetryHeartbeatStaleTrialCallback`` queues it again with the same parameters and intermediate values; the retry
+trains on in the failed trial's own run directory from its last checkpoint (resume is exact). A trial stopped
+by Ctrl-C is queued again the same way at the next start. The sampler is TPE seeded per trial with ``seed`` + the
+number of trials finished so far, so a sweep that was killed and restarted draws the same parameters, in the
+same order, as one that never was: its (parameters, value) list is the same. ``trials`` counts finished trials
+(complete or pruned): a finished study continues with ``--trials`` larger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge import rundir
+from lmforge.config import load_train_config
+from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.training.loop import train
+
+METRICS = ("val_loss", "val_bpb", "val_ppl")
+PRUNERS = ("median", "hyperband", "none")
+TYPES = ("float", "int", "categorical")
+STUDY_DB = "study.db"
+
+
+@dataclass
+class Param:
+    """One dimension of the search space."""
+
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    def values(self) -> list[Any]:
+        """The extremes (or every choice): what the config must accept."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+
+@dataclass
+class SweepConfig:
+    base: str = "default"
+    """The recipe (shipped name or YAML path) every trial starts from."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted overrides every trial gets (its budget: train.max_steps=..., train.budget_minutes=...)."""
+    space: dict[str, Param] = field(default_factory=dict)
+    metric: str = "val_loss"
+    direction: str = "minimize"
+    trials: int = 20
+    seed: int = 0
+    pruner: str = "median"
+    startup_trials: int = 5
+    """Trials the pruner (and TPE) wait for before they act."""
+    warmup_steps: int = 0
+    """Steps of each trial before the pruner may stop it."""
+    heartbeat_s: int = 30
+    """How often a running trial's heartbeat is written; stale after twice that (a killed sweep's trial)."""
+
+
+def _problem(path: str, text: str) -> UserError:
+    return UserError(f"sweep file '{path}': {text}")
+
+
+def load_sweep(path: str) -> SweepConfig:
+    """The sweep file, checked: every space key is tried in the base config at its extremes (an unknown key or a
+    value the config refuses is named), ranges are non-empty, the metric is one training reports."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read sweep file '{path}': {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise _problem(path, "expected a mapping of keys (base, overrides, space, metric, ...)")
+    known = set(SweepConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise _problem(path, f"unknown key '{unknown[0]}' (expected: {', '.join(sorted(known))})")
+    space = data.pop("space", None)
+    if not isinstance(space, dict) or not space:
+        raise _problem(path, "'space' must map config keys to ranges, e.g. optim.lr: {type: float, low: 1e-4, "
+                             "high: 1e-2, log: true}")
+    cfg = SweepConfig(**data, space={key: _param(path, key, spec) for key, spec in space.items()})
+    if cfg.metric not in METRICS:
+        raise _problem(path, f"metric '{cfg.metric}' is not one training reports (expected: {', '.join(METRICS)})")
+    if cfg.direction not in ("minimize", "maximize"):
+        raise _problem(path, f"direction '{cfg.direction}': expected minimize or maximize")
+    if cfg.pruner not in PRUNERS:
+        raise _problem(path, f"pruner '{cfg.pruner}': expected one of {', '.join(PRUNERS)}")
+    if cfg.trials <= 0 or cfg.heartbeat_s <= 0:
+        raise _problem(path, "trials and heartbeat_s must be positive")
+    for key, param in cfg.space.items():
+        for value in param.values():
+            try:
+                load_train_config(cfg.base, [*cfg.overrides, _override(key, value)])
+            except UserError as e:
+                raise _problem(path, f"space key '{key}' = {value!r}: {e}") from None
+    return cfg
+
+
+def _param(path: str, key: str, spec: object) -> Param:
+    if not isinstance(spec, dict) or spec.get("type") not in TYPES:
+        raise _problem(path, f"space key '{key}': expected {{type: float|int|categorical, ...}}, got {spec!r}")
+    try:
+        param = Param(**spec)
+    except TypeError as e:
+        raise _problem(path, f"space key '{key}': {e}") from None
+    if param.type == "categorical":
+        if not param.choices:
+            raise _problem(path, f"space key '{key}': 'choices' must be a non-empty list")
+        return param
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (param.low, param.high)):
+        raise _problem(path, f"space key '{key}': 'low' and 'high' must be numbers")
+    if not param.low < param.high:
+        raise _problem(path, f"space key '{key}': empty range: low {param.low} must be below high {param.high}")
+    if param.log and param.low <= 0:
+        raise _problem(path, f"space key '{key}': a log range needs low > 0 (got {param.low})")
+    return param
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+# --- the study --------------------------------------------------------------------------------------------
+
+
+def make_storage(url: str, heartbeat_s: int | None = None):
+    """An Optuna storage for ``url``: an RDB URL (SQLite by default; with a heartbeat and the stale-trial retry
+    when ``heartbeat_s``), or journal:PATH for Optuna's JournalFileBackend (several processes can share it)."""
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    if url.startswith("journal:"):
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    if heartbeat_s is None:
+        return RDBStorage(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the heartbeat and its retry are marked experimental
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
+        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                          heartbeat_stale_trial_callback=retry)
+
+
+def _cannot_open(url: str, e: Exception) -> UserError:
+    return UserError(f"--storage {url}: cannot open the study ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+
+
+def open_study(cfg: SweepConfig, sweep_dir: Path, name: str, storage_url: str | None):
+    """The Optuna study (created, or loaded to continue): SQLite in the sweep directory unless ``storage_url``."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage_url or f"sqlite:///{sweep_dir / STUDY_DB}"
+    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials,
+                                                    n_warmup_steps=cfg.warmup_steps),
+              "hyperband": optuna.pruners.HyperbandPruner(),
+              "none": optuna.pruners.NopPruner()}[cfg.pruner]
+    try:
+        return optuna.create_study(study_name=name, storage=make_storage(url, cfg.heartbeat_s), direction=cfg.direction,
+                                   pruner=pruner, load_if_exists=True, sampler=_sampler(cfg, 0))
+    except Exception as e:  # noqa: BLE001 - Optuna's and SQLAlchemy's errors for a bad URL or an unwritable file
+        raise _cannot_open(url, e) from None
+
+
+def _sampler(cfg: SweepConfig, finished: int):
+    import optuna
+
+    # Seeded per trial by how many have finished: a restarted sweep draws what an uninterrupted one would.
+    return optuna.samplers.TPESampler(seed=cfg.seed + finished, n_startup_trials=cfg.startup_trials)
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _requeue_interrupted(study) -> None:
+    """Queue again (same parameters and intermediate values) each trial stopped by Ctrl-C and not yet retried."""
+    from optuna.storages import RetryFailedTrialCallback
+    from optuna.trial import TrialState
+
+    retried = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)} | \
+        {n for t in study.get_trials(deepcopy=False) for n in t.system_attrs.get("retry_history", [])}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.user_attrs.get("interrupted") and t.number not in retried:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # marked experimental
+                RetryFailedTrialCallback(inherit_intermediate_values=True)(study, t)
+
+
+def _wait_for_stale(study, cfg: SweepConfig, say) -> None:
+    """A trial still RUNNING at start-up is one a killed sweep left (or another process runs): wait until its
+    heartbeat is stale, so that Optuna fails it and queues its retry before any new trial is drawn."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return
+    say(f"trial {running[0].number} was running when the sweep stopped: waiting {2 * cfg.heartbeat_s + 1} s for "
+        f"its heartbeat to go stale, then it resumes from its last checkpoint")
+    time.sleep(2 * cfg.heartbeat_s + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fail_stale_trials(study)
+
+
+def trial_dir(sweep_dir: Path, number: int) -> Path:
+    return sweep_dir / "trials" / f"trial_{number:04d}"
+
+
+def _objective(cfg: SweepConfig, sweep_dir: Path, say):
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+
+    def suggest(trial, key: str, p: Param):
+        if p.type == "categorical":
+            return trial.suggest_categorical(key, p.choices)
+        if p.type == "int":
+            return trial.suggest_int(key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        return trial.suggest_float(key, float(p.low), float(p.high), log=p.log, step=p.step)
+
+    def objective(trial) -> float:
+        params = {key: suggest(trial, key, p) for key, p in cfg.space.items()}
+        frozen = trial.study.get_trials(deepcopy=False)[trial.number]  # its system attrs say what it retries
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # marked experimental
+            original = RetryFailedTrialCallback.retried_trial_number(frozen)
+        run_dir = trial_dir(sweep_dir, trial.number if original is None else original)
+        trial.set_user_attr("run_dir", str(run_dir))
+        tc = load_train_config(cfg.base, [*cfg.overrides, *(_override(k, v) for k, v in params.items()),
+                                          f"out_dir={run_dir}", "sample.num_samples=0"])
+        resume = rundir.is_run_dir(run_dir) and rundir.latest_checkpoint(run_dir) is not None
+        if run_dir.exists() and not resume:  # killed before its first checkpoint: nothing to keep
+            shutil.rmtree(run_dir)
+        pruned = False
+
+        def on_eval(step: int, metrics: dict[str, float]) -> bool:
+            nonlocal pruned
+            with warnings.catch_warnings():  # a retry re-reports steps its failed trial reported
+                warnings.simplefilter("ignore")
+                trial.report(_metric(metrics, cfg.metric), step)
+            pruned = trial.should_prune()
+            return pruned
+
+        again = f" (trial {original} again, resumed)" if original is not None and resume else \
+            f" (trial {original} again)" if original is not None else ""
+        say(f"trial {trial.number}{again}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                       for k, v in params.items()), flush=True)
+        try:
+            result = train(tc, resume=resume, progress=False, on_eval=on_eval)
+        except TrainingInterrupted:
+            trial.set_user_attr("interrupted", True)
+            raise
+        trial.set_user_attr("steps", result.step)
+        trial.set_user_attr("train_time_s", result.train_time_s)
+        value = _metric({"val_loss": result.val_loss, "val_bpb": result.val_bpb}, cfg.metric)
+        say(f"  {'pruned' if pruned else 'done'} at step {result.step}: {cfg.metric} {value:.4f}", flush=True)
+        if pruned:
+            raise optuna.TrialPruned()
+        return value
+
+    return objective
+
+
+def _metric(metrics: dict[str, float], name: str) -> float:
+    return math.exp(metrics["val_loss"]) if name == "val_ppl" else metrics[name]
+
+
+def run_sweep(path: str, trials: int | None = None, timeout_min: float | None = None, study: str | None = None,
+              storage: str | None = None, out_dir: str | None = None, say=print):
+    """Run (or continue) the sweep of ``path`` until ``trials`` trials have finished (or ``timeout_min``); returns
+    the study. Writes the report at the end (:func:`write_report`)."""
+    cfg = load_sweep(path)
+    if trials is not None:
+        cfg.trials = trials
+    name = study or Path(path).stem
+    sweep_dir = Path(out_dir or f"sweeps/{name}")
+    if storage is None:  # the SQLite file goes into it
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    st = open_study(cfg, sweep_dir, name, storage)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    st.set_user_attr("metric", cfg.metric)
+    _wait_for_stale(st, cfg, say)
+    _requeue_interrupted(st)
+    deadline = None if timeout_min is None else time.monotonic() + timeout_min * 60
+    while _finished(st) < cfg.trials and (deadline is None or time.monotonic() < deadline):
+        st.sampler = _sampler(cfg, _finished(st))
+        st.optimize(_objective(cfg, sweep_dir, say), n_trials=1)
+    say(format_report(st, cfg.metric))
+    write_report(st, sweep_dir, cfg.metric, say)
+    return st
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+
+def format_report(st, metric: str) -> str:
+    """A table of every trial: number, state, value, steps, time, parameters."""
+    rows = [("trial", "state", metric, "steps", "time", "params")]
+    for t in st.get_trials(deepcopy=False):
+        value = f"{t.value:.4f}" if t.value is not None else (
+            f"({max(t.intermediate_values.items())[1]:.4f})" if t.intermediate_values else "")
+        secs = t.user_attrs.get("train_time_s")
+        rows.append((str(t.number), t.state.name.lower(), value, str(t.user_attrs.get("steps", "")),
+                     f"{secs:.0f} s" if secs is not None else "",
+                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows)
+
+
+def write_report(st, sweep_dir: Path, metric: str, say=print) -> None:
+    """trials.json, best.yaml (the best trial's full config, a ready recipe) and the PNGs
+    (optimization history, parameter importances, parallel coordinate) in ``sweep_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as vis
+
+    trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+               "steps": t.user_attrs.get("steps"), "train_time_s": t.user_attrs.get("train_time_s"),
+               "run_dir": t.user_attrs.get("run_dir"), "intermediate": t.intermediate_values}
+              for t in st.get_trials(deepcopy=False)]
+    rundir.write_text_atomic(sweep_dir / "trials.json", json.dumps(trials, indent=1) + "\n")
+    complete = st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        say(f"no complete trial yet: {sweep_dir / 'trials.json'}")
+        return
+    best = st.best_trial
+    best_cfg = yaml.safe_load((Path(best.user_attrs["run_dir"]) / rundir.CONFIG).read_text(encoding="utf-8"))
+    best_cfg["out_dir"] = f"runs/{st.study_name}-best"
+    header = f"# The best trial ({best.number}, {metric} {best.value:.4f}) of sweep {st.study_name}: " \
+             f"lmforge train -c {sweep_dir / 'best.yaml'}\n"
+    rundir.write_text_atomic(sweep_dir / "best.yaml", header + yaml.safe_dump(best_cfg, sort_keys=False))
+    plots = {"history.png": vis.plot_optimization_history, "importances.png": vis.plot_param_importances,
+             "parallel.png": vis.plot_parallel_coordinate}
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna's matplotlib plots are marked experimental
+        for name, plot in plots.items():
+            try:
+                ax = plot(st)
+            except (ValueError, RuntimeError):  # e.g. importances of a single complete trial
+                continue
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+            fig.savefig(sweep_dir / name, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            written.append(name)
+    say(f"best: trial {best.number}, {metric} {best.value:.4f}, {best.params} | {sweep_dir / 'best.yaml'} | "
+        + ", ".join(written))
+
+
+def report_cli(sweep_dir: str, study: str | None = None, storage: str | None = None) -> None:
+    """``lmforge sweep --report DIR``: the table, best.yaml and PNGs of a sweep so far."""
+    import optuna
+
+    folder = Path(sweep_dir)
+    url = storage or f"sqlite:///{folder / STUDY_DB}"
+    if storage is None and not (folder / STUDY_DB).is_file():
+        raise UserError(f"'{folder}' holds no sweep ({STUDY_DB} is missing)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        store = make_storage(url)
+        names = optuna.get_all_study_names(store)
+    except Exception as e:  # noqa: BLE001 - as in open_study
+        raise _cannot_open(url, e) from None
+    name = study or (names[0] if len(names) == 1 else None)
+    if name not in names:
+        raise UserError(f"--study {study!r}: the storage holds {', '.join(names) or 'no study'}")
+    st = optuna.load_study(study_name=name, storage=store)
+    metric = st.user_attrs.get("metric", "value")
+    print(format_report(st, metric))
+    write_report(st, folder, metric)

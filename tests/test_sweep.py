@@ -1,0 +1,119 @@
+"""`lmforge sweep`: a killed sweep restarts to the same trials an uninterrupted one runs, bad sweep files are
+refused in one line, and optim.l1 shrinks the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lmforge.cli import main
+from lmforge.config import load_train_config
+from lmforge.run import load_run
+from lmforge.sweep import run_sweep, trial_dir
+from lmforge.training.loop import train
+
+
+def _sweep_file(tmp_path: Path, corpus: Path, **changes) -> Path:
+    spec = {
+        "base": "shakespeare-char",
+        "overrides": [f"data.sources=[{corpus}]", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                      "model.block_size=32", "train.batch_size=8", "train.max_steps=30", "train.eval_interval=10",
+                      "train.eval_batches=2", "train.log_interval=10", "train.ckpt_interval=10",
+                      "train.device=cpu", "train.precision=fp32", "optim.warmup_steps=0"],
+        "trials": 5, "seed": 3, "startup_trials": 2, "heartbeat_s": 1,
+        "space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
+                  "optim.weight_decay": {"type": "float", "low": 0.0, "high": 0.2}},
+        **changes,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(Path(json.__file__).read_text()[:60000])
+    return path
+
+
+def _finished(study) -> list[tuple[dict, float | None, str]]:
+    return [(t.params, t.value, t.state.name) for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def test_a_sweep_killed_mid_trial_restarts_to_the_same_trials_and_resumes_that_trial(tmp_path, corpus):
+    reference = run_sweep(str(_sweep_file(tmp_path, corpus)), out_dir=str(tmp_path / "ref"), say=lambda *a, **k: None)
+
+    # The same sweep in a process SIGKILLed once trial 2 has a checkpoint, then started again.
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lmforge", "sweep", "-c", str(_sweep_file(tmp_path, corpus)), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = trial_dir(out, 2) / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert latest.exists(), "trial 2 never wrote a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = (trial_dir(out, 2) / "checkpoints" / "latest").read_text().strip()
+    restarted = run_sweep(str(_sweep_file(tmp_path, corpus)), out_dir=str(out), say=lambda *a, **k: None)
+
+    assert _finished(restarted) == _finished(reference)
+    states = [t.state.name for t in restarted.get_trials()]
+    assert states.count("FAIL") == 1 and len(states) == len(reference.get_trials()) + 1
+    # Every finished trial trained once, in its own directory: the retry resumed trial 2's from its checkpoint.
+    finished = [t for t in restarted.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+    dirs = {Path(t.user_attrs["run_dir"]) for t in finished}
+    assert len(dirs) == len(finished) and dirs == set((out / "trials").iterdir()) and trial_dir(out, 2) in dirs
+    for d in dirs:
+        records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert sum(r["kind"] == "done" for r in records) == 1
+    assert killed_at != "step_000000" and (out / "best.yaml").is_file() and (out / "history.png").is_file()
+
+
+def test_bad_sweep_files_are_refused_in_one_line_and_touch_no_study(tmp_path, corpus, capsys):
+    cases = [
+        ({"space": {"optim.lrr": {"type": "float", "low": 1e-4, "high": 1e-2}}}, "optim.lrr"),
+        ({"space": {"optim.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}}, "empty range"),
+        ({"space": {"optim.lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}}, "log range"),
+        ({"space": {"model.n_layer": {"type": "categorical", "choices": []}}}, "non-empty list"),
+        ({"metric": "accuracy"}, "metric 'accuracy'"),
+        ({"pruner": "sometimes"}, "pruner 'sometimes'"),
+    ]
+    for changes, expected in cases:
+        path = _sweep_file(tmp_path, corpus, **changes)
+        assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "\n" not in err, err
+        assert not (tmp_path / "sw").exists()
+    path = _sweep_file(tmp_path, corpus)
+    assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw2"), "--storage", "nosuchdb://x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--storage nosuchdb://x" in err and "\n" not in err and not (tmp_path / "sw2").exists()
+
+
+def test_l1_shrinks_the_sum_of_absolute_weights(tmp_path, corpus):
+    sums = {}
+    for l1 in (0.0, 1e-3):
+        cfg = load_train_config("shakespeare-char", [
+            f"data.sources=[{corpus}]", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+            "model.block_size=32", "train.batch_size=8", "train.max_steps=40", "train.eval_interval=40",
+            "train.eval_batches=1", "train.log_interval=20", "train.device=cpu", "train.precision=fp32",
+            "optim.warmup_steps=0", "optim.weight_decay=0.0", f"optim.l1={l1}", f"out_dir={tmp_path / str(l1)}",
+            "sample.num_samples=0"])
+        train(cfg, progress=False)
+        model = load_run(tmp_path / str(l1)).model
+        sums[l1] = sum(p.abs().sum().item() for p in model.parameters() if p.dim() >= 2)
+        records = [json.loads(x) for x in (tmp_path / str(l1) / "metrics.jsonl").read_text().splitlines()]
+        assert any("l1_penalty" in r for r in records) == (l1 > 0)
+    assert sums[1e-3] < 0.9 * sums[0.0]
+    assert torch.isfinite(torch.tensor(list(sums.values()))).all()
