@@ -5,11 +5,11 @@ the search space over any config keys, the metric and its direction::
 
     base: shakespeare-fast
     overrides: [train.max_steps=300, train.eval_interval=50]
-    metric: val_loss            # val_loss | val_bpb | val_ppl
+    metric: val_loss            # val_loss | val_bpb | val_ppl (finetune: exact_match, val_accuracy, val_macro_f1)
     direction: minimize
     trials: 20
     seed: 0
-    pruner: median              # median | hyperband | none
+    pruner: median              # median | hyperband | asha | none
     space:
       optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
       optim.warmup_steps: {type: int, low: 0, high: 100}
@@ -42,12 +42,16 @@ from typing import Any
 import yaml
 
 from lmforge import rundir
-from lmforge.config import load_train_config
+from lmforge.config import load_finetune_config, load_train_config
 from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.finetuning.loop import finetune
 from lmforge.training.loop import train
 
-METRICS = ("val_loss", "val_bpb", "val_ppl")
-PRUNERS = ("median", "hyperband", "none")
+METRICS = {"train": ("val_loss", "val_bpb", "val_ppl"),
+           "sft": ("val_loss", "val_ppl", "exact_match"),
+           "classify": ("val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall")}
+"""What each kind of trial reports: pretraining, and fine-tuning per task (exact_match only at the end)."""
+PRUNERS = ("median", "hyperband", "asha", "none")
 TYPES = ("float", "int", "categorical")
 STUDY_DB = "study.db"
 
@@ -70,8 +74,11 @@ class Param:
 
 @dataclass
 class SweepConfig:
-    base: str = "default"
-    """The recipe (shipped name or YAML path) every trial starts from."""
+    command: str = "train"
+    """What each trial runs: 'train' (pretraining) or 'finetune'."""
+    base: str | None = "default"
+    """The recipe (shipped name or YAML path) every trial starts from: a train or a finetune config; null: the
+    defaults in code (a finetune sweep then sets base=..., data.train=... in overrides)."""
     overrides: list[str] = field(default_factory=list)
     """Dotted overrides every trial gets (its budget: train.max_steps=..., train.budget_minutes=...)."""
     space: dict[str, Param] = field(default_factory=dict)
@@ -110,8 +117,12 @@ def load_sweep(path: str) -> SweepConfig:
         raise _problem(path, "'space' must map config keys to ranges, e.g. optim.lr: {type: float, low: 1e-4, "
                              "high: 1e-2, log: true}")
     cfg = SweepConfig(**data, space={key: _param(path, key, spec) for key, spec in space.items()})
-    if cfg.metric not in METRICS:
-        raise _problem(path, f"metric '{cfg.metric}' is not one training reports (expected: {', '.join(METRICS)})")
+    if cfg.command not in ("train", "finetune"):
+        raise _problem(path, f"command '{cfg.command}': expected train or finetune")
+    kind = trial_config(cfg, []).task if cfg.command == "finetune" else "train"
+    if cfg.metric not in METRICS[kind]:
+        raise _problem(path, f"metric '{cfg.metric}' is not one {kind} trials report "
+                             f"(expected: {', '.join(METRICS[kind])})")
     if cfg.direction not in ("minimize", "maximize"):
         raise _problem(path, f"direction '{cfg.direction}': expected minimize or maximize")
     if cfg.pruner not in PRUNERS:
@@ -121,10 +132,16 @@ def load_sweep(path: str) -> SweepConfig:
     for key, param in cfg.space.items():
         for value in param.values():
             try:
-                load_train_config(cfg.base, [*cfg.overrides, _override(key, value)])
+                trial_config(cfg, [_override(key, value)])
             except UserError as e:
                 raise _problem(path, f"space key '{key}' = {value!r}: {e}") from None
     return cfg
+
+
+def trial_config(cfg: SweepConfig, overrides: list[str]):
+    """The config of a trial: the base recipe, the sweep's overrides, then the trial's own."""
+    load = load_finetune_config if cfg.command == "finetune" else load_train_config
+    return load(cfg.base, [*cfg.overrides, *overrides])
 
 
 def _param(path: str, key: str, spec: object) -> Param:
@@ -184,6 +201,7 @@ def open_study(cfg: SweepConfig, sweep_dir: Path, name: str, storage_url: str | 
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials,
                                                     n_warmup_steps=cfg.warmup_steps),
               "hyperband": optuna.pruners.HyperbandPruner(),
+              "asha": optuna.pruners.SuccessiveHalvingPruner(),
               "none": optuna.pruners.NopPruner()}[cfg.pruner]
     try:
         return optuna.create_study(study_name=name, storage=make_storage(url, cfg.heartbeat_s), direction=cfg.direction,
@@ -259,8 +277,8 @@ def _objective(cfg: SweepConfig, sweep_dir: Path, say):
             original = RetryFailedTrialCallback.retried_trial_number(frozen)
         run_dir = trial_dir(sweep_dir, trial.number if original is None else original)
         trial.set_user_attr("run_dir", str(run_dir))
-        tc = load_train_config(cfg.base, [*cfg.overrides, *(_override(k, v) for k, v in params.items()),
-                                          f"out_dir={run_dir}", "sample.num_samples=0"])
+        extra = [] if cfg.command == "finetune" else ["sample.num_samples=0"]
+        tc = trial_config(cfg, [*(_override(k, v) for k, v in params.items()), f"out_dir={run_dir}", *extra])
         resume = rundir.is_run_dir(run_dir) and rundir.latest_checkpoint(run_dir) is not None
         if run_dir.exists() and not resume:  # killed before its first checkpoint: nothing to keep
             shutil.rmtree(run_dir)
@@ -268,6 +286,8 @@ def _objective(cfg: SweepConfig, sweep_dir: Path, say):
 
         def on_eval(step: int, metrics: dict[str, float]) -> bool:
             nonlocal pruned
+            if cfg.metric not in metrics and cfg.metric != "val_ppl":  # exact_match: only at the end
+                return False
             with warnings.catch_warnings():  # a retry re-reports steps its failed trial reported
                 warnings.simplefilter("ignore")
                 trial.report(_metric(metrics, cfg.metric), step)
@@ -279,13 +299,18 @@ def _objective(cfg: SweepConfig, sweep_dir: Path, say):
         say(f"trial {trial.number}{again}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                        for k, v in params.items()), flush=True)
         try:
-            result = train(tc, resume=resume, progress=False, on_eval=on_eval)
+            if cfg.command == "finetune":
+                result = finetune(tc, resume=resume, progress=False, on_eval=on_eval)
+                final = result.metrics
+            else:
+                result = train(tc, resume=resume, progress=False, on_eval=on_eval)
+                final = {"val_loss": result.val_loss, "val_bpb": result.val_bpb}
         except TrainingInterrupted:
             trial.set_user_attr("interrupted", True)
             raise
         trial.set_user_attr("steps", result.step)
         trial.set_user_attr("train_time_s", result.train_time_s)
-        value = _metric({"val_loss": result.val_loss, "val_bpb": result.val_bpb}, cfg.metric)
+        value = _metric(final, cfg.metric)
         say(f"  {'pruned' if pruned else 'done'} at step {result.step}: {cfg.metric} {value:.4f}", flush=True)
         if pruned:
             raise optuna.TrialPruned()

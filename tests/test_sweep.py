@@ -50,6 +50,7 @@ def _finished(study) -> list[tuple[dict, float | None, str]]:
     return [(t.params, t.value, t.state.name) for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
 
 
+@pytest.mark.slow  # ~30 s: two sweeps, one of them in a process killed and started again
 def test_a_sweep_killed_mid_trial_restarts_to_the_same_trials_and_resumes_that_trial(tmp_path, corpus):
     reference = run_sweep(str(_sweep_file(tmp_path, corpus)), out_dir=str(tmp_path / "ref"), say=lambda *a, **k: None)
 

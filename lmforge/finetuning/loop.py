@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -74,8 +74,10 @@ class FinetuneTask(Protocol):
         """What the end of the run prints beyond the scalar metrics."""
 
 
-def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> FinetuneResult:
-    """Fine-tune per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint."""
+def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
+             on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> FinetuneResult:
+    """Fine-tune per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint.
+    on_eval(step, metrics) is called after every evaluation; True stops the run there (a sweep's pruner)."""
     validate_finetune_config(cfg)  # before anything is created
     tc = cfg.train
     session = TrainingSession.open(cfg, resume, progress)
@@ -163,7 +165,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
 
     job = Job(model=model, optimizer=optimizer, scaler=rt.grad_scaler(), batches=batches(),
               loss=lambda b: task.loss(step_model, b), evaluate=evaluate, save=save,
-              flops_per_token=flops_tok, peak_flops=peak, synced=synced)
+              flops_per_token=flops_tok, peak_flops=peak, synced=synced, on_eval=on_eval)
     out = session.run(job, state, logger)
 
     if cfg.lora.rank > 0 and cfg.lora.merge and rt.is_main:
