@@ -157,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     req = EvalRequest(lm=args.lm or [], dataset=args.dataset, split=args.split, generate=args.generate,
                       choice=args.choice, classify=args.classify, stride=args.stride, batch_size=args.batch_size,
                       text_field=args.text_field, label_field=args.label_field, sampling=sampling,
-                      max_new_tokens=args.max_new_tokens, stop=args.stop or [])
+                      max_new_tokens=args.max_new_tokens, stop=args.stop or [], chat=args.chat)
     out = report_path(args.output, args.run)
     report = evaluate_run(args.run, req, args.device, args.precision)
     print(format_report(report))
@@ -303,6 +303,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise UserError("lmforge sweep needs -c SWEEP.yaml (or --report DIR)")
     run_sweep(args.config, trials=args.trials, timeout_min=args.timeout, study=args.study, storage=args.storage,
               out_dir=args.out)
+
+
+def cmd_app(args: argparse.Namespace) -> None:
+    from lmforge.apps.recipe import AppRequest, get_app, run_app
+
+    app = get_app(args.name)
+    options = {"lang": args.lang} if "lang" in app.options else {}
+    if args.lang != "de" and "lang" not in app.options:
+        raise UserError(f"--lang applies to translation, not to {app.name}")
+    run_app(AppRequest(name=args.name, sources=args.sources, out_dir=args.out, base=args.base, seed=args.seed,
+                       split_seed=args.split_seed, test_fraction=args.test_fraction, max_test=args.max_test,
+                       overrides=args.set or [], data_only=args.data_only, options=options))
 
 
 def _add_report_flags(p: argparse.ArgumentParser) -> None:
@@ -496,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--generate: stop where the answer contains this string, taken literally; repeatable "
                         "(default: none)")
     p.add_argument("--seed", type=int, default=0, help="--generate: sampling seed (default %(default)s)")
+    p.add_argument("--chat", action="store_true",
+                   help="--generate: wrap each prompt as a user turn of the run's chat template (fine-tuned runs)")
     p.add_argument("--output", "-o", help="JSON report path (default: RUN/eval.json, or ./eval.json)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', 'mps' (default %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -604,6 +618,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep directory (default: sweeps/STUDY)")
     p.add_argument("--report", metavar="DIR", help="print and write the report of the sweep in DIR, then exit")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("app", help="an application end to end: translation, summarization or qa from local text",
+                       description="Build the task's records from this machine's text (or SOURCES), split them, "
+                                   "fine-tune the default run on them (chat SFT), evaluate on the held-out split "
+                                   "beside the simple baselines, and write OUT/report.md and results.json.")
+    p.add_argument("name", choices=["translation", "summarization", "qa"], help="the application")
+    p.add_argument("sources", nargs="*", help="translation: .po/.mo files or folders (default: the system's "
+                                              "catalogs for --lang); summarization, qa: .py files or folders "
+                                              "(default: the standard library)")
+    p.add_argument("--lang", default="de", help="translation: the language to translate English into "
+                                                "(default %(default)s)")
+    p.add_argument("--out", help="output folder (default runs/apps/NAME-seedN)")
+    p.add_argument("--base", default="runs/default",
+                   help="the run to fine-tune (default %(default)s, trained first if missing)")
+    p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (default %(default)s)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split (default %(default)s)")
+    p.add_argument("--test-fraction", type=probability, help="held-out fraction of the records (default: the app's)")
+    p.add_argument("--max-test", type=positive_int, help="evaluate on the first N test records only")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a fine-tuning override on top of the app's recipe, e.g. train.budget_minutes=2; repeatable")
+    p.add_argument("--data-only", action="store_true", help="build and write the data, then stop")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("import", help="turn a Hugging Face model folder (or hub id) into a run directory")
     p.add_argument("source", help="folder in save_pretrained format (GPT-2, Llama, Mistral, Qwen2), or a hub id")

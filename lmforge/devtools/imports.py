@@ -29,7 +29,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                                                   "lmforge.run", "lmforge.chat_repl")),
     ("evaluate, compress", ("lmforge.evaluate", "lmforge.compress")),
     ("finetune", ("lmforge.finetuning",)),
-    ("serve, sweep", ("lmforge.serve", "lmforge.sweep")),
+    ("serve, sweep, apps", ("lmforge.serve", "lmforge.sweep", "lmforge.apps")),
     ("command line", ("lmforge.cli", "lmforge.__main__")),
 ]
 """Floors, lowest first: a module imports only from its own floor or below."""

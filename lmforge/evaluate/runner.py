@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge import rundir
+from lmforge.chat import ChatTemplate
 from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.evaluate import lm, tasks
@@ -38,6 +39,8 @@ class EvalRequest:
     sampling: dict = field(default_factory=lambda: {"temperature": 0.0})
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
+    chat: bool = False
+    """--generate: each prompt is a user turn of the run's chat template (its answer ends at the turn's end)."""
 
 
 def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: str = "auto",
@@ -87,17 +90,24 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
 
 def _generation(model: torch.nn.Module, run: LoadedRun, req: EvalRequest, rt: Runtime, progress: bool) -> dict:
     items = tasks.read_generation_task(req.generate)
+    prompts = [p for p, _ in items]
+    chat: dict = {}
+    if req.chat:
+        template = ChatTemplate.resolve(None, run.folder, run.tokenizer)
+        prompts = [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        chat = {"stop_ids": template.stop_ids, "allow_special": True}
     outputs: list[str] = []
     bar = tqdm(total=len(items), unit="prompt", desc="generating", disable=not progress, file=sys.stderr)
     for i in range(0, len(items), req.batch_size):
         with rt.autocast():
-            outputs += generate_text(model, run.tokenizer, [p for p, _ in items[i:i + req.batch_size]],
-                                     req.max_new_tokens, stop_strings=req.stop, **req.sampling)
+            outputs += generate_text(model, run.tokenizer, prompts[i:i + req.batch_size], req.max_new_tokens,
+                                     stop_strings=req.stop, **chat, **req.sampling)
         bar.update(len(items[i:i + req.batch_size]))
     bar.close()
     metrics = tasks.generation_metrics(outputs, [refs for _, refs in items])
     return {**metrics, "file": req.generate, "data_sha256": tasks.file_sha256(req.generate),
-            "settings": {"max_new_tokens": req.max_new_tokens, "stop": req.stop, **req.sampling},
+            "settings": {"max_new_tokens": req.max_new_tokens, "stop": req.stop, "chat": req.chat, **req.sampling},
+            "outputs": outputs,
             "samples": [{"prompt": p, "output": o, "references": r}
                         for (p, r), o in list(zip(items, outputs, strict=True))[:5]]}
 

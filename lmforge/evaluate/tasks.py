@@ -7,6 +7,9 @@ outputs, never re-implemented.
 from __future__ import annotations
 
 import hashlib
+import re
+import string
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -15,6 +18,8 @@ import torch.nn.functional as F
 from lmforge.data.records import BadRecord, read_records, require
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -46,8 +51,32 @@ def read_generation_task(path: str) -> list[tuple[str, list[str]]]:
     return [x for x, _ in read_records(path, convert, skip_bad_lines=False)]
 
 
+def squad_normalize(text: str) -> str:
+    """SQuAD's answer normalisation (its v1.1 evaluation script): lower case, no punctuation, no articles,
+    single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_scores(hypothesis: str, references: list[str]) -> tuple[float, float]:
+    """(exact match, token F1) of one answer, SQuAD style: normalised, the best over the references."""
+    hyp = squad_normalize(hypothesis).split()
+    em = f1 = 0.0
+    for ref in references:
+        gold = squad_normalize(ref).split()
+        em = max(em, float(hyp == gold))
+        common = sum((Counter(hyp) & Counter(gold)).values())
+        if common:
+            precision, recall = common / len(hyp), common / len(gold)
+            f1 = max(f1, 2 * precision * recall / (precision + recall))
+        elif not hyp and not gold:
+            f1 = max(f1, 1.0)
+    return em, f1
+
+
 def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> dict:
-    """Corpus BLEU and chrF (sacrebleu), mean ROUGE-1/2/L F1 (rouge-score, best reference), exact match."""
+    """Corpus BLEU and chrF (sacrebleu), mean ROUGE-1/2/L F1 (rouge-score, best reference), exact match
+    (verbatim), and SQuAD's normalised exact match and token F1."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -61,11 +90,13 @@ def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> di
         for k in rouge:
             rouge[k] += scores[k].fmeasure
     n = len(hypotheses)
+    squad = [squad_scores(h, refs) for h, refs in zip(hypotheses, references, strict=True)]
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, streams).score,
             "chrf": sacrebleu.corpus_chrf(hypotheses, streams).score,
             **{k: 100 * v / n for k, v in rouge.items()},
             "exact_match": 100 * sum(h.strip() in {r.strip() for r in refs}
                                      for h, refs in zip(hypotheses, references, strict=True)) / n,
+            "squad_em": 100 * sum(em for em, _ in squad) / n, "squad_f1": 100 * sum(f1 for _, f1 in squad) / n,
             "examples": n}
 
 

@@ -38,6 +38,17 @@ def test_generation_metrics_equal_sacrebleu_and_rouge_score_called_directly():
     assert single["bleu"] == pytest.approx(100.0) and single["rougeL"] == pytest.approx(100.0)
 
 
+@pytest.mark.parametrize("hyp, refs, em, f1", [
+    ("The Cat sat.", ["a cat sat"], 1.0, 1.0),  # case, punctuation and articles do not count
+    ("the number of words", ["the number of words in text"], 0.0, 2 * 1 * 0.6 / 1.6),  # P 3/3, R 3/5
+    ("None", ["'None'", "False"], 1.0, 1.0),  # the best reference
+    ("", ["x"], 0.0, 0.0),
+    ("red red", ["red"], 0.0, 2 * 0.5 * 1 / 1.5),  # tokens are counted (a multiset), not a set
+])
+def test_squad_scores_follow_the_squad_v1_script(hyp, refs, em, f1):
+    assert tasks.squad_scores(hyp, refs) == (em, pytest.approx(f1))
+
+
 def test_loglikelihoods_equal_a_full_forward_pass_and_flag_greedy_continuations():
     model = tiny_model()
     ctx, cont = [3, 4, 5, 6], [7, 8, 9]

@@ -1,0 +1,93 @@
+"""Code summarization: a Python function or class, its docstring removed -> the docstring's first
+sentence. Built from the standard library (the default corpus's files: its test suites left out) or
+any source tree given.
+
+The input is the definition's source with the docstring's lines taken out, cut to :data:`MAX_INPUT`
+characters at a line end (the head of a long class: its signature and first methods). Left out:
+definitions without a docstring, whose first sentence is under 3 or over 30 words (or over
+:data:`MAX_TARGET` characters), and those whose docstring was all they held. A record's key is its
+file (see :class:`~lmforge.apps.pysource.Documented`).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from lmforge.apps.baselines import name_words
+from lmforge.apps.pysource import documented_definitions
+from lmforge.apps.records import BuildReport, TaskRecord
+from lmforge.apps.spec import App
+
+MAX_INPUT = 300
+"""Characters of source the model reads: with the prompt around it, within the default model's 256 tokens."""
+MAX_TARGET = 160
+
+
+def first_sentence(docstring: str) -> str:
+    """The docstring's first paragraph, on one line, up to the end of its first sentence."""
+    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+    match = re.search(r"(?<=[.!?])\s", paragraph)
+    return paragraph[:match.start()] if match else paragraph
+
+
+def without_docstring(lines: list[str], node: ast.AST) -> str:
+    """The definition's source lines with its docstring's lines taken out, dedented, cut to MAX_INPUT."""
+    doc = node.body[0]
+    start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+    kept = lines[start - 1:doc.lineno - 1] + lines[doc.end_lineno:node.end_lineno]
+    indent = min((len(x) - len(x.lstrip()) for x in kept if x.strip()), default=0)
+    text, out = "", []
+    for line in kept:
+        line = line[indent:].rstrip()
+        if len(text) + len(line) + 1 > MAX_INPUT:
+            break
+        out.append(line)
+        text += line + "\n"
+    return "\n".join(out).strip("\n")
+
+
+def build_summarization(sources: list[str], report: BuildReport) -> list[TaskRecord]:
+    """One record per documented function, method or class in the files (see the module docstring)."""
+    records = []
+    for d in documented_definitions(sources, report):
+        target = first_sentence(d.docstring)
+        if not 3 <= len(target.split()) <= 30 or len(target) > MAX_TARGET:
+            report.dropped["first sentences under 3 or over 30 words"] += 1
+        elif len(d.node.body) == 1:
+            report.dropped["definitions that are only a docstring"] += 1
+        elif not (source := without_docstring(d.lines, d.node)):
+            report.dropped[f"definitions whose first line is over {MAX_INPUT} characters"] += 1
+        else:
+            records.append(TaskRecord(key=d.file, source=source, target=target, origin=f"{d.file}:{d.node.lineno}"))
+    return records
+
+
+def definition_name(record: TaskRecord) -> str:
+    """The name a definition's first line gives it (def NAME / class NAME)."""
+    match = re.search(r"^\s*(?:async\s+)?(?:def|class)\s+(\w+)", record.source, re.M)
+    return match.group(1) if match else ""
+
+
+def lead_name(record: TaskRecord) -> str:
+    """Baseline: the definition's name split into words (``read_file`` -> ``read file``)."""
+    return name_words(definition_name(record))
+
+
+def lead_line(record: TaskRecord) -> str:
+    """Baseline: the definition's first line (its signature)."""
+    return next((x.strip() for x in record.source.splitlines() if re.match(r"\s*(async\s+)?(def|class)\s", x)), "")
+
+
+def summarization_prompt(record: TaskRecord, neighbour: TaskRecord) -> str:
+    """The user turn: the code, then its name in words (the lead baseline's answer) last, next to where the
+    answer starts: prose tokens the summary can reuse, where the identifier's are code tokens. The
+    neighbour's summary is left out: it is no better than the lead, and the code needs the room."""
+    return (f"Summarize the code in one sentence, as its docstring would.\n\n{record.source}\n\n"
+            f"Name: {lead_name(record)}")
+
+
+APP = App(name="summarization", summary="Python definitions to the first sentence of their docstring",
+          build=build_summarization, prompt=summarization_prompt, metric="rougeL",
+          metrics=("rouge1", "rouge2", "rougeL"), test_fraction=0.12, max_new_tokens=48,
+          baselines={"lead (name in words)": lead_name, "lead (first line)": lead_line})

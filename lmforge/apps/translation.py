@@ -1,0 +1,114 @@
+"""Translation pairs from gettext catalogs: the messages of the programs on this machine, as their
+translators wrote them (``/usr/share/locale/<lang>/LC_MESSAGES/*.mo``, or any ``.po``/``.mo`` given).
+
+Kept: an entry with a translation, not fuzzy, not obsolete, not a plural form, whose format
+placeholders (``%s``, ``%1$d``, ``%(name)s``, ``{0}``) are the same in both languages (a translation
+may reorder them), with source and target of 1 to :data:`MAX_CHARS` characters. A message is
+grouped (and split) by its source in a normal form (case, spacing and trailing punctuation
+ignored), so "Cannot open %s" and "cannot open %s." never end up on both sides.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import polib
+
+from lmforge.apps.baselines import copy_source
+from lmforge.apps.records import BuildReport, TaskRecord
+from lmforge.apps.spec import App
+from lmforge.errors import UserError
+
+MAX_CHARS = 100
+"""Longest source or target kept, in characters: four of them (a neighbour's pair and the message and
+its translation) must fit the default model's 256-token context."""
+
+LOCALE_DIR = Path("/usr/share/locale")
+
+_PLACEHOLDER = re.compile(r"%(?:\d+\$)?(?:\([A-Za-z_]\w*\))?[-+ #0']*(?:\*|\d+)?(?:\.(?:\*|\d+))?"
+                          r"(?:hh|h|ll|l|L|q|j|z|t)?[diouxXeEfFgGaAcspn]|\{[A-Za-z_0-9]*(?:![rsa])?(?::[^{}]*)?\}")
+
+
+def placeholders(text: str) -> Counter:
+    """The format placeholders of a message, positions (``%2$``) left out: a translation may reorder them."""
+    return Counter(re.sub(r"^%\d+\$", "%", m) for m in _PLACEHOLDER.findall(text.replace("%%", "")))
+
+
+def message_key(text: str) -> str:
+    """A message's normal form: case, runs of spaces and trailing punctuation ignored."""
+    return " ".join(text.casefold().split()).rstrip(".:!?… ")
+
+
+def catalog_paths(sources: list[str], lang: str) -> list[Path]:
+    """The catalogs to read: each given .po/.mo file, every one under each given folder, or by default
+    the system's catalogs for ``lang``."""
+    if not sources:
+        folder = LOCALE_DIR / lang / "LC_MESSAGES"
+        if not folder.is_dir():
+            raise UserError(f"no gettext catalogs for language '{lang}' in {folder} (give .po/.mo files or folders)")
+        sources = [str(folder)]
+    paths: list[Path] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix in (".po", ".mo") and q.is_file())
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise UserError(f"catalog '{s}' does not exist (expected a .po or .mo file, or a folder of them)")
+    return sorted(set(paths))
+
+
+def _read_catalog(path: Path) -> polib._BaseFile:
+    return polib.mofile(str(path)) if path.suffix == ".mo" else polib.pofile(str(path))
+
+
+def build_translation(sources: list[str], lang: str, report: BuildReport) -> list[TaskRecord]:
+    """English -> ``lang`` records from the catalogs (see the module docstring for what is kept)."""
+    records = []
+    for path in catalog_paths(sources, lang):
+        try:
+            catalog = _read_catalog(path)
+        except Exception as e:  # noqa: BLE001 - polib raises OSError, ValueError, struct.error... on a corrupt file
+            report.skip_file(path, f"{type(e).__name__}: {e}")
+            continue
+        report.files += 1
+        for entry in catalog:
+            reason = _drop_reason(entry)
+            if reason:
+                report.dropped[reason] += 1
+                continue
+            records.append(TaskRecord(key=message_key(entry.msgid), source=entry.msgid, target=entry.msgstr,
+                                      origin=path.name))
+    return records
+
+
+def _drop_reason(entry: polib._BaseEntry) -> str | None:
+    if not entry.msgid.strip():
+        return "empty messages"
+    if entry.msgid_plural:
+        return "plural forms"
+    if entry.obsolete or "fuzzy" in entry.flags:
+        return "fuzzy or obsolete entries"
+    if not entry.msgstr.strip():
+        return "untranslated messages"
+    if len(entry.msgid) > MAX_CHARS or len(entry.msgstr) > MAX_CHARS:
+        return f"messages over {MAX_CHARS} characters"
+    if placeholders(entry.msgid) != placeholders(entry.msgstr):
+        return "translations whose placeholders differ"
+    return None
+
+
+def translation_prompt(record: TaskRecord, neighbour: TaskRecord) -> str:
+    """The user turn: the message, then the nearest training message and its translation (a translation
+    memory's match) last, next to where the answer starts, which often repeats much of it."""
+    return (f"Translate the message.\n\nMessage: {record.source}\n\nSimilar: {neighbour.source}\n"
+            f"Its translation: {neighbour.target}")
+
+
+APP = App(name="translation", summary="English to German (or any language given) from gettext catalogs",
+          build=lambda sources, report, lang="de": build_translation(sources, lang, report),
+          prompt=translation_prompt, metric="chrf", metrics=("chrf", "bleu"), test_fraction=0.02,
+          max_new_tokens=80, baselines={"copy the source": copy_source}, options=("lang",))
