@@ -102,11 +102,11 @@ def _drop_reason(entry: polib._BaseEntry) -> str | None:
 
 
 def translation_prompt(record: TaskRecord, neighbour: TaskRecord) -> str:
-    """The user turn: the message, then the nearest training message and its translation (a translation
-    memory's match) last, next to where the answer starts, which often repeats much of it."""
-    return (f"Translate the message.\n\nMessage: {record.source}\n\nSimilar: {neighbour.source}\n"
-            f"Its translation: {neighbour.target}")
-
+    """The user turn: the nearest training message and its translation (a translation memory's match),
+    then the message to translate. (Measured: this order, at the lower learning rate of the recipe, beat
+    the neighbour-last order at twice the rate: chrF 18.9 vs 14.5, BENCHMARKS.md.)"""
+    return (f"Translate, as in the example.\n\nExample:\n{neighbour.source}\n=> {neighbour.target}\n\n"
+            f"Message:\n{record.source}")
 
 APP = App(name="translation", summary="English to German (or any language given) from gettext catalogs",
           build=lambda sources, report, lang="de": build_translation(sources, lang, report),
