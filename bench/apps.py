@@ -6,7 +6,7 @@ the strongest baseline, for BENCHMARKS.md and the README's table.
 
 Each (app, seed) is one ordinary recipe run, ``lmforge app NAME --seed S --out DIR/NAME-seedS``, from the default
 run (runs/default; trained first if missing). A finished run (its results.json) is read, not run again, so a killed
-bench continues where it stopped.
+bench continues where it stopped; the JSON keeps the entries of apps not named this time.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ def main() -> None:
     ap.add_argument("--dir", default="runs/apps-bench")
     ap.add_argument("--json", default="bench/results/apps.json")
     args = ap.parse_args()
-    summary = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "python": platform.python_version()}, "apps": {}}
+    json_path = Path(args.json)
+    summary = json.loads(json_path.read_text()) if json_path.is_file() else {"apps": {}}  # other apps' entries are kept
+    summary["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "python": platform.python_version()}
     for name in args.apps:
         runs = []
         for seed in args.seeds:
@@ -47,8 +49,8 @@ def main() -> None:
         summary["apps"][name] = s
         print(f"{name}: {s['metric']} {s['mean']:.2f} ± {s['sd']:.2f} over seeds {s['seeds']} | bar "
               f"{s['bar']['baseline']} {s['bar']['value']:.2f} | {max(s['minutes']):.1f} min at most", flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.json}", file=sys.stderr)
 
 
