@@ -125,13 +125,12 @@ def run_app(req: AppRequest, say=print) -> dict:
     cfg = load_finetune_config(APP_CONFIGS / f"{app.name}.yaml", [
         f"base={req.base}", f"out_dir={out / 'model'}", f"data.train={data_dir / 'train.jsonl'}",
         f"train.seed={req.seed}", f"data.seed={req.seed}", *req.overrides])
-    if not req.data_only:
-        if Path(cfg.out_dir).exists():
-            raise UserError(f"'{cfg.out_dir}' already exists: give another --out (each recipe run starts fresh)")
-        ensure_base(req.base, say)
-    train_recs, test_recs = build_data(app, req, data_dir, say)
+    if not req.data_only and Path(cfg.out_dir).exists():
+        raise UserError(f"'{cfg.out_dir}' already exists: give another --out (each recipe run starts fresh)")
+    train_recs, test_recs = build_data(app, req, data_dir, say)  # bad sources are found here, before any training
     if req.data_only:
         return {"data": str(data_dir)}
+    ensure_base(req.base, say)
     test_path = data_dir / "test.jsonl"
     if req.max_test is not None:
         rows = read_jsonl(test_path)[:req.max_test]
