@@ -23,8 +23,23 @@ from lmforge.hardware import bf16_gemm_speedup
 from lmforge.malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where this process computes: its device, and its rank among ``world_size`` processes (torchrun's)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 @dataclass
 class Runtime:
+    """A placement and the precision computed in there (see :func:`setup_runtime`)."""
+
     device: torch.device
     precision: str  # "bf16" | "fp16" | "fp32"
     rank: int = 0
@@ -33,6 +48,10 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.device, self.rank, self.world_size)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -100,8 +119,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 0) -> Runtime:
-    """Pick the device and precision; rank/world size come from torchrun's environment if present."""
+def place(device: str = "auto", threads: int = 0) -> Placement:
+    """This process's device (``threads`` CPU threads if > 0), rank and world size (torchrun's environment, if
+    present)."""
     if threads > 0:
         torch.set_num_threads(threads)
     rank = int(os.environ.get("RANK", 0))
@@ -114,7 +134,14 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 
         # TF32 matmuls for any fp32 work left outside autocast.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device=dev, precision=resolve_precision(precision, dev), rank=rank, world_size=world_size)
+    return Placement(dev, rank, world_size)
+
+
+def setup_runtime(device: str = "auto", precision: str = "auto", threads: int = 0) -> Runtime:
+    """Pick the device and precision (for inference: 'auto' by the GEMMs; training measures its own model's step,
+    :mod:`lmforge.training.precision`); rank/world size come from torchrun's environment if present."""
+    where = place(device, threads)
+    return Runtime(where.device, resolve_precision(precision, where.device), where.rank, where.world_size)
 
 
 def compile_falls_back_to_eager() -> None:

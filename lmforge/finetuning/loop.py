@@ -27,12 +27,10 @@ from lmforge.model import lora
 from lmforge.model.gpt import flops_per_token
 from lmforge.model.quantized import is_quantized
 from lmforge.run import load_run
-from lmforge.runtime import maybe_compile
 from lmforge.training.checkpoint import load_weights
-from lmforge.training.metrics import format_duration
-from lmforge.training.optim import build_optimizer
-from lmforge.training.session import TrainingSession
-from lmforge.training.steps import Job, format_metrics
+from lmforge.training.metrics import MetricsLogger, format_duration
+from lmforge.training.session import Trainee, TrainingSession
+from lmforge.training.steps import format_metrics
 
 
 @dataclass
@@ -76,42 +74,46 @@ class FinetuneTask(Protocol):
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
              on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> FinetuneResult:
-    """Fine-tune per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint.
-    on_eval(step, metrics) is called after every evaluation; True stops the run there (a sweep's pruner)."""
+    """Fine-tune per ``cfg`` (never modified: the run's resolved config is in its config.yaml); with ``resume``,
+    continue the run in cfg.out_dir from its latest checkpoint. on_eval(step, metrics) is called after every
+    evaluation; True stops the run there (a sweep's pruner)."""
     validate_finetune_config(cfg)  # before anything is created
-    tc = cfg.train
     session = TrainingSession.open(cfg, resume, progress)
-    rt, run_dir, say, par = session.rt, session.run_dir, session.say, session.parallel
+    run_dir, say = session.run_dir, session.say
 
+    # --- the plan: the base and its model, the precision
     base = load_run(cfg.base)
     if base.task != "lm":
         raise UserError(f"base '{cfg.base}' is a {base.task} run; fine-tune from a language model")
     if is_quantized(base.model):
         raise UserError(f"base '{cfg.base}' is quantized (its integer weights do not train): fine-tune its source "
                         f"run, then quantize the result")
-    cfg.base = str(Path(cfg.base).resolve())
     if cfg.dropout is not None:
         base.model.set_dropout(cfg.dropout)
-    cfg.model = dataclasses.replace(base.model.cfg)
-    session.choose_precision(cfg.model)
+
+    def derived(config: FinetuneConfig) -> None:
+        config.base = str(Path(cfg.base).resolve())
+        config.model = dataclasses.replace(base.model.cfg)
+
+    plan = session.make_plan(cfg, derived)
+    cfg, rt, tc = plan.config, plan.rt, plan.config.train
     max_len = cfg.data.max_length or cfg.model.block_size
     if not 0 < max_len <= cfg.model.block_size:
         raise UserError(f"data.max_length={max_len} must be between 1 and the model's context "
                         f"({cfg.model.block_size})")
+
+    # --- the task and its model, and what training it means
     torch.manual_seed(tc.seed)  # the same initial weights (a new head) on every rank
     task: FinetuneTask = (SFTTask(cfg, base.model, base.tokenizer, base.folder, max_len, rt) if cfg.task == "sft"
                           else ClassifyTask(cfg, base.model, base.tokenizer, max_len, rt))
     for line in task.summary:
         say(line)
-
     model = task.model
     if cfg.lora.rank > 0:
         model = lora.apply_lora(model, cfg.lora, task.trainable_modules)
     model.to(rt.device)
     trainable, total = lora.trainable_fraction(model)
-    par.check(model, cfg.optim.name, lora=cfg.lora.rank > 0)
-    synced = par.wrap(model)
-    optimizer = build_optimizer(model, cfg.optim, rt.device, rt.precision)
+    n_params = sum(p.numel() for p in base.model.parameters())
 
     def load_state(ckpt: Path) -> None:
         if cfg.lora.rank > 0:
@@ -123,50 +125,35 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
         base.tokenizer.save(folder / rundir.TOKENIZER)
         task.save_files(folder)
 
-    state = session.restore(model, optimizer, load_state)
-    session.create_run_dir("finetune", cfg.task, lora=cfg.lora.rank > 0, write_files=write_files)
-    step_model = maybe_compile(synced, tc.compile)
-    # Evaluation runs on the model itself, the same on every rank: under DDP without its wrapper (no collectives).
-    eval_model = step_model if synced is model else maybe_compile(model, tc.compile)
-
-    n_params = sum(p.numel() for p in base.model.parameters())
-    flops_tok = flops_per_token(cfg.model, n_params)
-    peak, peak_source = session.peak_flops()
-    say(f"run {run_dir} | {cfg.task} from {cfg.base} | trainable {trainable:,} of {total:,} parameters "
-        f"({trainable / total:.2%}){' with LoRA rank ' + str(cfg.lora.rank) if cfg.lora.rank else ''} | "
-        f"{session.describe_device()} | {session.describe_batch()} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-
-    logger = session.logger(state.step)
-    if session.resume_from is None and task.compare_with_base:
-        before = task.evaluate(eval_model, True)  # the base model's answers, for comparison
-        logger.log({"step": 0, "kind": "eval", **{k: v for k, v in before.items() if isinstance(v, float)}})
-        say(f"before fine-tuning: val loss {before['val_loss']:.4f} | exact match {before['exact_match']:.1%}")
-
     sampler = EpochSampler(task.n_train, tc.batch_size, tc.seed, rt.rank, rt.world_size)
 
-    def batches() -> Iterator[tuple[torch.Tensor, ...]]:
-        step = state.step
+    def batches(step: int) -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
             for micro in range(tc.grad_accum):
                 yield tuple(to_device(t, rt.device) for t in task.batch(sampler.indices(step, micro, tc.grad_accum)))
             step += 1
 
-    def save(st) -> None:
-        write = (lambda d: lora.save_adapter(model, d / rundir.ADAPTER)) if cfg.lora.rank > 0 else None
-        session.save(st, model, optimizer, write_weights=write)
-
     final_metrics: dict = {}
 
-    def evaluate(final: bool) -> dict[str, float]:
+    def evaluate(eval_model: torch.nn.Module, final: bool) -> dict[str, float]:
         metrics = task.evaluate(eval_model, final)
         if final:
             final_metrics.update(metrics)
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
-    job = Job(model=model, optimizer=optimizer, scaler=rt.grad_scaler(), batches=batches(),
-              loss=lambda b: task.loss(step_model, b), evaluate=evaluate, save=save,
-              flops_per_token=flops_tok, peak_flops=peak, synced=synced, on_eval=on_eval)
-    out = session.run(job, state, logger)
+    def before_training(eval_model: torch.nn.Module, logger: MetricsLogger) -> None:
+        before = task.evaluate(eval_model, True)  # the base model's answers, for comparison
+        logger.log({"step": 0, "kind": "eval", **{k: v for k, v in before.items() if isinstance(v, float)}})
+        say(f"before fine-tuning: val loss {before['val_loss']:.4f} | exact match {before['exact_match']:.1%}")
+
+    out = session.train(Trainee(
+        model=model, kind="finetune", task=cfg.task, lora=cfg.lora.rank > 0,
+        describe=f"{cfg.task} from {cfg.base} | trainable {trainable:,} of {total:,} parameters "
+                 f"({trainable / total:.2%}){' with LoRA rank ' + str(cfg.lora.rank) if cfg.lora.rank else ''}",
+        flops_per_token=flops_per_token(cfg.model, n_params), write_files=write_files, load_state=load_state,
+        batches=batches, loss=task.loss, evaluate=evaluate, on_eval=on_eval,
+        write_weights=(lambda d: lora.save_adapter(model, d / rundir.ADAPTER)) if cfg.lora.rank > 0 else None,
+        before_training=before_training if task.compare_with_base else None))
 
     if cfg.lora.rank > 0 and cfg.lora.merge and rt.is_main:
         ckpt = rundir.latest_checkpoint(run_dir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +25,13 @@ from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.model.gpt import GPT, flops_per_token
 from lmforge.model.hf import export_problem
-from lmforge.runtime import Runtime, maybe_compile
+from lmforge.options import Sampling
+from lmforge.runtime import Runtime
 from lmforge.training.checkpoint import load_weights
 from lmforge.training.metrics import bits_per_byte, format_duration, perplexity
-from lmforge.training.optim import build_optimizer
 from lmforge.training.parallel import Parallel
-from lmforge.training.session import TrainingSession
+from lmforge.training.session import Trainee, TrainingSession
 from lmforge.training.sparsity import MaskHolder
-from lmforge.training.steps import Job
 from lmforge.training.validation import split_loss
 
 
@@ -46,14 +45,14 @@ class TrainResult:
     stopped_early: bool
 
 
-def resolve_dataset(cfg: TrainConfig, progress: bool) -> Path:
+def resolve_dataset(cfg: TrainConfig, run_dir: Path, progress: bool) -> Path:
     """The prepared dataset to train on: given, prepared from sources next to the run, or the default."""
     if cfg.data.dataset_dir:
         return Path(cfg.data.dataset_dir)
     if not cfg.data.sources:
         out = prepared_default_dataset(cfg.data, progress=progress)
     else:
-        out = Path(cfg.out_dir) / "data"
+        out = run_dir / "data"
         if not (out / "meta.json").is_file():
             prepare(cfg.data, out, progress=progress)
     if progress:
@@ -77,71 +76,60 @@ def check_same_data(run_dir: Path, dataset_dir: Path, meta: dict, allow_change: 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, allow_data_change: bool = False,
           on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> TrainResult:
-    """Train per ``cfg``; with ``resume``, continue the run in cfg.out_dir from its latest checkpoint
-    (on the same data, unless ``allow_data_change``). on_eval(step, metrics) is called after every evaluation;
-    True stops the run there (a sweep's pruner)."""
+    """Train per ``cfg`` (never modified: the run's resolved config is in its config.yaml); with ``resume``,
+    continue the run in cfg.out_dir from its latest checkpoint (on the same data, unless ``allow_data_change``).
+    on_eval(step, metrics) is called after every evaluation; True stops the run there (a sweep's pruner)."""
     validate_train_config(cfg)  # before anything is created
-    tc = cfg.train
     session = TrainingSession.open(cfg, resume, progress)
-    rt, run_dir, say, par = session.rt, session.run_dir, session.say, session.parallel
+    run_dir, par = session.run_dir, session.parallel
 
-    # --- the data, the tokenizer, and the run directory
-    dataset_dir = par.on_rank0(lambda: resolve_dataset(cfg, progress))  # prepared once, by rank 0
+    # --- the plan: the data (prepared once, by rank 0), its vocabulary, the precision
+    dataset_dir = par.on_rank0(lambda: resolve_dataset(cfg, run_dir, progress))
     meta = load_meta(dataset_dir)
     tokenizer = Tokenizer.from_file(dataset_dir / "tokenizer.json")
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    tokenizer.check_fits(cfg.model.vocab_size, f"model.vocab_size={cfg.model.vocab_size}")
-    session.choose_precision(cfg.model)
-    cfg.data.dataset_dir = str(dataset_dir)
+
+    def derived(config: TrainConfig) -> None:
+        config.data.dataset_dir = str(dataset_dir)
+        config.model.vocab_size = config.model.vocab_size or tokenizer.vocab_size
+        tokenizer.check_fits(config.model.vocab_size, f"model.vocab_size={config.model.vocab_size}")
+
+    plan = session.make_plan(cfg, derived)
+    cfg, rt, tc = plan.config, plan.rt, plan.config.train
     if session.resume_from is not None:
         check_same_data(run_dir, dataset_dir, meta, allow_data_change)
     block = cfg.model.block_size
     train_shard, val_shard = (open_split(meta, split, block, cfg.model.vocab_size) for split in ("train", "val"))
+    val_split = meta["splits"]["val"]
 
-    def write_files(run_dir: Path) -> None:
-        tokenizer.save(run_dir / rundir.TOKENIZER)
-        shutil.copyfile(dataset_dir / "meta.json", run_dir / rundir.DATASET_META)
-
-    # --- model, optimizer, and the state to resume from
+    # --- the model, and what training it means
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = GPT(cfg.model).to(rt.device)
     model.activation_checkpointing = tc.activation_checkpointing
-    par.check(model, cfg.optim.name, lora=False)
-    session.create_run_dir("pretrain", "lm", lora=False, write_files=write_files)
-    synced = par.wrap(model)
-    optimizer = build_optimizer(model, cfg.optim, rt.device, rt.precision)
-    state = session.restore(model, optimizer, lambda ckpt: load_weights(model, ckpt))
-    hold_mask = sparsity_mask(run_dir, model, par) if session.resume_from is not None else None
-    step_model = maybe_compile(synced, tc.compile)
-    # Evaluation runs on the model itself: under DDP without its wrapper (no collectives, nothing to sync).
-    eval_model = step_model if synced is model else maybe_compile(model, tc.compile)
-
-    train_batches = BatchSampler(train_shard, tc.batch_size, tc.seed, rt.rank, rt.world_size)
-    val_split = meta["splits"]["val"]
-
     n_params = model.num_params()
     flops_tok = flops_per_token(cfg.model, n_params)
-    peak, peak_source = session.peak_flops()
-    say(f"run {run_dir} | model {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOPs/token | "
-        f"{session.describe_device()} | {session.describe_batch(block)} | peak {peak / 1e12:.2f} TFLOP/s "
-        f"({peak_source})")
 
-    # --- the loop
-    def run_eval(final: bool) -> dict[str, float]:
+    def write_files(folder: Path) -> None:
+        tokenizer.save(folder / rundir.TOKENIZER)
+        shutil.copyfile(dataset_dir / "meta.json", folder / rundir.DATASET_META)
+
+    def batches(step: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        sampler = BatchSampler(train_shard, tc.batch_size, tc.seed, rt.rank, rt.world_size)
+        return prefetch_batches(sampler, step, tc.grad_accum, rt.device)
+
+    def evaluate(eval_model: torch.nn.Module, final: bool) -> dict[str, float]:
         # The final evaluation covers the whole val split (non-overlapping windows).
         loss = split_loss(eval_model, val_shard, rt, tc.batch_size, 10**9 if final else tc.eval_batches, par)
         return {"val_loss": loss, "val_ppl": perplexity(loss),
                 "val_bpb": bits_per_byte(loss, val_split["tokens"], val_split["bytes"])}
 
-    def lm_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return step_model(*batch)[1]
+    out = session.train(Trainee(
+        model=model, kind="pretrain", task="lm", lora=False,
+        describe=f"model {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOPs/token",
+        flops_per_token=flops_tok, write_files=write_files, load_state=lambda ckpt: load_weights(model, ckpt),
+        batches=batches, loss=lambda step_model, batch: step_model(*batch)[1], evaluate=evaluate,
+        tokens_per_sequence=block, on_eval=on_eval,
+        after_step=sparsity_mask(run_dir, model, par) if session.resume_from is not None else None))
 
-    job = Job(model=model, optimizer=optimizer, scaler=rt.grad_scaler(),
-              batches=prefetch_batches(train_batches, state.step, tc.grad_accum, rt.device), loss=lm_loss,
-              evaluate=run_eval, save=lambda st: session.save(st, model, optimizer),
-              flops_per_token=flops_tok, peak_flops=peak, synced=synced, after_step=hold_mask, on_eval=on_eval)
-    out = session.run(job, state, session.logger(state.step))
     step, last_eval = out.step, out.last_eval
     session.say_done(f"{step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "
                      f"{last_eval['val_bpb']:.4f} bits/byte | {run_dir}",
@@ -170,7 +158,7 @@ def print_samples(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, rt: Runtim
     s = cfg.sample
     prompts = [s.prompt] * s.num_samples
     with rt.autocast():
-        texts = generate_text(model, tokenizer, prompts, s.max_new_tokens, temperature=s.temperature,
-                              top_k=s.top_k, seed=cfg.train.seed)
+        texts = generate_text(model, tokenizer, prompts, s.max_new_tokens,
+                              Sampling(temperature=s.temperature, top_k=s.top_k, seed=cfg.train.seed))
     for i, text in enumerate(texts):
         print(f"\n--- sample {i + 1} ---\n{s.prompt}{text}")

@@ -37,7 +37,7 @@ from torch import nn
 
 from lmforge.errors import UserError
 from lmforge.model.gpt import Block
-from lmforge.runtime import Runtime
+from lmforge.runtime import Placement
 
 T = TypeVar("T")
 # torch.distributed.tensor, .checkpoint and .fsdp (a second or more to import) are imported where used, by runs
@@ -117,20 +117,20 @@ def resolve_grad_accum(batch_size: int, grad_accum: int, global_batch_size: int 
 class Parallel:
     """The data-parallel side of one training process (see the module docstring)."""
 
-    def __init__(self, rt: Runtime, strategy: str = "ddp"):
-        self.rt, self.strategy = rt, strategy
+    def __init__(self, where: Placement, strategy: str = "ddp"):
+        self.where, self.strategy = where, strategy
         self.active = dist.is_available() and dist.is_initialized()
         """Whether a process group is up (torchrun started this process); False: one plain process."""
 
     @classmethod
-    def start(cls, rt: Runtime, strategy: str) -> Parallel:
+    def start(cls, where: Placement, strategy: str) -> Parallel:
         """The process group torchrun's environment describes (gloo on a CPU, NCCL on GPUs), if any."""
         if launched() and not dist.is_initialized():
             if "TORCHELASTIC_RUN_ID" in os.environ:
                 _die_with_parent()
-            dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if where.device.type == "cuda" else "gloo")
             atexit.register(_close)
-        return cls(rt, strategy)
+        return cls(where, strategy)
 
     @property
     def sharded(self) -> bool:
@@ -153,7 +153,7 @@ class Parallel:
         if not self.active:
             return fn()
         outcome: tuple[bool, Any] = (True, None)
-        if self.rt.is_main:
+        if self.where.is_main:
             try:
                 outcome = (True, fn())
             except UserError as e:
@@ -167,7 +167,7 @@ class Parallel:
         """Each flag set on any rank (a time limit reached by one clock, a signal received by one process)."""
         if not self.active:
             return flags
-        t = torch.tensor([float(f) for f in flags], device=self.rt.device)
+        t = torch.tensor([float(f) for f in flags], device=self.where.device)
         dist.all_reduce(t)
         return [v > 0 for v in t.tolist()]
 
@@ -177,7 +177,7 @@ class Parallel:
             return t
         t = t.clone()
         dist.all_reduce(t)
-        return t / self.rt.world_size
+        return t / self.where.world_size
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -192,7 +192,7 @@ class Parallel:
         """UserError where the strategy cannot work for this model on this many processes."""
         if not self.sharded:
             return
-        world = self.rt.world_size
+        world = self.where.world_size
         if optimizer_name == "muon":
             raise UserError("parallel.strategy=fsdp with optim.name=muon: Muon orthogonalizes whole matrices, which "
                             "FSDP splits over the processes; use parallel.strategy=ddp (or optim.name=adamw)")
@@ -205,21 +205,21 @@ class Parallel:
                             f"('{name}' has {p.shape[0]} rows, FSDP gives each process a slice of every weight's "
                             f"rows); use parallel.strategy=ddp, or at most {p.shape[0]} processes")
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, precision: str) -> nn.Module:
         """The module to train through: DDP around ``model``, or ``model`` itself sharded in place (FSDP2: build
-        the optimizer after this, over the sharded parameters)."""
+        the optimizer after this, over the sharded parameters; bf16 ``precision`` computes in bf16)."""
         if not self.active:
             return model
         if self.strategy == "ddp":
-            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            ids = [self.where.device.index] if self.where.device.type == "cuda" else None
             # No buffer broadcast: the only buffers (RoPE tables) are computed the same on every rank.
             return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(self.rt.device.type, (self.rt.world_size,))
+        mesh = init_device_mesh(self.where.device.type, (self.where.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.rt.precision == "bf16" else MixedPrecisionPolicy()
+            if precision == "bf16" else MixedPrecisionPolicy()
         units = [m for m in model.modules() if isinstance(m, Block)]
         for block in units:
             fully_shard(block, mesh=mesh, mp_policy=mp)
@@ -233,7 +233,7 @@ class Parallel:
     def loss_divisor(self) -> int:
         """What the loss is divided by before the backward, beyond grad_accum: the world size where gradients are
         summed over the processes (FSDP here), 1 where DDP averages them."""
-        return self.rt.world_size if self.sharded else 1
+        return self.where.world_size if self.sharded else 1
 
     @contextlib.contextmanager
     def micro_step(self, module: nn.Module, sync: bool) -> Iterator[None]:
@@ -284,7 +284,7 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.rt.is_main:
+        if not self.where.is_main:
             return {}
         aliases = _aliases(model)
         return {k: v.contiguous() for k, v in sd.items() if aliases.get(k, k) == k}
@@ -298,10 +298,10 @@ class Parallel:
         """Rank 0's full weights ``sd`` into every rank's (sharded) model."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        if self.rt.is_main:
+        if self.where.is_main:
             aliases = _aliases(model)
             sd = {**sd, **{name: sd[kept] for name, kept in aliases.items() if name != kept and kept in sd}}
-        set_model_state_dict(model, sd if self.rt.is_main else {},
+        set_model_state_dict(model, sd if self.where.is_main else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -311,7 +311,7 @@ class Parallel:
 
         sd = get_optimizer_state_dict(model, optimizer,
                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.rt.is_main:
+        if not self.where.is_main:
             return {}
         index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
         return {"state": {index[name]: s for name, s in sd["state"].items()},
@@ -322,11 +322,11 @@ class Parallel:
         rank's optimizer."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        if self.rt.is_main:
+        if self.where.is_main:
             names = _param_names(model, optimizer)
             sd = {"state": {names[int(i)]: s for i, s in sd["state"].items()},
                   "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
-        set_optimizer_state_dict(model, optimizer, sd if self.rt.is_main else {},
+        set_optimizer_state_dict(model, optimizer, sd if self.where.is_main else {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def unsharded(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
@@ -335,7 +335,7 @@ class Parallel:
         if not self.sharded:
             return model
         weights = self.full_model_state(model)
-        if not self.rt.is_main:
+        if not self.where.is_main:
             return model
         copy = build()
         copy.load_state_dict({**weights, **{name: weights[kept] for name, kept in _aliases(copy).items()
@@ -345,19 +345,19 @@ class Parallel:
     def broadcast_module(self, model: nn.Module) -> None:
         """Rank 0's weights into every rank's copy of ``model`` (not sharded: a resumed DDP run)."""
         if self.active:
-            self.load_full_model_state(model, model.state_dict() if self.rt.is_main else {})
+            self.load_full_model_state(model, model.state_dict() if self.where.is_main else {})
 
     def broadcast_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Rank 0's optimizer state into every rank's optimizer (not sharded: a resumed DDP run)."""
         if not self.active:
             return
         sd = None
-        if self.rt.is_main:  # through the CPU: a pickled CUDA tensor would land on rank 0's GPU
+        if self.where.is_main:  # through the CPU: a pickled CUDA tensor would land on rank 0's GPU
             sd = optimizer.state_dict()
             sd = {**sd, "state": {pid: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
                                   for pid, s in sd["state"].items()}}
         sd = self.broadcast(sd)
-        if not self.rt.is_main:
+        if not self.where.is_main:
             optimizer.load_state_dict(sd)
 
 

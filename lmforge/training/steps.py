@@ -79,9 +79,9 @@ def log_memory(par: Parallel, job: Job, logger: MetricsLogger, say: Callable[...
     """What each process holds of the model and optimizer (its shards under FSDP), once, after the first step
     (the optimizer's state exists from then on)."""
     params, optim = par.bytes_per_rank(job.model, job.optimizer)
-    logger.log({"step": step, "kind": "memory", "strategy": par.strategy, "world_size": par.rt.world_size,
+    logger.log({"step": step, "kind": "memory", "strategy": par.strategy, "world_size": par.where.world_size,
                 "param_bytes_per_rank": params, "optimizer_bytes_per_rank": optim})
-    say(f"{par.strategy} over {processes(par.rt.world_size)}: each holds {params / 2**20:.1f} MiB of parameters and "
+    say(f"{par.strategy} over {processes(par.where.world_size)}: each holds {params / 2**20:.1f} MiB of parameters and "
         f"{optim / 2**20:.1f} MiB of optimizer state", flush=True)
 
 
@@ -103,7 +103,7 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     Under torchrun (``par``) every rank runs this loop in step: the loss it reports and guards is the
     global batch's, and a time limit or a signal seen by one rank stops all of them at the same step.
     """
-    par = par or Parallel(rt)
+    par = par or Parallel(rt.placement)
     synced = job.synced or job.model
     tc = cfg.train
     start_step = step = state.step

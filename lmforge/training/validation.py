@@ -22,7 +22,7 @@ def split_loss(model: torch.nn.Module, shard: TokenShard, rt: Runtime, batch_siz
     process, summed in another order). Under FSDP every forward is a collective, so a rank with one batch
     fewer runs one more forward that counts for nothing.
     """
-    par = par or Parallel(rt)
+    par = par or Parallel(rt.placement)
     offsets = eval_offsets(len(shard), shard.block_size, n_batches, batch_size)
     batches = [offsets[i:i + batch_size] for i in range(0, len(offsets), batch_size)]
     mine = batches[rt.rank::rt.world_size]
