@@ -14,13 +14,13 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from lmforge.chat import ChatTemplate, find_chat_template
+from lmforge.chat import ChatTemplate
 from lmforge.data.records import BadRecord
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.model.gpt import GPT
-from lmforge.run import LoadedRun, load_run
+from lmforge.options import ChatOptions, Sampling
+from lmforge.run import load_lm, run_template
 from lmforge.runtime import setup_runtime
 
 with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has readline
@@ -47,12 +47,11 @@ def fit_history(system: list[dict], turns: list[dict], n_tokens: Callable[[list[
 class ChatSession:
     """A conversation with a model: its system message, its turns so far, and the sampling settings."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, template: ChatTemplate, *,
-                 max_new_tokens: int, **sampling):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, template: ChatTemplate, *, max_new_tokens: int,
+                 sampling: Sampling):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
-        """:func:`lmforge.generate.generate` keywords (temperature, top_k, top_p, repetition_penalty, seed)."""
         self.system: str | None = None
         self.turns: list[dict] = []
         """User and assistant messages, oldest first; only finished replies are kept."""
@@ -72,8 +71,8 @@ class ChatSession:
     def reply(self, text: str, stream: TextIO | None = None) -> str:
         """The model's answer to the user message ``text`` (written to ``stream`` as it comes), added to the turns."""
         prompt, turns = self.prompt(text)
-        answer = generate_text(self.model, self.tokenizer, [prompt], self.max_new_tokens, stream=stream,
-                               allow_special=True, stop_ids=self.template.stop_ids, **self.sampling)[0]
+        answer = generate_text(self.model, self.tokenizer, [prompt], self.max_new_tokens, self.sampling, stream=stream,
+                               allow_special=True, stop_ids=self.template.stop_ids)[0]
         # Reached only when the reply finished (Ctrl-C raises past it): the history never holds half an answer.
         self.turns = [*turns, {"role": "assistant", "content": answer}]
         return answer
@@ -118,21 +117,12 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, out: Tex
         out.flush()
 
 
-def run_template(path: str, run: LoadedRun) -> ChatTemplate:
-    """The run's chat template, or lmforge's default with a note on stderr that it has none of its own."""
-    if find_chat_template(run.folder) is None:
-        print(f"note: '{path}' has no chat template of its own; using lmforge's default", file=sys.stderr)
-    return ChatTemplate.resolve(None, run.folder, run.tokenizer)
-
-
-def chat_cli(path: str, *, max_new_tokens: int, device: str = "auto", precision: str = "auto", **sampling) -> None:
+def chat_command(o: ChatOptions) -> None:
     """``lmforge chat``: load the run, resolve its chat template, talk on stdin/stdout."""
-    rt = setup_runtime(device, precision)
-    run = load_run(path, rt.device)
-    if run.task != "lm":
-        raise UserError(f"'{path}' is a {run.task} run: it labels texts (lmforge predict), it does not chat")
-    template = run_template(path, run)
-    session = ChatSession(run.model, run.tokenizer, template, max_new_tokens=max_new_tokens, **sampling)
-    print(f"chatting with '{path}' (a context of {run.model.cfg.block_size} tokens): {COMMANDS}", file=sys.stderr)
+    rt = setup_runtime(o.device, o.precision)
+    run = load_lm(o.run, rt.device, "lmforge chat")
+    session = ChatSession(run.model, run.tokenizer, run_template(o.run, run), max_new_tokens=o.max_new_tokens,
+                          sampling=o.sampling)
+    print(f"chatting with '{o.run}' (a context of {run.model.cfg.block_size} tokens): {COMMANDS}", file=sys.stderr)
     with rt.autocast():
         chat_loop(session)

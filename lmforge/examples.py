@@ -21,9 +21,11 @@ import csv
 import json
 import random
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.options import option
 
 NOTE_MODULES = ("json/__init__", "textwrap", "string", "shutil", "difflib", "calendar")
 CORPUS_MODULES = ("argparse", "tarfile", "zipfile", "pathlib", "functools", "inspect")
@@ -123,3 +125,18 @@ def write_examples(out: str | Path) -> list[Path]:
     (out / "tasks" / "tour_mc.yaml").write_text(HARNESS_TASK.format(name="tour_mc", mc=(out / "mc.jsonl").resolve()),
                                                 encoding="utf-8")
     return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+@dataclass
+class ExamplesOptions:
+    """Write the README tour's small example inputs (from the standard library)."""
+
+    out: str = option(positional=True)
+    """Folder to create."""
+
+
+def examples_command(o: ExamplesOptions) -> None:
+    """``lmforge examples``: write the files, say which."""
+    files = write_examples(o.out)
+    names = ", ".join(str(f.relative_to(o.out)) for f in files)
+    print(f"wrote {len(files)} example files into {o.out}: {names}")

@@ -9,16 +9,21 @@ hides the pad slots, so a padded row computes what its prompt alone would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
 import torch
 
+from lmforge.data.records import read_text_file
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
-from lmforge.runtime import eval_mode
+from lmforge.options import GenerateOptions, Sampling
+from lmforge.run import load_lm, run_template
+from lmforge.runtime import compile_falls_back_to_eager, eval_mode, maybe_compile, setup_runtime
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -64,18 +69,6 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None,
-                    repetition_penalty: float) -> None:
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be at least 1 (or None for no limit), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
-    if repetition_penalty <= 0:
-        raise UserError(f"repetition_penalty must be > 0 (1 means none), got {repetition_penalty}")
-
-
 def _attention_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """(B, 1, end - start, end) mask for query slots [start, end) over key slots [0, end).
 
@@ -97,7 +90,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
 
     A row stops after it samples one of ``stop_ids`` (not included in its output) or after
     ``max_new_tokens``; the loop ends when every row has stopped. Sampling: repetition penalty,
-    then temperature (0 = greedy), top-k, top-p (see :func:`sample_next`), seeded by ``seed``.
+    then temperature (0 = greedy), top-k, top-p (see :func:`sample_next`), seeded by ``seed``: the
+    fields of :class:`~lmforge.options.Sampling`, which checks them (:func:`generate_text` takes one).
 
     The context is ``model.cfg.block_size``: a longer prompt keeps its last block_size - 1 tokens
     (with a warning). Past the context the window slides, as nanoGPT's cropping does: once the
@@ -112,7 +106,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     on the model's device and dtype; wrap the call in ``torch.autocast`` for mixed precision.
     ``model`` may be ``torch.compile(gpt, dynamic=True)``: one graph then serves every step.
     """
-    _check_sampling(temperature, top_k, top_p, repetition_penalty)
+    Sampling(temperature, top_k, top_p, repetition_penalty, seed)  # OptionError naming a value that cannot work
     for i, p in enumerate(prompts):
         if not p:
             raise UserError(f"prompt {i} is empty: give at least one token (e.g. the end-of-text id)")
@@ -229,14 +223,13 @@ def partial_stop(text: str, stop_strings: Sequence[str]) -> int:
     return max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, *,
-                  stop_strings: Sequence[str] = (), stream: TextIO | None = None, allow_special: bool = False,
-                  **sampling) -> list[str]:
+def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int,
+                  sampling: Sampling, *, stop_strings: Sequence[str] = (), stop_ids: Sequence[int] = (),
+                  stream: TextIO | None = None, allow_special: bool = False) -> list[str]:
     """Continue each text prompt; returns the continuations (prompt excluded).
 
     An empty prompt starts a new document (the end-of-text token). Generation stops at the
-    tokenizer's end-of-text id, any ``stop_ids`` in ``sampling``, or a stop string (the text is cut
-    before it). ``sampling`` takes :func:`generate`'s keywords (temperature, top_k, seed, ...).
+    tokenizer's end-of-text id, any of ``stop_ids``, or a stop string (the text is cut before it).
 
     allow_special: special tokens spelled in a prompt become their ids (chat-template prompts).
     stream: with one prompt, the continuation is written as it is generated (never a half UTF-8
@@ -245,7 +238,7 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
     """
     encode = (lambda text: tokenizer.encode(text, allow_special=True)) if allow_special else tokenizer.encode
     ids = [encode(p) or [tokenizer.eot_id] for p in prompts]
-    stop_ids = {tokenizer.eot_id, *sampling.pop("stop_ids", ())}
+    stop_ids = {tokenizer.eot_id, *stop_ids}
     live = stream is not None and len(prompts) == 1
     new_ids: list[list[int]] = [[] for _ in prompts]
     written = 0  # characters of the continuation already streamed
@@ -267,8 +260,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
         return cut is not None
 
     needs_callback = live or bool(stop_strings)
-    outs = generate(model, ids, max_new_tokens, stop_ids=stop_ids,
-                    on_token=on_token if needs_callback else None, **sampling)
+    outs = generate(model, ids, max_new_tokens, stop_ids=stop_ids, on_token=on_token if needs_callback else None,
+                    **dataclasses.asdict(sampling))
     texts = []
     for out in outs:
         text = tokenizer.decode(out)
@@ -283,3 +276,36 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
         stream.write("\n----\n".join(texts) + "\n")
         stream.flush()
     return texts
+
+
+def generate_command(o: GenerateOptions) -> None:
+    """``lmforge generate``: continue the prompts (a single one streamed as it comes), print the texts."""
+    prompts = list(o.prompt)
+    if o.prompt_file:
+        prompts += [line for line in read_text_file(o.prompt_file, "--prompt-file").splitlines() if line.strip()]
+    if not prompts:
+        prompts = [""]
+    rt = setup_runtime(o.device, o.precision)
+    run = load_lm(o.run, rt.device, "lmforge generate")
+    if o.compile:
+        compile_falls_back_to_eager()
+    model = maybe_compile(run.model, o.compile, dynamic=True)
+    # What stdout shows before each continuation: a plain prompt (the continuation carries it on); with
+    # --chat, not the rendered template: nothing before a streamed answer, the user's text in a batch.
+    shown = [p + "\n" for p in prompts] if o.chat else list(prompts)
+    stop_ids: list[int] = []
+    if o.chat:
+        template = run_template(o.run, run)
+        prompts = [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        stop_ids = template.stop_ids
+    if len(prompts) == 1 and not o.chat:  # the continuation streams right after its prompt
+        print(prompts[0], end="", flush=True)
+    with rt.autocast():
+        texts = generate_text(model, run.tokenizer, prompts, o.max_new_tokens, o.sampling, stop_strings=o.stop,
+                              stop_ids=stop_ids, stream=sys.stdout if len(prompts) == 1 else None,
+                              allow_special=o.chat)
+    if len(prompts) == 1:
+        print()
+        return
+    for prompt, text in zip(shown, texts, strict=True):
+        print(f"{prompt}{text}\n----")

@@ -28,6 +28,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.model.hf import SUPPORTED, config_from_hf, from_hf_model, from_hf_state_dict, to_hf_model
+from lmforge.options import ImportOptions
 from lmforge.training.checkpoint import mismatch_detail, save_weights_only
 
 HF_CONFIG = "config.json"
@@ -227,6 +228,12 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
     save_weights_only(out, 0, model)
     rundir.write_run_info(out, "imported", "lm")
     return out
+
+
+def import_command(o: ImportOptions) -> None:
+    """``lmforge import``: the folder (or hub id) as a run directory."""
+    out = import_hf(o.source, o.out)
+    print(f"imported '{o.source}' into {out} (use it wherever a run directory is accepted)")
 
 
 def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path,

@@ -7,12 +7,14 @@ read from its ``run.json`` (:func:`lmforge.rundir.read_run_info`).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmforge import rundir
+from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.config import FinetuneConfig, TrainConfig, from_dict, load_yaml
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
@@ -58,6 +60,23 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     _check_finite(run.model, run.checkpoint)
     run.model.to(device).eval()
     return run
+
+
+def load_lm(path: str | Path, device: str | torch.device = "cpu", command: str = "this command") -> LoadedRun:
+    """:func:`load_run`, for a command that needs a language model: UserError naming ``command`` for a
+    classification run."""
+    run = load_run(path, device)
+    if run.task != "lm":
+        raise UserError(f"'{path}' is a {run.task} run: it labels texts (lmforge predict); {command} needs a "
+                        f"language model")
+    return run
+
+
+def run_template(path: str | Path, run: LoadedRun) -> ChatTemplate:
+    """The run's chat template, or lmforge's default with a note on stderr that it has none of its own."""
+    if find_chat_template(run.folder) is None:
+        print(f"note: '{path}' has no chat template of its own; using lmforge's default", file=sys.stderr)
+    return ChatTemplate.resolve(None, run.folder, run.tokenizer)
 
 
 def _check_finite(model: torch.nn.Module, source: Path) -> None:

@@ -45,6 +45,7 @@ from lmforge import rundir
 from lmforge.config import load_finetune_config, load_train_config
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.finetuning.loop import finetune
+from lmforge.options import SweepOptions
 from lmforge.training.loop import train
 
 METRICS = {"train": ("val_loss", "val_bpb", "val_ppl"),
@@ -429,3 +430,11 @@ def report_cli(sweep_dir: str, study: str | None = None, storage: str | None = N
     metric = st.user_attrs.get("metric", "value")
     print(format_report(st, metric))
     write_report(st, folder, metric)
+
+
+def sweep_command(o: SweepOptions) -> None:
+    """``lmforge sweep``: run (or continue) the sweep of ``o.config``, or with ``o.report``, only report one."""
+    if o.report:
+        report_cli(o.report, study=o.study, storage=o.storage)
+    else:
+        run_sweep(o.config, trials=o.trials, timeout_min=o.timeout, study=o.study, storage=o.storage, out_dir=o.out)

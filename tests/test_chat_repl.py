@@ -18,6 +18,7 @@ import lmforge.chat_repl as repl
 from lmforge.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from lmforge.chat_repl import ChatSession, chat_loop, fit_history
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.options import GREEDY
 from tests.fixtures import tiny_model
 
 TOKENIZER = Tokenizer.train_char([string.printable])
@@ -30,14 +31,14 @@ def message(role: str, content: str) -> dict:
 def session(block_size: int = 256, max_new_tokens: int = 16) -> ChatSession:
     model = tiny_model(vocab_size=TOKENIZER.vocab_size, block_size=block_size)
     return ChatSession(model, TOKENIZER, ChatTemplate(DEFAULT_CHAT_TEMPLATE, TOKENIZER),
-                       max_new_tokens=max_new_tokens, temperature=0)
+                       max_new_tokens=max_new_tokens, sampling=GREEDY)
 
 
 def scripted_generate_text(replies: dict[str, str], prompts: list[str]):
     """Stands in for generate_text: records each prompt, answers with the reply of the first key in it
     (a reply of None is Ctrl-C pressed mid-reply), streams the answer."""
 
-    def fake(model, tokenizer, texts, max_new_tokens, *, stream=None, **kwargs):
+    def fake(model, tokenizer, texts, max_new_tokens, sampling, *, stream=None, **kwargs):
         prompts.append(texts[0])
         answer = next(replies[key] for key in replies if key in texts[0].rsplit("### User:", 1)[-1])
         if answer is None:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 
-from lmforge.cli import build_parser, parse_intermixed
+from lmforge.cli import COMMANDS, build_parser, parse
+from lmforge.options import GREEDY, OptionError, Sampling, option_docs
+
+
+def _subparser(command: str):
+    return build_parser()._subparsers._group_actions[0].choices[command]
 
 
 @pytest.mark.parametrize(("argv", "overrides", "flags"), [
@@ -14,14 +22,15 @@ from lmforge.cli import build_parser, parse_intermixed
     (["train", "a.b=1", "--resume", "r", "c.d=2", "-c", "x", "e.f=3"], ["a.b=1", "c.d=2", "e.f=3"],
      {"resume": "r", "config": "x"})])
 def test_overrides_and_flags_mix_in_any_order_and_keep_their_order(argv, overrides, flags):
-    args = parse_intermixed(build_parser(), argv)
-    assert args.overrides == overrides
-    assert {k: getattr(args, k) for k in flags} == flags
+    _command, options = parse(argv)
+    assert options.overrides == overrides
+    assert {k: getattr(options, k) for k in flags} == flags
+    assert options.argv == argv  # what --nproc starts again in each process
 
 
 def test_an_unknown_flag_among_overrides_is_still_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
-        parse_intermixed(build_parser(), ["train", "a.b=1", "--bogus", "c.d=2"])
+        parse(["train", "a.b=1", "--bogus", "c.d=2"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == ["lmforge: error: unrecognized arguments: --bogus"]
 
@@ -42,7 +51,8 @@ def test_version_and_recipes_answer_without_importing_torch():
     import lmforge
 
     code = ("import sys\nfrom lmforge.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n"
-            "    print('exit', e.code)\nmain(['recipes'])\nprint('torch imported:', 'torch' in sys.modules)")
+            "    print('exit', e.code)\nmain(['recipes'])\nfrom lmforge.cli import build_parser\nbuild_parser()\n"
+            "print('torch imported:', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     lines = out.splitlines()
     assert lines[:2] == [f"lmforge {lmforge.__version__}", "exit 0"] and lines[-1] == "torch imported: False"
@@ -64,15 +74,54 @@ def test_recipes_lists_each_shipped_recipe_with_its_first_comment_line_and_the_p
     assert rows["gpt2-tiny"][-1] == "0.79M"  # presets.py's "~0.8M"
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
+def _leaf_fields(cls: type) -> dict[str, str]:
+    """Every field that is a command-line argument (embedded dataclasses' fields included) -> its docstring."""
+    hints, docs, out = typing.get_type_hints(cls), option_docs(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("hidden"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            only = f.metadata.get("only")
+            out.update({k: v for k, v in _leaf_fields(hints[f.name]).items() if not only or k in only})
+        else:
+            out[f.name] = docs[f.name]
+    return out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_help_lists_each_option_once_with_its_field_docstring(command, capsys):
+    cls = COMMANDS[command][0]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    actions = [a for a in _subparser(command)._actions if a.dest != "help"]
+    fields = _leaf_fields(cls)
+    assert sorted(a.dest for a in actions) == sorted(fields)  # one argument per field, no other
+    for action in actions:
+        assert action.help.replace("%%", "%").startswith(fields[action.dest].removesuffix(".")), action.dest
+    listed = out.split("options:", 1)[1].split("config keys", 1)[0]  # the flags' entries, before any epilog
+    entries = [line.split()[0].rstrip(",") for line in listed.splitlines() if line.startswith("  -")]
+    assert sorted(entries) == sorted({"-h", *(a.option_strings[0] for a in actions if a.option_strings)}), entries
+
+
+def test_device_and_precision_are_declared_once_with_one_default():
+    devices = {_subparser(c)._option_string_actions["--device"].default for c in COMMANDS
+               if "--device" in _subparser(c)._option_string_actions}
+    precisions = {_subparser(c)._option_string_actions["--precision"].default for c in COMMANDS
+                  if "--precision" in _subparser(c)._option_string_actions}
+    assert devices == {"auto"} and precisions == {"auto"}
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "chat"])
 @pytest.mark.parametrize(("flag", "value", "expected"), [
     ("--top-p", "1.5", "expected a number in (0, 1], got 1.5"), ("--top-p", "0", "expected a number in (0, 1]"),
     ("--top-p", "nan", "expected a number in (0, 1]"), ("--temperature", "-0.5", "expected a number >= 0"),
     ("-t", "inf", "expected a finite number"), ("--repetition-penalty", "0", "expected a number > 0"),
-    ("--repetition-penalty", "-1", "expected a number > 0")])
+    ("--repetition-penalty", "-1", "expected a number > 0"), ("--top-k", "0", "expected an integer of at least 1"),
+    ("-n", "0", "expected an integer of at least 1")])
 def test_sampling_values_that_cannot_work_are_one_line_exit_2_at_parse_time(command, flag, value, expected, capsys):
     with pytest.raises(SystemExit) as exit_:
-        parse_intermixed(build_parser(), [command, "RUN", flag, value])
+        parse([command, "RUN", flag, value])
     assert exit_.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"lmforge {command}: error: argument ") and flag in line and expected in line, line
@@ -80,9 +129,20 @@ def test_sampling_values_that_cannot_work_are_one_line_exit_2_at_parse_time(comm
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_sampling_values_at_the_edges_of_their_ranges_are_accepted(command):
-    args = parse_intermixed(build_parser(), [command, "RUN", "--top-p", "1", "-t", "0", "--repetition-penalty",
-                                             "0.5"])
-    assert (args.top_p, args.temperature, args.repetition_penalty) == (1.0, 0.0, 0.5)
+    _command, options = parse([command, "RUN", "--top-p", "1", "-t", "0", "--repetition-penalty", "0.5"])
+    sampling = options.sampling if command == "generate" else options.request.sampling
+    assert sampling == Sampling(temperature=0.0, top_p=1.0, repetition_penalty=0.5)
+
+
+def test_each_command_gets_its_own_sampling_defaults():
+    assert parse(["generate", "RUN"])[1].sampling == Sampling()
+    assert parse(["eval", "RUN"])[1].request.sampling == GREEDY  # metrics are reproducible by default
+
+
+def test_a_sampling_value_that_cannot_work_names_its_field_in_the_python_api():
+    with pytest.raises(OptionError, match="top_p: expected a number in") as e:
+        Sampling(top_p=2.0)
+    assert e.value.name == "top_p"
 
 
 def test_generate_refuses_a_bad_top_p_before_it_echoes_the_prompt(capsys, tmp_path):
@@ -97,8 +157,22 @@ def test_generate_refuses_a_bad_top_p_before_it_echoes_the_prompt(capsys, tmp_pa
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_every_option_of_generate_and_eval_that_takes_a_value_shows_its_default_in_help(command):
-    parser = build_parser()._subparsers._group_actions[0].choices[command]
     inputs = {"lm", "dataset", "generate", "choice", "classify"}  # eval's inputs: each is scored only when given
-    for action in parser._actions:
+    for action in _subparser(command)._actions:
         if action.option_strings and action.nargs != 0 and action.dest not in inputs:
             assert "default" in (action.help or ""), action.option_strings
+
+
+def test_sweep_without_a_sweep_file_or_a_report_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(["sweep"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "lmforge sweep: error: lmforge sweep needs -c SWEEP.yaml (or --report DIR)"
+
+
+def test_flags_named_apart_from_their_fields_reach_the_fields():
+    _command, app = parse(["app", "qa", "src", "--out", "o", "--set", "a=1", "--set", "b=2"])
+    assert (app.name, app.sources, app.out_dir, app.overrides) == ("qa", ["src"], "o", ["a=1", "b=2"])
+    _command, prepare = parse(["prepare", "a.txt", "--out", "d", "--vocab-size", "512"])
+    assert (prepare.sources, prepare.out, prepare.data.vocab_size, prepare.data.tokenizer) == (["a.txt"], "d", 512,
+                                                                                                "bpe")

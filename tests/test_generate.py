@@ -10,6 +10,7 @@ from lmforge.config import ModelConfig, from_dict
 from lmforge.errors import UserError
 from lmforge.generate import apply_repetition_penalty, generate, generate_text, sample_next
 from lmforge.model.gpt import GPT
+from lmforge.options import GREEDY, OptionError, Sampling
 from tests.fixtures import tiny_model
 
 VOCAB = 97
@@ -264,7 +265,7 @@ def test_generate_text_past_the_context_streams_all_its_tokens():
     model = lively_model(block_size=16)
     stream = io.StringIO()
     with pytest.warns(UserWarning, match="window slides"):
-        texts = generate_text(model, NeverEnding(), ["hello"], 60, temperature=0, stream=stream)
+        texts = generate_text(model, NeverEnding(), ["hello"], 60, GREEDY, stream=stream)
     assert len(texts[0]) == 60 and stream.getvalue() == texts[0]
 
 
@@ -294,7 +295,7 @@ def test_bf16_autocast_with_the_cache_runs():
 def test_generate_text_streams_exactly_the_returned_text():
     model = lively_model()
     stream = RecordingStream()
-    texts = generate_text(model, CharTokenizer(), ["hello"], 30, stream=stream, seed=3)
+    texts = generate_text(model, CharTokenizer(), ["hello"], 30, Sampling(seed=3), stream=stream)
     assert len(texts[0]) > 0
     assert stream.getvalue() == texts[0]
     assert len(stream.writes) > 5, "text should arrive token by token"
@@ -303,10 +304,10 @@ def test_generate_text_streams_exactly_the_returned_text():
 def test_stop_strings_cut_the_output_and_the_stream():
     model = lively_model()
     tok = CharTokenizer()
-    full = generate_text(model, tok, ["hello"], 30, temperature=0)[0]
+    full = generate_text(model, tok, ["hello"], 30, GREEDY)[0]
     stop = full[8:10]
     stream = io.StringIO()
-    cut = generate_text(model, tok, ["hello"], 30, temperature=0, stop_strings=[stop], stream=stream)[0]
+    cut = generate_text(model, tok, ["hello"], 30, GREEDY, stop_strings=[stop], stream=stream)[0]
     assert cut == full[:full.index(stop)]
     assert stream.getvalue() == cut
 
@@ -314,7 +315,7 @@ def test_stop_strings_cut_the_output_and_the_stream():
 def test_several_prompts_stream_finished_texts_separated_by_dashes():
     model = lively_model()
     stream = io.StringIO()
-    texts = generate_text(model, CharTokenizer(), ["ab", "", "xyz"], 8, temperature=0, stream=stream)
+    texts = generate_text(model, CharTokenizer(), ["ab", "", "xyz"], 8, GREEDY, stream=stream)
     assert [len(t) for t in texts] == [8, 8, 8]
     assert stream.getvalue() == f"{texts[0]}\n----\n{texts[1]}\n----\n{texts[2]}\n"
 
@@ -339,7 +340,7 @@ def test_stream_never_writes_half_a_character_or_a_possible_stop_string(monkeypa
     tok = ByteTokenizer()
     monkeypatch.setattr(gen, "generate", scripted_generate(tok.encode("h€ <b <END> more")))
     stream = RecordingStream()
-    texts = generate_text(None, tok, ["x"], 100, stop_strings=["<END>"], stream=stream)
+    texts = generate_text(None, tok, ["x"], 100, GREEDY, stop_strings=["<END>"], stream=stream)
     assert texts == ["h€ <b "]
     # "€" is three bytes: nothing is written until it is whole; "<" waits until "b" rules out "<END>".
     assert stream.writes == ["h", "€", " ", "<b", " "]
@@ -349,7 +350,7 @@ def test_stream_flushes_held_back_text_when_generation_ends(monkeypatch):
     tok = ByteTokenizer()
     monkeypatch.setattr(gen, "generate", scripted_generate([*tok.encode("ok <EN"), tok.eot_id, 65]))
     stream = io.StringIO()
-    texts = generate_text(None, tok, ["x"], 100, stop_strings=["<END>"], stream=stream)
+    texts = generate_text(None, tok, ["x"], 100, GREEDY, stop_strings=["<END>"], stream=stream)
     assert texts == ["ok <EN"] and stream.getvalue() == "ok <EN"
 
 

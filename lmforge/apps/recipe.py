@@ -17,11 +17,11 @@ import json
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.apps import qa, summarization, translation
 from lmforge.apps.baselines import NearestNeighbours
+from lmforge.apps.options import DEFAULT_BASE, AppRequest
 from lmforge.apps.records import BuildReport, TaskRecord, read_jsonl, split_records, write_jsonl
 from lmforge.apps.spec import App
 from lmforge.config import RECIPES_DIR, load_finetune_config, load_train_config
@@ -34,29 +34,6 @@ from lmforge.training.loop import train
 
 APPS: dict[str, App] = {app.name: app for app in (translation.APP, summarization.APP, qa.APP)}
 APP_CONFIGS = RECIPES_DIR / "apps"
-DEFAULT_BASE = "runs/default"
-"""What ``lmforge train`` with no arguments writes; the recipes start from it (and train it when it is missing)."""
-
-
-@dataclass
-class AppRequest:
-    name: str
-    sources: list[str] = field(default_factory=list)
-    """Files or folders to build from; none: this machine's own (catalogs, standard library)."""
-    out_dir: str | None = None
-    """Where everything goes; default runs/apps/NAME-seedN."""
-    base: str = DEFAULT_BASE
-    seed: int = 0
-    """The fine-tuning seed (the split has its own, split_seed, so seeds compare on the same records)."""
-    split_seed: int = 0
-    test_fraction: float | None = None
-    """None: the app's own."""
-    max_test: int | None = None
-    """Evaluate on the first N test records only (toy runs); None: all."""
-    overrides: list[str] = field(default_factory=list)
-    """Dotted fine-tuning overrides on top of the app's recipe."""
-    data_only: bool = False
-    options: dict = field(default_factory=dict)
 
 
 def get_app(name: str) -> App:
@@ -65,10 +42,18 @@ def get_app(name: str) -> App:
     return APPS[name]
 
 
+def build_options(app: App, req: AppRequest) -> dict:
+    """The keyword options the app's builder takes from the request (translation: lang)."""
+    if req.lang != AppRequest.lang and "lang" not in app.options:
+        raise UserError(f"--lang applies to translation, not to {app.name}")
+    return {"lang": req.lang} if "lang" in app.options else {}
+
+
 def build_data(app: App, req: AppRequest, data_dir: Path, say=print) -> tuple[list[TaskRecord], list[TaskRecord]]:
     """Records -> split -> prompts with their nearest training example -> train.jsonl, test.jsonl, build.json."""
     report = BuildReport()
-    records = app.build(req.sources, report, **req.options)
+    options = build_options(app, req)
+    records = app.build(req.sources, report, **options)
     fraction = req.test_fraction if req.test_fraction is not None else app.test_fraction
     if not 0 < fraction < 1:
         raise UserError(f"--test-fraction {fraction} must be between 0 and 1")
@@ -86,7 +71,7 @@ def build_data(app: App, req: AppRequest, data_dir: Path, say=print) -> tuple[li
         write_jsonl(data_dir / f"{name}.jsonl",
                     [{"prompt": app.prompt(r, train_recs[j]), "reference": r.target, "source": r.source,
                       "origin": r.origin, "neighbour": j} for r, j in zip(recs, nn, strict=True)])
-    build = {"app": app.name, "sources": req.sources or "this machine's own", "options": req.options,
+    build = {"app": app.name, "sources": req.sources or "this machine's own", "options": options,
              "split_seed": req.split_seed, "test_fraction": fraction, "records": len(records),
              "train": len(train_recs), "test": len(test_recs), **report.as_dict()}
     (data_dir / "build.json").write_text(json.dumps(build, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

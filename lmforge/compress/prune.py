@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from lmforge import rundir
+from lmforge.compress.options import PruneOptions
 from lmforge.compress.output import source_weights, train_config_of, write_compressed_run
 from lmforge.compress.report import Report, Windows, describe_device, eval_windows, format_report, measure
 from lmforge.config import TrainConfig
@@ -40,7 +41,7 @@ from lmforge.interop import check_new_folder
 from lmforge.model.gpt import GPT
 from lmforge.model.quantized import METHODS as QUANT_METHODS
 from lmforge.model.quantized import block_linears
-from lmforge.run import LoadedRun, load_run
+from lmforge.run import LoadedRun, load_lm, load_run
 from lmforge.runtime import Runtime, eval_mode, setup_runtime
 from lmforge.training.loop import train
 from lmforge.training.sparsity import MASK_FILE, save_masks
@@ -217,9 +218,7 @@ def prune_run(source: str, out: str, spec: PruneSpec, *, calibration: list[str] 
     check_new_folder(out_dir)
     check_source(source)
     rt = setup_runtime(device, "fp32")
-    run = load_run(source, rt.device)
-    if run.task != "lm":
-        raise UserError(f"'{source}' is a {run.task} run: only language models are pruned")
+    run = load_lm(source, rt.device, "lmforge prune")
     if recover_steps and _dataset_of(run) is None:
         raise UserError(f"--recover-steps trains on the source's dataset, and '{source}' has none (a pretraining "
                         f"run has one); prune without --recover-steps")
@@ -264,3 +263,11 @@ def prune_run(source: str, out: str, spec: PruneSpec, *, calibration: list[str] 
     report.write(out_dir)
     print(format_report(report))
     return report
+
+
+def prune_command(o: PruneOptions) -> None:
+    """``lmforge prune``: prune (and recover), print the report, say where the new run is."""
+    report = prune_run(o.run, o.out, PruneSpec(o.method, o.sparsity, o.ratio), calibration=o.calibration or None,
+                       calibration_windows=o.calibration_windows, data=o.data or None, windows=o.windows,
+                       recover_steps=o.recover_steps, speed=not o.no_speed, device=o.report_device)
+    print(f"\nwrote {report.out} (use it wherever a run directory is accepted)")

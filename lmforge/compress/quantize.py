@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge import rundir
+from lmforge.compress.options import QuantizeOptions
 from lmforge.compress.output import source_weights, train_config_of, write_compressed_run
 from lmforge.compress.report import Report, describe_device, eval_windows, format_report, measure
 from lmforge.errors import UserError
 from lmforge.interop import check_new_folder
 from lmforge.model.quantized import INT4_GROUP_SIZES, METHODS, QuantSpec, block_linears, quantize_model, state_for_disk
-from lmforge.run import LoadedRun, load_run
+from lmforge.run import LoadedRun, load_lm
 from lmforge.runtime import setup_runtime
 
 
@@ -20,8 +21,6 @@ def check_quantizable(run: LoadedRun, source: str, spec: QuantSpec) -> None:
     """UserError naming the problem unless ``run`` can be quantized per ``spec``."""
     if spec.method not in METHODS:
         raise UserError(f"--method {spec.method!r}: expected one of {', '.join(METHODS)}")
-    if run.task != "lm":
-        raise UserError(f"'{source}' is a {run.task} run: only language models are quantized")
     info = rundir.read_run_info(run.folder) if rundir.is_run_dir(run.folder) else None
     done = (info.compression or {}).get("method") if info is not None else None
     if done in METHODS:
@@ -47,7 +46,7 @@ def quantize_run(source: str, out: str, spec: QuantSpec, *, data: list[str] | No
     out_dir = Path(out)
     check_new_folder(out_dir)
     rt = setup_runtime(device, "fp32")
-    run = load_run(source, rt.device)
+    run = load_lm(source, rt.device, "lmforge quantize")
     check_quantizable(run, source, spec)
     ev = eval_windows(run, windows, data)
     before = measure(run.model, run.tokenizer, ev, rt, source_weights(run), speed)
@@ -66,3 +65,10 @@ def quantize_run(source: str, out: str, spec: QuantSpec, *, data: list[str] | No
     report.write(out_dir)
     print(format_report(report))
     return report
+
+
+def quantize_command(o: QuantizeOptions) -> None:
+    """``lmforge quantize``: quantize, print the report, say where the new run is."""
+    report = quantize_run(o.run, o.out, QuantSpec(o.method, o.group_size, o.include_embeddings), data=o.data or None,
+                          windows=o.windows, speed=not o.no_speed, device=o.report_device)
+    print(f"\nwrote {report.out} (use it wherever a run directory is accepted)")

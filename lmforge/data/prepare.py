@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from lmforge.config import DataConfig
 from lmforge.data.corpus import default_corpus_id, default_corpus_sources
+from lmforge.data.options import PrepareOptions
 from lmforge.data.sources import SourceStats, iter_documents
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
@@ -514,3 +515,9 @@ def prepared_default_dataset(cfg: DataConfig, cache_dir: Path | None = None, pro
             if not _is_dataset(out):  # not a concurrent preparation that finished first
                 raise
     return out
+
+
+def prepare_command(o: PrepareOptions) -> None:
+    """``lmforge prepare``: prepare the sources into ``o.out`` with a progress bar, print the summary."""
+    meta = prepare(dataclasses.replace(o.data, sources=o.sources), o.out, progress=True, overwrite=o.overwrite)
+    print(format_summary(meta))

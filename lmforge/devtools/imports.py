@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
-    ("ground", ("lmforge", "lmforge.errors", "lmforge.presets", "lmforge.config", "lmforge.malloc",
+    ("ground", ("lmforge", "lmforge.errors", "lmforge.presets", "lmforge.config", "lmforge.options", "lmforge.malloc",
                 "lmforge.runtime", "lmforge.hardware", "lmforge.rundir", "lmforge.faults", "lmforge._lm_eval_hook",
                 "lmforge.devtools")),
     ("data, model, chat", ("lmforge.data", "lmforge.model", "lmforge.chat", "lmforge.examples")),

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.evaluate.options import CompareOptions
 from lmforge.rundir import DATASET_META, METRICS
 from lmforge.training.metrics import read_metrics
 
@@ -91,3 +92,10 @@ def format_comparison(rows: list[tuple[str, dict]]) -> str:
             cells.append("-" if v is None else f"{v:,.0f}" if k in ("steps", "tokens_per_s") else f"{v:.4f}")
         lines.append(f"{k:<14}" + "".join(f"{c:>{width + 2}}" for c in cells))
     return "\n".join(lines)
+
+
+def compare_command(o: CompareOptions) -> None:
+    """``lmforge compare``: the table, and where the PNG went."""
+    rows, png = compare_runs(o.runs, o.png, bpb=o.bpb)
+    print(format_comparison(rows))
+    print(f"\nloss curves: {png}")

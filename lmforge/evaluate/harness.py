@@ -21,7 +21,8 @@ from lm_eval.api.registry import register_model
 
 from lmforge.evaluate import lm, tasks
 from lmforge.generate import generate_text
-from lmforge.run import load_run
+from lmforge.options import Sampling
+from lmforge.run import load_lm
 from lmforge.runtime import setup_runtime
 
 
@@ -35,9 +36,7 @@ class LMForgeLM(LM):
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's command line asks for cuda by default
         self.rt = setup_runtime(device, precision)
-        self.run = load_run(path, self.rt.device)
-        if self.run.task != "lm":
-            raise ValueError(f"'{path}' is a {self.run.task} run; lm-eval needs a language model")
+        self.run = load_lm(path, self.rt.device, "lm-eval")
         self.model, self.tok = self.run.model, self.run.tokenizer
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
@@ -73,8 +72,7 @@ class LMForgeLM(LM):
                 chunk = idx[start:start + self.batch_size]
                 with self.rt.autocast():
                     texts = generate_text(self.model, self.tok, [requests[i].args[0] for i in chunk], max_new,
-                                          stop_strings=until, temperature=temperature, top_k=top_k, top_p=top_p,
-                                          seed=0)
+                                          Sampling(temperature, top_k, top_p), stop_strings=until)
                 for i, text in zip(chunk, texts, strict=True):
                     out[i] = text
         return out

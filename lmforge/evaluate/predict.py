@@ -9,6 +9,7 @@ import torch
 
 from lmforge.data.records import BadRecord, read_records, read_text_file, require
 from lmforge.errors import UserError
+from lmforge.evaluate.options import PredictOptions
 from lmforge.evaluate.tasks import classification_metrics, format_confusion
 from lmforge.model.classifier import class_probabilities
 from lmforge.run import LoadedRun, load_run
@@ -50,12 +51,11 @@ def label_probabilities(run: LoadedRun, texts: list[str]) -> tuple[torch.Tensor,
     return class_probabilities(run.model, ids, run.tokenizer.eot_id), truncated
 
 
-def predict_cli(run_path: str, texts: list[str], file: str | None, text_field: str, label_field: str,
-                output: str | None, device: str) -> None:
+def predict_command(o: PredictOptions) -> None:
     """``lmforge predict``: label the texts, print them (and metrics if they have labels), write JSONL."""
-    gold = None
-    if file:
-        more, gold = read_texts(file, text_field, label_field)
+    texts, output, gold = list(o.text), o.output, None
+    if o.file:
+        more, gold = read_texts(o.file, o.text_field, o.label_field)
         texts = texts + more
         if gold is not None and len(more) != len(texts):
             gold = None  # --text entries have no labels
@@ -63,10 +63,10 @@ def predict_cli(run_path: str, texts: list[str], file: str | None, text_field: s
         raise UserError("nothing to label: give --text TEXT or --file FILE")
     if output and Path(output).is_dir():
         raise UserError(f"--output '{output}' is a folder (expected the path of a .jsonl file)")
-    rt = setup_runtime(device, "fp32")
-    run = load_run(run_path, rt.device)
+    rt = setup_runtime(o.device, "fp32")
+    run = load_run(o.run, rt.device)
     if run.task != "classify" or run.labels is None:
-        raise UserError(f"'{run_path}' is not a classification run (fine-tune one with task=classify)")
+        raise UserError(f"'{o.run}' is not a classification run (fine-tune one with task=classify)")
     labels = run.labels
     truth = gold_ids(gold, labels) if gold is not None else None
     probs, truncated = label_probabilities(run, texts)

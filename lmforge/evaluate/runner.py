@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -16,31 +16,11 @@ from lmforge.chat import ChatTemplate
 from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.evaluate import lm, tasks
+from lmforge.evaluate.options import EvalOptions, EvalRequest
 from lmforge.evaluate.predict import gold_ids, label_probabilities, read_texts
 from lmforge.generate import generate_text
 from lmforge.run import LoadedRun, load_run
 from lmforge.runtime import Runtime, setup_runtime
-
-
-@dataclass
-class EvalRequest:
-    lm: list[str] = field(default_factory=list)
-    """Text files/folders/globs (or .jsonl/.parquet with a text field) for loss/perplexity/bits per byte."""
-    dataset: str | None = None
-    """A prepared dataset folder: its split, windowed exactly as training evaluates it."""
-    split: str = "val"
-    generate: str | None = None
-    choice: str | None = None
-    classify: str | None = None
-    stride: int | None = None
-    batch_size: int = 8
-    text_field: str = "text"
-    label_field: str = "label"
-    sampling: dict = field(default_factory=lambda: {"temperature": 0.0})
-    max_new_tokens: int = 64
-    stop: list[str] = field(default_factory=list)
-    chat: bool = False
-    """--generate: each prompt is a user turn of the run's chat template (its answer ends at the turn's end)."""
 
 
 def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: str = "auto",
@@ -101,12 +81,13 @@ def _generation(model: torch.nn.Module, run: LoadedRun, req: EvalRequest, rt: Ru
     for i in range(0, len(items), req.batch_size):
         with rt.autocast():
             outputs += generate_text(model, run.tokenizer, prompts[i:i + req.batch_size], req.max_new_tokens,
-                                     stop_strings=req.stop, **chat, **req.sampling)
+                                     req.sampling, stop_strings=req.stop, **chat)
         bar.update(len(items[i:i + req.batch_size]))
     bar.close()
     metrics = tasks.generation_metrics(outputs, [refs for _, refs in items])
     return {**metrics, "file": req.generate, "data_sha256": tasks.file_sha256(req.generate),
-            "settings": {"max_new_tokens": req.max_new_tokens, "stop": req.stop, "chat": req.chat, **req.sampling},
+            "settings": {"max_new_tokens": req.max_new_tokens, "stop": req.stop, "chat": req.chat,
+                         **asdict(req.sampling)},
             "outputs": outputs,
             "samples": [{"prompt": p, "output": o, "references": r}
                         for (p, r), o in list(zip(items, outputs, strict=True))[:5]]}
@@ -157,3 +138,11 @@ def write_report(report: dict, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return out
+
+
+def evaluate_command(o: EvalOptions) -> None:
+    """``lmforge eval``: evaluate, print the table, write the JSON report (its path checked first)."""
+    out = report_path(o.output, o.run)
+    report = evaluate_run(o.run, o.request, o.device, o.precision)
+    print(format_report(report))
+    print(f"\nwrote {write_report(report, out)}")

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,13 +26,14 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.chat import ChatTemplate
-from lmforge.chat_repl import run_template
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import find_stop, partial_stop
-from lmforge.run import load_run
+from lmforge.options import OptionError, Sampling
+from lmforge.run import load_lm, run_template
 from lmforge.runtime import maybe_compile, setup_runtime
 from lmforge.serve.engine import Engine, Finished, Job, QueueFull, Token
+from lmforge.serve.options import ServeOptions
 
 STATIC = Path(__file__).parent / "static"
 MAX_STOP = 4
@@ -64,16 +65,27 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
+    """The fields every generation request has; its sampling settings are checked as a :class:`Sampling`."""
+
     model: str
     max_tokens: Annotated[int, Field(ge=0)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=1)] | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    """Not OpenAI's, but vLLM's and lmforge's: > 1 makes tokens already in the text less likely."""
     stop: str | list[str] | None = None
     seed: int | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    def sampling(self) -> Sampling:
+        """The request's sampling settings; 400 naming the field whose value cannot work."""
+        try:
+            return Sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
+        except OptionError as e:
+            raise APIError(400, f"'{e.name}': {e.problem}", param=e.name) from None
 
 
 class CompletionRequest(_Sampling):
@@ -222,15 +234,13 @@ def _fit(served: Served, prompt: list[int], max_tokens: int | None, param: str) 
     return max_tokens
 
 
-def _jobs(req: _Sampling, prompt: list[int], max_tokens: int, stop_ids: frozenset[int], logprobs: int | None,
-          first_index: int) -> list[tuple[int, Job]]:
+def _jobs(req: _Sampling, sampling: Sampling, prompt: list[int], max_tokens: int, stop_ids: frozenset[int],
+          logprobs: int | None, first_index: int) -> list[tuple[int, Job]]:
     """``req.n`` jobs for one prompt (seeded seed, seed + 1, ... when a seed is given)."""
+    seeds = [None] * req.n if sampling.seed is None else [sampling.seed + k for k in range(req.n)]
     return [(first_index + k, Job(prompt=prompt, max_tokens=max_tokens, emit=lambda _e: None,
-                                  temperature=req.temperature, top_k=req.top_k,
-                                  top_p=req.top_p if req.top_p < 1 else None,
-                                  seed=None if req.seed is None else req.seed + k, stop_ids=stop_ids,
-                                  logprobs=logprobs))
-            for k in range(req.n)]
+                                  sampling=replace(sampling, seed=seed), stop_ids=stop_ids, logprobs=logprobs))
+            for k, seed in enumerate(seeds)]
 
 
 async def _run(served: Served, job: Job, queue: asyncio.Queue, choice: Choice, stop: list[str], request: Request,
@@ -384,7 +394,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
     async def completions(req: CompletionRequest, request: Request):
         s = served()
         _check_model(s, req.model)
-        stop = _stop_list(req.stop)
+        sampling, stop = req.sampling(), _stop_list(req.stop)
         prompts = _prompt_ids(s.tokenizer, req.prompt)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "'max_tokens' must be at least 1 (0 only with echo)", param="max_tokens")
@@ -394,7 +404,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
         for i, ids in enumerate(prompts):
             fits.append(_fit(s, ids, req.max_tokens, "prompt"))
             if fits[-1] > 0:
-                jobs += _jobs(req, ids, fits[-1], frozenset({s.tokenizer.eot_id}), req.logprobs, i * req.n)
+                jobs += _jobs(req, sampling, ids, fits[-1], frozenset({s.tokenizer.eot_id}), req.logprobs, i * req.n)
         want_logprobs = req.logprobs is not None
         choices = {i * req.n + k: Choice(i * req.n + k, tokens=[] if want_logprobs else None)
                    for i in range(len(prompts)) for k in range(req.n)}
@@ -446,13 +456,13 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
         _check_model(s, req.model)
         if not req.messages:
             raise APIError(400, "'messages' is empty: give at least one message", param="messages")
-        stop = _stop_list(req.stop)
+        sampling, stop = req.sampling(), _stop_list(req.stop)
         text = s.template.render([m.model_dump() for m in req.messages], add_generation_prompt=True)
         ids = s.tokenizer.encode(text, allow_special=True)
         max_tokens = _fit(s, ids, req.max_tokens, "messages")
         if max_tokens == 0:
             raise APIError(400, "'max_tokens' must be at least 1", param="max_tokens")
-        jobs = _jobs(req, ids, max_tokens, frozenset(s.template.stop_ids), None, 0)
+        jobs = _jobs(req, sampling, ids, max_tokens, frozenset(s.template.stop_ids), None, 0)
         queues = _submit(s.engine, [job for _index, job in jobs])
         runs = [(Choice(index), job, queues[id(job)]) for index, job in jobs]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -545,25 +555,22 @@ async def _stream_chat(s: Served, req: ChatRequest, request: Request, runs: list
     yield _sse("[DONE]")
 
 
-def load_served(run: str, device: str = "auto", precision: str = "auto", max_batch: int = 16, max_queue: int = 64,
-                compile_model: bool = False, name: str | None = None, static: bool = False) -> Served:
+def load_served(o: ServeOptions) -> Served:
     """A run (or checkpoint, or Hugging Face folder) ready to serve: its model in an engine, its chat template."""
-    rt = setup_runtime(device, precision)
-    loaded = load_run(run, rt.device)
-    if loaded.task != "lm":
-        raise UserError(f"'{run}' is a {loaded.task} run: it labels texts (lmforge predict), it does not generate")
+    rt = setup_runtime(o.device, o.precision)
+    loaded = load_lm(o.run, rt.device, "lmforge serve")
     model = loaded.model.eval()
-    engine = Engine(model, rt, max_batch=max_batch, max_queue=max_queue,
-                    step_model=maybe_compile(model, compile_model, dynamic=True), static=static)
-    return Served(name or Path(run).resolve().name, loaded.tokenizer, run_template(run, loaded), engine,
+    engine = Engine(model, rt, max_batch=o.max_batch, max_queue=o.max_queue,
+                    step_model=maybe_compile(model, o.compile, dynamic=True), static=o.batching == "static")
+    return Served(o.model_name or Path(o.run).resolve().name, loaded.tokenizer, run_template(o.run, loaded), engine,
                   model.cfg.block_size)
 
 
-def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **load_kwargs) -> None:
-    """``lmforge serve``: load ``run`` and answer on host:port until interrupted."""
+def serve(o: ServeOptions) -> None:
+    """``lmforge serve``: load the run and answer on host:port until interrupted."""
     import uvicorn
 
-    app = create_app(lambda: load_served(run, **load_kwargs), api_key=api_key)
-    print(f"lmforge serve: http://{host}:{port}/ (chat page), http://{host}:{port}/v1 (OpenAI API) for '{run}'",
-          flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app = create_app(lambda: load_served(o), api_key=o.api_key)
+    print(f"lmforge serve: http://{o.host}:{o.port}/ (chat page), http://{o.host}:{o.port}/v1 (OpenAI API) for "
+          f"'{o.run}'", flush=True)
+    uvicorn.run(app, host=o.host, port=o.port, log_level="warning")

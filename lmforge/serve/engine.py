@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.generate import sample_next
+from lmforge.generate import apply_repetition_penalty, sample_next
 from lmforge.model.gpt import GPT, KVCache
+from lmforge.options import Sampling
 from lmforge.runtime import Runtime
 
 
@@ -49,15 +50,14 @@ class Job:
     prompt: list[int]
     max_tokens: int
     emit: Callable[[Token | Finished], None]
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    sampling: Sampling = Sampling()
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
     generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None
+    """With a repetition penalty: (V,) True where the token is in the prompt or the output so far."""
 
     def cancel(self) -> None:
         """Stop this job at the next step (thread-safe): its row is freed, it emits Finished('cancelled')."""
@@ -154,10 +154,13 @@ class Engine:
                 job.emit(Finished("cancelled"))
                 continue
             job.generator = torch.Generator(device=self.model.device)
-            if job.seed is None:
+            if job.sampling.seed is None:
                 job.generator.seed()
             else:
-                job.generator.manual_seed(job.seed)
+                job.generator.manual_seed(job.sampling.seed)
+            if job.sampling.repetition_penalty != 1.0:
+                job.seen = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool, device=self.model.device)
+                job.seen[job.prompt] = True
             r = len(self.rows)
             self._use_caches(lambda c, r=r: c.rows(r, r + 1))
             ids = torch.tensor([job.prompt], device=self.slots.device)
@@ -198,8 +201,13 @@ class Engine:
             job.emit(Finished("cancelled"))
             return False
         logits = logits.float()
-        tok = int(sample_next(logits[None], temperature=job.temperature, top_k=job.top_k, top_p=job.top_p,
+        s = job.sampling
+        scores = logits[None] if job.seen is None else \
+            apply_repetition_penalty(logits[None], job.seen[None], s.repetition_penalty)
+        tok = int(sample_next(scores, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                               generator=job.generator)[0])
+        if job.seen is not None:
+            job.seen[tok] = True
         if tok in job.stop_ids:
             job.emit(Finished("stop"))
             return False

@@ -30,7 +30,7 @@ def test_placeholders_may_move_but_must_all_be_there():
 
 def test_same_catalogs_give_the_same_bytes_and_no_test_string_in_train(catalogs, tmp_path):
     app = APPS["translation"]
-    req = AppRequest(name="translation", sources=[str(catalogs)], test_fraction=0.3, options={"lang": "de"})
+    req = AppRequest(name="translation", sources=[str(catalogs)], test_fraction=0.3, lang="de")
     outs = []
     for name in ("a", "b"):
         build_data(app, req, tmp_path / name, say=lambda _: None)

@@ -81,11 +81,12 @@ class Server:
 def start(run_dir: Path, api_key: str | None = None, **kw) -> tuple[Server, dict]:
     """A server on ``run_dir``; also returns the app's state holder so tests can reach the engine."""
     from lmforge.serve.app import create_app, load_served
+    from lmforge.serve.options import ServeOptions
 
     holder: dict = {}
 
     def load():
-        holder["served"] = load_served(str(run_dir), device="cpu", precision="fp32", **kw)
+        holder["served"] = load_served(ServeOptions(str(run_dir), device="cpu", precision="fp32", **kw))
         return holder["served"]
 
     server = Server(create_app(load, api_key=api_key))

@@ -14,6 +14,7 @@ import torch
 
 from lmforge.evaluate.tasks import loglikelihoods
 from lmforge.generate import generate_text
+from lmforge.options import GREEDY, Sampling
 from lmforge.run import load_run
 from lmforge.runtime import Runtime
 from lmforge.serve.engine import Engine, Job, QueueFull
@@ -46,7 +47,7 @@ def test_the_official_client_lists_completes_chats_and_streams(server):
 
 def test_greedy_output_is_what_generate_gives_whatever_else_is_in_the_batch(server, run_dir):
     run = load_run(run_dir)
-    alone = [generate_text(run.model, run.tokenizer, [p], 30, temperature=0)[0] for p in PROMPTS]
+    alone = [generate_text(run.model, run.tokenizer, [p], 30, GREEDY)[0] for p in PROMPTS]
     client = _client(server)
 
     def complete(prompt: str) -> str:
@@ -57,6 +58,15 @@ def test_greedy_output_is_what_generate_gives_whatever_else_is_in_the_batch(serv
         together = list(pool.map(complete, PROMPTS * 2))
     assert together == alone * 2
     assert server.served.engine.peak_batch > 1  # they did share the batch
+
+
+def test_a_repetition_penalty_is_applied_as_generate_applies_it(server, run_dir):
+    run = load_run(run_dir)
+    plain, penalized = (generate_text(run.model, run.tokenizer, ["def main("], 30, sampling)[0]
+                        for sampling in (GREEDY, Sampling(temperature=0.0, repetition_penalty=2.0)))
+    answer = _client(server).completions.create(model=run_dir.name, prompt="def main(", max_tokens=30, temperature=0,
+                                                 extra_body={"repetition_penalty": 2.0}).choices[0].text
+    assert answer == penalized != plain
 
 
 def test_seeded_sampling_repeats_and_n_choices_differ(server, run_dir):
@@ -113,6 +123,9 @@ BAD = [  # (what is sent, status, error type, param)
     ({"temperature": -0.5}, 400, "invalid_request_error", "temperature"),
     ({"top_p": 0}, 400, "invalid_request_error", "top_p"),
     ({"top_p": 1.5}, 400, "invalid_request_error", "top_p"),
+    ({"top_k": 0}, 400, "invalid_request_error", "top_k"),
+    ({"repetition_penalty": 0}, 400, "invalid_request_error", "repetition_penalty"),
+    ({"temperature": "hot"}, 400, "invalid_request_error", "temperature"),
     ({"prompt": ""}, 400, "invalid_request_error", "prompt"),
     ({"prompt": []}, 400, "invalid_request_error", "prompt"),
     ({"max_tokens": 0}, 400, "invalid_request_error", "max_tokens"),
@@ -176,13 +189,14 @@ def test_an_api_key_is_required_when_set(run_dir):
 
 def test_health_is_503_until_the_model_is_loaded(run_dir):
     from lmforge.serve.app import create_app, load_served
+    from lmforge.serve.options import ServeOptions
     from tests.serve.conftest import Server
 
     release = threading.Event()
 
     def slow_load():
         release.wait(30)
-        return load_served(str(run_dir), device="cpu", precision="fp32")
+        return load_served(ServeOptions(str(run_dir), device="cpu", precision="fp32"))
 
     srv = Server(create_app(slow_load))
     try:

@@ -1,0 +1,36 @@
+"""``lmforge export``: a run out to another runtime, in one of two formats. The writers live with their format:
+Hugging Face folders in :func:`lmforge.interop.export_hf` (beside import), GGUF files in
+:func:`lmforge.compress.gguf.export_gguf`; this module loads the run and picks the writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.chat import find_chat_template
+from lmforge.compress.gguf import export_gguf
+from lmforge.compress.options import ExportOptions
+from lmforge.compress.report import format_report, gguf_report
+from lmforge.interop import export_hf
+from lmforge.model.quantized import dequantized, is_quantized
+from lmforge.run import load_lm
+
+
+def export_run(o: ExportOptions) -> Path:
+    """Write the run (its latest checkpoint, or the checkpoint named) as ``o.format``; returns what was written.
+    Quantized weights go out dequantized to float: neither format holds lmforge's integer layout."""
+    run = load_lm(o.run, "cpu", "lmforge export")
+    model, note = run.model, ""
+    if is_quantized(model):
+        model, note = dequantized(model), " (its quantized weights dequantized to float)"
+    template = find_chat_template(run.folder)
+    if o.format == "hf":
+        out = export_hf(model, run.tokenizer, o.out, chat_template=template)
+        print(f"exported {run.checkpoint}{note} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
+        return out
+    out = export_gguf(model, run.tokenizer, o.out, o.type, name=run.folder.name,
+                      chat_template=template[0] if template else None, turn_end=template[1] if template else None)
+    report = gguf_report(run, model, out, o.type)
+    print(format_report(report))
+    where = report.write_to(out.with_name(out.name + ".report.json"))
+    print(f"\nexported {run.checkpoint}{note} to {out} ({o.type}; llama.cpp: llama-cli -m {out}); report {where}")
+    return out
