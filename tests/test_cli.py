@@ -167,7 +167,8 @@ def test_sweep_without_a_sweep_file_or_a_report_is_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse(["sweep"])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == "lmforge sweep: error: lmforge sweep needs -c SWEEP.yaml (or --report DIR)"
+    err = capsys.readouterr().err.strip()
+    assert err == "lmforge sweep: error: lmforge sweep needs -c SWEEP.yaml (or --report DIR)"
 
 
 def test_flags_named_apart_from_their_fields_reach_the_fields():

@@ -276,11 +276,12 @@ def test_restores_training_mode_and_frees_the_cache():
     assert all(b.attn.kv_cache is None for b in model.blocks)
 
 
-def test_bad_sampling_arguments_are_user_errors():
+def test_bad_sampling_arguments_are_user_errors_naming_the_argument():
     model = lively_model()
     for kwargs in ({"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"repetition_penalty": 0}):
-        with pytest.raises(UserError):
+        with pytest.raises(OptionError) as e:
             generate(model, [prompt(3)], 2, **kwargs)
+        assert isinstance(e.value, UserError) and e.value.name == next(iter(kwargs))
     with pytest.raises(UserError, match="prompt 1 is empty"):
         generate(model, [prompt(3), []], 2)
 
