@@ -228,8 +228,9 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
                   stream: TextIO | None = None, allow_special: bool = False) -> list[str]:
     """Continue each text prompt; returns the continuations (prompt excluded).
 
-    An empty prompt starts a new document (the end-of-text token). Generation stops at the
-    tokenizer's end-of-text id, any of ``stop_ids``, or a stop string (the text is cut before it).
+    An empty prompt starts a new document (the end-of-text token). Tokens are drawn as ``sampling``
+    says (:data:`lmforge.options.GREEDY`: the most likely one). Generation stops at the tokenizer's
+    end-of-text id, any of ``stop_ids``, or a stop string (the text is cut before it).
 
     allow_special: special tokens spelled in a prompt become their ids (chat-template prompts).
     stream: with one prompt, the continuation is written as it is generated (never a half UTF-8

@@ -1,13 +1,15 @@
 """Options as types: each command's options are one dataclass, and its command line is made from it.
 
 A command's dataclass lives next to the code that runs it, in a module that does not import PyTorch (so
-that ``lmforge --help`` and a mistyped flag answer at once). Each field is one option, declared once: its
-type, its default and its docstring (the ``--help`` text, as :func:`lmforge.config.field_docs` reads it).
-:func:`add_options` turns the fields into argparse arguments and :func:`options_from` turns the parsed
-arguments back into the dataclass, whose ``__post_init__`` checks the values and raises :class:`OptionError`
-naming the field. Options several commands share are declared once too: a base class the commands inherit
+that ``lmforge --help`` and a mistyped flag answer at once): the package's ``options.py`` (``evaluate``,
+``serve``, ``compress``, ``apps``, ``data``), or this module for the top-level commands (generate, chat,
+import, sweep, train, finetune). Each field is one option, declared once: its type, its default and its
+docstring (the ``--help`` text, as :func:`lmforge.config.field_docs` reads it). :func:`add_options` turns
+the fields into argparse arguments and :func:`options_from` turns the parsed arguments back into the
+dataclass, whose ``__post_init__`` checks the values and raises :class:`OptionError` naming the field.
+Options several commands share are declared once too: a base class the commands inherit
 (:class:`DeviceOptions`, :class:`RuntimeOptions`) or a dataclass a command embeds as a field (its fields
-become the command's flags, e.g. :class:`lmforge.sampling.Sampling`).
+become the command's flags, e.g. :class:`Sampling`, which generate, chat, eval and the server share).
 
 How a field becomes an argument: ``bool`` is a ``--flag`` (store_true); ``int``, ``float``, ``str`` and
 ``X | None`` take a value; ``Literal[...]`` takes one of its values; ``list[X]`` is repeatable (or takes
@@ -96,7 +98,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, defaults: Any = None
             continue
         text = docs[f.name]
         if default is not MISSING and default is not None and default is not False and default != []:
-            text = f"{text.removesuffix('.')} (default {default})."
+            text = f"{text} (default {default})"
         kwargs: dict[str, Any] = {"help": text.replace("%", "%%")}
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
             (tp,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
@@ -115,8 +117,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, defaults: Any = None
             kwargs["type"] = type(kwargs["choices"][0])
         else:
             kwargs["type"] = tp
-        if "metavar" in meta:
-            kwargs["metavar"] = meta["metavar"]
+        if "metavar" in meta or "flag" in meta:
+            kwargs["metavar"] = meta.get("metavar", meta.get("flag", "").upper())
         if meta.get("positional"):
             parser.add_argument(f.name, **kwargs, **({} if default is MISSING else {"default": default}))
             continue

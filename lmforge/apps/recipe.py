@@ -27,7 +27,8 @@ from lmforge.apps.spec import App
 from lmforge.config import RECIPES_DIR, load_finetune_config, load_train_config
 from lmforge.errors import UserError
 from lmforge.evaluate import tasks
-from lmforge.evaluate.runner import EvalRequest, evaluate_run, write_report
+from lmforge.evaluate.options import EvalRequest
+from lmforge.evaluate.runner import evaluate_run, write_report
 from lmforge.finetuning.loop import finetune
 from lmforge.rundir import is_run_dir
 from lmforge.training.loop import train

@@ -11,8 +11,9 @@ found) leaves at once: the last running row moves into its place, so the running
 of the cache and a step computes nothing for free rows.
 
 Jobs hear back through ``emit`` (called on the engine thread): :class:`Token` events, then one
-:class:`Finished`. Sampling is :func:`lmforge.generate.sample_next` with a generator per job, so a job
-samples the tokens it would sample alone.
+:class:`Finished`. Sampling follows the job's :class:`~lmforge.options.Sampling` with the functions
+:func:`lmforge.generate.generate` uses (repetition penalty, :func:`~lmforge.generate.sample_next`) and a
+generator per job, so a job samples the tokens it would sample alone.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.cli import build_parser, parse_intermixed
+from lmforge.cli import parse
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SHAKESPEARE = README.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -75,8 +75,8 @@ def test_every_tour_command_is_one_the_command_line_accepts():
         argv = shlex.split(line.replace("$'\\n\\n\\n'", "'x'"))[1:]  # ($'..' is bash's, not the parser's)
         if argv[0] == "lm-eval":
             continue  # lm-eval's own command line
-        args = parse_intermixed(build_parser(), argv)
-        assert args.command == argv[0], line
+        command, _options = parse(argv)
+        assert command == argv[0], line
     assert "train(load_train_config(" in python_snippet()
 
 
