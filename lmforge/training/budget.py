@@ -8,10 +8,15 @@ until the run is :data:`REVISE_UNTIL` of the way through its plan. A revision mo
 schedule (a cosine's lr shifts by a few percent at most; WSD's stable phase just gets longer or
 shorter); after that the plan is fixed, so the decay runs to its end undisturbed. The plan is saved
 with each checkpoint (:attr:`TrainerState.planned_steps`) and a resume keeps it.
+
+Test hook, like :mod:`lmforge.faults`: ``LMFORGE_FAKE_STEP_SECONDS=S`` makes the plan read a clock on which
+every step takes exactly S seconds (training time at step n: n * S) instead of the real one, so that a test
+knows the planned step count on any host, fast or slow, quiet or loaded. Unset, the real clock is read.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -24,6 +29,21 @@ REVISE_UNTIL = 0.5
 """The plan is revised until the run is this far through it, then fixed."""
 EVAL_BATCH_COST = 1 / 3
 """An evaluation batch's cost relative to a training micro-batch (a forward pass without the backward)."""
+FAKE_STEP_SECONDS = "LMFORGE_FAKE_STEP_SECONDS"
+"""The environment variable of the test hook (see the module docstring)."""
+
+
+def _fake_step_seconds() -> float | None:
+    spec = os.environ.get(FAKE_STEP_SECONDS)
+    if not spec:
+        return None
+    try:
+        seconds = float(spec)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{FAKE_STEP_SECONDS}={spec!r}: expected a number of seconds > 0")
+    return seconds
 
 
 def plan_steps(budget_s: float, elapsed_s: float, step: int, step_s: float, tc: TrainLoopConfig) -> int:
@@ -45,6 +65,7 @@ class StepBudget:
         self.active = bool(tc.budget_minutes)
         self.start_step = state.step
         self.t_paced = 0.0
+        self.fake_step_s = _fake_step_seconds()
         if self.active and not state.planned_steps:
             say(f"time budget: {tc.budget_minutes:g} min of training (train.budget_minutes): the step count is planned "
                 f"from the pace of the first steps, so that the learning-rate schedule ends with the budget")
@@ -54,6 +75,10 @@ class StepBudget:
         """The steps to train: the plan once it is made, else train.max_steps."""
         return self.state.planned_steps if self.active and self.state.planned_steps else self.tc.max_steps
 
+    def _clock(self, step: int) -> float:
+        """Seconds on the clock the plan reads, at ``step``."""
+        return step * self.fake_step_s if self.fake_step_s is not None else time.perf_counter()
+
     def _frozen(self, step: int) -> bool:
         return bool(self.state.planned_steps) and step >= REVISE_UNTIL * self.state.planned_steps
 
@@ -61,16 +86,18 @@ class StepBudget:
         """Plan or revise at ``step`` (training time so far ``train_time_s``) where it is due."""
         if not self.active or self._frozen(step):
             return
+        if self.fake_step_s is not None:
+            train_time_s = self._clock(step)
         paced = step - (self.start_step + 1)
         first = not self.state.planned_steps and paced == PLAN_AFTER
         if paced == 0:
             self.sync()  # the pace of queued GPU work is known only once it is done
-            self.t_paced = time.perf_counter()
+            self.t_paced = self._clock(step)
             return
         if not (first or (self.state.planned_steps and paced >= PLAN_AFTER and step % self.tc.log_interval == 0)):
             return
         self.sync()
-        step_s = (time.perf_counter() - self.t_paced) / paced
+        step_s = (self._clock(step) - self.t_paced) / paced
         old = self.state.planned_steps
         new = self.state.planned_steps = self.agree(plan_steps(self.tc.budget_minutes * 60, train_time_s, step,
                                                                step_s, self.tc))
