@@ -217,7 +217,7 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> tup
     parse_intermixed_args does not support subcommands)."""
     parser = parser or build_parser()
     args, extra = parser.parse_known_args(argv)
-    if hasattr(args, "overrides"):
+    if issubclass(args.options, TrainingOptions):
         args.overrides += [a for a in extra if not a.startswith("-") and "=" in a]
         extra = [a for a in extra if a.startswith("-") or "=" not in a]
     if extra:
@@ -229,7 +229,7 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> tup
         command_parser.error(f"argument {flag_of(command_parser, e.name)}: {e.problem}")
     except UserError as e:
         command_parser.error(str(e))
-    if hasattr(options, "argv"):
+    if isinstance(options, TrainingOptions):
         options.argv = argv
     return args.command, options
 

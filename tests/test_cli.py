@@ -174,6 +174,7 @@ def test_sweep_without_a_sweep_file_or_a_report_is_one_line_exit_2(capsys):
 def test_flags_named_apart_from_their_fields_reach_the_fields():
     _command, app = parse(["app", "qa", "src", "--out", "o", "--set", "a=1", "--set", "b=2"])
     assert (app.name, app.sources, app.out_dir, app.overrides) == ("qa", ["src"], "o", ["a=1", "b=2"])
+    assert parse(["app", "qa"])[1].overrides == []
     _command, prepare = parse(["prepare", "a.txt", "--out", "d", "--vocab-size", "512"])
     assert (prepare.sources, prepare.out, prepare.data.vocab_size, prepare.data.tokenizer) == (["a.txt"], "d", 512,
                                                                                                 "bpe")
