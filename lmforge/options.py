@@ -208,8 +208,20 @@ GREEDY = Sampling(temperature=0.0)
 
 # --- the options of the top-level commands whose modules import PyTorch ---------------------------------------
 
+@dataclass(kw_only=True)
+class GenerationOptions(RuntimeOptions):
+    """What ``generate`` and ``chat`` share: how many tokens, how they are drawn, where the model runs."""
+
+    max_new_tokens: int = option(200, short="-n")
+    """Tokens to generate per prompt (chat: per reply)."""
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 1, "max_new_tokens", "an integer of at least 1", self.max_new_tokens)
+
+
 @dataclass
-class GenerateOptions(RuntimeOptions):
+class GenerateOptions(GenerationOptions):
     """Sample text from a trained model."""
 
     run: str = option(positional=True)
@@ -226,16 +238,10 @@ class GenerateOptions(RuntimeOptions):
     compile: bool = False
     """torch.compile the model first: decoding gets faster after a one-off compile (20-30 s on a small CPU);
     worth it for long or many generations."""
-    max_new_tokens: int = option(200, short="-n")
-    """Tokens to generate per prompt (chat: per reply)."""
-    sampling: Sampling = field(default_factory=Sampling)
-
-    def __post_init__(self) -> None:
-        check(self.max_new_tokens >= 1, "max_new_tokens", "an integer of at least 1", self.max_new_tokens)
 
 
 @dataclass
-class ChatOptions(RuntimeOptions):
+class ChatOptions(GenerationOptions):
     """Talk with a model: a multi-turn conversation in its chat template.
 
     An interactive conversation in the run's chat template, each reply streamed; the oldest turns give way when
@@ -244,12 +250,6 @@ class ChatOptions(RuntimeOptions):
 
     run: str = option(positional=True)
     """Run directory, checkpoint directory or Hugging Face folder."""
-    max_new_tokens: int = option(200, short="-n")
-    """Tokens to generate per reply."""
-    sampling: Sampling = field(default_factory=Sampling)
-
-    def __post_init__(self) -> None:
-        check(self.max_new_tokens >= 1, "max_new_tokens", "an integer of at least 1", self.max_new_tokens)
 
 
 @dataclass
