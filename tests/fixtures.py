@@ -14,6 +14,11 @@ import torch
 from lmforge.config import ModelConfig, from_dict
 from lmforge.model.gpt import GPT
 
+HANG_S = 600
+"""How long a test waits for a process or a condition before it takes it to hang. Every wait ends as soon as what
+it waits for happens, so this limit never decides a healthy run: it is generous, for a 2-core CPU with two other
+busy processes beside the suite (~3x slower than alone)."""
+
 
 def tiny_model(preset: str = "gpt2-tiny", **overrides) -> GPT:
     torch.manual_seed(0)
@@ -22,7 +27,7 @@ def tiny_model(preset: str = "gpt2-tiny", **overrides) -> GPT:
     return GPT(cfg).eval()
 
 
-def sigkill_after(proc: subprocess.Popen, metrics: Path, n_lines: int, timeout: float = 120,
+def sigkill_after(proc: subprocess.Popen, metrics: Path, n_lines: int, timeout: float = HANG_S,
                   group: bool = False) -> None:
     """SIGKILL a training process once its metrics.jsonl has ``n_lines`` records (mid-run, between
     checkpoints); fails if the run ends first. ``group``: its whole process group (a process started with
@@ -39,7 +44,7 @@ def sigkill_after(proc: subprocess.Popen, metrics: Path, n_lines: int, timeout: 
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
 
 
-def finished_output(proc: subprocess.Popen, timeout: float = 300) -> str:
+def finished_output(proc: subprocess.Popen, timeout: float = HANG_S) -> str:
     """The output of a process that must end successfully."""
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out

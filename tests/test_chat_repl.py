@@ -19,7 +19,7 @@ from lmforge.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from lmforge.chat_repl import ChatSession, chat_loop, fit_history
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.options import GREEDY
-from tests.fixtures import tiny_model
+from tests.fixtures import HANG_S, tiny_model
 
 TOKENIZER = Tokenizer.train_char([string.printable])
 
@@ -129,7 +129,7 @@ def chat_run(tmp_path_factory) -> Path:
     return result.run_dir
 
 
-def read_until(fd: int, marker: str, timeout: float = 60) -> str:
+def read_until(fd: int, marker: str, timeout: float = HANG_S) -> str:
     """What the terminal shows up to and including the next ``marker`` (escape sequences removed)."""
     text, deadline = "", time.monotonic() + timeout
     while marker not in text:

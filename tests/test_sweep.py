@@ -20,6 +20,7 @@ from lmforge.config import load_train_config
 from lmforge.run import load_run
 from lmforge.sweep import run_sweep, trial_dir
 from lmforge.training.loop import train
+from tests.fixtures import HANG_S
 
 
 def _sweep_file(tmp_path: Path, corpus: Path, **changes) -> Path:
@@ -59,8 +60,8 @@ def test_a_sweep_killed_mid_trial_restarts_to_the_same_trials_and_resumes_that_t
     cmd = [sys.executable, "-m", "lmforge", "sweep", "-c", str(_sweep_file(tmp_path, corpus)), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = trial_dir(out, 2) / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + HANG_S
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert latest.exists(), "trial 2 never wrote a checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)

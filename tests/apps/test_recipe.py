@@ -10,6 +10,7 @@ import pytest
 
 from lmforge.config import load_train_config
 from lmforge.training.loop import train
+from tests.fixtures import HANG_S
 
 TOY_BASE = ["data.tokenizer=char", "model.preset=gpt2-tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
             "model.block_size=256", "train.batch_size=4", "train.max_steps=3", "train.eval_interval=3",
@@ -27,7 +28,7 @@ def toy_base(tmp_path_factory):
 
 
 def lmforge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs, toy_base, tmp_path):

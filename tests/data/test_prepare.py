@@ -10,6 +10,7 @@ from lmforge.config import DataConfig
 from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from tests.fixtures import HANG_S
 
 
 def _docs(n: int) -> list[str]:
@@ -172,7 +173,7 @@ def _prepare_cli(src: Path, out: Path, env: dict | None = None, file_limit: int 
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
     return subprocess.run([sys.executable, "-m", "lmforge", "prepare", str(src), "--out", str(out),
-                           "--tokenizer", "char", "--workers", "1"], capture_output=True, text=True, timeout=120,
+                           "--tokenizer", "char", "--workers", "1"], capture_output=True, text=True, timeout=HANG_S,
                           env={**os.environ, **(env or {})}, preexec_fn=limit if file_limit else None)
 
 

@@ -12,6 +12,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lmforge.evaluate import lm, tasks  # noqa: E402
 from lmforge.examples import HARNESS_TASK  # noqa: E402
 from lmforge.run import load_run  # noqa: E402
+from tests.fixtures import HANG_S  # noqa: E402
 
 ROLLING = """
 task: lmforge_facts_ppl
@@ -94,7 +95,8 @@ def test_the_lm_eval_command_line_finds_the_lmforge_model(memorised, tmp_path):
     (tmp_path / "colors.yaml").write_text(HARNESS_TASK.format(name="lmforge_colors", mc=folder / "mc.jsonl"))
     result = subprocess.run([sys.executable, "-m", "lmforge", "lm-eval", "run", "--model", "lmforge", "--model_args",
                              f"path={run_dir}", "--tasks", "lmforge_colors", "--include_path", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+                            capture_output=True, text=True, timeout=HANG_S,
+                            env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     row = next(line for line in result.stdout.splitlines() if line.startswith("|lmforge_colors"))
     assert "|acc   |" in row and "|    1|" in row

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lmforge.errors import UserError
 from lmforge.evaluate import tasks
 from tests.evaluate.memorised import FACTS
-from tests.fixtures import tiny_model
+from tests.fixtures import HANG_S, tiny_model
 
 HYPS = ["the cat sat on the mat", "a quick brown dog", "hello world", "it rains"]
 REFS = [["the cat is on the mat", "there is a cat on the mat"], ["the quick brown fox"], ["hello world"],
@@ -74,7 +74,7 @@ def test_multiple_choice_is_perfect_on_memorised_facts_and_not_on_wrong_labels(m
 
 
 def _lmforge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_eval_command_writes_one_json_report_for_every_evaluation(memorised, tmp_path):

@@ -18,7 +18,7 @@ from lmforge.config import load_finetune_config
 from lmforge.finetuning.loop import finetune
 from lmforge.run import load_run
 from lmforge.rundir import RunInfo, read_run_info, write_manifest
-from tests.fixtures import finished_output, sigkill_after, train_losses
+from tests.fixtures import HANG_S, finished_output, sigkill_after, train_losses
 
 SFT = ["train.max_steps=300", "train.batch_size=16", "optim.lr=1e-3", "train.log_interval=50",
        "train.eval_interval=150"]
@@ -166,7 +166,7 @@ def test_lora_sft_on_two_ddp_processes_trains_what_one_process_trains(base_run, 
 
 
 def _fails_with(args: list[str], *fragments: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

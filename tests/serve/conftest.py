@@ -13,6 +13,7 @@ import pytest
 
 from lmforge.config import load_train_config
 from lmforge.training.loop import train
+from tests.fixtures import HANG_S
 
 
 @pytest.fixture(scope="package")
@@ -46,14 +47,15 @@ class Server:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
+        deadline = time.monotonic() + HANG_S
+        while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.02)
+        assert self.server.started, f"uvicorn did not start within {HANG_S} s"
 
     def request(self, method: str, path: str, body: bytes | dict | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], dict | str]:
         """(status, headers, JSON body or text) of one plain HTTP request."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HANG_S)
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
@@ -65,9 +67,9 @@ class Server:
             payload = raw
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline:
             if self.request("GET", "/health")[0] == 200:
                 return
             time.sleep(0.05)
@@ -75,7 +77,7 @@ class Server:
 
     def close(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=HANG_S)
 
 
 def start(run_dir: Path, api_key: str | None = None, **kw) -> tuple[Server, dict]:

@@ -18,6 +18,7 @@ from lmforge.options import GREEDY, Sampling
 from lmforge.run import load_run
 from lmforge.runtime import Runtime
 from lmforge.serve.engine import Engine, Job, QueueFull
+from tests.fixtures import HANG_S
 from tests.serve.conftest import start
 
 openai = pytest.importorskip("openai")
@@ -101,14 +102,14 @@ def test_echoed_logprobs_equal_the_evaluators_log_likelihoods(server, run_dir):
 
 
 def test_a_client_that_disconnects_frees_its_row(server, run_dir):
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG_S)
     body = {"model": run_dir.name, "prompt": "def ", "max_tokens": 60, "stream": True, "temperature": 1}
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     resp.fp.readline()  # the first event arrived: the job is running
     conn.sock.close()
-    deadline = time.time() + 10
-    while server.served.engine.rows and time.time() < deadline:
+    deadline = time.monotonic() + HANG_S
+    while server.served.engine.rows and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not server.served.engine.rows
 
@@ -163,15 +164,15 @@ def test_a_full_queue_is_429_with_retry_after(server, run_dir):
                    for _ in range(engine.max_queue)]
         for t in waiting:
             t.start()
-        deadline = time.time() + 10
-        while len(engine.waiting) < engine.max_queue and time.time() < deadline:
+        deadline = time.monotonic() + HANG_S
+        while len(engine.waiting) < engine.max_queue and time.monotonic() < deadline:
             time.sleep(0.02)
         code, headers, answer = server.request("POST", "/v1/completions", body)
         assert code == 429 and answer["error"]["type"] == "rate_limit_error" and headers["retry-after"] == "1"
     finally:
         engine.start()
     for t in waiting:
-        t.join(timeout=30)
+        t.join(timeout=HANG_S)
     assert server.request("POST", "/v1/completions", _completion(run_dir.name))[0] == 200
 
 
@@ -195,7 +196,7 @@ def test_health_is_503_until_the_model_is_loaded(run_dir):
     release = threading.Event()
 
     def slow_load():
-        release.wait(30)
+        release.wait(HANG_S)  # released by the test (or its finally) once it has seen the 503s
         return load_served(ServeOptions(str(run_dir), device="cpu", precision="fp32"))
 
     srv = Server(create_app(slow_load))

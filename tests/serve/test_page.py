@@ -6,6 +6,10 @@ import shutil
 
 import pytest
 
+from tests.fixtures import HANG_S
+
+WAIT_MS = HANG_S * 1000  # each wait ends once its condition holds: the limit only stops a hung test
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -17,17 +21,18 @@ def test_the_chat_page_streams_a_reply_into_the_conversation(server, run_dir):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page()
+            page.set_default_timeout(WAIT_MS)
             page.goto(server.url + "/")
-            sync_api.expect(page.locator("#model")).to_contain_text(run_dir.name)
+            sync_api.expect(page.locator("#model")).to_contain_text(run_dir.name, timeout=WAIT_MS)
             page.fill("#max-tokens", "24")
             page.fill("#temperature", "0")  # greedy, so the reply is always the same (a sample may end at once)
             page.fill("#input", "hello")
             page.press("#input", "Enter")
-            sync_api.expect(page.locator(".msg.user")).to_have_text("hello")
+            sync_api.expect(page.locator(".msg.user")).to_have_text("hello", timeout=WAIT_MS)
             # The reply's text appears while it streams (its characters may be whitespace: textContent, unnormalized).
             page.wait_for_function("document.querySelector('.msg.assistant')?.textContent.length > 0",
-                                   timeout=20_000)
-            sync_api.expect(page.locator("#send")).to_be_enabled(timeout=20_000)  # the stream ended
+                                   timeout=WAIT_MS)
+            sync_api.expect(page.locator("#send")).to_be_enabled(timeout=WAIT_MS)  # the stream ended
             assert len(page.locator(".msg.assistant").first.text_content()) > 0
         finally:
             browser.close()

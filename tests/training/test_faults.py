@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lmforge.faults import POINTS
-from tests.fixtures import train_losses
+from tests.fixtures import HANG_S, train_losses
 
 CKPT_INTERVAL = 10
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "model.dropout=0.1",
@@ -31,7 +31,7 @@ def _train(args: list[str], fault: str | None = None) -> subprocess.CompletedPro
     if fault:
         env["LMFORGE_FAULT"] = fault
     return subprocess.run([sys.executable, "-m", "lmforge", "train", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=HANG_S)
 
 
 def _killed_then_resumed(dataset: Path, root: Path, point: str) -> tuple[dict[int, float], int, int]:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lmforge.training.signals import GracefulStop
-from tests.fixtures import finished_output, train_losses
+from tests.fixtures import HANG_S, finished_output, train_losses
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "model.dropout=0.1",
         "train.batch_size=8", "train.max_steps=40", "train.log_interval=1", "train.ckpt_interval=100",
@@ -30,12 +30,12 @@ def test_ctrl_c_saves_the_step_reached_and_a_resume_continues_exactly(dataset, t
     ref = _train([f"data.dataset_dir={dataset}", f"out_dir={tmp_path / 'ref'}", *ARGS])
     run = tmp_path / "run"
     proc = _train([f"data.dataset_dir={dataset}", f"out_dir={run}", *ARGS])
-    deadline = time.time() + 120
+    deadline = time.monotonic() + HANG_S
     while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 7):
-        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert "stopped at step" in last and f"--resume {run}" in last and "Traceback" not in err, err

@@ -19,6 +19,7 @@ from lmforge.model.gpt import GPT
 from lmforge.rundir import latest_checkpoint
 from lmforge.training.guard import NonfiniteGuard
 from lmforge.training.loop import train
+from tests.fixtures import HANG_S
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "train.batch_size=8",
         "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=1", "sample.num_samples=0",
@@ -98,7 +99,7 @@ def test_skip_leaves_weights_and_optimizer_state_bit_identical_and_halts_after_k
 def test_the_command_line_halts_a_diverging_run_with_exit_3_and_one_line(dataset, tmp_path):
     result = subprocess.run([sys.executable, "-m", "lmforge", "train", f"data.dataset_dir={dataset}",
                              f"out_dir={tmp_path / 'run'}", *ARGS, "train.max_steps=30", "optim.lr=1e6"],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+                            capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=HANG_S)
     assert result.returncode == 3, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "halted: step" in lines[0] and "optim.lr" in lines[0], result.stderr

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge import rundir
-from tests.fixtures import train_losses
+from tests.fixtures import HANG_S, train_losses
 
 MAX_STEPS, CKPT_INTERVAL, KILLS = 40, 5, 4
 SEED = 26  # the kill schedule (a function of the seed alone): after step 9, 20 (+6 ms: in its checkpoint),
@@ -32,7 +32,7 @@ ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "mod
         f"train.ckpt_interval={CKPT_INTERVAL}", "train.eval_interval=15", "train.eval_batches=2",
         "train.keep_last=2", "sample.num_samples=0", "optim.warmup_steps=5", "train.threads=1"]
 # One thread per process: the reference and the killed run go side by side, one per core.
-LAUNCH_TIMEOUT = 120  # seconds one launch may take to reach its kill moment or to finish
+LAUNCH_TIMEOUT = HANG_S  # seconds one launch may take to reach its kill moment (only a hang takes that long)
 STEP_LINE = re.compile(r"^step \d+/\d+ \|", re.MULTILINE)
 RESUMED = re.compile(r"resuming from .* \(step (\d+)\)")
 
@@ -98,7 +98,7 @@ def _killed_and_resumed(dataset: Path, run: Path) -> list[dict]:
             killed = _kill_when(proc, log, steps, delay)
         if not killed:  # the last launch, or one that reached the end before its kill moment
             try:
-                returncode = proc.wait(timeout=300)
+                returncode = proc.wait(timeout=HANG_S)
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -129,7 +129,7 @@ def test_random_sigkills_then_resumes_give_the_uninterrupted_losses_and_weights(
     with ThreadPoolExecutor(2) as pool:  # two processes at a time: one per core
         reference = pool.submit(subprocess.run, [sys.executable, "-m", "lmforge", "train",
                                                  f"data.dataset_dir={dataset}", f"out_dir={ref}", *ARGS],
-                                capture_output=True, text=True, env=_env(), timeout=300)
+                                capture_output=True, text=True, env=_env(), timeout=HANG_S)
         killed = pool.submit(_killed_and_resumed, dataset, run)
         kills = killed.result()
         done = reference.result()

@@ -10,7 +10,7 @@ import pytest
 
 from lmforge.config import DataConfig
 from lmforge.data.prepare import prepare
-from tests.fixtures import finished_output, sigkill_after, train_losses
+from tests.fixtures import HANG_S, finished_output, sigkill_after, train_losses
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "model.dropout=0.1",
         "train.batch_size=8", "train.max_steps=60", "train.log_interval=1", "train.ckpt_interval=10",
@@ -58,7 +58,7 @@ def test_a_resumed_run_logs_line_for_line_what_an_uninterrupted_one_does(dataset
     killed = tmp_path / "killed"
     env = {**os.environ, "LMFORGE_FAULT": "mid_step:14"}  # dies in step 14: resumes from step 10
     crash = subprocess.run([sys.executable, "-m", "lmforge", "train", *args, f"out_dir={killed}"], env=env,
-                           capture_output=True, timeout=300)
+                           capture_output=True, timeout=HANG_S)
     assert crash.returncode == -9
     finished_output(_train(["--resume", str(killed)]))
     finished_output(ref)

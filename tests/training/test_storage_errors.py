@@ -7,7 +7,7 @@ import resource
 import subprocess
 import sys
 
-from tests.fixtures import train_losses
+from tests.fixtures import HANG_S, train_losses
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "train.batch_size=8",
         "train.log_interval=1", "train.ckpt_interval=10", "train.eval_interval=1000", "train.eval_batches=1",
@@ -20,7 +20,7 @@ def _train(args: list[str], file_limit: int | None = None) -> subprocess.Complet
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
     return subprocess.run([sys.executable, "-m", "lmforge", "train", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=HANG_S,
                           preexec_fn=limit if file_limit else None)
 
 
