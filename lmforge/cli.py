@@ -33,6 +33,7 @@ from lmforge.config import (
     FinetuneConfig,
     ModelConfig,
     TrainConfig,
+    TrainLoopConfig,
     config_help,
     load_finetune_config,
     load_train_config,
@@ -78,7 +79,7 @@ def _config(o: TrainingOptions, load: Callable[..., Any], default: str | None, *
     return load(path, [*o.overrides, f"out_dir={o.resume}"], **kwargs)
 
 
-def _start(o: TrainingOptions, compile_model: bool, device: str, batch: tuple) -> int | None:
+def _start(o: TrainingOptions, tc: TrainLoopConfig) -> int | None:
     """``--nproc N``: this command again in N processes under torchrun's agent (its config already checked),
     returning their exit status; else None, with this process set up to train (see the module docstring)."""
     from lmforge.runtime import compile_falls_back_to_eager, keep_freed_memory
@@ -86,11 +87,11 @@ def _start(o: TrainingOptions, compile_model: bool, device: str, batch: tuple) -
 
     if o.nproc is None:
         keep_freed_memory()
-        if compile_model:
+        if tc.compile:
             compile_falls_back_to_eager()
         return None
-    check_nproc(o.nproc, device)
-    resolve_grad_accum(*batch, o.nproc)  # before any process starts
+    check_nproc(o.nproc, tc.device)
+    resolve_grad_accum(tc.batch_size, tc.grad_accum, tc.global_batch_size, o.nproc)  # before any process starts
     if launched():
         raise UserError("--nproc starts the processes itself; under torchrun, leave it out (torchrun's "
                         "--nproc_per_node says how many)")
@@ -100,15 +101,14 @@ def _start(o: TrainingOptions, compile_model: bool, device: str, batch: tuple) -
             skip = arg == "--nproc"
             continue
         argv.append(arg)
-    return launch(o.nproc, argv, device)
+    return launch(o.nproc, argv, tc.device)
 
 
 def cmd_train(o: TrainOptions) -> int | None:
     from lmforge.training.loop import train
 
     cfg = _config(o, load_train_config, DEFAULT_RECIPE)
-    tc = cfg.train
-    launched = _start(o, tc.compile, tc.device, (tc.batch_size, tc.grad_accum, tc.global_batch_size))
+    launched = _start(o, cfg.train)
     if launched is not None:
         return launched
     train(cfg, resume=o.resume is not None, allow_data_change=o.allow_data_change)
@@ -120,8 +120,7 @@ def cmd_finetune(o: FinetuneOptions) -> int | None:
 
     o.overrides += ["lora.merge=true"] * o.merge + ["data.skip_bad_lines=true"] * o.skip_bad_lines
     cfg = _config(o, load_finetune_config, None, resume=True)
-    tc = cfg.train
-    launched = _start(o, tc.compile, tc.device, (tc.batch_size, tc.grad_accum, tc.global_batch_size))
+    launched = _start(o, cfg.train)
     if launched is not None:
         return launched
     finetune(cfg, resume=o.resume is not None)
