@@ -40,6 +40,19 @@ def _train(args: list[str], trace: Path, nproc: int | None = None) -> subprocess
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+# Another number of processes sums the gradients in another order (FSDP also reshards them), and the last-bit
+# differences grow through training, by how much depends on the CPU's kernels. Measured with these ARGS on a 2-core
+# AMD EPYC (Zen 4, AVX512-BF16, no AMX; torch 2.13 CPU): DDP on 2 processes matched 1 process exactly; FSDP
+# differed by up to 1.5e-5 relative (step 27) and 1.3e-7 in the step-10 weights. One process with every weight
+# moved by one ULP after step 1 (6 seeds, standing in for other kernels' rounding): up to 1.6e-4 (step 27; at most
+# 3.6e-6 up to step 20) and 4.8e-7 in the weights. A real difference is far larger: a learning rate 1% higher
+# gives up to 2.3e-2 (over 1e-3 at 17 of the 30 steps) and 7e-3 in the weights.
+LOSS_RTOL = 1e-3
+"""Relative difference allowed between the per-step losses of runs on different numbers of processes."""
+WEIGHT_ATOL = 1e-5
+"""Absolute difference allowed between their step-10 weights."""
+
+
 def _samples(trace: Path) -> dict[tuple[int, int], list[int]]:
     """(step, global micro-batch) -> the window starts drawn; a step replayed after a resume counts once (its
     last draw), and must have drawn the same."""
@@ -68,7 +81,7 @@ def _assert_same_training(run: Path, trace: Path, reference: tuple[Path, Path]) 
     ref_losses, losses = train_losses(ref_run), train_losses(run)
     assert sorted(losses) == list(range(1, 31))
     for step, loss in losses.items():
-        assert abs(loss - ref_losses[step]) <= 1e-5 * abs(ref_losses[step]), (step, loss, ref_losses[step])
+        assert abs(loss - ref_losses[step]) <= LOSS_RTOL * abs(ref_losses[step]), (step, loss, ref_losses[step])
     assert _samples(trace) == _samples(ref_trace)
     assert sorted(_samples(trace)) == [(s, j) for s in range(30) for j in range(2)]
 
@@ -95,7 +108,7 @@ def test_ddp_and_fsdp_on_two_processes_train_what_one_process_trains(dataset, re
         _assert_same_training(run, trace, reference)
         ref_weights, weights = _weights(reference[0], 10), _weights(run, 10)
         assert sorted(weights) == sorted(ref_weights)  # the same file layout (tied weights under one name)
-        assert max((weights[k] - ref_weights[k]).abs().max().item() for k in weights) <= 1e-6
+        assert max((weights[k] - ref_weights[k]).abs().max().item() for k in weights) <= WEIGHT_ATOL
     assert _memory(runs["fsdp"]) <= 0.55 * _memory(runs["ddp"])
 
 
