@@ -49,6 +49,8 @@ class TrainerState:
     """The step count that train.budget_minutes planned (0: not planned); a resume trains to it."""
     global_batch: int = 0
     """Sequences per optimizer step over all processes (0: not recorded); a resume must keep it."""
+    precision: str = ""
+    """The precision the run trains in ('': not recorded); a resume with train.precision=auto keeps it."""
 
 
 def rng_state() -> dict[str, torch.Tensor]:

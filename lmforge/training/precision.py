@@ -15,6 +15,7 @@ GPUs take bf16 where supported (fp16 with loss scaling otherwise) without a meas
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.errors import UserError
 from lmforge.hardware import bf16_gemm_speedup, cached
 from lmforge.model.gpt import GPT
 from lmforge.runtime import BF16_MIN_SPEEDUP, resolve_precision
@@ -87,8 +89,13 @@ def decide(measured: dict) -> PrecisionChoice:
     return PrecisionChoice(precision, f"auto: bf16 measured {speedup:.2f}x fp32 on this model")
 
 
-def choose_precision(asked: str, cfg: ModelConfig, device: torch.device) -> PrecisionChoice:
-    """The precision to train ``cfg`` in on ``device``: ``asked`` unless it is 'auto' (see the module doc)."""
+def choose_precision(asked: str, cfg: ModelConfig, device: torch.device, trained_in: str = "") -> PrecisionChoice:
+    """The precision to train ``cfg`` in on ``device``: ``asked`` unless it is 'auto' (see the module doc). A resumed
+    run ``trained_in`` a precision keeps it where the device can: measured again (with other threads, on a busier
+    day) the choice could come out otherwise, and the resumed steps would not be the uninterrupted run's."""
+    if asked == "auto" and trained_in:
+        with contextlib.suppress(UserError):  # e.g. a GPU run's fp16 resumed on a CPU: decide afresh
+            return PrecisionChoice(resolve_precision(trained_in, device), f"auto: {trained_in}, as the run trained")
     if asked != "auto":
         return PrecisionChoice(resolve_precision(asked, device), f"train.precision={asked}")
     if device.type != "cpu":

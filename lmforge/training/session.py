@@ -153,10 +153,17 @@ class TrainingSession:
         self.check_global_batch(tc)
         derived(config)
         choice: PrecisionChoice = self.parallel.on_rank0(
-            lambda: choose_precision(tc.precision, config.model, where.device))
+            lambda: choose_precision(tc.precision, config.model, where.device, self._trained_in()))
         rt = Runtime(where.device, choice.precision, where.rank, where.world_size)
         self.plan = RunPlan(config, self.run_dir, self.resume_from, rt, choice.reason)
         return self.plan
+
+    def _trained_in(self) -> str:
+        """The precision the checkpoint to resume from was trained in ('' for a new run, or not recorded)."""
+        ckpt = self.resume_from
+        if ckpt is None or not (ckpt / rundir.TRAINER_STATE).is_file():
+            return ""
+        return trainer_meta(ckpt).get("precision", "")
 
     def check_global_batch(self, tc: TrainLoopConfig) -> None:
         """UserError if a resume would train with another global batch than its checkpoint (another number of
@@ -259,7 +266,7 @@ class TrainingSession:
             state = self._restore_distributed(model, optimizer, load_weights)
         if self.resume_from is not None:
             self.say(f"resuming from {self.resume_from} (step {state.step})")
-        state.global_batch = self.plan.global_batch
+        state.global_batch, state.precision = self.plan.global_batch, rt.precision
         if rt.rank > 0:  # dropout masks of their own on the other ranks (rank 0 has the checkpoint's RNG)
             torch.manual_seed(self.plan.config.train.seed + 1_000_003 * rt.rank + state.step)
         return state

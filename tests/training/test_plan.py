@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import yaml
@@ -37,3 +38,21 @@ def test_train_leaves_its_config_as_given_and_writes_what_it_derived(tmp_path):
     before = copy.deepcopy(resumed)
     train(resumed, resume=True, progress=False)
     assert resumed == before
+
+
+def test_a_resumed_run_keeps_the_precision_it_trained_in(dataset, tmp_path, monkeypatch):
+    from lmforge.training import precision
+
+    def measured(bf16_s: float):  # what measuring the model's step would say now, without timing anything
+        return lambda cfg, device: {"fp32_s": 1.0, "bf16_s": bf16_s, "bf16_gemm": 2.0, "loss_gap": 0.0}
+
+    monkeypatch.setattr(precision, "cached", lambda device, key, measure: measure())
+    monkeypatch.setattr(precision, "measure_precisions", measured(0.5))  # bf16 twice as fast: bf16
+    overrides = [o for o in TINY if not o.startswith(("train.precision", "data."))]
+    out = tmp_path / "run"
+    train(load_train_config(None, [*overrides, f"data.dataset_dir={dataset}", f"out_dir={out}",
+                                   "train.precision=auto"]), progress=False)
+    assert json.loads((out / "checkpoints" / "step_000002" / "trainer.json").read_text())["precision"] == "bf16"
+    monkeypatch.setattr(precision, "measure_precisions", measured(2.0))  # now bf16 measures slower
+    train(load_train_config(out / "config.yaml", ["train.max_steps=3"]), resume=True, progress=False)
+    assert json.loads((out / "checkpoints" / "step_000003" / "trainer.json").read_text())["precision"] == "bf16"
