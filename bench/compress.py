@@ -51,10 +51,10 @@ from lmforge.compress.report import (
 )
 from lmforge.generate import generate
 from lmforge.hardware import cpu_name
+from lmforge.loading import load_run
 from lmforge.model.quantized import QuantSpec, quantize_model
-from lmforge.run import load_run
 from lmforge.runtime import setup_runtime
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 
 def bench_quantize(path: str, n_windows: int, rounds: int) -> dict:

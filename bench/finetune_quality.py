@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.config import load_finetune_config  # noqa: E402
-from lmforge.finetuning.loop import finetune  # noqa: E402
+from lmforge.finetuning.finetune import finetune  # noqa: E402
 from tests.finetuning.tasks import train_base, write_module_snippets, write_repeat_task  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from lmforge.runtime import maybe_compile
 
 def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
     if args.run:
-        from lmforge.run import load_run
+        from lmforge.loading import load_run
 
         return load_run(args.run, device).model.eval()
     torch.manual_seed(0)

@@ -131,7 +131,7 @@ def main() -> None:
     train, val = (np.memmap(Path(args.dataset) / f"{s}.bin", dtype=meta["dtype"], mode="r") for s in ("train", "val"))
     rows = []
     if args.run:
-        from lmforge.run import load_run
+        from lmforge.loading import load_run
 
         model = load_run(args.run).model
         rows.append({"model": f"lmforge {args.run}", **evaluate(lambda x: model(x)[0], val, 1337)})

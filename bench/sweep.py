@@ -34,7 +34,7 @@ from lmforge.config import DataConfig, load_train_config
 from lmforge.data.prepare import prepare
 from lmforge.hardware import cpu_name
 from lmforge.sweep import run_sweep
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 PRUNING_SPACE = {"optim.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},

@@ -21,7 +21,7 @@ from pathlib import Path
 from lmforge.config import load_train_config
 from lmforge.data.prepare import prepare
 from lmforge.runtime import compile_falls_back_to_eager, keep_freed_memory
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 RECIPES = ("shakespeare-fast", str(Path(__file__).parent / "recipes" / "shakespeare-fast-issue13.yaml"),
            "shakespeare-char")

@@ -17,9 +17,9 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "TrainConfig": "lmforge.config", "load_train_config": "lmforge.config", "FinetuneConfig": "lmforge.config",
     "load_finetune_config": "lmforge.config", "UserError": "lmforge.errors", "generate_text": "lmforge.generate",
-    "LoadedRun": "lmforge.run", "load_run": "lmforge.run",
-    "TrainResult": "lmforge.training.loop", "train": "lmforge.training.loop",
-    "FinetuneResult": "lmforge.finetuning.loop", "finetune": "lmforge.finetuning.loop",
+    "LoadedRun": "lmforge.loading", "load_run": "lmforge.loading",
+    "TrainResult": "lmforge.training.pretrain", "train": "lmforge.training.pretrain",
+    "FinetuneResult": "lmforge.finetuning.finetune", "finetune": "lmforge.finetuning.finetune",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -18,9 +18,9 @@ from lmforge.chat import ChatTemplate
 from lmforge.data.records import BadRecord
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.generate import generate_text
+from lmforge.loading import load_lm, run_template
 from lmforge.model.gpt import GPT
 from lmforge.options import ChatOptions, Sampling
-from lmforge.run import load_lm, run_template
 from lmforge.runtime import setup_runtime
 
 with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has readline

@@ -105,7 +105,7 @@ def _start(o: TrainingOptions, tc: TrainLoopConfig) -> int | None:
 
 
 def cmd_train(o: TrainOptions) -> int | None:
-    from lmforge.training.loop import train
+    from lmforge.training.pretrain import train
 
     cfg = _config(o, load_train_config, DEFAULT_RECIPE)
     launched = _start(o, cfg.train)
@@ -116,7 +116,7 @@ def cmd_train(o: TrainOptions) -> int | None:
 
 
 def cmd_finetune(o: FinetuneOptions) -> int | None:
-    from lmforge.finetuning.loop import finetune
+    from lmforge.finetuning.finetune import finetune
 
     o.overrides += ["lora.merge=true"] * o.merge + ["data.skip_bad_lines=true"] * o.skip_bad_lines
     cfg = _config(o, load_finetune_config, None, resume=True)

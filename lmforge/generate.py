@@ -20,9 +20,9 @@ import torch
 from lmforge.data.records import read_text_file
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.loading import load_lm, run_template
 from lmforge.model.gpt import GPT
 from lmforge.options import GenerateOptions, Sampling
-from lmforge.run import load_lm, run_template
 from lmforge.runtime import compile_falls_back_to_eager, eval_mode, maybe_compile, setup_runtime
 
 

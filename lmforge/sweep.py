@@ -44,9 +44,9 @@ import yaml
 from lmforge import rundir
 from lmforge.config import load_finetune_config, load_train_config
 from lmforge.errors import TrainingInterrupted, UserError
-from lmforge.finetuning.loop import finetune
+from lmforge.finetuning.finetune import finetune
 from lmforge.options import SweepOptions
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 METRICS = {"train": ("val_loss", "val_bpb", "val_ppl"),
            "sft": ("val_loss", "val_ppl", "exact_match"),

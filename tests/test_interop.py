@@ -20,7 +20,7 @@ from lmforge.cli import main  # noqa: E402
 from lmforge.data.tokenizer import Tokenizer  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.interop import load_hf  # noqa: E402
-from lmforge.run import load_run  # noqa: E402
+from lmforge.loading import load_run  # noqa: E402
 from lmforge.rundir import read_run_info  # noqa: E402
 from tests.fixtures import HANG_S, hf_gpt2, hf_llama, save_hf_folder  # noqa: E402
 

@@ -17,9 +17,9 @@ import yaml
 
 from lmforge.cli import main
 from lmforge.config import load_train_config
-from lmforge.run import load_run
+from lmforge.loading import load_run
 from lmforge.sweep import run_sweep, trial_dir
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 from tests.fixtures import HANG_S
 
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.apps.records import TaskRecord
+from lmforge.apps.task_records import TaskRecord
 
 
 class NearestNeighbours:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.apps.records import BuildReport
+from lmforge.apps.task_records import BuildReport
 from lmforge.data.corpus import default_corpus_sources
 from lmforge.errors import UserError
 

@@ -18,8 +18,8 @@ import ast
 import re
 
 from lmforge.apps.pysource import Documented, documented_definitions
-from lmforge.apps.records import BuildReport, TaskRecord
 from lmforge.apps.spec import App
+from lmforge.apps.task_records import BuildReport, TaskRecord
 
 MAX_CONTEXT = 420
 """Characters of context (signature + docstring), cut at a line end: about 150 of the default model's tokens."""

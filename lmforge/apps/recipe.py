@@ -1,6 +1,6 @@
 """``lmforge app NAME``: one application end to end, as a recipe.
 
-1. build the task records from local text, split them (:mod:`lmforge.apps.records`), and give every
+1. build the task records from local text, split them (:mod:`lmforge.apps.task_records`), and give every
    record its nearest training example (:class:`~lmforge.apps.baselines.NearestNeighbours`);
 2. write ``data/train.jsonl`` and ``data/test.jsonl`` (prompt + reference: what ``finetune`` and
    ``eval --generate`` read) and ``data/build.json`` (what was read and left out);
@@ -22,16 +22,16 @@ from pathlib import Path
 from lmforge.apps import qa, summarization, translation
 from lmforge.apps.baselines import NearestNeighbours
 from lmforge.apps.options import DEFAULT_BASE, AppRequest
-from lmforge.apps.records import BuildReport, TaskRecord, read_jsonl, split_records, write_jsonl
 from lmforge.apps.spec import App
+from lmforge.apps.task_records import BuildReport, TaskRecord, read_jsonl, split_records, write_jsonl
 from lmforge.config import RECIPES_DIR, load_finetune_config, load_train_config
 from lmforge.errors import UserError
 from lmforge.evaluate import tasks
 from lmforge.evaluate.options import EvalRequest
 from lmforge.evaluate.runner import evaluate_run, write_report
-from lmforge.finetuning.loop import finetune
+from lmforge.finetuning.finetune import finetune
 from lmforge.rundir import is_run_dir
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 APPS: dict[str, App] = {app.name: app for app in (translation.APP, summarization.APP, qa.APP)}
 APP_CONFIGS = RECIPES_DIR / "apps"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lmforge.apps.records import TaskRecord
+from lmforge.apps.task_records import TaskRecord
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,6 @@ class App:
     majority: bool = False
     """Also score the most frequent training target given to every record (qa: "None")."""
     distinct_targets: bool = True
-    """No test target may recur in train (see :func:`~lmforge.apps.records.split_records`)."""
+    """No test target may recur in train (see :func:`~lmforge.apps.task_records.split_records`)."""
     options: tuple[str, ...] = ()
     """Keyword options ``build`` takes (translation: lang)."""

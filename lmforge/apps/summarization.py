@@ -16,8 +16,8 @@ import re
 
 from lmforge.apps.baselines import name_words
 from lmforge.apps.pysource import documented_definitions
-from lmforge.apps.records import BuildReport, TaskRecord
 from lmforge.apps.spec import App
+from lmforge.apps.task_records import BuildReport, TaskRecord
 
 MAX_INPUT = 300
 """Characters of source the model reads: with the prompt around it, within the default model's 256 tokens."""

@@ -17,8 +17,8 @@ from pathlib import Path
 import polib
 
 from lmforge.apps.baselines import copy_source
-from lmforge.apps.records import BuildReport, TaskRecord
 from lmforge.apps.spec import App
+from lmforge.apps.task_records import BuildReport, TaskRecord
 from lmforge.errors import UserError
 
 MAX_CHARS = 100

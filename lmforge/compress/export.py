@@ -11,8 +11,8 @@ from lmforge.compress.gguf import export_gguf
 from lmforge.compress.options import ExportOptions
 from lmforge.compress.report import format_report, gguf_report
 from lmforge.interop import export_hf
+from lmforge.loading import load_lm
 from lmforge.model.quantized import dequantized, is_quantized
-from lmforge.run import load_lm
 
 
 def export_run(o: ExportOptions) -> Path:

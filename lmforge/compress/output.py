@@ -20,7 +20,7 @@ from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.config import TrainConfig, save_yaml
 from lmforge.interop import check_new_folder
-from lmforge.run import LoadedRun
+from lmforge.loading import LoadedRun
 from lmforge.training.checkpoint import save_weights_only
 
 

@@ -38,12 +38,12 @@ from lmforge.compress.report import Report, Windows, describe_device, eval_windo
 from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.interop import check_new_folder
+from lmforge.loading import LoadedRun, load_lm, load_run
 from lmforge.model.gpt import GPT
 from lmforge.model.quantized import METHODS as QUANT_METHODS
 from lmforge.model.quantized import block_linears
-from lmforge.run import LoadedRun, load_lm, load_run
 from lmforge.runtime import Runtime, eval_mode, setup_runtime
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 from lmforge.training.sparsity import MASK_FILE, save_masks
 
 METHODS = ("magnitude", "wanda", "structured")

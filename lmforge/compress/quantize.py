@@ -12,8 +12,8 @@ from lmforge.compress.output import source_weights, train_config_of, write_compr
 from lmforge.compress.report import Report, describe_device, eval_windows, format_report, measure
 from lmforge.errors import UserError
 from lmforge.interop import check_new_folder
+from lmforge.loading import LoadedRun, load_lm
 from lmforge.model.quantized import INT4_GROUP_SIZES, METHODS, QuantSpec, block_linears, quantize_model, state_for_disk
-from lmforge.run import LoadedRun, load_lm
 from lmforge.runtime import setup_runtime
 
 

@@ -29,9 +29,9 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import generate
 from lmforge.hardware import cpu_name
+from lmforge.loading import LoadedRun
 from lmforge.model.gpt import GPT
 from lmforge.model.quantized import QuantLinear, block_linears
-from lmforge.run import LoadedRun
 from lmforge.runtime import Runtime, eval_mode, setup_runtime
 
 REPORT = "compression_report.json"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import UserError
-from lmforge.faults import trace_batch
+from lmforge.testhooks import trace_batch
 
 
 class TokenShard:

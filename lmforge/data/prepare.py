@@ -40,9 +40,9 @@ from lmforge.data.options import PrepareOptions
 from lmforge.data.sources import SourceStats, iter_documents
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.faults import fault_point
 from lmforge.malloc import M_MMAP_THRESHOLD, mallopt
 from lmforge.rundir import cache_root, storage_errors
+from lmforge.testhooks import fault_point
 
 FORMAT = 1
 DEFAULT_CORPUS_NAME = "<python stdlib>"

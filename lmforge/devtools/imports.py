@@ -22,11 +22,11 @@ from pathlib import Path
 
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("lmforge", "lmforge.errors", "lmforge.presets", "lmforge.config", "lmforge.options", "lmforge.malloc",
-                "lmforge.runtime", "lmforge.hardware", "lmforge.rundir", "lmforge.faults", "lmforge._lm_eval_hook",
+                "lmforge.runtime", "lmforge.hardware", "lmforge.rundir", "lmforge.testhooks", "lmforge._lm_eval_hook",
                 "lmforge.devtools")),
     ("data, model, chat", ("lmforge.data", "lmforge.model", "lmforge.chat", "lmforge.examples")),
     ("train, generate, interop, run, chat_repl", ("lmforge.training", "lmforge.generate", "lmforge.interop",
-                                                  "lmforge.run", "lmforge.chat_repl")),
+                                                  "lmforge.loading", "lmforge.chat_repl")),
     ("evaluate, compress", ("lmforge.evaluate", "lmforge.compress")),
     ("finetune", ("lmforge.finetuning",)),
     ("serve, sweep, apps", ("lmforge.serve", "lmforge.sweep", "lmforge.apps")),

@@ -21,8 +21,8 @@ from lm_eval.api.registry import register_model
 
 from lmforge.evaluate import lm, tasks
 from lmforge.generate import generate_text
+from lmforge.loading import load_lm
 from lmforge.options import Sampling
-from lmforge.run import load_lm
 from lmforge.runtime import setup_runtime
 
 

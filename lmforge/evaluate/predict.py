@@ -11,8 +11,8 @@ from lmforge.data.records import BadRecord, read_records, read_text_file, requir
 from lmforge.errors import UserError
 from lmforge.evaluate.options import PredictOptions
 from lmforge.evaluate.tasks import classification_metrics, format_confusion
+from lmforge.loading import LoadedRun, load_run
 from lmforge.model.classifier import class_probabilities
-from lmforge.run import LoadedRun, load_run
 from lmforge.runtime import setup_runtime
 
 

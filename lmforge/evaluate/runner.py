@@ -19,7 +19,7 @@ from lmforge.evaluate import lm, tasks
 from lmforge.evaluate.options import EvalOptions, EvalRequest
 from lmforge.evaluate.predict import gold_ids, label_probabilities, read_texts
 from lmforge.generate import generate_text
-from lmforge.run import LoadedRun, load_run
+from lmforge.loading import LoadedRun, load_run
 from lmforge.runtime import Runtime, setup_runtime
 
 

@@ -23,10 +23,10 @@ from lmforge.data.loader import EpochSampler, to_device
 from lmforge.errors import UserError
 from lmforge.finetuning.classify import ClassifyTask
 from lmforge.finetuning.sft import SFTTask
+from lmforge.loading import load_run
 from lmforge.model import lora
 from lmforge.model.gpt import flops_per_token
 from lmforge.model.quantized import is_quantized
-from lmforge.run import load_run
 from lmforge.training.checkpoint import load_weights
 from lmforge.training.metrics import MetricsLogger, format_duration
 from lmforge.training.session import Trainee, TrainingSession

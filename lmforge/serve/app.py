@@ -29,8 +29,8 @@ from lmforge.chat import ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import find_stop, partial_stop
+from lmforge.loading import load_lm, run_template
 from lmforge.options import OptionError, Sampling
-from lmforge.run import load_lm, run_template
 from lmforge.runtime import maybe_compile, setup_runtime
 from lmforge.serve.engine import Engine, Finished, Job, QueueFull, Token
 from lmforge.serve.options import ServeOptions

@@ -9,7 +9,7 @@ schedule (a cosine's lr shifts by a few percent at most; WSD's stable phase just
 shorter); after that the plan is fixed, so the decay runs to its end undisturbed. The plan is saved
 with each checkpoint (:attr:`TrainerState.planned_steps`) and a resume keeps it.
 
-Test hook, like :mod:`lmforge.faults`: ``LMFORGE_FAKE_STEP_SECONDS=S`` makes the plan read a clock on which
+Test hook, like :mod:`lmforge.testhooks`: ``LMFORGE_FAKE_STEP_SECONDS=S`` makes the plan read a clock on which
 every step takes exactly S seconds (training time at step n: n * S) instead of the real one, so that a test
 knows the planned step count on any host, fast or slow, quiet or loaded. Unset, the real clock is read.
 """

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lmforge import rundir
 from lmforge.errors import UserError
-from lmforge.faults import fault_point
+from lmforge.testhooks import fault_point
 
 
 @dataclass

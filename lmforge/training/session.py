@@ -1,6 +1,6 @@
 """What every training command does the same way, in the same order.
 
-``train()`` (:mod:`lmforge.training.loop`) and ``finetune()`` (:mod:`lmforge.finetuning.loop`) both:
+``train()`` (:mod:`lmforge.training.pretrain`) and ``finetune()`` (:mod:`lmforge.finetuning.finetune`) both:
 
 1. :meth:`TrainingSession.open`: start the processes and pick the run directory (new, or the one to resume);
 2. :meth:`TrainingSession.make_plan`: turn (config, data, host) into a frozen :class:`RunPlan`: a copy of the

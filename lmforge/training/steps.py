@@ -18,8 +18,8 @@ import torch
 
 from lmforge.config import OptimConfig, TrainLoopConfig
 from lmforge.errors import TrainingHalted, TrainingInterrupted
-from lmforge.faults import fault_point
 from lmforge.runtime import Runtime
+from lmforge.testhooks import fault_point
 from lmforge.training.budget import StepBudget
 from lmforge.training.checkpoint import TrainerState
 from lmforge.training.guard import NonfiniteGuard

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from lmforge.config import load_train_config
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 from tests.fixtures import HANG_S
 
 TOY_BASE = ["data.tokenizer=char", "model.preset=gpt2-tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",

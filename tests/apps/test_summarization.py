@@ -5,8 +5,8 @@ from __future__ import annotations
 from lmforge.apps.baselines import name_words
 from lmforge.apps.qa import build_qa
 from lmforge.apps.recipe import APPS, AppRequest, build_data
-from lmforge.apps.records import BuildReport, read_jsonl
 from lmforge.apps.summarization import build_summarization, first_sentence, lead_line, lead_name
+from lmforge.apps.task_records import BuildReport, read_jsonl
 
 
 def test_summaries_are_first_sentences_of_docstrings_taken_out_of_the_code(source_tree):

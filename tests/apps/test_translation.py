@@ -4,7 +4,7 @@ malformed files skipped, and the same bytes from the same inputs."""
 from __future__ import annotations
 
 from lmforge.apps.recipe import APPS, AppRequest, build_data
-from lmforge.apps.records import BuildReport, read_jsonl, split_records
+from lmforge.apps.task_records import BuildReport, read_jsonl, split_records
 from lmforge.apps.translation import build_translation, message_key, placeholders
 
 from .conftest import DROPPED, MESSAGES
@@ -49,7 +49,7 @@ def test_same_catalogs_give_the_same_bytes_and_no_test_string_in_train(catalogs,
 
 
 def test_split_drops_train_records_that_share_a_string_with_test():
-    from lmforge.apps.records import TaskRecord, in_test
+    from lmforge.apps.task_records import TaskRecord, in_test
 
     keys = [f"k{i}" for i in range(200)]
     test_key = next(k for k in keys if in_test(k, 0.5, 0))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import load_train_config
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 
 @pytest.fixture(scope="package")

@@ -15,8 +15,8 @@ from lmforge.compress.gguf import read_gguf
 from lmforge.compress.quantize import quantize_run
 from lmforge.compress.report import REPORT
 from lmforge.generate import generate
+from lmforge.loading import load_run
 from lmforge.model.quantized import QuantLinear, QuantSpec, dequantized, quantize_model
-from lmforge.run import load_run
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -9,7 +9,7 @@ from lmforge.devtools import imports
 def test_the_package_import_graph_has_no_cycle_and_follows_the_floors(capsys):
     assert imports.main() == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "floor 0: ground" in out and "lmforge.training.loop ->" in out
+    assert "floor 0: ground" in out and "lmforge.training.pretrain ->" in out
 
 
 def _package(root: Path, files: dict[str, str]) -> Path:
@@ -25,9 +25,9 @@ def test_cycles_upward_imports_and_hidden_local_imports_are_reported(tmp_path):
         "__init__.py": "",
         "config.py": "from lmforge import rundir\n",  # ground <-> ground: a cycle
         "rundir.py": "import lmforge.config\n",
-        "runtime.py": "from lmforge.training import loop\n",  # ground -> floor 2: upward
+        "runtime.py": "from lmforge.training import pretrain\n",  # ground -> floor 2: upward
         "training/__init__.py": "",
-        "training/loop.py": "def f():\n    from lmforge.evaluate import lm\n",  # hidden in a function, and upward
+        "training/pretrain.py": "def f():\n    from lmforge.evaluate import lm\n",  # hidden in a function, and upward
         "evaluate/__init__.py": "",
         "evaluate/lm.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lmforge.finetuning import x\n",
         "model/gpt.py": "from lmforge.data import loader\n",  # model and data never import each other
@@ -35,8 +35,8 @@ def test_cycles_upward_imports_and_hidden_local_imports_are_reported(tmp_path):
     })
     found = "\n".join(imports.problems(imports.build_graph(pkg)))
     assert "import cycle among: lmforge.config, lmforge.rundir" in found
-    assert "lmforge.runtime (floor 0) imports lmforge.training.loop from a higher floor" in found
-    assert "lmforge.training.loop:2 imports lmforge.evaluate.lm inside a function" in found
+    assert "lmforge.runtime (floor 0) imports lmforge.training.pretrain from a higher floor" in found
+    assert "lmforge.training.pretrain:2 imports lmforge.evaluate.lm inside a function" in found
     assert "lmforge.model.gpt imports lmforge.data.loader" in found
     assert "finetune" not in found  # a TYPE_CHECKING import is no edge
     assert imports.build_graph(Path(lmforge.__file__).parent).edges  # the real package parses

@@ -79,7 +79,7 @@ def test_generate_from_run_is_deterministic_when_greedy(trained_run):
 def test_a_run_written_before_run_json_existed_still_loads(trained_run, tmp_path):
     import torch
 
-    from lmforge.run import load_run
+    from lmforge.loading import load_run
     from lmforge.rundir import read_run_info
 
     run, _ = trained_run
@@ -145,7 +145,7 @@ def test_a_model_trained_from_scratch_exports_to_transformers_with_identical_gre
     import torch
 
     from lmforge.generate import generate
-    from lmforge.run import load_run
+    from lmforge.loading import load_run
 
     run, _ = trained_run
     out = tmp_path / "hf"

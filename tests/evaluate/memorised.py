@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from lmforge.config import load_train_config
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 FACTS = {"alpha": "red", "bravo": "green", "charlie": "blue", "delta": "yellow", "echo": "purple", "foxtrot": "red",
          "golf": "blue", "hotel": "green", "india": "purple", "juliet": "yellow", "kilo": "blue", "lima": "red"}

@@ -11,7 +11,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lmforge.evaluate import lm, tasks  # noqa: E402
 from lmforge.examples import HARNESS_TASK  # noqa: E402
-from lmforge.run import load_run  # noqa: E402
+from lmforge.loading import load_run  # noqa: E402
 from tests.fixtures import HANG_S  # noqa: E402
 
 ROLLING = """

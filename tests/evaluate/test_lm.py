@@ -11,7 +11,7 @@ import torch
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.evaluate import lm
-from lmforge.run import load_run
+from lmforge.loading import load_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,7 +101,7 @@ def test_bits_per_byte_on_the_val_split_equal_what_training_reported(tmp_path):
 
     from lmforge.config import load_train_config
     from lmforge.runtime import setup_runtime
-    from lmforge.training.loop import train
+    from lmforge.training.pretrain import train
 
     (tmp_path / "corpus.txt").write_text(TEXT * 5)
     result = train(load_train_config(None, [f"data.sources=[{tmp_path / 'corpus.txt'}]", "data.tokenizer=char",

@@ -63,7 +63,7 @@ def test_loglikelihoods_equal_a_full_forward_pass_and_flag_greedy_continuations(
 
 
 def test_multiple_choice_is_perfect_on_memorised_facts_and_not_on_wrong_labels(memorised):
-    from lmforge.run import load_run
+    from lmforge.loading import load_run
 
     run_dir, folder = memorised
     run = load_run(run_dir)

@@ -20,7 +20,7 @@ def train_base(folder: Path) -> Path:
     import textwrap
 
     from lmforge.config import load_train_config
-    from lmforge.training.loop import train
+    from lmforge.training.pretrain import train
 
     corpus = folder / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)

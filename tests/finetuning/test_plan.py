@@ -7,7 +7,7 @@ import copy
 import yaml
 
 from lmforge.config import load_finetune_config
-from lmforge.finetuning.loop import finetune
+from lmforge.finetuning.finetune import finetune
 
 
 def test_finetune_leaves_its_config_as_given_and_writes_what_it_derived(base_run, repeat_task, tmp_path,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import load_train_config
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 from tests.fixtures import HANG_S
 
 

@@ -14,8 +14,8 @@ import torch
 
 from lmforge.evaluate.tasks import loglikelihoods
 from lmforge.generate import generate_text
+from lmforge.loading import load_run
 from lmforge.options import GREEDY, Sampling
-from lmforge.run import load_run
 from lmforge.runtime import Runtime
 from lmforge.serve.engine import Engine, Job, QueueFull
 from tests.fixtures import HANG_S

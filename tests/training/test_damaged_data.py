@@ -12,7 +12,7 @@ import pytest
 
 from lmforge.config import load_train_config
 from lmforge.errors import UserError
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=1", "model.block_size=32", "train.batch_size=4",
         "train.max_steps=3", "train.eval_batches=1", "sample.num_samples=0"]

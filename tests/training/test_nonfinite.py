@@ -18,7 +18,7 @@ from lmforge.errors import TrainingHalted
 from lmforge.model.gpt import GPT
 from lmforge.rundir import latest_checkpoint
 from lmforge.training.guard import NonfiniteGuard
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 from tests.fixtures import HANG_S
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "train.batch_size=8",

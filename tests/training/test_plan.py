@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from lmforge.config import load_train_config
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 TINY = ["model.preset=gpt2-tiny", "model.n_layer=1", "model.block_size=32", "train.batch_size=4",
         "train.max_steps=2", "train.eval_interval=2", "train.eval_batches=1", "sample.num_samples=0",

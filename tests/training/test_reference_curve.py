@@ -48,7 +48,7 @@ import pytest
 import torch
 
 from lmforge.config import load_train_config
-from lmforge.training.loop import train
+from lmforge.training.pretrain import train
 
 CURVE = Path(__file__).resolve().parents[1] / "assets" / "losses" / "gpt2_tiny_60.json"
 REGENERATE_ENV = "LMFORGE_REGENERATE_CURVE"
