@@ -23,7 +23,7 @@ from lmforge.data.loader import EpochSampler, to_device
 from lmforge.errors import UserError
 from lmforge.finetuning.classify import ClassifyTask
 from lmforge.finetuning.sft import SFTTask
-from lmforge.loading import load_run
+from lmforge.loading import load_lm
 from lmforge.model import lora
 from lmforge.model.gpt import flops_per_token
 from lmforge.model.quantized import is_quantized
@@ -82,9 +82,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     run_dir, say = session.run_dir, session.say
 
     # --- the plan: the base and its model, the precision
-    base = load_run(cfg.base)
-    if base.task != "lm":
-        raise UserError(f"base '{cfg.base}' is a {base.task} run; fine-tune from a language model")
+    base = load_lm(cfg.base, command="fine-tuning (base=)")
     if is_quantized(base.model):
         raise UserError(f"base '{cfg.base}' is quantized (its integer weights do not train): fine-tune its source "
                         f"run, then quantize the result")
