@@ -1,5 +1,5 @@
-"""Test instruments: fault injection (die at a named point exactly as ``kill -9`` would) and a trace of
-the training samples drawn.
+"""Test instruments, inert unless their environment variable is set: fault injection (die at a named point
+exactly as ``kill -9`` would), a trace of the training samples drawn, and a fake clock for the step budget.
 
 ``LMFORGE_FAULT=POINT:N`` makes the process SIGKILL itself the N-th time (from 1) it reaches
 ``fault_point("POINT")``; unset, every fault point is a dictionary lookup and nothing else. The
@@ -11,6 +11,10 @@ Tests kill a run at each point, resume it, and compare every step's loss with an
 ``LMFORGE_TRACE_BATCHES=FILE`` appends one JSON line per training micro-batch drawn (step, global
 micro-batch j, window starts) to FILE, from every process: a test compares the samples of runs on
 different numbers of processes, interrupted or not.
+
+``LMFORGE_FAKE_STEP_SECONDS=S`` makes ``train.budget_minutes`` plan on a clock on which every step takes
+exactly S seconds (:func:`fake_step_seconds`), so that a test knows the planned step count on any host, fast
+or slow, quiet or loaded.
 """
 
 from __future__ import annotations
@@ -57,3 +61,20 @@ def trace_batch(step: int, j: int, offsets: Sequence[int]) -> None:
     line = json.dumps({"step": step, "j": j, "offsets": [int(o) for o in offsets]}) + "\n"
     with open(path, "a", encoding="utf-8") as f:  # one write per line: appends from several processes stay whole
         f.write(line)
+
+
+FAKE_STEP_SECONDS = "LMFORGE_FAKE_STEP_SECONDS"
+
+
+def fake_step_seconds() -> float | None:
+    """The seconds every step takes on the budget's fake clock, or None (unset: the real clock)."""
+    spec = os.environ.get(FAKE_STEP_SECONDS)
+    if not spec:
+        return None
+    try:
+        seconds = float(spec)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{FAKE_STEP_SECONDS}={spec!r}: expected a number of seconds > 0")
+    return seconds

@@ -9,18 +9,17 @@ schedule (a cosine's lr shifts by a few percent at most; WSD's stable phase just
 shorter); after that the plan is fixed, so the decay runs to its end undisturbed. The plan is saved
 with each checkpoint (:attr:`TrainerState.planned_steps`) and a resume keeps it.
 
-Test hook, like :mod:`lmforge.testhooks`: ``LMFORGE_FAKE_STEP_SECONDS=S`` makes the plan read a clock on which
-every step takes exactly S seconds (training time at step n: n * S) instead of the real one, so that a test
-knows the planned step count on any host, fast or slow, quiet or loaded. Unset, the real clock is read.
+A test may make the plan read a fake clock instead (:func:`lmforge.testhooks.fake_step_seconds`: training time
+at step n is n * S), so that it knows the planned step count on any host.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
 from lmforge.config import TrainLoopConfig
+from lmforge.testhooks import fake_step_seconds
 from lmforge.training.checkpoint import TrainerState
 
 PLAN_AFTER = 10
@@ -29,21 +28,6 @@ REVISE_UNTIL = 0.5
 """The plan is revised until the run is this far through it, then fixed."""
 EVAL_BATCH_COST = 1 / 3
 """An evaluation batch's cost relative to a training micro-batch (a forward pass without the backward)."""
-FAKE_STEP_SECONDS = "LMFORGE_FAKE_STEP_SECONDS"
-"""The environment variable of the test hook (see the module docstring)."""
-
-
-def _fake_step_seconds() -> float | None:
-    spec = os.environ.get(FAKE_STEP_SECONDS)
-    if not spec:
-        return None
-    try:
-        seconds = float(spec)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise ValueError(f"{FAKE_STEP_SECONDS}={spec!r}: expected a number of seconds > 0")
-    return seconds
 
 
 def plan_steps(budget_s: float, elapsed_s: float, step: int, step_s: float, tc: TrainLoopConfig) -> int:
@@ -65,7 +49,7 @@ class StepBudget:
         self.active = bool(tc.budget_minutes)
         self.start_step = state.step
         self.t_paced = 0.0
-        self.fake_step_s = _fake_step_seconds()
+        self.fake_step_s = fake_step_seconds()
         if self.active and not state.planned_steps:
             say(f"time budget: {tc.budget_minutes:g} min of training (train.budget_minutes): the step count is planned "
                 f"from the pace of the first steps, so that the learning-rate schedule ends with the budget")

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from lmforge.config import TrainLoopConfig, load_train_config
-from lmforge.training.budget import FAKE_STEP_SECONDS, plan_steps
+from lmforge.testhooks import FAKE_STEP_SECONDS
+from lmforge.training.budget import plan_steps
 from lmforge.training.optim import lr_at
 from tests.fixtures import train_losses
 
