@@ -15,8 +15,8 @@ import torch
 
 from lmforge import __version__
 from lmforge.config import load_finetune_config
-from lmforge.finetuning.loop import finetune
-from lmforge.run import load_run
+from lmforge.finetuning.finetune import finetune
+from lmforge.loading import load_run
 from lmforge.rundir import RunInfo, read_run_info, write_manifest
 from tests.fixtures import HANG_S, finished_output, sigkill_after, train_losses
 
@@ -137,7 +137,8 @@ def test_a_killed_lora_run_resumes_exactly(base_run, repeat_task, tmp_path):
     train_file, _ = repeat_task
     args = [f"base={base_run}", f"data.train={train_file}", "lora.rank=4", "lora.dropout=0.1",
             "train.max_steps=50", "train.batch_size=8", "train.log_interval=1", "train.ckpt_interval=10",
-            "train.eval_interval=25", "data.eval_generations=0"]
+            "train.eval_interval=25", "data.eval_generations=0", "train.precision=fp32"]
+    # fp32, not auto: the reference and the killed run time bf16 against fp32 at once, and may choose differently.
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref = _finetune([*args, f"out_dir={ref_dir}"])
     proc = _finetune([*args, f"out_dir={killed_dir}"])

@@ -30,8 +30,12 @@ SEED = 26  # the kill schedule (a function of the seed alone): after step 9, 20 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "model.dropout=0.1",
         "train.batch_size=4", "train.grad_accum=2", f"train.max_steps={MAX_STEPS}", "train.log_interval=1",
         f"train.ckpt_interval={CKPT_INTERVAL}", "train.eval_interval=15", "train.eval_batches=2",
-        "train.keep_last=2", "sample.num_samples=0", "optim.warmup_steps=5", "train.threads=1"]
+        "train.keep_last=2", "sample.num_samples=0", "optim.warmup_steps=5", "train.threads=1",
+        "train.precision=fp32"]
 # One thread per process: the reference and the killed run go side by side, one per core.
+# train.precision=fp32, not auto: auto times bf16 against fp32 on this host, and two runs timing at once on a busy
+# machine can choose differently (measured here on one model: bf16 1.24x fp32 in one session, 3.3x in another;
+# auto picks bf16 from 1.2x).
 LAUNCH_TIMEOUT = HANG_S  # seconds one launch may take to reach its kill moment (only a hang takes that long)
 STEP_LINE = re.compile(r"^step \d+/\d+ \|", re.MULTILINE)
 RESUMED = re.compile(r"resuming from .* \(step (\d+)\)")
