@@ -18,8 +18,8 @@ from lmforge.config import load_train_config
 from lmforge.data.loader import BatchSampler, TokenShard
 from lmforge.errors import UserError
 from lmforge.runtime import Runtime
-from lmforge.training.loop import train
 from lmforge.training.parallel import Parallel, resolve_grad_accum
+from lmforge.training.pretrain import train
 from tests.fixtures import finished_output, sigkill_after, tiny_model, train_losses
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
