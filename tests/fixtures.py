@@ -20,6 +20,20 @@ it waits for happens, so this limit never decides a healthy run: it is generous,
 busy processes beside the suite (~3x slower than alone)."""
 
 
+# Another number of processes sums the gradients in another order (FSDP also reshards them), and the last-bit
+# differences grow through training, by how much depends on the CPU's kernels. Measured with the ARGS of
+# tests/training/test_parallel.py on a 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX; torch 2.13 CPU): DDP on 2
+# processes matched 1 process exactly; FSDP differed by up to 1.5e-5 relative (step 27) and 1.3e-7 in the step-10
+# weights. One process with every weight moved by one ULP after step 1 (6 seeds, standing in for other kernels'
+# rounding): up to 1.6e-4 (step 27; at most 3.6e-6 up to step 20) and 4.8e-7 in the weights. A real difference is
+# far larger: a learning rate 1% higher gives up to 2.3e-2 (over 1e-3 at 17 of the 30 steps) and 7e-3 in the
+# weights.
+LOSS_RTOL = 1e-3
+"""Relative difference allowed between the per-step losses of runs on different numbers of processes."""
+WEIGHT_ATOL = 1e-5
+"""Absolute difference allowed between their step-10 weights."""
+
+
 def tiny_model(preset: str = "gpt2-tiny", **overrides) -> GPT:
     torch.manual_seed(0)
     cfg = from_dict(ModelConfig, {"preset": preset, "vocab_size": 97, "n_layer": 2, "block_size": 32,

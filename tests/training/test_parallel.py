@@ -20,7 +20,7 @@ from lmforge.errors import UserError
 from lmforge.runtime import Runtime
 from lmforge.training.parallel import Parallel, resolve_grad_accum
 from lmforge.training.pretrain import train
-from tests.fixtures import finished_output, sigkill_after, tiny_model, train_losses
+from tests.fixtures import LOSS_RTOL, WEIGHT_ATOL, finished_output, sigkill_after, tiny_model, train_losses
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -40,17 +40,6 @@ def _train(args: list[str], trace: Path, nproc: int | None = None) -> subprocess
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-# Another number of processes sums the gradients in another order (FSDP also reshards them), and the last-bit
-# differences grow through training, by how much depends on the CPU's kernels. Measured with these ARGS on a 2-core
-# AMD EPYC (Zen 4, AVX512-BF16, no AMX; torch 2.13 CPU): DDP on 2 processes matched 1 process exactly; FSDP
-# differed by up to 1.5e-5 relative (step 27) and 1.3e-7 in the step-10 weights. One process with every weight
-# moved by one ULP after step 1 (6 seeds, standing in for other kernels' rounding): up to 1.6e-4 (step 27; at most
-# 3.6e-6 up to step 20) and 4.8e-7 in the weights. A real difference is far larger: a learning rate 1% higher
-# gives up to 2.3e-2 (over 1e-3 at 17 of the 30 steps) and 7e-3 in the weights.
-LOSS_RTOL = 1e-3
-"""Relative difference allowed between the per-step losses of runs on different numbers of processes."""
-WEIGHT_ATOL = 1e-5
-"""Absolute difference allowed between their step-10 weights."""
 
 
 def _samples(trace: Path) -> dict[tuple[int, int], list[int]]:
@@ -193,4 +182,4 @@ def test_one_nccl_process_under_torchrun_trains_what_the_plain_loop_trains(datas
     out = finished_output(_train([*gpu, f"out_dir={tmp_path / 'ddp'}"], tmp_path / "ddp.trace", nproc=1))
     assert "batch 4 x 1 process (ddp)" in out
     plain, ddp = train_losses(tmp_path / "plain"), train_losses(tmp_path / "ddp")
-    assert all(abs(ddp[s] - plain[s]) <= 1e-5 * abs(plain[s]) for s in plain)
+    assert all(abs(ddp[s] - plain[s]) <= LOSS_RTOL * abs(plain[s]) for s in plain)
