@@ -143,9 +143,9 @@ class TrainingSession:
 
     def make_plan(self, cfg: RunConfig, derived: Callable[[RunConfig], None]) -> RunPlan:
         """The run's plan (see :class:`RunPlan`): a copy of ``cfg`` with the run directory and the micro-batches per
-        step filled in, then the command's ``derived`` values (which may prepare data: rank 0 does), then the
-        precision for its model, decided once (train.precision, or for 'auto' measured on this machine by rank 0:
-        :mod:`lmforge.training.precision`)."""
+        step filled in, then the command's ``derived`` values (its data's vocabulary, its base's model), then the
+        precision for that model, decided once: train.precision; for 'auto', the precision a resumed run trained
+        in, else measured on this machine by rank 0 (:mod:`lmforge.training.precision`)."""
         config = copy.deepcopy(cfg)
         config.out_dir = str(self.run_dir)
         tc, where = config.train, self.parallel.where
