@@ -11,6 +11,7 @@ ignored), so "Cannot open %s" and "cannot open %s." never end up on both sides.
 from __future__ import annotations
 
 import re
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,13 @@ MAX_CHARS = 100
 its translation) must fit the default model's 256-token context."""
 
 LOCALE_DIR = Path("/usr/share/locale")
+
+MO_MAX_EXPANSION = 4
+"""A .mo's strings, their lengths summed over its tables, may add up to at most this many times the file's size
+(plus :data:`MO_SLACK`). msgfmt stores every string once, so a real catalog's sum is below its size; only a
+crafted (or corrupt) file points many entries at one long string, and parsing it would hold every copy in
+memory (2,000 entries on one 1 MB string: 6 GB)."""
+MO_SLACK = 1 << 16
 
 _PLACEHOLDER = re.compile(r"%(?:\d+\$)?(?:\([A-Za-z_]\w*\))?[-+ #0']*(?:\*|\d+)?(?:\.(?:\*|\d+))?"
                           r"(?:hh|h|ll|l|L|q|j|z|t)?[diouxXeEfFgGaAcspn]|\{[A-Za-z_0-9]*(?:![rsa])?(?::[^{}]*)?\}")
@@ -61,8 +69,39 @@ def catalog_paths(sources: list[str], lang: str) -> list[Path]:
     return sorted(set(paths))
 
 
-def _read_catalog(path: Path) -> polib._BaseFile:
-    return polib.mofile(str(path)) if path.suffix == ".mo" else polib.pofile(str(path))
+def mo_expansion_problem(path: Path) -> str | None:
+    """Why the .mo at ``path`` would expand to more than :data:`MO_MAX_EXPANSION` times its size in memory (or
+    its tables do not fit in it), read from its header and tables alone; None when it is within bounds, or not
+    a .mo at all (polib then says what is wrong). A .po cannot expand: its strings are its text."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(20)  # magic, revision, entries, offset of the originals' table, of the translations'
+        if len(header) < 20:
+            return None
+        magic = struct.unpack("<I", header[:4])[0]
+        if magic not in (polib.MOFile.MAGIC, polib.MOFile.MAGIC_SWAPPED):
+            return None
+        order = "<" if magic == polib.MOFile.MAGIC else ">"
+        _, n, *tables = struct.unpack(order + "4I", header[4:])
+        total = 0
+        for offset in tables:
+            if offset + 8 * n > size:
+                return f"its table of {n:,} entries at byte {offset:,} runs past the end of the file ({size:,} bytes)"
+            f.seek(offset)
+            table = f.read(8 * n)
+            total += sum(length for length, _ in struct.iter_unpack(order + "II", table))
+    limit = MO_MAX_EXPANSION * size + MO_SLACK
+    if total > limit:
+        return (f"its {n:,} entries' strings add up to {total:,} bytes, over {limit:,} ({MO_MAX_EXPANSION}x the "
+                f"file's {size:,} bytes): entries share strings, as only a crafted or corrupt catalog's do")
+    return None
+
+
+def _read_catalog(path: Path) -> polib._BaseFile | str:
+    """The catalog, or why it is skipped: a .mo that would expand past its bound is refused before polib reads it."""
+    if path.suffix != ".mo":
+        return polib.pofile(str(path))
+    return mo_expansion_problem(path) or polib.mofile(str(path))
 
 
 def build_translation(sources: list[str], lang: str, report: BuildReport) -> list[TaskRecord]:
@@ -72,7 +111,9 @@ def build_translation(sources: list[str], lang: str, report: BuildReport) -> lis
         try:
             catalog = _read_catalog(path)
         except Exception as e:  # noqa: BLE001 - polib raises OSError, ValueError, struct.error... on a corrupt file
-            report.skip_file(path, f"{type(e).__name__}: {e}")
+            catalog = f"{type(e).__name__}: {e}"
+        if isinstance(catalog, str):
+            report.skip_file(path, catalog)
             continue
         report.files += 1
         for entry in catalog:

@@ -62,3 +62,39 @@ def test_split_drops_train_records_that_share_a_string_with_test():
     assert report.dropped["train records sharing a string with test"] == 1
     train, _ = split_records(records, 0.5, 0, BuildReport(), distinct_targets=False)
     assert [r.source for r in train] == ["Bye", "Hi"]
+
+
+def crafted_mo(path, entries: int, shared: bytes) -> None:
+    """A .mo whose ``entries`` translations all point at one string ``shared`` (msgids distinct and short)."""
+    import struct
+
+    ids = [f"m{i}".encode() + b"\0" for i in range(entries)]
+    tables = 28 + 16 * entries
+    id_offsets, at = [], tables
+    for s in ids:
+        id_offsets.append(at)
+        at += len(s)
+    head = struct.pack("<7I", 0x950412DE, 0, entries, 28, 28 + 8 * entries, 0, 0)
+    originals = b"".join(struct.pack("<II", len(s) - 1, o) for s, o in zip(ids, id_offsets, strict=True))
+    translations = struct.pack("<II", len(shared), at) * entries
+    path.write_bytes(head + originals + translations + b"".join(ids) + shared + b"\0")
+
+
+def test_a_mo_whose_entries_share_one_long_string_is_skipped_without_expanding_it(catalogs):
+    import tracemalloc
+
+    bomb = catalogs / "bomb.mo"
+    crafted_mo(bomb, 2_000, b"x" * 100_000)  # 140 KB on disk, 200 MB once every entry is read
+    report = BuildReport()
+    tracemalloc.start()
+    try:
+        records = build_translation([str(catalogs)], "de", report)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 2**20, peak  # the tables are read, never the strings they point at
+    assert "2,000 entries' strings add up to 200,0" in report.skipped_files[str(bomb)]
+    assert sorted((r.source, r.target) for r in records) == sorted(MESSAGES)  # the other catalogs are still read
+    # within the bound, the same layout is an ordinary catalog
+    crafted_mo(bomb, 3, b"y" * 10)
+    assert len(build_translation([str(bomb)], "de", BuildReport())) == 3
