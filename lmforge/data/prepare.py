@@ -41,7 +41,7 @@ from lmforge.data.sources import SourceStats, iter_documents
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.malloc import M_MMAP_THRESHOLD, mallopt
-from lmforge.rundir import cache_root, storage_errors
+from lmforge.rundir import TOKENIZER, cache_root, storage_errors
 from lmforge.testhooks import fault_point
 
 FORMAT = 1
@@ -372,7 +372,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True, overwri
         with storage_errors(final, "writing dataset", "nothing was changed; free some space and run "
                             "prepare again"):
             tok, tok_meta = _tokenizer(cfg, sources, scan, progress)
-            tok.save(tmp / "tokenizer.json")
+            tok.save(tmp / TOKENIZER)
             fault_point("mid_prepare")
             dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
             workers = cfg.workers or os.cpu_count() or 1
@@ -383,7 +383,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, progress: bool = True, overwri
                 "dtype": dtype,
                 "vocab_size": tok.vocab_size,
                 "eot_id": tok.eot_id,
-                "tokenizer": {**tok_meta, "path": "tokenizer.json"},
+                "tokenizer": {**tok_meta, "path": TOKENIZER, "sha256": _file_sha256(tmp / TOKENIZER)},
                 "split": scan.split,
                 "val_fraction": cfg.val_fraction,
                 "seed": cfg.seed,
@@ -454,7 +454,42 @@ def load_meta(dataset_dir: str | Path) -> dict:
     if not shaped:
         raise UserError(f"'{path}' is damaged: it needs 'dtype' (uint16 or uint32) and token and byte counts of "
                         f"the train and val splits (prepare the dataset again)")
+    _check_tokenizer(d, meta)
     return {**meta, "dir": str(d)}
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_tokenizer(d: Path, meta: dict) -> None:
+    """UserError unless ``d``'s tokenizer.json is the one its meta.json was written with: the same bytes
+    (SHA-256, recorded since meta.json has it), the same vocabulary size and end-of-text id, and those
+    possible (the end-of-text id inside the vocabulary, the vocabulary inside the token dtype). A dataset
+    prepared before the hash was recorded gets every check but the hash."""
+    where, tok_path = d / "meta.json", d / TOKENIZER
+    vocab, eot = meta.get("vocab_size"), meta.get("eot_id")
+    limit = 2 ** (16 if meta["dtype"] == "uint16" else 32)
+    if type(vocab) is not int or not 0 < vocab <= limit:
+        raise UserError(f"'{where}' is damaged: 'vocab_size' is {vocab!r}, expected an integer in [1, {limit}] "
+                        f"for {meta['dtype']} tokens (prepare the dataset again)")
+    if type(eot) is not int or not 0 <= eot < vocab:
+        raise UserError(f"'{where}' is damaged: 'eot_id' is {eot!r}, expected an integer in [0, {vocab}) "
+                        f"(its vocab_size) (prepare the dataset again)")
+    if not tok_path.is_file():
+        raise UserError(f"'{tok_path}' is missing: a prepared dataset needs the tokenizer it was prepared with "
+                        f"(prepare the dataset again)")
+    recorded = meta["tokenizer"].get("sha256") if isinstance(meta.get("tokenizer"), dict) else None
+    actual = _file_sha256(tok_path) if recorded is not None else None
+    if actual != recorded:
+        raise UserError(f"'{tok_path}' is not the tokenizer this dataset was prepared with (SHA-256 {actual:.16}..., "
+                        f"'{where}' expects {str(recorded):.16}...): put the original back or prepare the dataset "
+                        f"again")
+    tok = Tokenizer.from_file(tok_path)
+    if (tok.vocab_size, tok.eot_id) != (vocab, eot):
+        raise UserError(f"'{tok_path}' has {tok.vocab_size} ids and end-of-text id {tok.eot_id}, but '{where}' "
+                        f"expects vocab_size {vocab} and eot_id {eot}: it is not the tokenizer this dataset was "
+                        f"prepared with (put the original back or prepare the dataset again)")
 
 
 def _size(n: float) -> str:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -50,7 +51,9 @@ def test_bins_hold_every_kept_document_and_meta_counts_match_file_sizes(tmp_path
                    progress=False)
     assert meta == load_meta(out) and json.loads((out / "meta.json").read_text()) == {
         k: v for k, v in meta.items() if k != "dir"}
-    assert meta["dtype"] == "uint16" and meta["tokenizer"] == {"kind": "bpe", "path": "tokenizer.json"}
+    sha256 = hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    assert meta["dtype"] == "uint16"
+    assert meta["tokenizer"] == {"kind": "bpe", "path": "tokenizer.json", "sha256": sha256}
     assert meta["split"] == "document" and meta["documents"]["kept"] == 40
     train, val = _split_texts(out, "train"), _split_texts(out, "val")
     assert sorted(train + val) == sorted(texts) and train and val
@@ -143,6 +146,55 @@ def test_load_meta_errors(tmp_path):
         load_meta(tmp_path / "nope")
     with pytest.raises(UserError, match="not a prepared dataset"):
         load_meta(tmp_path)
+
+
+def _edit_meta(out: Path, drop_hash: bool = False, **changes) -> None:
+    meta = json.loads((out / "meta.json").read_text())
+    if drop_hash:
+        del meta["tokenizer"]["sha256"]
+    (out / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+def test_a_tokenizer_or_eot_id_that_does_not_belong_to_the_dataset_is_refused_naming_the_file(tmp_path):
+    out = tmp_path / "ds"
+    meta = prepare(_cfg(_jsonl(tmp_path / "d.jsonl", _docs(20))), out, progress=False)
+    original = (out / "tokenizer.json").read_bytes()
+    Tokenizer.train_bpe(_docs(20), 300).save(out / "tokenizer.json")  # a BPE tokenizer copied over the char one
+    with pytest.raises(UserError, match=r"ds/tokenizer.json' is not the tokenizer this dataset was prepared with "
+                                        r"\(SHA-256 [0-9a-f]{16}\.\.\., '.*ds/meta.json' expects"):
+        load_meta(out)
+    _edit_meta(out, drop_hash=True)  # a dataset prepared before the hash was recorded: the vocabulary still tells
+    with pytest.raises(UserError, match=rf"tokenizer.json' has \d+ ids and end-of-text id \d+, but '.*meta.json' "
+                                        rf"expects vocab_size {meta['vocab_size']} and eot_id {meta['eot_id']}"):
+        load_meta(out)
+    (out / "tokenizer.json").write_bytes(original)
+    assert load_meta(out)["vocab_size"] == meta["vocab_size"]  # the old dataset with its own tokenizer loads
+    for eot in (-1, meta["vocab_size"], str(meta["eot_id"]), float(meta["eot_id"]), True, None):
+        _edit_meta(out, eot_id=eot)
+        with pytest.raises(UserError, match=rf"meta.json' is damaged: 'eot_id' is .*, expected an integer in "
+                                            rf"\[0, {meta['vocab_size']}\)"):
+            load_meta(out)
+    _edit_meta(out, eot_id=meta["eot_id"], vocab_size=2**16 + 1)
+    with pytest.raises(UserError, match=r"'vocab_size' is 65537, expected an integer in \[1, 65536\] for uint16"):
+        load_meta(out)
+    (out / "tokenizer.json").unlink()
+    _edit_meta(out, vocab_size=meta["vocab_size"])
+    with pytest.raises(UserError, match="tokenizer.json' is missing"):
+        load_meta(out)
+
+
+def test_training_on_a_dataset_with_another_tokenizer_stops_before_any_run_directory_exists(tmp_path):
+    from lmforge.config import load_train_config
+    from lmforge.training.pretrain import train
+
+    out = tmp_path / "ds"
+    prepare(_cfg(_jsonl(tmp_path / "d.jsonl", _docs(20))), out, progress=False)
+    Tokenizer.train_bpe(_docs(20), 300).save(out / "tokenizer.json")
+    cfg = load_train_config(None, [f"data.dataset_dir={out}", f"out_dir={tmp_path / 'run'}",
+                                   "model.preset=gpt2-tiny", "model.n_layer=1", "model.block_size=16"])
+    with pytest.raises(UserError, match="is not the tokenizer this dataset was prepared with"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_default_dataset_is_prepared_once_and_reused(tmp_path, monkeypatch):
