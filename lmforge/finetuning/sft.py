@@ -72,6 +72,11 @@ def encode_example(messages: list[dict], tokenizer: Tokenizer, template: ChatTem
     return Example(ids[:-1], targets, truncated)
 
 
+def has_answer(example: Example) -> bool:
+    """Whether any of the example's tokens is learned (truncation can cut the whole answer off)."""
+    return any(t != IGNORE for t in example.targets)
+
+
 def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), right-padded to the longest example; pads are never learned."""
     T = max(len(e.inputs) for e in examples)
@@ -159,10 +164,13 @@ class SFTTask:
             d.skip_bad_lines, report)
         self.train = [encode_example(m, tokenizer, self.template, max_len) for m, _ in train_rec]
         self.val = [encode_example(m, tokenizer, self.template, max_len) for m, _ in val_rec]
-        unlearnable = [w for e, (_, w) in zip(self.train, train_rec, strict=True)
-                       if all(t == IGNORE for t in e.targets)]
+        n_trunc = sum(e.truncated for e in self.train + self.val)
+        unlearnable = [w for e, (_, w) in zip(self.train, train_rec, strict=True) if not has_answer(e)]
         if len(unlearnable) == len(self.train):
             raise UserError(f"no training example keeps an answer token within data.max_length={max_len}")
+        # An example whose answer was cut off entirely teaches nothing, and a batch of only such examples
+        # would have no token to average its loss over (0/0 = NaN): dropped here, and counted.
+        self.train = [e for e in self.train if has_answer(e)]
         self.rows = pack_examples(self.train, max_len, self.pad) if d.packing else None
         self.n_train = len(self.rows) if self.rows is not None else len(self.train)
         self.compare_with_base = d.eval_generations > 0
@@ -172,14 +180,13 @@ class SFTTask:
         self.prompts = [tokenizer.encode(self.template.render(m, add_generation_prompt=True), allow_special=True)
                         for m, _ in self.qa]
         self.max_answer = max((len(tokenizer.encode(a)) for _, a in self.qa), default=0) + 8
-        n_trunc = sum(e.truncated for e in self.train + self.val)
         batches = f"packed into {len(self.rows)} rows" if self.rows else "padded to the longest example"
         self.summary = [
             f"sft: {len(self.train)} train / {len(self.val)} val examples from {d.train}"
             + (f" and {d.val}" if d.val else f" (val_fraction {d.val_fraction})"),
             f"tokens per example: max {max(len(e.inputs) for e in self.train)}, limit {max_len}; "
-            f"{n_trunc} truncated" + (f", {len(unlearnable)} with no answer left (e.g. {unlearnable[0]})"
-                                      if unlearnable else ""),
+            f"{n_trunc} truncated" + (f"; {len(unlearnable)} train examples with no answer token left dropped "
+                                      f"(e.g. {unlearnable[0]})" if unlearnable else ""),
             f"batches: {batches} | chat template: {'lmforge default' if self.template.is_default else 'own'}, "
             f"answers end with {self.template.eos_token}",
             *report.summary()]
