@@ -11,6 +11,7 @@ A run directory is what ``lmforge train``, ``lmforge finetune`` and ``lmforge im
       tokenizer_config.json         chat template (SFT runs, imported chat models)
       metrics.jsonl, tb/, loss.png  what the run reported
       final_eval.json               fine-tuning: the final evaluation
+      .lock                         locked (flock) by the process writing the run; holds its PID
       checkpoints/
         step_000500/
           model.safetensors         full weights (no pickle), or
@@ -28,16 +29,23 @@ A checkpoint counts only if it is valid (:func:`checkpoint_problem`): every file
 has the recorded size and SHA-256, and every file opens (checkpoints written before manifests
 existed are held to the second test only). :func:`latest_checkpoint` takes the newest valid one and
 warns about each newer one it skipped, and why.
+
+A run has one writer at a time: every command that writes a run directory (train, finetune, a resume, a
+prune's recovery, an app) holds its lock (:func:`lock`), an OS file lock on ``.lock`` that the kernel
+releases when the process ends however it ends, so a lock is never stale. A second writer is refused with
+the holder's PID (:class:`RunLocked`) before it writes anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -64,6 +72,9 @@ ADAPTER = "adapter.safetensors"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_STATE = "trainer.json"
 MANIFEST = "manifest.json"
+LOCK = ".lock"
+PREPARED_DATA = "data"
+"""Where ``lmforge train`` prepares ``data.sources`` for a run (before the run's own files are written)."""
 
 Kind = Literal["pretrain", "finetune", "imported", "compressed"]
 Task = Literal["lm", "sft", "classify"]
@@ -187,27 +198,56 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / RUN_INFO).is_file() or (p / CONFIG).is_file()
 
 
+def _foreign(path: Path) -> list[str]:
+    """The entries of ``path`` that say it is someone else's folder: [] for a run, a new or empty folder, or
+    one holding only what a new run writes first (its lock, the data it prepares)."""
+    if not path.is_dir() or is_run_dir(path):
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name not in (LOCK, PREPARED_DATA))
+
+
 def fresh_run_dir(out_dir: str | Path) -> Path:
-    """``out_dir`` if it holds no run yet, else the first free ``out_dir-2``, ``-3``, ... (never overwrite)."""
+    """``out_dir`` if it holds no run yet, else the first free ``out_dir-2``, ``-3``, ... (never overwrite).
+    UserError if ``out_dir`` is a file, or a folder that is not a run and not empty (a model downloaded there)."""
     base = Path(out_dir)
+    if base.exists() and not base.is_dir():
+        raise UserError(f"out_dir '{base}' is a file (expected a run directory to create)")
+    foreign = _foreign(base)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"out_dir '{base}' is not an lmforge run and not empty (it holds {shown}): nothing was "
+                        f"written; give a new or empty folder")
     candidate, n = base, 1
-    while is_run_dir(candidate):
+    while is_run_dir(candidate) or _foreign(candidate) or candidate.is_file():
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
 
 
-def open_run_dir(out_dir: str | Path, resume: bool) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from): ``out_dir`` and its latest checkpoint when resuming,
-    else a fresh directory (see :func:`fresh_run_dir`) and no checkpoint."""
+def open_run_dir(out_dir: str | Path, resume: bool) -> tuple[Path, Path | None, RunLock]:
+    """(run directory, checkpoint to resume from, its writer's lock): ``out_dir`` and its latest checkpoint when
+    resuming, else a fresh directory (see :func:`fresh_run_dir`), created, and no checkpoint. :class:`RunLocked`
+    if another process writes the run; nothing is written then."""
     if resume:
         run_dir = Path(out_dir)
-        remove_temporary_checkpoints(run_dir)
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise UserError(f"cannot resume: {no_valid_checkpoint(run_dir)}")
-        return run_dir, ckpt
-    return fresh_run_dir(out_dir), None
+        if not run_dir.is_dir():
+            raise UserError(f"cannot resume: '{run_dir}' does not exist (expected a run directory)")
+        held = lock(run_dir)
+        try:
+            remove_temporary_checkpoints(run_dir)  # safe now: the lock says nothing else is writing them
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                raise UserError(f"cannot resume: {no_valid_checkpoint(run_dir)}")
+        except BaseException:
+            held.release()
+            raise
+        return run_dir, ckpt, held
+    while True:
+        run_dir = fresh_run_dir(out_dir)
+        held = lock(run_dir, create=True)
+        if not is_run_dir(run_dir):  # still free once locked (a run may have been written there meanwhile)
+            return run_dir, None, held
+        held.release()
 
 
 def run_config_path(run_dir: str | Path) -> Path:
@@ -219,12 +259,116 @@ def run_config_path(run_dir: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
+# The writer's lock
+
+
+class RunLocked(UserError):
+    """Another process (or another thread of this one) is writing the run directory."""
+
+
+@dataclass
+class _Held:
+    fd: int
+    thread: int
+    count: int
+    created: bool
+    """Whether this lock created the directory: it is removed again if nothing but the lock was written."""
+
+
+_held: dict[Path, _Held] = {}
+_held_guard = threading.Lock()
+
+
+class RunLock:
+    """The lock :func:`lock` took on a run directory; :meth:`release` (or leaving its ``with`` block) gives it up."""
+
+    def __init__(self, run_dir: Path, key: Path):
+        self.run_dir, self._key, self._released = run_dir, key, False
+
+    def release(self) -> None:
+        """Give the lock up (once; the last release of a re-entered lock unlocks the file)."""
+        if self._released:
+            return
+        self._released = True
+        with _held_guard:
+            held = _held[self._key]
+            held.count -= 1
+            if held.count:
+                return
+            del _held[self._key]
+            with contextlib.suppress(OSError):  # nothing written: leave nothing (before unlocking, see lock())
+                if held.created and {p.name for p in self._key.iterdir()} == {LOCK}:
+                    (self._key / LOCK).unlink()
+                    self._key.rmdir()
+            os.close(held.fd)  # closing the file is what unlocks it
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.release()
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+def lock(run_dir: str | Path, create: bool = False) -> RunLock:
+    """Take the writer's lock of ``run_dir`` (see the module docstring) for as long as the returned :class:`RunLock`
+    is held (or this process lives); ``create``: make the directory first (a new run).
+
+    Re-entrant in one thread (a command that holds it may call ``train()`` on the same run); raises
+    :class:`RunLocked` naming the holder if another process or thread holds it, UserError if the directory
+    does not exist (and ``create`` is False)."""
+    run_dir = Path(run_dir)
+    created = create and not run_dir.is_dir()
+    if created:
+        with storage_errors(run_dir, "creating"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+    elif not run_dir.is_dir():
+        raise UserError(f"'{run_dir}' does not exist (expected a run directory)")
+    key = run_dir.resolve()
+    with _held_guard:
+        held = _held.get(key)
+        if held is not None:
+            if held.thread != threading.get_ident():
+                raise RunLocked(f"'{run_dir}' is being written by another thread of this process")
+            held.count += 1
+            return RunLock(run_dir, key)
+        path = key / LOCK
+        while True:
+            with storage_errors(path, "locking"):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunLocked(f"'{run_dir}' is being written by {_holder(path)} (one writer at a time: wait for it "
+                                f"to finish, or stop it)") from None
+            try:  # the file we locked may have been removed by its last holder meanwhile: lock the one there now
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        with contextlib.suppress(OSError):  # the PID only informs a refused writer (a full disk may refuse it)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        _held[key] = _Held(fd, threading.get_ident(), 1, created)
+    return RunLock(run_dir, key)
+
+
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
 def remove_temporary_checkpoints(run_dir: str | Path) -> None:
     """Remove the ``step_N.tmp`` directories a process that died while writing or rotating checkpoints
-    left behind (a run has one writer: nothing else is writing them now)."""
+    left behind (call it holding the run's :func:`lock`: then nothing else is writing them)."""
     for stale in (Path(run_dir) / CHECKPOINTS).glob("step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
 

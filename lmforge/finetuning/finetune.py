@@ -78,7 +78,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     continue the run in cfg.out_dir from its latest checkpoint. on_eval(step, metrics) is called after every
     evaluation; True stops the run there (a sweep's pruner)."""
     validate_finetune_config(cfg)  # before anything is created
-    session = TrainingSession.open(cfg, resume, progress)
+    with TrainingSession.open(cfg, resume, progress) as session:  # the run directory, locked until the end
+        return _finetune(session, cfg, on_eval)
+
+
+def _finetune(session: TrainingSession, cfg: FinetuneConfig,
+              on_eval: Callable[[int, dict[str, float]], bool] | None) -> FinetuneResult:
     run_dir, say = session.run_dir, session.say
 
     # --- the plan: the base and its model, the precision

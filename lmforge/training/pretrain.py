@@ -52,7 +52,7 @@ def resolve_dataset(cfg: TrainConfig, run_dir: Path, progress: bool) -> Path:
     if not cfg.data.sources:
         out = prepared_default_dataset(cfg.data, progress=progress)
     else:
-        out = run_dir / "data"
+        out = run_dir / rundir.PREPARED_DATA
         if not (out / "meta.json").is_file():
             prepare(cfg.data, out, progress=progress)
     if progress:
@@ -80,7 +80,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, allow_d
     continue the run in cfg.out_dir from its latest checkpoint (on the same data, unless ``allow_data_change``).
     on_eval(step, metrics) is called after every evaluation; True stops the run there (a sweep's pruner)."""
     validate_train_config(cfg)  # before anything is created
-    session = TrainingSession.open(cfg, resume, progress)
+    with TrainingSession.open(cfg, resume, progress) as session:  # the run directory, locked until the end
+        return _train(session, cfg, progress, allow_data_change, on_eval)
+
+
+def _train(session: TrainingSession, cfg: TrainConfig, progress: bool, allow_data_change: bool,
+           on_eval: Callable[[int, dict[str, float]], bool] | None) -> TrainResult:
     run_dir, par = session.run_dir, session.parallel
 
     # --- the plan: the data (prepared once, by rank 0), its vocabulary, the precision

@@ -125,21 +125,41 @@ class TrainingSession:
     """print on the main process when progress is shown, else nothing."""
     plan: RunPlan | None = None
     """Set once by :meth:`make_plan`."""
+    lock: rundir.RunLock | None = None
+    """The run directory's writer's lock, held by rank 0 (the one process that writes it) until :meth:`close`."""
 
     @classmethod
     def open(cls, cfg: RunConfig, resume: bool, progress: bool) -> TrainingSession:
-        """Start the processes and pick the run directory: cfg.out_dir to resume, else a fresh one (chosen by
-        rank 0; never an existing run's)."""
+        """Start the processes, pick the run directory (cfg.out_dir to resume, else a fresh one; never an existing
+        run's) and lock it, on rank 0: used as a context manager, the session releases the lock on leaving."""
         tc = cfg.train
         where = place(tc.device, tc.threads)
         par = Parallel.start(where, cfg.parallel.strategy)
-        asked = Path(cfg.out_dir)
-        run_dir, ckpt = par.on_rank0(lambda: rundir.open_run_dir(asked, resume))
-        session = cls(par, run_dir, ckpt, print if where.is_main and progress else _quiet)
+        asked, held = Path(cfg.out_dir), []
+
+        def choose() -> tuple[Path, Path | None]:
+            run_dir, ckpt, run_lock = rundir.open_run_dir(asked, resume)
+            held.append(run_lock)  # stays in this process; the others get the directory's name
+            return run_dir, ckpt
+
+        run_dir, ckpt = par.on_rank0(choose)
+        say = print if where.is_main and progress else _quiet
+        session = cls(par, run_dir, ckpt, say, lock=held[0] if held else None)
         if run_dir != asked:  # never overwrite: say where this run goes instead, and how to continue that one
             session.say(f"{asked} already holds a run, so this one is {run_dir} (out_dir=DIR picks another; "
                         f"--resume {asked} continues that run)")
         return session
+
+    def __enter__(self) -> TrainingSession:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the run directory's lock (the process's end releases it too, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def make_plan(self, cfg: RunConfig, derived: Callable[[RunConfig], None]) -> RunPlan:
         """The run's plan (see :class:`RunPlan`): a copy of ``cfg`` with the run directory and the micro-batches per
@@ -151,6 +171,7 @@ class TrainingSession:
         tc, where = config.train, self.parallel.where
         tc.grad_accum = resolve_grad_accum(tc.batch_size, tc.grad_accum, tc.global_batch_size, where.world_size)
         self.check_global_batch(tc)
+        self.check_max_steps(tc)
         derived(config)
         choice: PrecisionChoice = self.parallel.on_rank0(
             lambda: choose_precision(tc.precision, config.model, where.device, self._trained_in()))
@@ -183,6 +204,17 @@ class TrainingSession:
                         f"this resume would use {now} (train.batch_size {tc.batch_size} x train.grad_accum "
                         f"{tc.grad_accum} x {processes(world)}); {fit}"
                         f"train.global_batch_size={saved} keeps it on any number of processes")
+
+    def check_max_steps(self, tc: TrainLoopConfig) -> None:
+        """UserError if a resume sets train.max_steps below the step its checkpoint reached (it would train nothing
+        and rewrite the run's config)."""
+        ckpt = self.resume_from
+        if ckpt is None or not (ckpt / rundir.TRAINER_STATE).is_file():
+            return
+        step = self.parallel.on_rank0(lambda: trainer_meta(ckpt).get("step", 0))
+        if tc.max_steps < step:
+            raise UserError(f"cannot resume {self.run_dir}: train.max_steps={tc.max_steps} is below the step it "
+                            f"reached ({step}); nothing was changed (train.max_steps={step} or more continues it)")
 
     # --- the part every training command shares, in this order --------------------------------------------
 
