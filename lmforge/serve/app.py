@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+import warnings
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -32,6 +35,7 @@ from lmforge.generate import find_stop, partial_stop
 from lmforge.loading import load_lm, run_template
 from lmforge.options import OptionError, Sampling
 from lmforge.runtime import maybe_compile, setup_runtime
+from lmforge.serve import security
 from lmforge.serve.engine import Engine, Finished, Job, QueueFull, Token
 from lmforge.serve.options import ServeOptions
 
@@ -295,8 +299,16 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAPI:
-    """The app; ``load()`` builds the served model on a background thread (``/health`` is 503 until it is done)."""
+def create_app(load: Callable[[], Served], api_key: str | None = None,
+               allowed_hosts: Collection[str] = security.LOOPBACK_HOSTS,
+               on_load_error: Callable[[Exception], None] | None = None) -> FastAPI:
+    """The app; ``load()`` builds the served model on a background thread (``/health`` is 503 until it is done).
+
+    ``api_key``: the key every request but the chat page and ``/health`` must send (none: no key).
+    ``allowed_hosts``: the ``Host`` names answered (``"*"``: any; loopback IP literals always), others get 400
+    (see :mod:`lmforge.serve.security`). ``on_load_error``: called with the exception when loading fails
+    (``lmforge serve`` stops and reports it); without it, a user's mistake is printed in one line, a bug raised,
+    and ``/health`` says which until the app is stopped."""
     state: dict = {}
 
     async def lifespan(_app: FastAPI):
@@ -307,10 +319,15 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
                 state["served"] = served
             except UserError as e:  # a user's mistake: one line, and /health says it
                 state["error"] = str(e)
-                print(f"lmforge serve: error: {e}", file=sys.stderr, flush=True)
+                if on_load_error:
+                    on_load_error(e)
+                else:
+                    print(f"lmforge serve: error: {e}", file=sys.stderr, flush=True)
             except Exception as e:
                 state["error"] = f"loading the model failed: {type(e).__name__}: {e}"
-                raise
+                if not on_load_error:
+                    raise
+                on_load_error(e)
 
         thread = threading.Thread(target=loading, daemon=True)
         thread.start()
@@ -343,11 +360,17 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
-        if api_key and request.url.path not in ("/", "/health"):
-            sent = request.headers.get("authorization", "")
-            if sent != f"Bearer {api_key}":
-                what = "no API key was given" if not sent else "the API key is wrong"
-                return APIError(401, f"{what} (send 'Authorization: Bearer KEY')", code="invalid_api_key").response()
+        host = request.headers.get("host")
+        if not security.host_allowed(host, allowed_hosts):  # a browser's page from elsewhere, by DNS rebinding?
+            shown = json.dumps(host)[:100] if host else "(none)"
+            name = security.host_name(host or "") or "NAME"
+            return APIError(400, f"this server does not answer to the Host {shown}: only to "
+                                 f"{', '.join(allowed_hosts)} (start it with --allowed-hosts {name} to allow it)",
+                            code="host_not_allowed").response()
+        sent = request.headers.get("authorization", "")
+        if api_key and request.url.path not in ("/", "/health") and not security.key_matches(sent, api_key):
+            what = "no API key was given" if not sent else "the API key is wrong"
+            return APIError(401, f"{what} (send 'Authorization: Bearer KEY')", code="invalid_api_key").response()
         return await call_next(request)
 
     @app.get("/health")
@@ -566,11 +589,44 @@ def load_served(o: ServeOptions) -> Served:
                   model.cfg.block_size)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, as uvicorn binds one (IPv6 for an address with a colon); a UserError naming
+    the address when it cannot be bound (in use, not this machine's, a name that does not resolve)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host} port {port}: {e.strerror or e} (choose another --host or "
+                        f"--port)") from None
+    return sock
+
+
 def serve(o: ServeOptions) -> None:
-    """``lmforge serve``: load the run and answer on host:port until interrupted."""
+    """``lmforge serve``: listen on host:port, load the run (``/health`` is 503 meanwhile) and answer until
+    interrupted. A model that cannot be loaded stops the server: its exception ends the command (a missing run is
+    a UserError, exit status 2) rather than a server answering 503 for ever."""
     import uvicorn
 
-    app = create_app(lambda: load_served(o), api_key=o.api_key)
-    print(f"lmforge serve: http://{o.host}:{o.port}/ (chat page), http://{o.host}:{o.port}/v1 (OpenAI API) for "
-          f"'{o.run}'", flush=True)
-    uvicorn.run(app, host=o.host, port=o.port, log_level="warning")
+    sock = listen(o.host, o.port)  # before the model loads: a port in use is said at once
+    key = security.api_key(o.api_key, os.environ)
+    if not key and not security.is_loopback(o.host):
+        warnings.warn(f"listening on {o.host} with no API key: anyone who can reach this machine can use the model "
+                      f"(set {security.API_KEY_ENV} or --api-key)", stacklevel=1)
+    failed: list[Exception] = []
+    server: uvicorn.Server
+
+    def stop(e: Exception) -> None:
+        failed.append(e)
+        server.should_exit = True
+
+    app = create_app(lambda: load_served(o), api_key=key, allowed_hosts=security.allowed_hosts(o.host, o.allowed_hosts),
+                     on_load_error=stop)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    where = f"http://{f'[{o.host}]' if ':' in o.host else o.host}:{o.port}"
+    print(f"lmforge serve: {where}/ (chat page), {where}/v1 (OpenAI API) for '{o.run}'"
+          f"{' (API key required)' if key else ''}", flush=True)
+    server.run(sockets=[sock])
+    if failed:
+        raise failed[0]

@@ -15,11 +15,15 @@ class ServeOptions(RuntimeOptions):
     run: str = option(positional=True)
     """Run directory, checkpoint directory or Hugging Face folder."""
     host: str = "127.0.0.1"
-    """Address to listen on (127.0.0.1: this machine only)."""
+    """Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network interface)."""
     port: int = 8000
-    """Port."""
+    """Port, 1 to 65535."""
     api_key: str | None = None
-    """Require 'Authorization: Bearer KEY' on /v1/ requests (default: none)."""
+    """Require 'Authorization: Bearer KEY' on every request but the chat page and /health (default: the
+    LMFORGE_API_KEY environment variable, which the process list does not show; unset or empty: no key)."""
+    allowed_hosts: list[str] = option([], metavar="NAMES")
+    """Host names the server answers besides localhost, 127.0.0.1 and [::1] (comma-separated or repeated; '*':
+    any). Default: only those on a loopback --host (against DNS rebinding), any on another."""
     max_batch: int = 16
     """Requests decoded together in one batch."""
     max_queue: int = 64
@@ -33,5 +37,11 @@ class ServeOptions(RuntimeOptions):
     """The model's name in the API (default: the run directory's name)."""
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_batch", "max_queue"):
+        check(1 <= self.port <= 65535, "port", "an integer from 1 to 65535", self.port)
+        for name in ("max_batch", "max_queue"):
             check(getattr(self, name) >= 1, name, "an integer of at least 1", getattr(self, name))
+        check(self.api_key != "", "api_key", "a non-empty key", "''")
+        self.allowed_hosts = [name.strip() for names in self.allowed_hosts for name in names.split(",") if name.strip()]
+        for name in self.allowed_hosts:
+            check(name == "*" or ("*" not in name and "/" not in name and " " not in name), "allowed_hosts",
+                  "host names, comma-separated, or '*'", name)
