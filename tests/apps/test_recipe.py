@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from lmforge.config import load_train_config
+from lmforge.apps.options import DEFAULT_BASE, DEFAULT_RECIPE, AppRequest
+from lmforge.config import load_train_config, to_dict
+from lmforge.errors import UserError
 from lmforge.training.pretrain import train
 from tests.fixtures import HANG_S
 
@@ -19,16 +25,17 @@ TOY_BASE = ["data.tokenizer=char", "model.preset=gpt2-tiny", "model.n_layer=1", 
 
 @pytest.fixture(scope="module")
 def toy_base(tmp_path_factory):
-    import argparse
-
     folder = tmp_path_factory.mktemp("base")
     train(load_train_config(None, [f"data.sources=[{argparse.__file__}]", f"out_dir={folder / 'run'}", *TOY_BASE]),
           progress=False)
     return folder / "run"
 
 
-def lmforge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=HANG_S)
+def lmforge(*args: str, cwd: Path | None = None, fault: str | None = None) -> subprocess.CompletedProcess:
+    """The command, in ``cwd``; ``fault``: killed as by ``kill -9`` at that point (``LMFORGE_FAULT``)."""
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_FAULT"} | ({"LMFORGE_FAULT": fault} if fault else {})
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=HANG_S,
+                          cwd=cwd, env=env)
 
 
 def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs, toy_base, tmp_path):
@@ -71,3 +78,70 @@ def test_every_app_has_a_shipped_recipe_that_loads():
     for name in APPS:
         cfg = load_finetune_config(APP_CONFIGS / f"{name}.yaml", ["base=runs/x", "data.train=t.jsonl"])
         assert cfg.task == "sft" and cfg.data.response_field == "reference" and cfg.train.budget_minutes
+
+
+def test_a_missing_default_base_is_trained_by_the_recipe_lmforge_train_runs_into_the_base_path(tmp_path, monkeypatch):
+    from lmforge import cli
+    from lmforge.apps import recipe
+
+    assert DEFAULT_RECIPE == cli.DEFAULT_RECIPE
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(recipe, "train", lambda cfg, resume=False: calls.append((cfg, resume)))
+    recipe.ensure_base(DEFAULT_BASE, say=lambda _: None)
+    [(cfg, resume)] = calls
+    assert to_dict(cfg) == to_dict(load_train_config(cli.DEFAULT_RECIPE)) and not resume
+    assert Path(cfg.out_dir) == Path(DEFAULT_BASE)  # where the app looks for it next time
+
+
+def test_an_app_folder_is_continued_only_with_the_settings_it_was_started_with(catalogs, tmp_path):
+    from lmforge.apps.recipe import DATA_FILES, run_app
+
+    out = tmp_path / "app"
+    req = AppRequest(name="translation", sources=[str(catalogs)], test_fraction=0.3, out_dir=str(out), data_only=True)
+    run_app(req, say=lambda _: None)
+    written = [(out / "data" / name).stat().st_mtime_ns for name in DATA_FILES]
+    said = []
+    run_app(req, say=said.append)  # the same command: the records are reused, not written again
+    assert [(out / "data" / name).stat().st_mtime_ns for name in DATA_FILES] == written
+    assert any("built with these settings before" in line for line in said)
+    with pytest.raises(UserError, match="other settings \\(split_seed 0 -> 1\\)"):
+        run_app(dataclasses.replace(req, split_seed=1))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_bytes(b"")
+    with pytest.raises(UserError, match="not the output folder of an `lmforge app` run"):
+        run_app(dataclasses.replace(req, out_dir=str(tmp_path / "model")))
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["weights.bin"]
+
+
+@pytest.mark.slow
+def test_a_killed_app_continues_on_the_same_command_without_redoing_finished_stages(catalogs, tmp_path):
+    # The default run, stopped in step 3 after its checkpoint of step 2: the app resumes it (with its own config)
+    killed = lmforge("train", "out_dir=runs/default", f"data.sources=[{argparse.__file__}]", *TOY_BASE,
+                     "train.max_steps=4", "train.ckpt_interval=2", cwd=tmp_path, fault="mid_step:3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    app = ["app", "translation", str(catalogs), "--out", "app", "--test-fraction", "0.3", "--set", "train.max_steps=4",
+           "--set", "train.budget_minutes=null", "--set", "train.batch_size=4", "--set", "data.val_fraction=0.2",
+           "--set", "train.ckpt_interval=2", "--set", "train.precision=fp32"]
+    # the base's steps 3-4 pass the fault point twice; the fine-tuning dies in its step 3 (after step 2's checkpoint)
+    first = lmforge(*app, cwd=tmp_path, fault="mid_step:5")
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert "runs/default stopped before it finished: resuming it" in first.stdout
+    metrics = (tmp_path / "runs" / "default" / "metrics.jsonl").read_text()
+    assert json.loads(metrics.splitlines()[-1]) | {"time_s": 0} == {"step": 4, "kind": "done", "time_s": 0}
+    build = tmp_path / "app" / "data" / "build.json"
+    written = build.stat().st_mtime_ns
+
+    done = lmforge(*app, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "runs" / "default" / "metrics.jsonl").read_text() == metrics  # finished: not trained again
+    assert "built with these settings before" in done.stdout and build.stat().st_mtime_ns == written
+    assert "stopped before it finished: resuming" in done.stdout and "(step 2)" in done.stdout
+    results = json.loads((tmp_path / "app" / "results.json").read_text())
+    assert results["finetune_steps"] == 4 and (tmp_path / "app" / "report.md").is_file()
+    assert not list((tmp_path / "app").glob(".*tmp*"))
+
+    again = lmforge(*app, cwd=tmp_path)  # finished: the same command reuses the model and its evaluation
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "finished fine-tuning before (step 4)" in again.stdout and "evaluated before" in again.stdout
+    assert json.loads((tmp_path / "app" / "results.json").read_text())["model"] == results["model"]
