@@ -183,7 +183,13 @@ def _config_epilog(cls: type, recipe: str | None = None) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a mistake reported as one line (no usage block), exit status 2."""
+    """argparse, with a mistake reported as one line (no usage block), exit status 2, and no abbreviated flags
+    (``--resum`` is a mistake, not ``--resume``: a prefix would change meaning when a flag is added). The
+    commands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -259,8 +265,51 @@ def _function(run: Callable | str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+class _ReaderProof:
+    """sys.stdout or sys.stderr, surviving the end of its reader: ``lmforge train 2>&1 | tee log`` and Ctrl-C, which
+    stops tee too. The first write or flush that meets the closed pipe (EPIPE) points the descriptor at /dev/null,
+    so the command goes on as it would have without the pipe (a run finishes its step, checkpoints and exits 130),
+    and nothing fails when the interpreter flushes the streams at exit."""
+
+    def __init__(self, stream: typing.TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        self._stream.flush()  # what was buffered for the pipe goes nowhere now, instead of failing at exit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The ``lmforge`` command: its exit status (see the module docstring)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (_ReaderProof(s) for s in streams)
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    finally:  # flushed here, a stream meets a closed pipe now if ever, and stays on /dev/null for the flush at exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: list[str]) -> int:
     warnings.formatwarning = _one_line_warning  # notes such as a skipped damaged checkpoint: one line each
     if argv[:1] == ["lm-eval"]:
         return run_lm_eval(argv[1:])

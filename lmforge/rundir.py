@@ -271,8 +271,9 @@ class _Held:
     fd: int
     thread: int
     count: int
-    created: bool
-    """Whether this lock created the directory: it is removed again if nothing but the lock was written."""
+    created: Path | None
+    """The outermost directory this lock created (the run directory or a parent), or None: what it created is
+    removed again if nothing but the lock was written."""
 
 
 _held: dict[Path, _Held] = {}
@@ -297,9 +298,12 @@ class RunLock:
                 return
             del _held[self._key]
             with contextlib.suppress(OSError):  # nothing written: leave nothing (before unlocking, see lock())
-                if held.created and {p.name for p in self._key.iterdir()} == {LOCK}:
+                if held.created in (self._key, *self._key.parents) and {p.name for p in self._key.iterdir()} == {LOCK}:
                     (self._key / LOCK).unlink()
-                    self._key.rmdir()
+                    for folder in (self._key, *self._key.parents):  # up to the outermost one it created, if empty
+                        folder.rmdir()
+                        if folder == held.created:
+                            break
             os.close(held.fd)  # closing the file is what unlocks it
 
     def __enter__(self) -> RunLock:
@@ -325,10 +329,13 @@ def lock(run_dir: str | Path, create: bool = False) -> RunLock:
     :class:`RunLocked` naming the holder if another process or thread holds it, UserError if the directory
     does not exist (and ``create`` is False)."""
     run_dir = Path(run_dir)
-    created = create and not run_dir.is_dir()
-    if created:
+    created = None
+    if create and not run_dir.is_dir():
+        absolute = run_dir.absolute()
+        created = next(p for p in (absolute, *absolute.parents) if p.parent.is_dir())
         with storage_errors(run_dir, "creating"):
             run_dir.mkdir(parents=True, exist_ok=True)
+        created = created.resolve()
     elif not run_dir.is_dir():
         raise UserError(f"'{run_dir}' does not exist (expected a run directory)")
     key = run_dir.resolve()

@@ -35,6 +35,34 @@ def test_an_unknown_flag_among_overrides_is_still_one_line_exit_2(capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["lmforge: error: unrecognized arguments: --bogus"]
 
 
+@pytest.mark.parametrize(("argv", "unknown"), [(["train", "--resum", "runs/x"], "--resum"),
+                                             (["finetune", "--mer"], "--mer"),
+                                             (["generate", "r", "--temp", "1"], "--temp")])
+def test_an_abbreviated_flag_is_an_unknown_flag_not_the_flag_it_begins(argv, unknown, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_on_stdout_or_stderr_neither_raises_nor_fails_the_exit_flush():
+    # `lmforge train 2>&1 | tee log`, then Ctrl-C: tee ends first, and the run must still checkpoint and exit 130
+    # (tests/training/test_interrupt.py runs that); here, what the command's streams do once their reader is gone.
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import os, sys\nfrom lmforge import cli\nr, w = os.pipe()\nos.dup2(w, 1)\nos.dup2(w, 2)\nos.close(r)\n"
+            "sys.stdout, sys.stderr = cli._ReaderProof(sys.stdout), cli._ReaderProof(sys.stderr)\n"
+            "print('to stdout', flush=True)\nprint('to stderr', file=sys.stderr, flush=True)\n"
+            "print('buffered, flushed at exit')\nsys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__\n"
+            "open(sys.argv[1], 'w').write(os.readlink('/proc/self/fd/1') + ' ' + os.readlink('/proc/self/fd/2'))")
+    with tempfile.NamedTemporaryFile("r") as f:
+        done = subprocess.run([sys.executable, "-c", code, f.name], capture_output=True, timeout=60)
+        assert done.returncode == 0, done
+        assert f.read() == "/dev/null /dev/null"
+
+
 def test_train_help_shows_the_values_of_the_recipe_that_runs_without_c(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])

@@ -254,13 +254,14 @@ def prune_run(source: str, out: str, spec: PruneSpec, *, calibration: list[str] 
     write_compressed_run(run, cfg, model, out_dir, compression,
                          extra=(lambda folder: save_masks(folder, masks)) if masks is not None else None)
     report.after.file_bytes = (rundir.latest_checkpoint(out_dir) / rundir.WEIGHTS).stat().st_size
-    if recover_steps:
-        report.write(out_dir)  # the pruned model's figures, in case the recovery is interrupted
-        train(cfg, resume=True, progress=progress)
-        recovered = load_run(out_dir, rt.device)
-        report.recovered = measure(recovered.model, recovered.tokenizer, ev, rt,
-                                   rundir.latest_checkpoint(out_dir) / rundir.WEIGHTS, speed)
-    report.write(out_dir)
+    with rundir.lock(out_dir):  # one writer from here to the report (the recovery's train() takes it again)
+        if recover_steps:
+            report.write(out_dir)  # the pruned model's figures, in case the recovery is interrupted
+            train(cfg, resume=True, progress=progress)
+            recovered = load_run(out_dir, rt.device)
+            report.recovered = measure(recovered.model, recovered.tokenizer, ev, rt,
+                                       rundir.latest_checkpoint(out_dir) / rundir.WEIGHTS, speed)
+        report.write(out_dir)
     print(format_report(report))
     return report
 

@@ -32,13 +32,21 @@ def _train(args: list[str]) -> subprocess.Popen:
 def test_ctrl_c_saves_the_step_reached_and_a_resume_continues_exactly(dataset, tmp_path):
     ref = _train([f"data.dataset_dir={dataset}", f"out_dir={tmp_path / 'ref'}", *ARGS])
     run = tmp_path / "run"
-    proc = _train([f"data.dataset_dir={dataset}", f"out_dir={run}", *ARGS])
-    deadline = time.monotonic() + HANG_S
-    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 7):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=HANG_S)
+    # As `lmforge train | tee log`, then Ctrl-C, which ends tee too: the progress lines of the steps left meet a
+    # closed pipe. (stderr goes to a file, to read the last line.)
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "lmforge", "train", f"data.dataset_dir={dataset}",
+                                 f"out_dir={run}", *ARGS], stdout=subprocess.PIPE, stderr=stderr,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + HANG_S
+        while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 7):
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "stderr").read_text()
+            time.sleep(0.01)
+        proc.stdout.close()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=HANG_S)
+        stderr.seek(0)
+        err = stderr.read()
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert "stopped at step" in last and f"--resume {run}" in last and "Traceback" not in err, err
