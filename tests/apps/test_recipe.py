@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from lmforge import rundir
 from lmforge.apps.options import DEFAULT_BASE, DEFAULT_RECIPE, AppRequest
 from lmforge.config import load_train_config, to_dict
 from lmforge.errors import UserError
@@ -68,6 +70,7 @@ def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs,
 def test_bad_requests_fail_in_one_line(args, message, tmp_path):
     done = lmforge("app", *args, "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything was written (the lock's folder removed again)
 
 
 def test_every_app_has_a_shipped_recipe_that_loads():
@@ -107,6 +110,19 @@ def test_an_app_folder_is_continued_only_with_the_settings_it_was_started_with(c
     assert any("built with these settings before" in line for line in said)
     with pytest.raises(UserError, match="other settings \\(split_seed 0 -> 1\\)"):
         run_app(dataclasses.replace(req, split_seed=1))
+    refused = []
+
+    def another_writer() -> None:
+        try:
+            run_app(req)
+        except UserError as e:
+            refused.append(str(e))
+
+    with rundir.lock(out):  # held here: a second writer (a thread, as another process would be) is refused
+        writer = threading.Thread(target=another_writer)
+        writer.start()
+        writer.join(HANG_S)
+    assert refused and "is being written by" in refused[0]
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "weights.bin").write_bytes(b"")
     with pytest.raises(UserError, match="not the output folder of an `lmforge app` run"):
