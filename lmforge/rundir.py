@@ -219,6 +219,9 @@ def fresh_run_dir(out_dir: str | Path) -> Path:
                         f"written; give a new or empty folder")
     candidate, n = base, 1
     while is_run_dir(candidate) or _foreign(candidate) or candidate.is_file():
+        busy = being_written(candidate) if is_run_dir(candidate) else None
+        if busy is not None:  # two commands training into one out_dir at once: refused, whichever wrote first
+            raise busy
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
@@ -313,12 +316,36 @@ class RunLock:
         self.release()
 
 
-def _holder(path: Path) -> str:
+def _locked(run_dir: Path, path: Path) -> RunLocked:
     try:
         pid = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         pid = ""
-    return f"process {pid}" if pid.isdigit() else "another process"
+    holder = f"process {pid}" if pid.isdigit() else "another process"
+    return RunLocked(f"'{run_dir}' is being written by {holder} (one writer at a time: wait for it to finish, or "
+                     f"stop it)")
+
+
+def being_written(run_dir: str | Path) -> RunLocked | None:
+    """The error to raise if another process (or thread) holds ``run_dir``'s lock now, else None; writes nothing."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK
+    with _held_guard:
+        held = _held.get(run_dir.resolve())
+        if held is not None:
+            return None if held.thread == threading.get_ident() else \
+                RunLocked(f"'{run_dir}' is being written by another thread of this process")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # no lock file: nothing that locks has written it
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _locked(run_dir, path)
+        finally:
+            os.close(fd)
+    return None
 
 
 def lock(run_dir: str | Path, create: bool = False) -> RunLock:
@@ -354,8 +381,7 @@ def lock(run_dir: str | Path, create: bool = False) -> RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise RunLocked(f"'{run_dir}' is being written by {_holder(path)} (one writer at a time: wait for it "
-                                f"to finish, or stop it)") from None
+                raise _locked(run_dir, path) from None
             try:  # the file we locked may have been removed by its last holder meanwhile: lock the one there now
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
                     break

@@ -62,6 +62,10 @@ def test_a_second_writer_is_refused_with_the_holders_pid_until_the_holder_dies(t
         with pytest.raises(rundir.RunLocked, match=f"'{trained}' is being written by process {holder.proc.pid}"):
             train(resume, resume=True, progress=False)
         assert _files(trained) == before  # nothing written, not even config.yaml's new max_steps
+        fresh = load_train_config(None, [f"data.dataset_dir={dataset}", f"out_dir={trained}", *ARGS])
+        with pytest.raises(rundir.RunLocked, match=f"'{trained}' is being written by process {holder.proc.pid}"):
+            train(fresh, progress=False)  # not beside it in run-2 either: two trainings into one out_dir at once
+        assert sorted(p.name for p in trained.parent.iterdir()) == ["run"]
         new = tmp_path / "new"
         other = _Holder(new)  # a run being created: train into the same out_dir at once
         with pytest.raises(rundir.RunLocked, match=f"'{new}' is being written by process {other.proc.pid}"):
