@@ -36,7 +36,7 @@ from lmforge.apps.options import DEFAULT_BASE, DEFAULT_RECIPE, AppRequest
 from lmforge.apps.spec import App
 from lmforge.apps.task_records import BuildReport, TaskRecord, read_jsonl, split_records, write_jsonl
 from lmforge.config import RECIPES_DIR, FinetuneConfig, load_finetune_config, load_train_config
-from lmforge.errors import UserError
+from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.evaluate import tasks
 from lmforge.evaluate.options import EvalRequest
 from lmforge.evaluate.runner import evaluate_run, write_report
@@ -177,9 +177,10 @@ def load_or_build_data(app: App, req: AppRequest, data_dir: Path, state: AppStat
 def _last_record(metrics: Path) -> dict:
     try:
         lines = metrics.read_text(encoding="utf-8").splitlines()
-        return json.loads(next(line for line in reversed(lines) if line.strip()))
+        record = json.loads(next(line for line in reversed(lines) if line.strip()))
     except (OSError, StopIteration, ValueError):  # none yet, or a line torn by a kill
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def training_finished(run: Path) -> bool:
@@ -293,7 +294,11 @@ def run_app(req: AppRequest, say=print) -> dict:
         state.save()
         if req.data_only:
             return {"data": str(data_dir)}
-        return _model_and_report(app, req, cfg, state, train_recs, test_recs, say)
+        try:
+            return _model_and_report(app, req, cfg, state, train_recs, test_recs, say)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(f"{e}, or run this `lmforge app` command again: it goes on from there") \
+                from None
 
 
 def _model_and_report(app: App, req: AppRequest, cfg: FinetuneConfig, state: AppState, train_recs: list[TaskRecord],

@@ -161,3 +161,24 @@ def test_a_killed_app_continues_on_the_same_command_without_redoing_finished_sta
     assert again.returncode == 0, again.stderr[-2000:]
     assert "finished fine-tuning before (step 4)" in again.stdout and "evaluated before" in again.stdout
     assert json.loads((tmp_path / "app" / "results.json").read_text())["model"] == results["model"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_and_a_finished_one_is_left_alone(tmp_path):
+    from lmforge.apps.recipe import continue_or_start, training_finished
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_run_info(run, "pretrain", "lm")
+    (run / "config.yaml").write_text("out_dir: run\n")
+    (run / "metrics.jsonl").write_text('{"step": 25, "kind": "train", "loss": 5.0}\n{"step": 50, "ki')  # torn by a kill
+    (run / "checkpoints" / "step_000100.tmp").mkdir(parents=True)  # a checkpoint that was being written
+    with rundir.lock(run):
+        assert continue_or_start(run, training_finished, say=lambda _: None) is False
+        assert [p.name for p in run.iterdir()] == [rundir.LOCK]  # nothing trained was there to lose
+    rundir.write_run_info(run, "pretrain", "lm")
+    (run / "metrics.jsonl").write_text('{"step": 50, "kind": "train", "loss": 5.0}\n{"step": 50, "kind": "done"}\n')
+    assert continue_or_start(run, training_finished) is None
+    (run / "metrics.jsonl").write_text('{"step": 50, "kind": "train", "loss": 5.0}\n')
+    (run / "checkpoints" / "step_000050").mkdir(parents=True)  # a checkpoint, not a valid one: not thrown away
+    with pytest.raises(UserError, match="cannot continue"):
+        continue_or_start(run, training_finished)
