@@ -48,6 +48,7 @@ where lmforge maps any unseen character to end-of-text.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,12 +207,19 @@ def _to_gguf(arch: str, cfg: ModelConfig, sd: dict[str, np.ndarray]) -> dict[str
     return out
 
 
-def _from_gguf(arch: str, shape: _Shape, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """GGUF tensors (float32) -> our state-dict names and layout; a missing output head is the embedding."""
+def _from_gguf(arch: str, shape: _Shape, tensors: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    """GGUF tensors (float32) -> our state-dict names and layout; a missing output head is the embedding.
+    UserError naming ``path`` for a tensor split from ours whose shape is not the share the metadata says."""
     out: dict[str, np.ndarray] = {}
     for ours, parts in _entries(arch, shape.n_layer):
         if not all(p.name in tensors for p in parts):
             continue
+        for p in parts:
+            t, first = tensors[p.name], tensors[parts[0].name]
+            expected = (shape.rows(p.rows), *first.shape[1:]) if p.rows != "all" else t.shape
+            if t.shape != expected:
+                raise UserError(f"'{path}': tensor '{p.name}' has shape {t.shape}, expected {expected} (its share of "
+                                f"the rows the file's metadata gives)")
         pieces = [_from_rope_order(tensors[p.name], shape.heads(p.rope)) if p.rope else tensors[p.name]
                   for p in parts]
         out[ours] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
@@ -379,6 +387,119 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, tokens: list[str], 
 # Reading
 
 
+READ_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0,
+              GGMLQuantizationType.Q4_0)
+"""The tensor types :func:`read_gguf` reads: those :func:`export_gguf` writes."""
+_SCALAR_BYTES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+                 gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+                 gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+                 gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+_MAX_NESTING = 8
+"""Arrays of arrays deeper than this are refused (real files nest at most once; each level is a recursion)."""
+_MAX_DIMS = 4
+"""GGML_MAX_DIMS: the most dimensions a GGUF tensor has."""
+
+
+class _Layout:
+    """A walk over a GGUF file's header (key/value pairs, tensor infos) and its tensors' extents, every read and
+    every count checked against the bytes the file has, before ``gguf.GGUFReader`` (which checks none: a count
+    past the end is an IndexError there, a huge one an endless loop) is given the file."""
+
+    def __init__(self, path: Path, data: bytes | mmap.mmap):
+        self.path, self.data, self.pos, self.order = path, data, 0, "<"
+
+    def fail(self, at: int, expected: str, found: object) -> UserError:
+        return UserError(f"'{self.path}' is not a valid GGUF file: at byte {at:,} expected {expected}, found {found}")
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise self.fail(self.pos, f"{what} ({n:,} bytes)", f"the end of the file ({len(self.data):,} bytes)")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def uint(self, size: int, what: str) -> int:
+        return int.from_bytes(self.take(size, what), "little" if self.order == "<" else "big")
+
+    def count(self, what: str, item_bytes: int) -> int:
+        """A count of items of at least ``item_bytes`` each: refused unless that many fit in the bytes left."""
+        at, n = self.pos, self.uint(8, what)
+        if n * item_bytes > len(self.data) - self.pos:
+            raise self.fail(at, f"a {what} whose items (at least {item_bytes} bytes each) fit in the "
+                                f"{len(self.data) - self.pos:,} bytes left", f"{n:,}")
+        return n
+
+    def string(self, what: str) -> str:
+        """A length-prefixed string, for messages (GGUFReader refuses one that is not UTF-8)."""
+        return bytes(self.take(self.count(f"length of {what}", 1), what)).decode("utf-8", "replace")
+
+    def value(self, raw_type: int, type_at: int, what: str, depth: int = 0) -> int | None:
+        """Skip one value of ``raw_type`` (read at ``type_at``); returns it when it is an unsigned 32-bit integer
+        (general.alignment)."""
+        if raw_type == gguf.GGUFValueType.STRING:
+            self.string(what)
+        elif raw_type == gguf.GGUFValueType.UINT32:
+            return self.uint(4, what)
+        elif raw_type in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[raw_type], what)
+        elif raw_type == gguf.GGUFValueType.ARRAY and depth < _MAX_NESTING:
+            item_at, item_type = self.pos, self.uint(4, f"the item type of {what}")
+            if item_type in _SCALAR_BYTES:
+                self.take(self.count(f"length of {what}", _SCALAR_BYTES[item_type]) * _SCALAR_BYTES[item_type], what)
+            else:
+                for _ in range(self.count(f"length of {what}", 8 if item_type == gguf.GGUFValueType.STRING else 12)):
+                    self.value(item_type, item_at, f"an item of {what}", depth + 1)
+        else:
+            raise self.fail(type_at, f"a GGUF value type for {what} (0 to 12, arrays nested at most {_MAX_NESTING} "
+                                f"deep)", raw_type)
+        return None
+
+    def check(self) -> None:
+        """UserError naming the offset and what was expected at the first thing the file cannot hold."""
+        magic = self.take(4, "the magic 'GGUF'")
+        if magic != b"GGUF":
+            raise self.fail(0, "the magic 'GGUF'", repr(bytes(magic)))
+        version = self.uint(4, "the version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order (as GGUFReader decides)
+            self.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            raise self.fail(4, "GGUF version 2 or 3", version)
+        n_tensors = self.count("tensor_count", 8 + 4 + 4 + 8)  # name length, dims, type, offset
+        n_kv = self.count("kv_count", 8 + 4 + 1)  # key length, type, the smallest value
+        alignment, keys = gguf.GGUF_DEFAULT_ALIGNMENT, set()
+        for _ in range(n_kv):
+            at, key = self.pos, self.string("a metadata key")
+            if key in keys:
+                raise self.fail(at, "a metadata key not seen before", f"a second {key!r}")
+            keys.add(key)
+            type_at = self.pos
+            value = self.value(self.uint(4, f"the value type of {key!r}"), type_at, f"the value of {key!r}")
+            if key == "general.alignment" and value is not None:
+                alignment = value
+        extents = []
+        for _ in range(n_tensors):
+            name = self.string("a tensor name")
+            at, n_dims = self.pos, self.uint(4, f"the dimension count of tensor {name!r}")
+            if n_dims > _MAX_DIMS:
+                raise self.fail(at, f"at most {_MAX_DIMS} dimensions of tensor {name!r}", f"{n_dims:,}")
+            dims = [self.uint(8, f"a dimension of tensor {name!r}") for _ in range(n_dims)]
+            at, raw_type = self.pos, self.uint(4, f"the type of tensor {name!r}")
+            if raw_type not in {int(t) for t in READ_TYPES}:
+                raise self.fail(at, f"a tensor type lmforge writes ({', '.join(t.name for t in READ_TYPES)}) for "
+                                    f"tensor {name!r}", raw_type)
+            block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
+            if dims and dims[0] % block:
+                raise self.fail(at, f"rows of whole {block}-value blocks in tensor {name!r}", f"{dims[0]:,} values")
+            extents.append((name, self.uint(8, f"the data offset of tensor {name!r}"),
+                            int(np.prod(dims, dtype=object)) // block * type_bytes))
+        if alignment == 0 or alignment & (alignment - 1):
+            raise self.fail(self.pos, "a general.alignment that is a power of two", alignment)
+        start = -(-self.pos // alignment) * alignment
+        for name, offset, n_bytes in extents:
+            if start + offset + n_bytes > len(self.data):
+                raise self.fail(start + offset, f"the {n_bytes:,} bytes of tensor {name!r}",
+                                f"the end of the file ({len(self.data):,} bytes)")
+
+
 def read_gguf(path: str | Path) -> tuple[dict[str, object], dict[str, np.ndarray]]:
     """(metadata key -> value, tensor name -> float32 array) of a GGUF file written by :func:`export_gguf`.
 
@@ -386,28 +507,43 @@ def read_gguf(path: str | Path) -> tuple[dict[str, object], dict[str, np.ndarray
     ``blocks.0.attn.qkv.weight``, ...), q/k/v and gate/up fused again, query and key rows back in our RoPE
     order, so that ``GPT(cfg).load_state_dict`` takes them; ``lm_head.weight`` is the embedding when the file
     has no ``output.weight`` (a tied head), and a GPT-2 file's biases are all there (zeros where the model had
-    none). Metadata values are Python values (arrays as lists). UserError for a file that is not GGUF or not
-    of the gpt2 or llama architecture.
+    none). Metadata values are Python values (arrays as lists). UserError (one line naming the file and, for a
+    damaged one, the byte offset and what was expected there) for a file that is not GGUF, is cut short or
+    damaged, is not of the gpt2 or llama architecture, or lacks the hyper-parameters they need.
     """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"GGUF file '{p}' does not exist")
     try:
+        with open(p, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise UserError(f"'{p}' is not a valid GGUF file: it is empty")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                _Layout(p, data).check()
         reader = gguf.GGUFReader(p)
-    except (ValueError, OSError) as e:
+        # GGUF.version etc. are the reader's view of the header, not key/value pairs of the file.
+        meta = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    except (ValueError, OSError) as e:  # a UnicodeDecodeError (a key or string of no UTF-8) is a ValueError
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"'{p}' is not a valid GGUF file: {first}") from None
-    # GGUF.version etc. are the reader's view of the header, not key/value pairs of the file.
-    meta = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
     arch = meta.get("general.architecture")
     if arch not in _NAMES:
         raise UserError(f"'{p}' is a GGUF file of architecture '{arch}'; read_gguf reads lmforge's own exports "
                         f"({', '.join(_NAMES)})")
+
+    def hparam(key: str, default: int | None = None) -> int:
+        value = meta.get(f"{arch}.{key}", default)
+        if type(value) is not int or value <= 0:
+            raise UserError(f"'{p}': metadata '{arch}.{key}' is {value!r}, expected a positive integer")
+        return value
+
+    n_embd, n_head = hparam("embedding_length"), hparam("attention.head_count")
+    shape = _Shape(n_layer=hparam("block_count"), n_head=n_head, n_kv=hparam("attention.head_count_kv", n_head),
+                   head_dim=n_embd // n_head, hidden=hparam("feed_forward_length"))
+    if n_embd % n_head or n_head % shape.n_kv or (arch == "llama" and shape.head_dim % 2):
+        raise UserError(f"'{p}': metadata {arch}.embedding_length={n_embd}, attention.head_count={n_head}, "
+                        f"attention.head_count_kv={shape.n_kv}: expected heads of a whole width (even, for RoPE), "
+                        f"as many per key/value head")
     raw = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
            for t in reader.tensors}
-    n_embd, n_head = int(meta[f"{arch}.embedding_length"]), int(meta[f"{arch}.attention.head_count"])
-    shape = _Shape(n_layer=int(meta[f"{arch}.block_count"]), n_head=n_head,
-                   n_kv=int(meta.get(f"{arch}.attention.head_count_kv", n_head)), head_dim=n_embd // n_head,
-                   hidden=int(meta[f"{arch}.feed_forward_length"]))
-    return meta, _from_gguf(arch, shape, raw)
-
+    return meta, _from_gguf(arch, shape, raw, p)

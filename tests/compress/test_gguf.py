@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import json
+import struct
 
 import gguf
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
@@ -409,6 +412,58 @@ def test_read_gguf_refuses_other_files(tmp_path, tok):
     for name in ("cut.gguf", "text.gguf", "absent.gguf"):
         with pytest.raises(UserError, match=name):
             read_gguf(tmp_path / name)
+
+
+def _header(tensor_count: int, kv_count: int) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, tensor_count, kv_count)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"", "it is empty"),
+    (b"GGU", r"at byte 0 expected the magic 'GGUF' \(4 bytes\), found the end of the file \(3 bytes\)"),
+    (_header(0, 5), r"at byte 16 expected a kv_count whose items \(at least 13 bytes each\) fit in the 0 bytes left, "
+                    r"found 5"),
+    (_header(0, 2**64 - 1), "at byte 16 expected a kv_count .* found 18,446,744,073,709,551,615"),
+    (_header(2**40, 0), "at byte 8 expected a tensor_count .* found 1,099,511,627,776"),
+    (_header(0, 1) + struct.pack("<Q", 2**50) + b"k" * 20,
+     "at byte 24 expected a length of a metadata key whose items"),
+    (_header(0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 0, 2**61),
+     "at byte 41 expected a length of the value of 'k' whose items \\(at least 1 bytes each\\)"),
+    (_header(0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 13) + b"x",
+     "at byte 33 expected a GGUF value type for the value of 'k'.*found 13"),
+    (_header(1, 0) + struct.pack("<Q", 1) + b"t" + struct.pack("<IQQIQ", 2, 64, 2**40, 0, 0),
+     "at byte 96 expected the 281,474,976,710,656 bytes of tensor 't'"),  # F32: 64 x 2^40 x 4 bytes
+    (_header(1, 0) + struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 64, 14, 0),
+     "at byte 45 expected a tensor type .* found 14")],
+    ids=["empty", "3-bytes", "24-bytes", "huge-kv-count", "huge-tensor-count", "huge-key", "huge-array",
+         "bad-value-type", "tensor-past-the-end", "unread-tensor-type"])
+def test_read_gguf_refuses_a_damaged_header_in_one_line_naming_the_offset(tmp_path, data, message):
+    (tmp_path / "bad.gguf").write_bytes(data)
+    with pytest.raises(UserError, match=rf"'.*bad.gguf' is not a valid GGUF file: {message}") as e:
+        read_gguf(tmp_path / "bad.gguf")
+    assert "\n" not in str(e.value)
+
+
+def test_read_gguf_on_every_truncation_and_byte_flip_of_a_real_export_returns_or_is_one_line(tmp_path, tok):
+    path = export_gguf(_model(_cfg(tok, "gpt2-tiny", n_layer=1, n_embd=32, n_head=2)), tok, tmp_path / "m.gguf")
+    good = path.read_bytes()
+    reader = gguf.GGUFReader(path)
+    header = reader.data_offset
+    damaged = tmp_path / "damaged.gguf"
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(cut=st.integers(0, len(good) - 1), at=st.integers(0, header - 1), bits=st.integers(1, 255))
+    def check(cut: int, at: int, bits: int) -> None:
+        flipped = bytearray(good)
+        flipped[at] ^= bits
+        for data in (good[:cut], bytes(flipped)):
+            damaged.write_bytes(data)
+            try:
+                read_gguf(damaged)
+            except UserError as e:
+                assert "\n" not in str(e) and "damaged.gguf" in str(e)
+
+    check()
 
 
 def test_failed_write_leaves_no_file(tmp_path, tok, monkeypatch):
