@@ -23,15 +23,23 @@ killed mid-trial and started again marks that trial failed once its heartbeat is
 ``RetryHeartbeatStaleTrialCallback`` queues it again with the same parameters and intermediate values; the retry
 trains on in the failed trial's own run directory from its last checkpoint (resume is exact). A trial stopped
 by Ctrl-C is queued again the same way at the next start. The sampler is TPE seeded per trial with ``seed`` + the
-number of trials finished so far, so a sweep that was killed and restarted draws the same parameters, in the
-same order, as one that never was: its (parameters, value) list is the same. ``trials`` counts finished trials
-(complete or pruned): a finished study continues with ``--trials`` larger.
+number of trials finished (or failed on their own) so far, so a sweep that was killed and restarted draws the same
+parameters, in the same order, as one that never was: its (parameters, value) list is the same. ``trials`` counts
+finished trials (complete or pruned): a finished study continues with ``--trials`` larger.
+
+Failures. A trial that diverges (:class:`TrainingHalted`) or whose config its parameters make invalid (a
+:class:`UserError`) is recorded FAIL with its reason (the user attribute ``fail_reason``), printed in one line, and
+the sweep goes on; a failed trial uses up its place, so a run starts at most ``trials`` minus the finished ones. A
+user mistake before any trial has finished stops the sweep at once (it is in the fixed config: every trial would
+fail the same way); a sweep in which no trial completed ends with one line and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import shutil
 import time
 import warnings
@@ -43,7 +51,7 @@ import yaml
 
 from lmforge import rundir
 from lmforge.config import load_finetune_config, load_train_config
-from lmforge.errors import TrainingInterrupted, UserError
+from lmforge.errors import TrainingHalted, TrainingInterrupted, UserError
 from lmforge.finetuning.finetune import finetune
 from lmforge.options import SweepOptions
 from lmforge.training.pretrain import train
@@ -55,6 +63,10 @@ METRICS = {"train": ("val_loss", "val_bpb", "val_ppl"),
 PRUNERS = ("median", "hyperband", "asha", "none")
 TYPES = ("float", "int", "categorical")
 STUDY_DB = "study.db"
+SQLITE_BUSY_S = 30.0
+"""How long a call on an SQLite study waits for another process's write lock before it fails."""
+TRIAL_FAILURES = (TrainingHalted, UserError)
+"""What fails one trial and not the sweep: a diverged run, or a config that trial's parameters make invalid."""
 
 
 @dataclass
@@ -175,18 +187,44 @@ def _override(key: str, value: Any) -> str:
 def make_storage(url: str, heartbeat_s: int | None = None):
     """An Optuna storage for ``url``: an RDB URL (SQLite by default; with a heartbeat and the stale-trial retry
     when ``heartbeat_s``), or journal:PATH for Optuna's JournalFileBackend (several processes can share it)."""
+    from optuna.exceptions import StorageInternalError
     from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
     if url.startswith("journal:"):
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    # Another process holding study.db's write lock (a second sweep, a `--report`, an sqlite3 shell) makes a
+    # call wait this long, not SQLite's default 5 s, before "database is locked".
+    engine = {"connect_args": {"timeout": SQLITE_BUSY_S}} if url.startswith("sqlite") else None
     if heartbeat_s is None:
-        return RDBStorage(url)
+        return RDBStorage(url, engine_kwargs=engine)
+
+    class PatientStorage(RDBStorage):  # here, not at the top: optuna is imported only when a sweep runs
+        """A heartbeat that cannot be written (the database locked longer than the wait) is a one-line warning,
+        once per trial, and is written again at the next beat; it never kills the heartbeat thread."""
+
+        warned: set[int] = set()
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            try:
+                super().record_heartbeat(trial_id)
+            except StorageInternalError as e:
+                if trial_id not in self.warned:
+                    self.warned.add(trial_id)
+                    warnings.warn(f"the study's heartbeat was not written ({_cause(e)}): trying again every "
+                                  f"{heartbeat_s} s; the trial goes on", stacklevel=2)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the heartbeat and its retry are marked experimental
         retry = RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True)
-        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                          heartbeat_stale_trial_callback=retry)
+        return PatientStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                              heartbeat_stale_trial_callback=retry)
+
+
+def _cause(e: BaseException) -> str:
+    """The one-line reason behind Optuna's storage error (SQLAlchemy's, e.g. 'database is locked')."""
+    inner = e.__cause__ or e
+    return " ".join(str(getattr(inner, "orig", None) or inner).split())[:200]
 
 
 def _cannot_open(url: str, e: Exception) -> UserError:
@@ -211,11 +249,22 @@ def open_study(cfg: SweepConfig, sweep_dir: Path, name: str, storage_url: str | 
         raise _cannot_open(url, e) from None
 
 
-def _sampler(cfg: SweepConfig, finished: int):
+def _sampler(cfg: SweepConfig, drawn: int):
     import optuna
 
-    # Seeded per trial by how many have finished: a restarted sweep draws what an uninterrupted one would.
-    return optuna.samplers.TPESampler(seed=cfg.seed + finished, n_startup_trials=cfg.startup_trials)
+    # Seeded per trial by how many went before (_seed_offset): a restarted sweep draws what an uninterrupted one
+    # would, and a trial after a failed one draws new parameters.
+    return optuna.samplers.TPESampler(seed=cfg.seed + drawn, n_startup_trials=cfg.startup_trials)
+
+
+def _seed_offset(study) -> int:
+    """Trials finished, or failed for a reason of their own (fail_reason): what the next trial's sampler is seeded
+    by. A trial failed by a kill is left out: its retry repeats its parameters, and the restarted sweep then
+    draws what an uninterrupted one would."""
+    from optuna.trial import TrialState
+
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return _finished(study) + sum("fail_reason" in t.user_attrs for t in failed)
 
 
 def _finished(study) -> int:
@@ -259,8 +308,32 @@ def trial_dir(sweep_dir: Path, number: int) -> Path:
     return sweep_dir / "trials" / f"trial_{number:04d}"
 
 
-def _objective(cfg: SweepConfig, sweep_dir: Path, say):
+class TrialFailed(Exception):
+    """A trial failed for a reason the sweep reported in one line (``fail_reason``); the sweep goes on."""
+
+    def __init__(self, number: int, error: Exception):
+        super().__init__(f"trial {number}: {error}")
+        self.number, self.error = number, error
+
+
+class _QuietFailures(logging.Filter):
+    """Drops Optuna's log records (a traceback among them) of trials whose failure the sweep reported itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = re.match(r"Trial (\d+) failed", record.getMessage())
+        return not (m and int(m.group(1)) in self.numbers)
+
+
+def _objective(cfg: SweepConfig, sweep_dir: Path, say, failures: list[TrialFailed], quiet: _QuietFailures):
+    """The objective of one trial. A trial that fails for a reason in TRIAL_FAILURES is recorded FAIL with
+    ``fail_reason``, printed in one line, appended to ``failures``, and raised as TrialFailed (which the study
+    catches); a trial stopped by Ctrl-C is marked ``interrupted`` and stops the sweep."""
     import optuna
+    from optuna.exceptions import StorageInternalError
     from optuna.storages import RetryFailedTrialCallback
 
     def suggest(trial, key: str, p: Param):
@@ -289,10 +362,14 @@ def _objective(cfg: SweepConfig, sweep_dir: Path, say):
             nonlocal pruned
             if cfg.metric not in metrics and cfg.metric != "val_ppl":  # exact_match: only at the end
                 return False
-            with warnings.catch_warnings():  # a retry re-reports steps its failed trial reported
-                warnings.simplefilter("ignore")
-                trial.report(_metric(metrics, cfg.metric), step)
-            pruned = trial.should_prune()
+            try:
+                with warnings.catch_warnings():  # a retry re-reports steps its failed trial reported
+                    warnings.simplefilter("ignore")
+                    trial.report(_metric(metrics, cfg.metric), step)
+                pruned = trial.should_prune()
+            except StorageInternalError as e:  # the study locked longer than SQLITE_BUSY_S: train on, unpruned
+                warnings.warn(f"trial {trial.number}: step {step}'s {cfg.metric} was not reported to the study "
+                              f"({_cause(e)}); the trial goes on", stacklevel=2)
             return pruned
 
         again = f" (trial {original} again, resumed)" if original is not None and resume else \
@@ -308,7 +385,15 @@ def _objective(cfg: SweepConfig, sweep_dir: Path, say):
                 final = {"val_loss": result.val_loss, "val_bpb": result.val_bpb}
         except TrainingInterrupted:
             trial.set_user_attr("interrupted", True)
+            quiet.numbers.add(trial.number)  # the CLI says it in one line
             raise
+        except TRIAL_FAILURES as e:
+            reason = " ".join(str(e).split())
+            trial.set_user_attr("fail_reason", reason)
+            say(f"  failed: {reason}", flush=True)
+            quiet.numbers.add(trial.number)
+            failures.append(TrialFailed(trial.number, e))
+            raise failures[-1] from None
         trial.set_user_attr("steps", result.step)
         trial.set_user_attr("train_time_s", result.train_time_s)
         value = _metric(final, cfg.metric)
@@ -341,12 +426,40 @@ def run_sweep(path: str, trials: int | None = None, timeout_min: float | None = 
     _wait_for_stale(st, cfg, say)
     _requeue_interrupted(st)
     deadline = None if timeout_min is None else time.monotonic() + timeout_min * 60
-    while _finished(st) < cfg.trials and (deadline is None or time.monotonic() < deadline):
-        st.sampler = _sampler(cfg, _finished(st))
-        st.optimize(_objective(cfg, sweep_dir, say), n_trials=1)
+    failures: list[TrialFailed] = []
+    quiet = _QuietFailures()
+    objective = _objective(cfg, sweep_dir, say, failures, quiet)
+    # Trials to run in this process: a failed one uses up its place (so a sweep whose every trial fails ends),
+    # and a later run with the same --trials runs the places still open.
+    places = cfg.trials - _finished(st)
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    optuna_log.addFilter(quiet)
+    try:
+        for _ in range(places):
+            if _finished(st) >= cfg.trials or (deadline is not None and time.monotonic() >= deadline):
+                break
+            st.sampler = _sampler(cfg, _seed_offset(st))
+            n_failed = len(failures)
+            st.optimize(objective, n_trials=1, catch=(TrialFailed,))
+            if len(failures) > n_failed and isinstance(failures[-1].error, UserError) and not _finished(st):
+                # A user mistake before any trial ever finished is, all but surely, in the sweep's fixed config
+                # (e.g. a block_size longer than the data): every further trial would fail the same way.
+                raise UserError(f"{failures[-1]} (recorded as failed in the study; no further trial was run)")
+    finally:
+        optuna_log.removeFilter(quiet)
     say(format_report(st, cfg.metric))
     write_report(st, sweep_dir, cfg.metric, say)
+    if failures and not _completed(st):
+        last = failures[-1]
+        kind = TrainingHalted if all(isinstance(f.error, TrainingHalted) for f in failures) else UserError
+        raise kind(f"no trial of the sweep succeeded: {len(failures)} failed in this run, the last {last}")
     return st
+
+
+def _completed(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 # --- the report -------------------------------------------------------------------------------------------
@@ -373,16 +486,15 @@ def write_report(st, sweep_dir: Path, metric: str, say=print) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from optuna.trial import TrialState
     from optuna.visualization import matplotlib as vis
 
     trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                "steps": t.user_attrs.get("steps"), "train_time_s": t.user_attrs.get("train_time_s"),
-               "run_dir": t.user_attrs.get("run_dir"), "intermediate": t.intermediate_values}
+               "run_dir": t.user_attrs.get("run_dir"), "intermediate": t.intermediate_values,
+               "fail_reason": t.user_attrs.get("fail_reason")}
               for t in st.get_trials(deepcopy=False)]
     rundir.write_text_atomic(sweep_dir / "trials.json", json.dumps(trials, indent=1) + "\n")
-    complete = st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    if not _completed(st):
         say(f"no complete trial yet: {sweep_dir / 'trials.json'}")
         return
     best = st.best_trial

@@ -1,24 +1,28 @@
 """`lmforge sweep`: a killed sweep restarts to the same trials an uninterrupted one runs, bad sweep files are
-refused in one line, and optim.l1 shrinks the weights."""
+refused in one line, failed trials are recorded with their reason and the sweep goes on, a locked study.db
+delays a heartbeat with a warning, and optim.l1 shrinks the weights."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import yaml
 
+from lmforge import sweep
 from lmforge.cli import main
 from lmforge.config import load_train_config
 from lmforge.loading import load_run
-from lmforge.sweep import run_sweep, trial_dir
+from lmforge.sweep import make_storage, run_sweep, trial_dir
 from lmforge.training.pretrain import train
 from tests.fixtures import HANG_S
 
@@ -101,6 +105,54 @@ def test_bad_sweep_files_are_refused_in_one_line_and_touch_no_study(tmp_path, co
     assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw2"), "--storage", "nosuchdb://x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--storage nosuchdb://x" in err and "\n" not in err and not (tmp_path / "sw2").exists()
+
+
+def _trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="sweep", storage=f"sqlite:///{sweep_dir / 'study.db'}").get_trials()
+
+
+@pytest.mark.slow  # ~5 s: two trials (the test below runs one trial through the same failure path by default)
+def test_a_sweep_whose_every_trial_diverges_records_each_failure_and_ends_in_one_line(tmp_path, corpus, capfd):
+    path = _sweep_file(tmp_path, corpus, trials=2, space={"optim.lr": {"type": "float", "low": 1e5, "high": 1e6}})
+    assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw")]) == 3
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1].startswith("lmforge sweep: halted: no trial of the sweep succeeded: 2 failed")
+    trials = _trials(tmp_path / "sw")
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all("try a lower optim.lr" in t.user_attrs["fail_reason"] for t in trials)
+    assert trials[0].params != trials[1].params  # a failed trial does not make the next one draw the same
+    assert out.count("  failed: ") == 2
+
+
+def test_a_block_size_longer_than_the_data_stops_the_sweep_at_its_first_trial_in_one_line(tmp_path, corpus, capfd):
+    path = _sweep_file(tmp_path, corpus)
+    spec = yaml.safe_load(path.read_text())
+    spec["overrides"].append("model.block_size=100000")
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw")]) == 2
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1].startswith("lmforge sweep: error: trial 0: ")
+    assert "fewer than one block of 100000" in err and "no further trial" in err
+    trial, = _trials(tmp_path / "sw")
+    assert trial.state.name == "FAIL" and "fewer than one block" in trial.user_attrs["fail_reason"]
+
+
+def test_a_locked_study_db_delays_the_heartbeat_with_one_warning_and_never_raises(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "SQLITE_BUSY_S", 0.05)
+    db = tmp_path / "study.db"
+    storage = make_storage(f"sqlite:///{db}", heartbeat_s=1)
+    trial = optuna.create_study(storage=storage).ask()
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write transaction
+    with pytest.warns(UserWarning, match="heartbeat was not written.*database is locked") as caught:
+        storage.record_heartbeat(trial._trial_id)
+        storage.record_heartbeat(trial._trial_id)
+    assert len(caught) == 1
+    holder.rollback()
+    storage.record_heartbeat(trial._trial_id)  # written again once the lock is gone
+    assert not storage._get_stale_trial_ids(trial.study._study_id)
 
 
 def test_l1_shrinks_the_sum_of_absolute_weights(tmp_path, corpus):

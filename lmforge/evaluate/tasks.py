@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import string
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -157,20 +158,33 @@ def read_choice_task(path: str) -> list[tuple[str, list[str], int]]:
 
 def multiple_choice(model: torch.nn.Module, tokenizer: Tokenizer, items: list[tuple[str, list[str], int]],
                     batch_size: int = 16, device: torch.device | str = "cpu") -> dict:
-    """Accuracy of picking the most likely choice: by total log-likelihood, and per byte (acc_norm)."""
+    """Accuracy of picking the most likely choice: by total log-likelihood, and per byte (acc_norm).
+
+    A context + choice longer than the model's context is cut from the left, as lm-evaluation-harness does
+    (a choice longer than the context itself is scored on its last tokens only); the questions where that
+    happened are counted (``truncated_questions``) and a warning says how many.
+    """
     pairs = [split_encode(tokenizer, context, c) for context, choices, _ in items for c in choices]
     lls = loglikelihoods(model, pairs, batch_size, device)
-    correct = correct_norm = 0
+    block = model.cfg.block_size
+    correct = correct_norm = truncated = 0
     j = 0
     for _, choices, label in items:
+        # block + 1 tokens fit: the first is only ever an input.
+        truncated += any(len(ctx) + len(cont) > block + 1 for ctx, cont in pairs[j:j + len(choices)])
         ll = [lls[j + m][0] for m in range(len(choices))]
         norm = [v / max(1, len(c.encode("utf-8"))) for v, c in zip(ll, choices, strict=True)]
         correct += max(range(len(ll)), key=ll.__getitem__) == label
         correct_norm += max(range(len(norm)), key=norm.__getitem__) == label
         j += len(choices)
     n = len(items)
+    if truncated:
+        warnings.warn(f"{truncated} of {n} questions have a context + choice longer than the model's context "
+                      f"({block} tokens): scored on their last {block + 1} tokens, the context cut from the left",
+                      stacklevel=2)
     chance = sum(1 / len(c) for _, c, _ in items) / n
-    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "chance": chance, "examples": n}
+    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "chance": chance, "examples": n,
+            "truncated_questions": truncated}
 
 
 # --------------------------------------------------------------------------------------------------

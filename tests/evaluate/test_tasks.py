@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,21 @@ def test_multiple_choice_is_perfect_on_memorised_facts_and_not_on_wrong_labels(m
     assert wrong["accuracy"] == 0.0  # every shuffled label points at a wrong colour
 
 
+def test_choices_longer_than_the_context_are_counted_and_warned_about_once():
+    from lmforge.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char(["abcdefghijklmnopqrstuvwxyz ?"])
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=16)
+    short = ("is it a or b?", [" a", " b"], 0)
+    items = [short, ("a long question " * 3 + "?", [" a", " b"], 1), ("why?", [" a", "b" * 20], 0), short]
+    with pytest.warns(UserWarning, match=r"^2 of 4 questions have a context \+ choice longer") as caught:
+        result = tasks.multiple_choice(model, tok, items)
+    assert len(caught) == 1 and result["truncated_questions"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every question fits: no warning
+        assert tasks.multiple_choice(model, tok, [short] * 2)["truncated_questions"] == 0
+
+
 def _lmforge(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=HANG_S)
 
@@ -91,7 +107,7 @@ def test_eval_command_writes_one_json_report_for_every_evaluation(memorised, tmp
     res = report["results"]
     assert set(res) == {"lm", "dataset", "choice", "generate"}
     assert res["lm"]["bits_per_byte"] < 1.0 and len(res["lm"]["data_sha256"]) == 64
-    assert res["choice"]["accuracy"] == 1.0
+    assert res["choice"]["accuracy"] == 1.0 and res["choice"]["truncated_questions"] == 0
     assert res["generate"]["exact_match"] == 100.0  # memorised: " red." etc.
     assert "bits_per_byte" in result.stdout and str(out) in result.stdout
 
