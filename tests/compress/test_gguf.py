@@ -451,7 +451,7 @@ def test_read_gguf_on_every_truncation_and_byte_flip_of_a_real_export_returns_or
     header = reader.data_offset
     damaged = tmp_path / "damaged.gguf"
 
-    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None)
     @hypothesis.given(cut=st.integers(0, len(good) - 1), at=st.integers(0, header - 1), bits=st.integers(1, 255))
     def check(cut: int, at: int, bits: int) -> None:
         flipped = bytearray(good)
