@@ -51,6 +51,8 @@ import yaml
 
 from lmforge import rundir
 from lmforge.config import load_finetune_config, load_train_config
+from lmforge.data.loader import open_split
+from lmforge.data.prepare import load_meta
 from lmforge.errors import TrainingHalted, TrainingInterrupted, UserError
 from lmforge.finetuning.finetune import finetune
 from lmforge.options import SweepOptions
@@ -148,7 +150,25 @@ def load_sweep(path: str) -> SweepConfig:
                 trial_config(cfg, [_override(key, value)])
             except UserError as e:
                 raise _problem(path, f"space key '{key}' = {value!r}: {e}") from None
+    if cfg.command == "train":
+        _check_blocks_fit(path, cfg)
     return cfg
+
+
+def _check_blocks_fit(path: str, cfg: SweepConfig) -> None:
+    """A prepared dataset every trial shares (data.dataset_dir, outside the space) must hold one block of the
+    longest model.block_size a trial may take: known before the study, so refused here, not in every trial.
+    (A dataset each trial prepares from data.sources is checked by its first trial.)"""
+    fixed = trial_config(cfg, [])
+    if not fixed.data.dataset_dir or any(k.startswith("data.") for k in cfg.space):
+        return
+    sizes = cfg.space["model.block_size"].values() if "model.block_size" in cfg.space else [fixed.model.block_size]
+    try:
+        meta = load_meta(fixed.data.dataset_dir)
+        for split in ("train", "val"):
+            open_split(meta, split, int(max(sizes)), None)
+    except UserError as e:
+        raise _problem(path, str(e)) from None
 
 
 def trial_config(cfg: SweepConfig, overrides: list[str]):

@@ -20,7 +20,8 @@ import yaml
 
 from lmforge import sweep
 from lmforge.cli import main
-from lmforge.config import load_train_config
+from lmforge.config import DataConfig, load_train_config
+from lmforge.data.prepare import prepare
 from lmforge.loading import load_run
 from lmforge.sweep import make_storage, run_sweep, trial_dir
 from lmforge.training.pretrain import train
@@ -137,6 +138,22 @@ def test_a_block_size_longer_than_the_data_stops_the_sweep_at_its_first_trial_in
     assert "fewer than one block of 100000" in err and "no further trial" in err
     trial, = _trials(tmp_path / "sw")
     assert trial.state.name == "FAIL" and "fewer than one block" in trial.user_attrs["fail_reason"]
+
+
+def test_a_block_size_longer_than_a_shared_prepared_dataset_is_refused_before_the_study(tmp_path, corpus, capsys):
+    prepare(DataConfig(sources=[str(corpus)], tokenizer="char"), tmp_path / "data", progress=False)
+    for space_key in ({}, {"model.block_size": {"type": "categorical", "choices": [32, 100000]}}):
+        path = _sweep_file(tmp_path, corpus)
+        spec = yaml.safe_load(path.read_text())
+        spec["overrides"] = [o for o in spec["overrides"] if not o.startswith("data.sources")]
+        spec["overrides"].append(f"data.dataset_dir={tmp_path / 'data'}")
+        spec["overrides"] += [] if space_key else ["model.block_size=100000"]
+        spec["space"].update(space_key)
+        path.write_text(yaml.safe_dump(spec))
+        assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "fewer than one block of 100000" in err and "\n" not in err, err
+        assert not (tmp_path / "sw").exists()
 
 
 def test_a_locked_study_db_delays_the_heartbeat_with_one_warning_and_never_raises(tmp_path, monkeypatch):
