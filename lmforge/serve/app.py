@@ -4,7 +4,11 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 events ending with ``data: [DONE]``), ``GET /health`` (503 until the model is loaded) and the chat page at ``/``.
 Every error has OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: a malformed or mistyped body
 is 400 naming the field (not FastAPI's 422), a prompt that does not fit the context 400 with the token counts,
-an unknown model 404, a missing or wrong key 401 (with ``--api-key``), a full queue 429 with ``Retry-After``.
+an unknown model 404, a missing or wrong key 401 (with ``--api-key``), a body over 1 MiB 413, a full queue 429 with
+``Retry-After``, a failure inside the engine 500 with its message (for that request only), a dead engine 503.
+
+No request holds the event loop for long: prompts are tokenized on worker threads (without the GIL), stop strings
+are watched in time linear in their length, and their length is bounded (:data:`MAX_STOP_CHARS`).
 """
 
 from __future__ import annotations
@@ -25,37 +29,31 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.chat import ChatTemplate
+from lmforge.data.records import BadRecord
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.generate import find_stop, partial_stop
 from lmforge.loading import load_lm, run_template
 from lmforge.options import OptionError, Sampling
 from lmforge.runtime import maybe_compile, setup_runtime
 from lmforge.serve import security
-from lmforge.serve.engine import Engine, Finished, Job, QueueFull, Token
+from lmforge.serve.engine import Engine, EngineDown, Finished, Job, QueueFull, Token
+from lmforge.serve.errors import APIError
+from lmforge.serve.guard import RequestGuard
 from lmforge.serve.options import ServeOptions
+from lmforge.serve.text import TextStream, encode
 
 STATIC = Path(__file__).parent / "static"
 MAX_STOP = 4
 """Stop strings a request may give (OpenAI's limit)."""
-
-
-class APIError(Exception):
-    """An error answer: HTTP status and OpenAI's error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+MAX_STOP_CHARS = 256
+"""The longest stop string accepted, in characters (stop strings are matched against the text at every token)."""
+SEEDS = 2 ** 64
+"""Seeds are 64-bit: what ``torch.Generator.manual_seed`` takes is [-2**63, 2**64)."""
 
 
 # --- request bodies (strict: "5" is not a number) ------------------------------------------------------
@@ -79,7 +77,8 @@ class _Sampling(_Body):
     repetition_penalty: float = 1.0
     """Not OpenAI's, but vLLM's and lmforge's: > 1 makes tokens already in the text less likely."""
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-SEEDS // 2, lt=SEEDS)] | None = None
+    """Choice k of ``n`` is sampled with seed + k (past 2**64 - 1, from 0 again)."""
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -128,39 +127,6 @@ class Served:
     context: int
 
 
-class TextStream:
-    """A job's tokens as text that is safe to send: never half a UTF-8 character, never text that may turn out to
-    begin a stop string; ``stopped`` once a stop string appeared (the text ends before it)."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.sent = 0
-        self.stopped = False
-
-    def push(self, tok: int) -> str:
-        self.ids.append(tok)
-        text = self.tokenizer.decode(self.ids)  # the whole text: a token may complete a character begun earlier
-        cut = find_stop(text, self.stop)
-        if cut is not None:
-            self.stopped = True
-            ready = cut
-        elif text.endswith("\ufffd"):
-            return ""
-        else:
-            ready = len(text) - partial_stop(text, self.stop)
-        piece, self.sent = text[self.sent:ready], max(self.sent, ready)
-        return piece
-
-    def rest(self) -> str:
-        """What was held back when the job ends without a stop string."""
-        if self.stopped:
-            return ""
-        text = self.tokenizer.decode(self.ids)
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
-
-
 @dataclass
 class Choice:
     index: int
@@ -182,23 +148,35 @@ def _submit(engine: Engine, jobs: list[Job]) -> dict[int, asyncio.Queue]:
     for k, job in enumerate(jobs):
         try:
             engine.submit(job)
-        except QueueFull:
+        except (QueueFull, EngineDown) as e:
             for queued in jobs[:k]:
                 queued.cancel()
+            if isinstance(e, EngineDown):
+                raise _engine_down(str(e)) from None
             raise APIError(429, f"the server is busy: {engine.max_queue} requests are already waiting "
                                 f"(--max-queue); try again shortly", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
     return queues
 
 
-async def _events(queue: asyncio.Queue, job: Job, request: Request) -> AsyncIterator[Token | Finished]:
-    """A job's events as they come from the engine thread; the job is cancelled if the client goes away."""
+def _engine_down(why: str) -> APIError:
+    return APIError(503, f"{why}; this server cannot generate any more: restart it", type="server_error",
+                    code="engine_failed")
+
+
+async def _events(engine: Engine, queue: asyncio.Queue, job: Job, request: Request
+                  ) -> AsyncIterator[Token | Finished]:
+    """A job's events as they come from the engine thread; the job is cancelled if the client goes away, and ends
+    with an error should the engine die without a word for it."""
     try:
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), timeout=0.5)
             except TimeoutError:
                 if await request.is_disconnected():
+                    return
+                if engine.failure is not None and queue.empty():
+                    yield Finished("error", engine.failure)
                     return
                 continue
             yield event
@@ -212,6 +190,10 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP:
         raise APIError(400, f"'stop' has {len(stops)} strings; at most {MAX_STOP}", param="stop")
+    longest = max(stops, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise APIError(400, f"'stop' holds a string of {len(longest)} characters; at most {MAX_STOP_CHARS}",
+                       param="stop")
     return [s for s in stops if s]
 
 
@@ -241,7 +223,8 @@ def _fit(served: Served, prompt: list[int], max_tokens: int | None, param: str) 
 def _jobs(req: _Sampling, sampling: Sampling, prompt: list[int], max_tokens: int, stop_ids: frozenset[int],
           logprobs: int | None, first_index: int) -> list[tuple[int, Job]]:
     """``req.n`` jobs for one prompt (seeded seed, seed + 1, ... when a seed is given)."""
-    seeds = [None] * req.n if sampling.seed is None else [sampling.seed + k for k in range(req.n)]
+    seeds: list[int | None] = [None] * req.n if sampling.seed is None else \
+        [sampling.seed + k if sampling.seed + k < SEEDS else sampling.seed + k - SEEDS for k in range(req.n)]
     return [(first_index + k, Job(prompt=prompt, max_tokens=max_tokens, emit=lambda _e: None,
                                   sampling=replace(sampling, seed=seed), stop_ids=stop_ids, logprobs=logprobs))
             for k, seed in enumerate(seeds)]
@@ -252,8 +235,11 @@ async def _run(served: Served, job: Job, queue: asyncio.Queue, choice: Choice, s
     """Follow one submitted job to its end, filling ``choice`` (text, tokens, finish reason); ``on_piece`` gets the
     text as it comes."""
     text = TextStream(served.tokenizer, stop)
-    async for event in _events(queue, job, request):
+    async for event in _events(served.engine, queue, job, request):
         if isinstance(event, Finished):
+            if event.reason == "error":
+                raise APIError(500, f"generating this answer failed: {event.error}", type="server_error",
+                               code="engine_error")
             choice.finish_reason = "length" if event.reason == "length" else "stop"
             break
         choice.completion_tokens += 1
@@ -273,6 +259,16 @@ async def _run(served: Served, job: Job, queue: asyncio.Queue, choice: Choice, s
         if on_piece:
             on_piece(tail)
     return choice
+
+
+async def _all(runs: list) -> list[Choice]:
+    """Await the runs of one request; if one fails, the others are cancelled (their rows freed) and it raises."""
+    tasks = [asyncio.ensure_future(run) for run in runs]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -297,6 +293,17 @@ def _logprobs(tokenizer: Tokenizer, tokens: list[Token | None], ids: list[int]) 
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _or_error(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's events; an error once it has begun (its status, 200, is sent) becomes an event in OpenAI's shape,
+    which the official client raises, and the stream ends."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as e:
+        yield _sse(e.body())
+        yield _sse("[DONE]")
 
 
 def create_app(load: Callable[[], Served], api_key: str | None = None,
@@ -341,11 +348,20 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         if "served" not in state:
             raise APIError(503, state.get("error", "the model is still loading"), type="server_error",
                            code="loading")
+        failure = state["served"].engine.failure
+        if failure is not None:
+            raise _engine_down(failure)
         return state["served"]
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, e: APIError) -> JSONResponse:
         return e.response()
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, e: Exception) -> JSONResponse:
+        # Starlette sends this answer, then raises e again: its traceback goes to the server's log.
+        return APIError(500, f"the server failed on this request: {type(e).__name__}: {e}",
+                        type="server_error").response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
@@ -355,8 +371,19 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(where) or None
         shown = first.get("input")
-        got = "" if first.get("type") == "missing" else f", got {json.dumps(shown)[:80]}"
-        return APIError(400, f"'{param}': {first.get('msg', 'invalid')}{got}", param=param).response()
+        got = "" if first.get("type") == "missing" else f", got {json.dumps(shown, default=repr)[:80]}"
+        what = f"'{param}'" if param else "the request body"
+        return APIError(400, f"{what}: {first.get('msg', 'invalid')}{got}", param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's and Starlette's own refusals (a body it cannot parse, an unknown path, a wrong method).
+        message = e.detail if isinstance(e.detail, str) else json.dumps(e.detail, default=repr)
+        return APIError(e.status_code, message, type="invalid_request_error" if e.status_code < 500 else
+                        "server_error", headers=e.headers).response()
+
+    # Added before `authorize`, so inside it: a body is read only from a client that may send one.
+    app.add_middleware(RequestGuard)
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -378,6 +405,8 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         if "served" not in state:
             return JSONResponse({"status": "error" if "error" in state else "loading", **state}, status_code=503)
         engine = state["served"].engine
+        if engine.failure is not None:
+            return JSONResponse({"status": "error", "error": engine.failure}, status_code=503)
         return JSONResponse({"status": "ok", "running": len(engine.rows), "waiting": len(engine.waiting)})
 
     @app.get("/")
@@ -393,10 +422,14 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
                 "chat_template": s.template.source, "model_max_length": s.context}
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict:
+    async def tokenize(req: TokenizeRequest) -> Response:
         s = served()
-        tokens = s.tokenizer.encode(req.prompt, allow_special=True)  # a special token's text is its id, as in HF
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": s.context}
+
+        def answer() -> bytes:  # on a worker thread: a long text's tokens are many to encode and write
+            tokens = encode(s.tokenizer, [req.prompt], allow_special=True)[0]  # a special token's text: its id
+            return json.dumps({"tokens": tokens, "count": len(tokens), "max_model_len": s.context}).encode()
+
+        return Response(await asyncio.to_thread(answer), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
@@ -405,7 +438,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         if bad:
             raise APIError(400, f"'tokens' holds {bad[0]}, outside the vocabulary of {tokenizer.vocab_size}",
                            param="tokens")
-        return {"prompt": tokenizer.decode(req.tokens)}
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, req.tokens)}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -418,16 +451,24 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         s = served()
         _check_model(s, req.model)
         sampling, stop = req.sampling(), _stop_list(req.stop)
-        prompts = _prompt_ids(s.tokenizer, req.prompt)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "'max_tokens' must be at least 1 (0 only with echo)", param="max_tokens")
         if req.stream and (req.echo or req.logprobs is not None):
             raise APIError(400, "'echo' and 'logprobs' are answered without 'stream' only", param="stream")
+        vocab = s.engine.model.cfg.vocab_size
+        if req.logprobs is not None and req.logprobs > vocab:
+            raise APIError(400, f"'logprobs' asks for the {req.logprobs} most likely tokens; the vocabulary has "
+                                f"{vocab}", param="logprobs")
+        prompts = await asyncio.to_thread(_prompt_ids, s.tokenizer, req.prompt)
         jobs, fits = [], []
         for i, ids in enumerate(prompts):
             fits.append(_fit(s, ids, req.max_tokens, "prompt"))
             if fits[-1] > 0:
                 jobs += _jobs(req, sampling, ids, fits[-1], frozenset({s.tokenizer.eot_id}), req.logprobs, i * req.n)
+        if len(jobs) > s.engine.max_queue:  # more than could ever wait at once: a 429 would be retried in vain
+            raise APIError(400, f"this request asks for {len(jobs)} answers ({len(prompts)} prompts, n={req.n}); "
+                                f"this server takes at most {s.engine.max_queue} at once (--max-queue)",
+                           param="prompt")
         want_logprobs = req.logprobs is not None
         choices = {i * req.n + k: Choice(i * req.n + k, tokens=[] if want_logprobs else None)
                    for i in range(len(prompts)) for k in range(req.n)}
@@ -458,9 +499,9 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         queues = _submit(s.engine, [job for _index, job in jobs])
         runs = [(choices[index], job, queues[id(job)]) for index, job in jobs]
         if req.stream:
-            return StreamingResponse(_stream_completion(s, req, request, runs, choices, stop, body, prompt_tokens),
-                                     media_type="text/event-stream")
-        results = await asyncio.gather(*(_run(s, job, queue, choice, stop, request) for choice, job, queue in runs))
+            return StreamingResponse(_or_error(_stream_completion(s, req, request, runs, choices, stop, body,
+                                                                  prompt_tokens)), media_type="text/event-stream")
+        results = await _all([_run(s, job, queue, choice, stop, request) for choice, job, queue in runs])
         out = []
         for index, choice in sorted(choices.items()):
             prefix, scored = await echoed(index // req.n)
@@ -480,8 +521,16 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         if not req.messages:
             raise APIError(400, "'messages' is empty: give at least one message", param="messages")
         sampling, stop = req.sampling(), _stop_list(req.stop)
-        text = s.template.render([m.model_dump() for m in req.messages], add_generation_prompt=True)
-        ids = s.tokenizer.encode(text, allow_special=True)
+        messages = [m.model_dump() for m in req.messages]
+
+        def prompt() -> list[int]:  # on a worker thread: long messages take long to render and encode
+            try:
+                text = s.template.render(messages, add_generation_prompt=True)
+            except BadRecord as e:  # the template refuses this conversation (raise_exception)
+                raise APIError(400, str(e), param="messages") from None
+            return encode(s.tokenizer, [text], allow_special=True)[0]
+
+        ids = await asyncio.to_thread(prompt)
         max_tokens = _fit(s, ids, req.max_tokens, "messages")
         if max_tokens == 0:
             raise APIError(400, "'max_tokens' must be at least 1", param="max_tokens")
@@ -490,9 +539,9 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         runs = [(Choice(index), job, queues[id(job)]) for index, job in jobs]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
-            return StreamingResponse(_stream_chat(s, req, request, runs, stop, cid, created, len(ids)),
+            return StreamingResponse(_or_error(_stream_chat(s, req, request, runs, stop, cid, created, len(ids))),
                                      media_type="text/event-stream")
-        choices = await asyncio.gather(*(_run(s, job, queue, choice, stop, request) for choice, job, queue in runs))
+        choices = await _all([_run(s, job, queue, choice, stop, request) for choice, job, queue in runs])
         return {"id": cid, "object": "chat.completion", "created": created, "model": s.name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                              "finish_reason": c.finish_reason} for c in choices],
@@ -502,7 +551,8 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
 
 
 def _prompt_ids(tokenizer: Tokenizer, prompt: str | list) -> list[list[int]]:
-    """The prompts of a completion request as token ids (a string, strings, token ids, or lists of them)."""
+    """The prompts of a completion request as token ids (a string, strings, token ids, or lists of them); meant for a
+    worker thread (see :func:`lmforge.serve.text.encode`)."""
     if isinstance(prompt, str):
         prompts: list = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -511,9 +561,11 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str | list) -> list[list[int]]:
         prompts = list(prompt)
     if not prompts:
         raise APIError(400, "'prompt' is empty: give a string, a list of strings or token ids", param="prompt")
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(encode(tokenizer, texts) if texts else [])
     out = []
     for p in prompts:
-        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        ids = next(encoded) if isinstance(p, str) else list(p)
         bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
         if bad:
             raise APIError(400, f"'prompt' holds token id {bad[0]}, outside the vocabulary of {tokenizer.vocab_size}",
@@ -524,18 +576,26 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str | list) -> list[list[int]]:
 
 async def _merge(served: Served, runs: list[tuple[Choice, Job, asyncio.Queue]], stop: list[str], request: Request
                  ) -> AsyncIterator[tuple[Choice, str | None]]:
-    """Follow submitted jobs side by side; (choice, text piece) as pieces come, then (choice, None) when one ends."""
+    """Follow submitted jobs side by side; (choice, text piece) as pieces come, then (choice, None) when one ends.
+    An APIError of one (its job failed in the engine) is raised here, and the others are cancelled."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def one(choice: Choice, job: Job, events: asyncio.Queue) -> None:
-        await _run(served, job, events, choice, stop, request, on_piece=lambda piece: queue.put_nowait((choice, piece)))
-        queue.put_nowait((choice, None))
+        try:
+            await _run(served, job, events, choice, stop, request,
+                       on_piece=lambda piece: queue.put_nowait((choice, piece)))
+        except APIError as e:
+            queue.put_nowait((choice, e))
+        else:
+            queue.put_nowait((choice, None))
 
     tasks = [asyncio.create_task(one(choice, job, events)) for choice, job, events in runs]
     try:
         for _ in range(len(tasks)):
             while True:
                 item = await queue.get()
+                if isinstance(item[1], APIError):
+                    raise item[1]
                 yield item
                 if item[1] is None:
                     break

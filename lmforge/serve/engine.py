@@ -11,15 +11,22 @@ found) leaves at once: the last running row moves into its place, so the running
 of the cache and a step computes nothing for free rows.
 
 Jobs hear back through ``emit`` (called on the engine thread): :class:`Token` events, then one
-:class:`Finished`. Sampling follows the job's :class:`~lmforge.options.Sampling` with the functions
-:func:`lmforge.generate.generate` uses (repetition penalty, :func:`~lmforge.generate.sample_next`) and a
-generator per job, so a job samples the tokens it would sample alone.
+:class:`Finished`. An exception while serving one job (its prefill, its sampling) ends that job alone with
+``Finished('error')``; one in a batched decode step ends the jobs of that step; the engine goes on. Should the
+thread die all the same, :attr:`Engine.failure` says why, every job it held ends with ``Finished('error')`` and
+:meth:`Engine.submit` refuses new ones (:class:`EngineDown`), so no caller waits for an answer that cannot come.
+
+Sampling follows the job's :class:`~lmforge.options.Sampling` with the functions :func:`lmforge.generate.generate`
+uses (repetition penalty, :func:`~lmforge.generate.sample_next`) and a generator per job, so a job samples the
+tokens it would sample alone.
 """
 
 from __future__ import annotations
 
 import collections
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,7 +50,9 @@ class Token:
 @dataclass
 class Finished:
     reason: str
-    """'stop' (a stop token, or cancelled after a stop string), 'length' (max_tokens), 'cancelled'."""
+    """'stop' (a stop token, or cancelled after a stop string), 'length' (max_tokens), 'cancelled', 'error'."""
+    error: str | None = None
+    """With 'error': what went wrong (the exception's type and message)."""
 
 
 @dataclass
@@ -67,6 +76,14 @@ class Job:
 
 class QueueFull(Exception):
     """More jobs are waiting than ``max_queue`` allows."""
+
+
+class EngineDown(Exception):
+    """The engine thread died (:attr:`Engine.failure` says why): it runs no more jobs."""
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 @dataclass
@@ -93,14 +110,24 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._died: str | None = None
         self.peak_batch = 0
         """The most rows that ever ran in one step."""
 
     # --- the API the server uses (any thread) --------------------------------------------------------
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine thread died (None while it runs, or was stopped on purpose)."""
+        if self._died is None and self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread ended"  # not through _run's handler: only a BaseException gets here
+        return self._died
+
     def submit(self, job: Job) -> None:
-        """Queue ``job``; QueueFull if ``max_queue`` jobs are already waiting."""
+        """Queue ``job``; QueueFull if ``max_queue`` jobs are already waiting, EngineDown if the thread died."""
         with self._cv:
+            if self.failure is not None:
+                raise EngineDown(self.failure)
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull
             self.waiting.append(job)
@@ -108,7 +135,7 @@ class Engine:
 
     def start(self) -> None:
         """Run the engine thread (again, after :meth:`stop`: the waiting jobs are still queued)."""
-        self._stopping = False
+        self._stopping, self._died = False, None
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
         self._thread.start()
 
@@ -122,6 +149,19 @@ class Engine:
     # --- the engine thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # a bug outside any one job: say so, and end every job rather than leave it waiting
+            traceback.print_exc()
+            with self._cv:
+                self._died = f"the engine stopped: {_describe(e)}"
+                jobs = [row.job for row in self.rows] + list(self.waiting)
+                self.rows.clear()
+                self.waiting.clear()
+            for job in jobs:
+                self._end(job, Finished("error", self._died))
+
+    def _serve(self) -> None:
         cfg = self.model.cfg
         device = self.model.device
         dtype = torch.get_autocast_dtype(device.type) if self.rt.autocast_dtype else self.model.dtype
@@ -139,8 +179,24 @@ class Engine:
                 if self.rows:
                     self._decode()
         for row in self.rows:
-            row.job.emit(Finished("cancelled"))
+            self._end(row.job, Finished("cancelled"))
+        self.rows.clear()
         self.model.clear_cache()
+
+    @staticmethod
+    def _end(job: Job, event: Finished) -> None:
+        """Tell a job it is over; a job whose listener is gone (its event loop closed) has nobody to tell."""
+        try:
+            job.emit(event)
+        except Exception:  # the listener's failure must not end the engine for everyone else
+            traceback.print_exc()
+
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        """End ``jobs`` with the error ``e`` (a bug: its traceback goes to stderr, its message to the clients)."""
+        print(f"lmforge serve: {len(jobs)} request(s) failed in the engine: {_describe(e)}", file=sys.stderr)
+        traceback.print_exception(e)
+        for job in jobs:
+            self._end(job, Finished("error", _describe(e)))
 
     def _admit(self) -> None:
         """Prefill waiting jobs into free rows, one at a time."""
@@ -152,24 +208,33 @@ class Engine:
                     return
                 job = self.waiting.popleft()
             if job.cancelled.is_set():
-                job.emit(Finished("cancelled"))
+                self._end(job, Finished("cancelled"))
                 continue
-            job.generator = torch.Generator(device=self.model.device)
-            if job.sampling.seed is None:
-                job.generator.seed()
-            else:
-                job.generator.manual_seed(job.sampling.seed)
-            if job.sampling.repetition_penalty != 1.0:
-                job.seen = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool, device=self.model.device)
-                job.seen[job.prompt] = True
             r = len(self.rows)
-            self._use_caches(lambda c, r=r: c.rows(r, r + 1))
-            ids = torch.tensor([job.prompt], device=self.slots.device)
-            logits, _ = self.step_model(ids, positions=self.slots[: len(job.prompt)], cache_start=0, last_only=True)
+            try:
+                logits = self._prefill(job, r)
+            except Exception as e:  # this job's own failure: the row it was written into is simply not taken
+                self._fail([job], e)
+                continue
             row = _Row(job, len(job.prompt), -1)
             self.rows.append(row)
-            if not self._take(row, logits[0, -1]):
+            if not self._take(row, logits):
                 self._leave(r)
+
+    def _prefill(self, job: Job, r: int) -> torch.Tensor:
+        """Set up ``job`` (generator, seen tokens), write its prompt into cache row r; its next-token logits (V,)."""
+        job.generator = torch.Generator(device=self.model.device)
+        if job.sampling.seed is None:
+            job.generator.seed()
+        else:
+            job.generator.manual_seed(job.sampling.seed)
+        if job.sampling.repetition_penalty != 1.0:
+            job.seen = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool, device=self.model.device)
+            job.seen[job.prompt] = True
+        self._use_caches(lambda c: c.rows(r, r + 1))
+        ids = torch.tensor([job.prompt], device=self.slots.device)
+        logits, _ = self.step_model(ids, positions=self.slots[: len(job.prompt)], cache_start=0, last_only=True)
+        return logits[0, -1]
 
     def _decode(self) -> None:
         """One token for every running row."""
@@ -188,7 +253,12 @@ class Engine:
         ids = torch.tensor([[row.last] for row in self.rows], device=device)
         at = torch.tensor([row.length for row in self.rows], device=device)
         mask = (self.slots[None, :span] <= at[:, None])[:, None, None, :]  # (n, 1, 1, span): each row its own
-        logits, _ = self.step_model(ids, positions=at[:, None], mask=mask, cache_start=at, last_only=True)
+        try:
+            logits, _ = self.step_model(ids, positions=at[:, None], mask=mask, cache_start=at, last_only=True)
+        except Exception as e:  # one step for every row: which row caused it cannot be told, so the step's rows end
+            self._fail([row.job for row in self.rows], e)
+            self.rows.clear()
+            return
         for row in self.rows:
             row.length += 1
         for r in reversed(range(n)):  # from the end: a row that leaves is replaced by the last one
@@ -197,9 +267,16 @@ class Engine:
 
     def _take(self, row: _Row, logits: torch.Tensor) -> bool:
         """Sample the row's next token from its logits (V,), tell its job; False if the job is done."""
+        try:
+            return self._sample(row, logits)
+        except Exception as e:  # this job's own failure (its sampling settings, its logprobs)
+            self._fail([row.job], e)
+            return False
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> bool:
         job = row.job
         if job.cancelled.is_set():
-            job.emit(Finished("cancelled"))
+            self._end(job, Finished("cancelled"))
             return False
         logits = logits.float()
         s = job.sampling
