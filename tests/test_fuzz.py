@@ -2,7 +2,8 @@
 never another exception, and the same input gives the same output.
 
 The example counts are small and the examples the same every run here (profile "ci", derandomized);
-``python bench/fuzz.py`` runs 2,000 random ones per target (``LMFORGE_FUZZ=bench``).
+``python bench/fuzz.py`` runs 2,000 random ones per target (``LMFORGE_FUZZ=bench``). The server's target: every
+body is answered below 500 (a 4xx in OpenAI's error shape) and the server answers the next normal request.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lmforge.config import DataConfig, load_finetune_config, load_train_config
@@ -150,3 +153,107 @@ def test_evaluation_records_are_read_or_refused_in_one_line(lines, suffix):
                 assert "\n" not in str(e), str(e)
                 continue
             assert isinstance(items, list) and items
+
+
+# --------------------------------------------------------------------------------------------------
+# The server's request bodies: a real uvicorn on 127.0.0.1 with a tiny model of 12 tokens (fewer than the 20
+# logprobs a request may ask for), every endpoint that reads a body, and after each body a normal request
+
+VOCAB_TEXT = "abcdefgh \n{}"
+NORMAL = {"model": "fuzz", "prompt": "ab", "max_tokens": 2, "temperature": 0}
+BASES = {  # a valid body per endpoint: the fields a mutation replaces, drops or adds to
+    "/v1/completions": NORMAL,
+    "/v1/chat/completions": {"model": "fuzz", "messages": [{"role": "user", "content": "ab"}], "max_tokens": 3},
+    "/tokenize": {"prompt": "ab"},
+    "/detokenize": {"tokens": [1, 2]},
+}
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
+          "seed", "n", "stream", "stream_options", "logprobs", "echo", "tokens", "add_special_tokens", "user",
+          "role", "content"]
+SURROGATES = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3)
+TEXT = st.one_of(st.text(max_size=30), st.text(VOCAB_TEXT, max_size=30),
+                 st.tuples(st.text(VOCAB_TEXT, max_size=5), SURROGATES).map("".join),
+                 st.sampled_from([1_000, 20_000, 100_000]).map(lambda n: "ab" * (n // 2)))  # long prompts and stops
+NUMBER = st.one_of(st.integers(-3, 70), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                   st.sampled_from([2**31, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63 - 1, 10**30, 10**400, 1e308]))
+VALUE = st.recursive(
+    st.one_of(NUMBER, TEXT, st.booleans(), st.none()),
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.sampled_from(FIELDS), inner, max_size=4)),
+    max_leaves=12)
+TOKENS = st.lists(st.integers(-2, 14), max_size=70)  # token ids, some outside the vocabulary, some past the context
+TEXTS = st.lists(TEXT, max_size=5)
+TYPED = {  # values of a field's own type, edges included (a huge seed, more logprobs than tokens, long stop strings)
+    "model": st.sampled_from(["fuzz", "other", ""]),
+    "prompt": st.one_of(TEXT, TEXTS, TOKENS, st.lists(TOKENS, max_size=4)),
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]),
+                                                "content": TEXT}), max_size=3),
+    "max_tokens": st.one_of(st.integers(-1, 70), st.none()),
+    "temperature": st.one_of(st.floats(0, 2), st.sampled_from([0, -1, 1e308])),
+    "top_p": st.floats(0, 1.5),
+    "top_k": st.one_of(st.integers(-1, 30), st.none()),
+    "repetition_penalty": st.one_of(st.floats(0, 3), st.just(1e308)),
+    "stop": st.one_of(TEXT, TEXTS, st.none()),
+    "seed": st.one_of(st.integers(-1, 2**64 + 1), st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64]), st.none()),
+    "n": st.integers(0, 17),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logprobs": st.one_of(st.integers(-1, 21), st.none()),
+    "echo": st.booleans(),
+    "tokens": TOKENS,
+    "add_special_tokens": st.booleans(),
+}
+
+
+def _mutated(path: str) -> st.SearchStrategy[bytes]:
+    """The endpoint's valid body with a few fields set (mostly to a value of their type), dropped or added."""
+    changes = st.lists(st.sampled_from(sorted(TYPED)), max_size=3, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: st.one_of(TYPED[k], TYPED[k], TYPED[k], VALUE) for k in keys}))
+    return st.tuples(changes, st.sets(st.sampled_from(sorted(BASES[path])), max_size=1)).map(
+        lambda t: json.dumps({**{k: v for k, v in BASES[path].items() if k not in t[1]}, **t[0]}).encode())
+
+
+def _bodies(path: str) -> st.SearchStrategy[tuple[str, bytes]]:
+    body = st.one_of(
+        *[_mutated(path)] * 6,  # mostly a valid body with a few fields changed
+        VALUE.map(lambda v: json.dumps(v).encode()),  # JSON, but not an object
+        st.binary(max_size=200),  # not JSON, not even UTF-8
+        st.sampled_from([b"", b"{", b'{"model": "fuzz", "prompt": "ab"', b"null", b'{"prompt": "\\ud800"}']),
+    )
+    return st.tuples(st.just(path), body)
+
+
+REQUEST = st.sampled_from(sorted(BASES)).flatmap(_bodies)
+CONTENT_TYPE = st.sampled_from(["application/json"] * 6 + ["application/json; charset=latin-1", "text/plain",
+                                "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""])
+
+
+@pytest.fixture(scope="module")
+def fuzz_server():
+    """A server on a 12-token model (random weights: what it says does not matter here)."""
+    from lmforge.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.runtime import Runtime
+    from lmforge.serve.app import Served, create_app
+    from lmforge.serve.engine import Engine
+    from tests.serve.conftest import Server
+
+    tokenizer = Tokenizer.train_char([VOCAB_TEXT])
+    model = tiny_model(vocab_size=tokenizer.vocab_size, block_size=64)
+    engine = Engine(model, Runtime(torch.device("cpu"), "fp32"), max_batch=4, max_queue=64)
+    server = Server(create_app(lambda: Served("fuzz", tokenizer, ChatTemplate(DEFAULT_CHAT_TEMPLATE, tokenizer),
+                                              engine, model.cfg.block_size)))
+    server.wait_ready()
+    yield server
+    server.close()
+
+
+@given(request=REQUEST, content_type=CONTENT_TYPE)
+def test_no_request_body_gets_a_server_error_or_harms_the_next_request(fuzz_server, request, content_type):
+    path, body = request
+    status, _headers, answer = fuzz_server.request("POST", path, body, {"Content-Type": content_type})
+    event(f"HTTP {status}")
+    assert status < 500, (status, answer)
+    if status >= 400:
+        assert isinstance(answer, dict) and answer["error"]["message"], answer  # OpenAI's shape
+    status, _headers, answer = fuzz_server.request("POST", "/v1/completions", NORMAL)
+    assert status == 200 and len(answer["choices"]) == 1, answer
