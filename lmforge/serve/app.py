@@ -4,7 +4,8 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 events ending with ``data: [DONE]``), ``GET /health`` (503 until the model is loaded) and the chat page at ``/``.
 Every error has OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: a malformed or mistyped body
 is 400 naming the field (not FastAPI's 422), a prompt that does not fit the context 400 with the token counts,
-an unknown model 404, a missing or wrong key 401 (with ``--api-key``), a body over 1 MiB 413, a full queue 429 with
+an unknown model 404, a missing or wrong key 401 (with ``--api-key``), a ``Host`` the server does not answer to
+400 (against DNS rebinding: :mod:`lmforge.serve.security`), a body over 1 MiB 413, a full queue 429 with
 ``Retry-After``, a failure inside the engine 500 with its message (for that request only), a dead engine 503.
 
 No request holds the event loop for long: prompts are tokenized on worker threads (without the GIL), stop strings
