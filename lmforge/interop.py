@@ -14,7 +14,10 @@ safetensors (a pickle, ``pytorch_model.bin`` and the like, can run code when loa
 from __future__ import annotations
 
 import copy
+import glob
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from safetensors.torch import load_file
 from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.config import TrainConfig, save_yaml
+from lmforge.data.prepare import process_exists
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
@@ -47,6 +51,33 @@ def check_new_folder(out: Path) -> None:
         raise UserError(f"--out '{out}' is a file (expected a folder to create)")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out '{out}' already exists and is not empty (nothing was overwritten)")
+
+
+def temporary_sibling(out: Path) -> Path:
+    """Where a command builds ``out`` (a folder or a file) before renaming it into place, so that ``out`` appears
+    whole or not at all: ``.NAME.tmpPID`` beside it, not there yet. The ones killed runs left are removed first
+    (:func:`remove_stale_temporaries`); one of this PID can only be an earlier process's that had it."""
+    remove_stale_temporaries(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    _remove(tmp)
+    return tmp
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove the ``.NAME.tmpPID`` files and folders beside ``out`` whose process no longer exists: what a killed
+    export, quantize or prune of the same output left (a running one's are left alone)."""
+    prefix = f".{out.name}.tmp"
+    for path in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = path.name[len(prefix):]
+        if pid.isdigit() and not process_exists(int(pid)):
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -254,7 +285,6 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path,
     hf.config.bos_token_id = hf.config.eos_token_id = eot
     hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = eot
     hf.generation_config.pad_token_id = eot
-    hf.save_pretrained(str(out), safe_serialization=True)
     eot_text = tokenizer.hf.id_to_token(eot)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, bos_token=eot_text, eos_token=eot_text,
                                    pad_token=eot_text, model_max_length=model.cfg.block_size)
@@ -264,6 +294,14 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path,
         turn_end_id = tokenizer.token_to_id(turn_end) if turn_end else None
         if turn_end_id is not None and turn_end_id != eot:
             hf.generation_config.eos_token_id = [eot, turn_end_id]
-            hf.generation_config.save_pretrained(str(out))
-    fast.save_pretrained(str(out))
+    # Written beside `out` and renamed: a failure (a full disk) leaves no half folder to block the retry.
+    tmp = temporary_sibling(out)
+    try:
+        with rundir.storage_errors(out, "exporting to", "nothing was written; free some space and export again"):
+            hf.save_pretrained(str(tmp), safe_serialization=True)
+            fast.save_pretrained(str(tmp))
+            check_new_folder(out)  # again: something may have been written there meanwhile
+            os.replace(tmp, out)  # over an empty folder too
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

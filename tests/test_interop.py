@@ -4,7 +4,9 @@ itself on tiny random models."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -233,3 +235,30 @@ def test_a_path_that_is_neither_a_folder_nor_a_hub_id_is_one_line_without_asking
     monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", lambda url, **kw: pytest.fail("the hub was asked"))
     with pytest.raises(UserError, match=r"^'no/such/folder' is no local folder \(it does not exist\) and no hub id"):
         load_hf("no/such/folder")
+
+
+def test_an_export_onto_a_full_disk_is_one_line_leaves_nothing_and_the_retry_succeeds(tmp_path, monkeypatch, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    save_hf_folder(hf_gpt2(), src, Tokenizer.train_char(["abc"]))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    killed = tmp_path / f".out.tmp{ended.pid}"  # what an export killed mid-write left: removed by the next one
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    running = tmp_path / f".out.tmp{os.getppid()}"  # a running export's: left alone
+    running.mkdir()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    capsys.readouterr()
+    with monkeypatch.context() as m:  # the weights are written, then the disk is full
+        m.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", full_disk)
+        assert main(["export", str(src), "--format", "hf", "--out", str(out)]) == 1
+    err = capsys.readouterr().err  # transformers' progress bar ("Writing model shards"), then the one line
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("lmforge export: error: ")
+    assert f"exporting to '{out}' failed: No space left on device (" in line and " free); nothing was written" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "src"]
+    assert main(["export", str(src), "--format", "hf", "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}

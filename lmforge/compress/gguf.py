@@ -60,6 +60,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.interop import temporary_sibling
 from lmforge.model.gpt import GPT
 from lmforge.rundir import fsync_path, storage_errors
 
@@ -317,7 +318,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | Path, qtype: str = 
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
 
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp = temporary_sibling(out)
     w = gguf.GGUFWriter(tmp, arch)  # opens no file before write_header_to_file
     try:
         with storage_errors(out, "writing GGUF"):

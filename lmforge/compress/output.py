@@ -19,7 +19,7 @@ import torch
 from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.config import TrainConfig, save_yaml
-from lmforge.interop import check_new_folder
+from lmforge.interop import check_new_folder, temporary_sibling
 from lmforge.loading import LoadedRun
 from lmforge.training.checkpoint import save_weights_only
 
@@ -45,8 +45,7 @@ def write_compressed_run(run: LoadedRun, cfg: TrainConfig, model: torch.nn.Modul
     extra(folder) adds the command's own files (a pruning mask, the report) before the folder is moved in place.
     """
     check_new_folder(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_sibling(out)
     try:
         tmp.mkdir(parents=True)
         cfg.out_dir = str(out)

@@ -406,11 +406,12 @@ def _remove_stale_temporaries(final: Path) -> None:
     output left behind (its process no longer exists; a running one's are left alone)."""
     for path in final.parent.glob(f"{glob.escape(final.name)}.*-*"):
         kind, _, pid = path.name[len(final.name) + 1:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _process_exists(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not process_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` is alive (whose temporary output must then be left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

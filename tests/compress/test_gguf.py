@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import struct
+import subprocess
 
 import gguf
 import hypothesis
@@ -466,7 +467,11 @@ def test_read_gguf_on_every_truncation_and_byte_flip_of_a_real_export_returns_or
     check()
 
 
-def test_failed_write_leaves_no_file(tmp_path, tok, monkeypatch):
+def test_failed_write_leaves_no_file_and_removes_what_a_killed_export_left(tmp_path, tok, monkeypatch):
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (tmp_path / f".m.gguf.tmp{ended.pid}").write_bytes(b"GGUF")  # the half file of an export killed mid-write
+
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -77,7 +78,11 @@ def test_int8_with_tied_embeddings_included_stores_the_table_once(run_dir, tmp_p
 
 def test_bad_quantization_requests_are_refused_in_one_line_and_write_nothing(run_dir, tmp_path, capsys):
     quantized = tmp_path / "q8"
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (tmp_path / f".q8.tmp{ended.pid}" / "checkpoints").mkdir(parents=True)  # what a killed quantize left
     quantize_run(str(run_dir), str(quantized), QuantSpec("int8"), windows=2, speed=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q8"]  # removed by the next one of that output
     capsys.readouterr()
     out = tmp_path / "out"
     cases = [
