@@ -182,17 +182,20 @@ VALUE = st.recursive(
     max_leaves=12)
 TOKENS = st.lists(st.integers(-2, 14), max_size=70)  # token ids, some outside the vocabulary, some past the context
 TEXTS = st.lists(TEXT, max_size=5)
-TYPED = {  # values of a field's own type, edges included (a huge seed, more logprobs than tokens, long stop strings)
-    "model": st.sampled_from(["fuzz", "other", ""]),
-    "prompt": st.one_of(TEXT, TEXTS, TOKENS, st.lists(TOKENS, max_size=4)),
+SHORT = st.text(VOCAB_TEXT, max_size=12)
+TYPED = {  # values of a field's own type, mostly valid, edges included (a huge seed, more logprobs than tokens, ...)
+    "model": st.sampled_from(["fuzz", "fuzz", "fuzz", "other"]),
+    "prompt": st.one_of(SHORT, st.lists(SHORT, min_size=1, max_size=3), st.lists(st.integers(0, 11), max_size=20),
+                        st.lists(st.lists(st.integers(0, 11), max_size=8), min_size=1, max_size=3), TEXT, TEXTS,
+                        TOKENS, st.lists(TOKENS, max_size=4)),
     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]),
-                                                "content": TEXT}), max_size=3),
-    "max_tokens": st.one_of(st.integers(-1, 70), st.none()),
+                                                "content": st.one_of(SHORT, SHORT, TEXT)}), max_size=3),
+    "max_tokens": st.one_of(st.integers(0, 40), st.integers(-1, 70), st.none()),
     "temperature": st.one_of(st.floats(0, 2), st.sampled_from([0, -1, 1e308])),
     "top_p": st.floats(0, 1.5),
     "top_k": st.one_of(st.integers(-1, 30), st.none()),
     "repetition_penalty": st.one_of(st.floats(0, 3), st.just(1e308)),
-    "stop": st.one_of(TEXT, TEXTS, st.none()),
+    "stop": st.one_of(SHORT, st.lists(SHORT, max_size=5), TEXT, TEXTS, st.none()),
     "seed": st.one_of(st.integers(-1, 2**64 + 1), st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64]), st.none()),
     "n": st.integers(0, 17),
     "stream": st.booleans(),
