@@ -9,7 +9,7 @@ name; ``--allowed-hosts`` adds names to the loopback ones (and then restricts a 
 allows any. Starlette's ``TrustedHostMiddleware`` compares names the same way but answers in plain text, not in
 OpenAI's error shape, and cannot say "any loopback address"; hence these few lines.
 
-No PyTorch or FastAPI here: ``lmforge serve`` checks its options with it before loading either.
+Plain Python (no FastAPI, no PyTorch): the rules can be read and tested alone.
 """
 
 from __future__ import annotations
