@@ -2,7 +2,8 @@
 
 ``train()`` (:mod:`lmforge.training.pretrain`) and ``finetune()`` (:mod:`lmforge.finetuning.finetune`) both:
 
-1. :meth:`TrainingSession.open`: start the processes and pick the run directory (new, or the one to resume);
+1. :meth:`TrainingSession.open`: start the processes, pick the run directory (new, or the one to resume) and take
+   its writer's lock (:func:`lmforge.rundir.lock`), held until the command returns;
 2. :meth:`TrainingSession.make_plan`: turn (config, data, host) into a frozen :class:`RunPlan`: a copy of the
    config with every derived value filled in (the config they were given is never modified), the micro-batches
    per step, and the precision, decided once;
