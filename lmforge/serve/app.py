@@ -461,15 +461,15 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
             raise APIError(400, f"'logprobs' asks for the {req.logprobs} most likely tokens; the vocabulary has "
                                 f"{vocab}", param="logprobs")
         prompts = await asyncio.to_thread(_prompt_ids, s.tokenizer, req.prompt)
+        if len(prompts) * req.n > s.engine.max_queue:  # more than could ever wait at once: a 429 would be retried
+            raise APIError(400, f"this request asks for {len(prompts) * req.n} answers ({len(prompts)} prompts, "
+                                f"n={req.n}); this server takes at most {s.engine.max_queue} at once (--max-queue)",
+                           param="prompt")
         jobs, fits = [], []
         for i, ids in enumerate(prompts):
             fits.append(_fit(s, ids, req.max_tokens, "prompt"))
             if fits[-1] > 0:
                 jobs += _jobs(req, sampling, ids, fits[-1], frozenset({s.tokenizer.eot_id}), req.logprobs, i * req.n)
-        if len(jobs) > s.engine.max_queue:  # more than could ever wait at once: a 429 would be retried in vain
-            raise APIError(400, f"this request asks for {len(jobs)} answers ({len(prompts)} prompts, n={req.n}); "
-                                f"this server takes at most {s.engine.max_queue} at once (--max-queue)",
-                           param="prompt")
         want_logprobs = req.logprobs is not None
         choices = {i * req.n + k: Choice(i * req.n + k, tokens=[] if want_logprobs else None)
                    for i in range(len(prompts)) for k in range(req.n)}

@@ -240,6 +240,14 @@ def test_logprobs_beyond_the_vocabulary_is_400(toy):
         still_serving(server, "toy")
 
 
+def test_more_answers_than_the_queue_holds_is_400_not_a_429_to_retry_for_ever(toy):
+    server, served, _faulty = toy
+    many = served.engine.max_queue // 2 + 1
+    code, answer = _call(server, "POST", "/v1/completions", {"model": "toy", "prompt": [[1]] * many, "n": 2})
+    _error(answer, 400, code, "prompt")
+    still_serving(server, "toy")
+
+
 def test_a_failure_in_the_engine_fails_its_own_request_only(toy):
     server, served, faulty = toy
     poison = 7  # the prefill of any prompt holding this token id fails
@@ -270,7 +278,8 @@ def test_a_failure_in_the_engine_fails_its_own_request_only(toy):
         still_serving(server, "toy")
         # A batched decode step fails: the requests in it fail, the engine takes the next ones.
         faulty.fails = lambda ids, kw: not isinstance(kw["cache_start"], int)
-        code, answer = _call(server, "POST", "/v1/completions", {"model": "toy", "prompt": "ab", "max_tokens": 4})
+        code, answer = _call(server, "POST", "/v1/completions",  # greedy, as above: no end-of-text before a step
+                             {"model": "toy", "prompt": "abc", "max_tokens": 4, "temperature": 0})
         assert code == 500 and "an injected fault" in answer["error"]["message"]
     finally:
         faulty.fails = lambda _ids, _kw: False
