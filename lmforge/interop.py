@@ -249,15 +249,22 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
     if tokenizer is None:
         raise UserError(f"'{source}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
     cfg = TrainConfig(out_dir=str(out), model=model.cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / rundir.CONFIG)
-    tokenizer.save(out / rundir.TOKENIZER)
-    if Path(source).is_dir():
-        own = find_chat_template(Path(source))
-        if own is not None:  # keep the model's own chat format for SFT and `generate --chat`
-            ChatTemplate(own[0], tokenizer, own[1]).save(out)
-    save_weights_only(out, 0, model)
-    rundir.write_run_info(out, "imported", "lm")
+    tmp = temporary_sibling(out)  # renamed into place when complete, as export_hf's folder
+    try:
+        with rundir.storage_errors(out, "importing into", "nothing was written; free some space and import again"):
+            tmp.mkdir(parents=True)
+            save_yaml(cfg, tmp / rundir.CONFIG)
+            tokenizer.save(tmp / rundir.TOKENIZER)
+            if Path(source).is_dir():
+                own = find_chat_template(Path(source))
+                if own is not None:  # keep the model's own chat format for SFT and `generate --chat`
+                    ChatTemplate(own[0], tokenizer, own[1]).save(tmp)
+            save_weights_only(tmp, 0, model)
+            rundir.write_run_info(tmp, "imported", "lm")
+            check_new_folder(out)  # again: something may have been written there meanwhile
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

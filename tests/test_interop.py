@@ -18,6 +18,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from lmforge import interop  # noqa: E402
 from lmforge.cli import main  # noqa: E402
 from lmforge.data.tokenizer import Tokenizer  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
@@ -262,3 +263,20 @@ def test_an_export_onto_a_full_disk_is_one_line_leaves_nothing_and_the_retry_suc
     assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "src"]
     assert main(["export", str(src), "--format", "hf", "--out", str(out)]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_an_import_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    src, out = tmp_path / "src", tmp_path / "run"
+    save_hf_folder(hf_gpt2(), src, Tokenizer.train_char(["abc"]))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    capsys.readouterr()
+    with monkeypatch.context() as m:  # config.yaml and tokenizer.json are written, then the disk is full
+        m.setattr(interop, "save_weights_only", full_disk)
+        assert main(["import", str(src), "--out", str(out)]) == 1
+    assert f"importing into '{out}' failed: No space left on device" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert main(["import", str(src), "--out", str(out)]) == 0
+    assert read_run_info(out).kind == "imported"
