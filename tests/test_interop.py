@@ -280,3 +280,26 @@ def test_an_import_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     assert main(["import", str(src), "--out", str(out)]) == 0
     assert read_run_info(out).kind == "imported"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_an_export_past_a_real_file_size_limit_is_one_line_exit_1_and_leaves_nothing(fmt, tmp_path):
+    import resource
+
+    src, hf = tmp_path / "src", hf_gpt2()
+    tok = Tokenizer.train_bpe(["the quick brown fox jumps over the lazy dog"], 300)
+    hf.resize_token_embeddings(tok.vocab_size)  # byte-level BPE: GGUF export writes no other vocabulary
+    save_hf_folder(hf, src, tok)
+    out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
+
+    def limit() -> None:  # a write past the limit fails with EFBIG (Python ignores SIGXFSZ), as a full disk would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    done = subprocess.run([sys.executable, "-m", "lmforge", "export", str(src), "--format", fmt, "--out", str(out)],
+                          capture_output=True, text=True, timeout=HANG_S, preexec_fn=limit)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    # (EFBIG, or numpy's short write "N requested and M written" for GGUF's tensor data)
+    assert f"'{out}' failed: " in last and " free)" in last, last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
