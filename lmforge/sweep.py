@@ -383,8 +383,9 @@ def _objective(cfg: SweepConfig, sweep_dir: Path, say, failures: list[TrialFaile
             if cfg.metric not in metrics and cfg.metric != "val_ppl":  # exact_match: only at the end
                 return False
             try:
-                with warnings.catch_warnings():  # a retry re-reports steps its failed trial reported
-                    warnings.simplefilter("ignore")
+                # A retry inherits the steps its failed trial reported (Optuna would warn and ignore them). Not
+                # silenced with catch_warnings: that is process-wide, and would swallow the heartbeat thread's.
+                if step not in frozen.intermediate_values:
                     trial.report(_metric(metrics, cfg.metric), step)
                 pruned = trial.should_prune()
             except StorageInternalError as e:  # the study locked longer than SQLITE_BUSY_S: train on, unpruned
