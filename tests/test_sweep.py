@@ -156,6 +156,7 @@ def test_a_block_size_longer_than_a_shared_prepared_dataset_is_refused_before_th
         assert not (tmp_path / "sw").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # Optuna's note on asking a trial outside optimize()
 def test_a_locked_study_db_delays_the_heartbeat_with_one_warning_and_never_raises(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "SQLITE_BUSY_S", 0.05)
     db = tmp_path / "study.db"
