@@ -174,7 +174,7 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "
 SURROGATES = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3)
 TEXT = st.one_of(st.text(max_size=30), st.text(VOCAB_TEXT, max_size=30),
                  st.tuples(st.text(VOCAB_TEXT, max_size=5), SURROGATES).map("".join),
-                 st.sampled_from([1_000, 20_000, 100_000]).map(lambda n: "ab" * (n // 2)))  # long prompts and stops
+                 st.sampled_from([1_000, 20_000, 100_000, 2_000_000]).map(lambda n: "ab" * (n // 2)))  # long; 2 MB: 413
 NUMBER = st.one_of(st.integers(-3, 70), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
                    st.sampled_from([2**31, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63 - 1, 10**30, 10**400, 1e308]))
 LEAF = st.one_of(NUMBER, TEXT, st.booleans(), st.none())
