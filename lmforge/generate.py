@@ -218,9 +218,96 @@ def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def partial_stop(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that could still grow into a stop string."""
-    return max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+def _failure(stop: str) -> list[int]:
+    """Knuth-Morris-Pratt's failure function: f[i] is the length of the longest proper prefix of stop[:i + 1]
+    that is also a suffix of it."""
+    f = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = f[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        f[i] = k
+    return f
+
+
+class StopPrefixes:
+    """How much of the end of a growing text could still become a stop string: the longest end of the text that
+    is the beginning of one of them.
+
+    Each stop string has a Knuth-Morris-Pratt matcher fed only the characters added since the last call, so
+    watching a text costs time linear in its length (testing every prefix of every stop string at every token costs
+    the square of the stop strings' length per token). Should the text change behind what was fed (a decoder that
+    rewrites earlier text), the matchers start again from its last characters.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.failures = [_failure(s) for s in self.stops]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.states = [0] * len(self.stops)
+        self.text = ""
+
+    def held(self, text: str) -> int:
+        """Length of the longest end of ``text`` that could still grow into a stop string (0 to len - 1 of it)."""
+        if not self.stops:
+            return 0
+        if text.startswith(self.text):
+            new = text[len(self.text):]
+        else:  # only the last longest - 1 characters can be the beginning of a stop string
+            self.states = [0] * len(self.stops)
+            new = text[-(self.longest - 1):] if self.longest > 1 else ""
+        self.text = text
+        for i, (stop, failure) in enumerate(zip(self.stops, self.failures, strict=True)):
+            k = self.states[i]
+            for c in new:
+                if k == len(stop):  # a whole match last time: continue from its longest proper border
+                    k = failure[k - 1]
+                while k and c != stop[k]:
+                    k = failure[k - 1]
+                if c == stop[k]:
+                    k += 1
+            self.states[i] = k
+        # A whole stop string at the end (find_stop's case) still holds back its longest proper border.
+        return max(k if k < len(stop) else failure[k - 1]
+                   for k, stop, failure in zip(self.states, self.stops, self.failures, strict=True))
+
+
+class TextStream:
+    """Generated tokens as text that is safe to show as it comes (``generate``'s stream, the server's): never half a
+    UTF-8 character, never text that may turn out to begin a stop string; ``stopped`` once a stop string appeared
+    (the text ends before it)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.prefixes = StopPrefixes(stop)
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, tok: int) -> str:
+        """The text that ``tok`` makes safe to show (often empty)."""
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)  # the whole text: a token may complete a character begun earlier
+        cut = find_stop(text, self.stop)
+        if cut is not None:
+            self.stopped = True
+            ready = cut
+        elif text.endswith("\ufffd"):
+            return ""
+        else:
+            ready = len(text) - self.prefixes.held(text)
+        piece, self.sent = text[self.sent:ready], max(self.sent, ready)
+        return piece
+
+    def rest(self) -> str:
+        """What was held back, once generation ends without a stop string."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int,
@@ -240,27 +327,21 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
     encode = (lambda text: tokenizer.encode(text, allow_special=True)) if allow_special else tokenizer.encode
     ids = [encode(p) or [tokenizer.eot_id] for p in prompts]
     stop_ids = {tokenizer.eot_id, *stop_ids}
-    live = stream is not None and len(prompts) == 1
+    live = TextStream(tokenizer, list(stop_strings)) if stream is not None and len(prompts) == 1 else None
     new_ids: list[list[int]] = [[] for _ in prompts]
-    written = 0  # characters of the continuation already streamed
 
     def on_token(row: int, tok: int) -> bool:
-        nonlocal written
+        if live is not None:
+            piece = live.push(tok)
+            if piece:
+                stream.write(piece)
+                stream.flush()
+            return live.stopped
         new_ids[row].append(tok)
         # Decode the whole continuation: a token may complete a multi-byte character begun earlier.
-        text = tokenizer.decode(new_ids[row])
-        cut = find_stop(text, stop_strings)
-        if live:
-            if cut is None and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far
-                return False
-            ready = cut if cut is not None else len(text) - partial_stop(text, stop_strings)
-            if ready > written:
-                stream.write(text[written:ready])
-                stream.flush()
-                written = ready
-        return cut is not None
+        return find_stop(tokenizer.decode(new_ids[row]), stop_strings) is not None
 
-    needs_callback = live or bool(stop_strings)
+    needs_callback = live is not None or bool(stop_strings)
     outs = generate(model, ids, max_new_tokens, stop_ids=stop_ids, on_token=on_token if needs_callback else None,
                     **dataclasses.asdict(sampling))
     texts = []
@@ -268,10 +349,11 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
         text = tokenizer.decode(out)
         cut = find_stop(text, stop_strings)
         texts.append(text if cut is None else text[:cut])
-    if live:
+    if live is not None:
         # What was held back (a possible stop string start that never completed, a final partial char).
-        if len(texts[0]) > written:
-            stream.write(texts[0][written:])
+        rest = live.rest()
+        if rest:
+            stream.write(rest)
             stream.flush()
     elif stream is not None:
         stream.write("\n----\n".join(texts) + "\n")

@@ -1,4 +1,5 @@
 import io
+import random
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn as nn
 import lmforge.generate as gen
 from lmforge.config import ModelConfig, from_dict
 from lmforge.errors import UserError
-from lmforge.generate import apply_repetition_penalty, generate, generate_text, sample_next
+from lmforge.generate import StopPrefixes, apply_repetition_penalty, generate, generate_text, sample_next
 from lmforge.model.gpt import GPT
 from lmforge.options import GREEDY, OptionError, Sampling
 from tests.fixtures import tiny_model
@@ -369,3 +370,20 @@ def test_a_compiled_model_generates_the_same_tokens_as_eager():
     assert generate(compiled, [[4, 4, 4, 4, 4, 4, 4]], 12, temperature=0.0) == generate(model, [[4] * 7], 12,
                                                                                          temperature=0.0)
     assert counters["stats"]["unique_graphs"] > 0  # it really compiled (no silent eager fallback)
+
+
+def test_the_held_back_end_is_the_longest_that_could_still_become_a_stop_string():
+    """The linear (Knuth-Morris-Pratt) matcher agrees at every step with the definition, which costs the square of
+    the stop strings' length per token."""
+    def definition(text: str, stops: list[str]) -> int:
+        return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(0, 7))) for _ in range(rng.randint(0, 3))]
+        prefixes, text = StopPrefixes(stops), ""
+        for _ in range(30):
+            if rng.random() < 0.1 and text:  # a decoder that rewrites earlier text: the matcher starts again
+                text = text[:-rng.randint(1, len(text))] + "b"
+            text += "".join(rng.choice("abc") for _ in range(rng.randint(0, 3)))
+            assert prefixes.held(text) == definition(text, stops), (stops, text)

@@ -8,7 +8,9 @@ end-of-text id only ever appears where it is added on purpose, between documents
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tokenizers
@@ -30,6 +32,9 @@ class Tokenizer:
         self.hf = hf
         # Training text must never produce control tokens; the EOT id is added explicitly.
         self.hf.encode_special_tokens = True
+        # allow_special switches that setting around one call: one call at a time may switch it (the server
+        # encodes on several threads at once).
+        self._switch = threading.Lock()
         eot = next((t for t in (EOT, *EOT_FALLBACKS) if hf.token_to_id(t) is not None), None)
         if eot is None:  # an external tokenizer without any end-of-text token: give it ours
             hf.add_special_tokens([AddedToken(EOT, special=True)])
@@ -112,13 +117,21 @@ class Tokenizer:
         allow_special: special tokens spelled in the text become their ids (chat templates write
         ``<|endoftext|>`` or ``<|im_end|>`` on purpose); otherwise they are encoded as plain text.
         """
-        if not allow_special:
+        with self._specials(allow_special):
             return self.hf.encode(text, add_special_tokens=False).ids
-        self.hf.encode_special_tokens = False
-        try:
-            return self.hf.encode(text, add_special_tokens=False).ids
-        finally:
-            self.hf.encode_special_tokens = True
+
+    @contextlib.contextmanager
+    def _specials(self, allow_special: bool) -> Iterator[None]:
+        """Special tokens spelled in the text become their ids inside the block if ``allow_special``."""
+        with self._switch:
+            if not allow_special:
+                yield
+                return
+            self.hf.encode_special_tokens = False
+            try:
+                yield
+            finally:
+                self.hf.encode_special_tokens = True
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token (e.g. a special token), or None if the vocabulary lacks it."""
@@ -143,11 +156,16 @@ class Tokenizer:
             out.append(ids[:max_len])
         return out, truncated
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """:meth:`encode` for many texts (parallel inside ``tokenizers`` unless disabled)."""
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        """:meth:`encode` for many texts (parallel inside ``tokenizers`` unless disabled).
+
+        Unlike :meth:`encode`, the batch call releases the GIL while it works (a 1 MB text held it for seconds,
+        measured), so other threads, such as the server's event loop, keep running meanwhile.
+        """
         # encode_batch_fast (tokenizers >= 0.20) skips computing offsets: ~30% faster, less memory.
         encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        with self._specials(allow_special):
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``; special tokens are kept, so decoding is the exact inverse of encoding."""

@@ -38,6 +38,7 @@ from lmforge.chat import ChatTemplate
 from lmforge.data.records import BadRecord
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.generate import TextStream
 from lmforge.loading import load_lm, run_template
 from lmforge.options import OptionError, Sampling
 from lmforge.runtime import maybe_compile, setup_runtime
@@ -46,7 +47,6 @@ from lmforge.serve.engine import Engine, EngineDown, Finished, Job, QueueFull, T
 from lmforge.serve.errors import APIError
 from lmforge.serve.guard import RequestGuard
 from lmforge.serve.options import ServeOptions
-from lmforge.serve.text import TextStream, encode
 
 STATIC = Path(__file__).parent / "static"
 MAX_STOP = 4
@@ -427,7 +427,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         s = served()
 
         def answer() -> bytes:  # on a worker thread: a long text's tokens are many to encode and write
-            tokens = encode(s.tokenizer, [req.prompt], allow_special=True)[0]  # a special token's text: its id
+            tokens = s.tokenizer.encode_batch([req.prompt], allow_special=True)[0]  # a special token's text: its id
             return json.dumps({"tokens": tokens, "count": len(tokens), "max_model_len": s.context}).encode()
 
         return Response(await asyncio.to_thread(answer), media_type="application/json")
@@ -529,7 +529,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
                 text = s.template.render(messages, add_generation_prompt=True)
             except BadRecord as e:  # the template refuses this conversation (raise_exception)
                 raise APIError(400, str(e), param="messages") from None
-            return encode(s.tokenizer, [text], allow_special=True)[0]
+            return s.tokenizer.encode_batch([text], allow_special=True)[0]
 
         ids = await asyncio.to_thread(prompt)
         max_tokens = _fit(s, ids, req.max_tokens, "messages")
@@ -553,7 +553,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
 
 def _prompt_ids(tokenizer: Tokenizer, prompt: str | list) -> list[list[int]]:
     """The prompts of a completion request as token ids (a string, strings, token ids, or lists of them); meant for a
-    worker thread (see :func:`lmforge.serve.text.encode`)."""
+    worker thread (see :meth:`Tokenizer.encode_batch`)."""
     if isinstance(prompt, str):
         prompts: list = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -563,7 +563,7 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str | list) -> list[list[int]]:
     if not prompts:
         raise APIError(400, "'prompt' is empty: give a string, a list of strings or token ids", param="prompt")
     texts = [p for p in prompts if isinstance(p, str)]
-    encoded = iter(encode(tokenizer, texts) if texts else [])
+    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
     out = []
     for p in prompts:
         ids = next(encoded) if isinstance(p, str) else list(p)

@@ -20,7 +20,6 @@ from lmforge.config import ModelConfig, from_dict
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.model.gpt import GPT
 from lmforge.runtime import Runtime
-from lmforge.serve import app as serve_app
 from lmforge.serve.app import MAX_STOP_CHARS, Served, create_app
 from lmforge.serve.engine import Engine, Finished, Job
 from lmforge.serve.guard import MAX_BODY_BYTES
@@ -168,7 +167,7 @@ def _response(sock: socket.socket) -> tuple[int, dict]:
 def test_prompts_are_tokenized_off_the_event_loop(server, run_dir, monkeypatch):
     """A long prompt held in tokenization (here: until the test lets it go) stalls no other client."""
     entered, release = threading.Event(), threading.Event()
-    encode = serve_app.encode
+    encode = Tokenizer.encode_batch
 
     def held(tokenizer, texts, allow_special=False):
         if any(len(t) > 1000 for t in texts):
@@ -176,7 +175,7 @@ def test_prompts_are_tokenized_off_the_event_loop(server, run_dir, monkeypatch):
             release.wait(HANG_S)
         return encode(tokenizer, texts, allow_special)
 
-    monkeypatch.setattr(serve_app, "encode", held)
+    monkeypatch.setattr(Tokenizer, "encode_batch", held)
     long = "x" * 100_000
     bodies = [("/v1/completions", {"model": run_dir.name, "prompt": long}),
               ("/v1/chat/completions", {"model": run_dir.name, "messages": [{"role": "user", "content": long}]}),
