@@ -176,7 +176,8 @@ def bench_gguf(path: str, n_windows: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["quantize", "prune", "gguf", "structured"])
     p.add_argument("runs", nargs="+")
     p.add_argument("--steps", type=int, default=100)

@@ -24,7 +24,8 @@ from tests.finetuning.tasks import train_base, write_module_snippets, write_repe
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="bench/results/finetune_quality.json")
     args = ap.parse_args()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--examples", type=int, default=2000, help="examples per target (default 2000)")
     ap.add_argument("--only", metavar="WORDS", help="only the targets whose test names match (pytest -k), e.g. server")
     args = ap.parse_args()

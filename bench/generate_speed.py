@@ -47,7 +47,7 @@ def sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="gpt2-small")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--run", help="a trained run directory instead of random weights")

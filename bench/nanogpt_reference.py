@@ -121,7 +121,8 @@ def train_reference(train: np.ndarray, vocab: int, seed: int) -> tuple[RefGPT, f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset", help="lmforge-prepared character-level tinyshakespeare folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337])
     ap.add_argument("--run", help="evaluate this lmforge run instead of training the reference")

@@ -31,7 +31,7 @@ def sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--grad-clip", type=float, default=1.0, help="the default config clips at 1.0")

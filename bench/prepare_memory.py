@@ -34,7 +34,7 @@ def one_line_document(path: Path, mb: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=100)
     ap.add_argument("--tokenizer", default="bpe", choices=["bpe", "char"])
     args = ap.parse_args()

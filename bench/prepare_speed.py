@@ -165,7 +165,7 @@ def make_corpus(folder: Path, copies: int, unit: list[bytes]) -> tuple[int, int]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="lmforge worker processes = RAYON_NUM_THREADS of the baseline (default: cores)")
     ap.add_argument("--reps", type=int, default=3, help="throughput repetitions (0 skips them)")

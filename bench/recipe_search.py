@@ -53,7 +53,7 @@ def run_one(name: str, overrides: list[str], steps: int, budget: float | None, o
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--budget", type=float, help="minutes of training per run instead of --steps")
     ap.add_argument("--out", type=Path, default=Path("recipe_search.jsonl"))

@@ -96,7 +96,7 @@ def run_setup(run: str, flags: list[str], draws: list[list[int]]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("run")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=10, help="per client, after one warm-up request each")

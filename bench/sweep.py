@@ -64,7 +64,8 @@ def _sweep(tmp: Path, name: str, base: str, overrides: list[str], space: dict, t
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["pruning", "recipe"])
     p.add_argument("--trials", type=int)
     p.add_argument("--seeds", type=int, default=3)

@@ -28,7 +28,7 @@ RECIPES = ("shakespeare-fast", str(Path(__file__).parent / "recipes" / "shakespe
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"))
     ap.add_argument("--target", type=float, default=1.88)
     ap.add_argument("--reps", type=int, default=1, help="runs per recipe (seeds 1337, 1338, ...)")

@@ -375,6 +375,9 @@ def _objective(cfg: SweepConfig, sweep_dir: Path, say, failures: list[TrialFaile
         tc = trial_config(cfg, [*(_override(k, v) for k, v in params.items()), f"out_dir={run_dir}", *extra])
         resume = rundir.is_run_dir(run_dir) and rundir.latest_checkpoint(run_dir) is not None
         if run_dir.exists() and not resume:  # killed before its first checkpoint: nothing to keep
+            busy = rundir.being_written(run_dir)  # unless its worker is alive after all (a missed heartbeat)
+            if busy is not None:
+                raise busy
             shutil.rmtree(run_dir)
         pruned = False
 

@@ -9,6 +9,7 @@ end: a failure leaves nothing behind. Every command that reads a run directory r
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.config import TrainConfig, save_yaml
+from lmforge.errors import UserError
 from lmforge.interop import check_new_folder, temporary_sibling
 from lmforge.loading import LoadedRun
 from lmforge.training.checkpoint import save_weights_only
@@ -61,13 +63,25 @@ def write_compressed_run(run: LoadedRun, cfg: TrainConfig, model: torch.nn.Modul
         if extra is not None:
             extra(tmp)
         rundir.write_run_info(tmp, "compressed", source_task(run), compression=compression)
-        if out.exists():  # an empty folder (check_new_folder allows it)
-            out.rmdir()
-        os.replace(tmp, out)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, which must still be absent or empty: another command writing the same
+    ``--out`` meanwhile (two prunes at once) finishes first and keeps its folder; this one is refused in one line."""
+    try:
+        if out.exists():  # an empty folder (check_new_folder allows it), unless written meanwhile
+            out.rmdir()
+        os.rename(tmp, out)  # onto a folder written meanwhile: ENOTEMPTY, never a merge
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise UserError(f"--out '{out}' was written by another command meanwhile: nothing was overwritten (give "
+                        f"another --out)") from None
 
 
 def train_config_of(run: LoadedRun) -> TrainConfig:

@@ -132,7 +132,8 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     ax.set_ylabel("loss (nats/example)" if accuracy else "loss (nats/token)")
     ax.set_title(png_path.parent.name)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left" if accuracy else "best")
+    if train or val:  # a run that halted before its first log has no curve to label
+        ax.legend(loc="upper left" if accuracy else "best")
     if accuracy:  # classification: what the loss is for
         ax_acc = ax.twinx()
         ax_acc.plot(*zip(*accuracy, strict=False), "s--", color="C3", markersize=3, label="val accuracy")

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmforge import rundir
+from lmforge.compress import output
 from lmforge.cli import main
 from lmforge.compress.gguf import read_gguf
 from lmforge.compress.quantize import quantize_run
 from lmforge.compress.report import REPORT
+from lmforge.errors import UserError
 from lmforge.generate import generate
 from lmforge.loading import load_run
 from lmforge.model.quantized import QuantLinear, QuantSpec, dequantized, quantize_model
@@ -97,3 +99,21 @@ def test_bad_quantization_requests_are_refused_in_one_line_and_write_nothing(run
         err = capsys.readouterr().err.strip()
         assert expected in err and "\n" not in err and "Traceback" not in err
         assert not out.exists()
+
+
+def test_an_out_folder_written_by_another_command_meanwhile_is_kept_and_this_one_refused(run_dir, tmp_path,
+                                                                                         monkeypatch):
+    """Two compressions into one --out at once: the one that finishes second is refused, never merged in."""
+    out = tmp_path / "q"
+    save = output.save_weights_only
+
+    def and_meanwhile(folder, *args, **kwargs):  # the other command finishes while this one writes
+        save(folder, *args, **kwargs)
+        out.mkdir()
+        (out / "theirs.txt").write_text("kept")
+
+    monkeypatch.setattr(output, "save_weights_only", and_meanwhile)
+    with pytest.raises(UserError, match="written by another command meanwhile"):
+        quantize_run(str(run_dir), str(out), QuantSpec("int8"), windows=2, speed=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary folder left beside it
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
