@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmforge import rundir
-from lmforge.compress import output
 from lmforge.cli import main
+from lmforge.compress import output
 from lmforge.compress.gguf import read_gguf
 from lmforge.compress.quantize import quantize_run
 from lmforge.compress.report import REPORT
