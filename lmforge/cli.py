@@ -29,6 +29,7 @@ from lmforge import __version__
 from lmforge.apps.options import AppRequest
 from lmforge.compress.options import ExportOptions, PruneOptions, QuantizeOptions
 from lmforge.config import (
+    DEFAULT_RECIPE,
     RECIPES_DIR,
     FinetuneConfig,
     ModelConfig,
@@ -61,10 +62,6 @@ from lmforge.options import (
 from lmforge.presets import PRESETS
 from lmforge.rundir import STORAGE_ERRNOS, run_config_path
 from lmforge.serve.options import ServeOptions
-
-DEFAULT_RECIPE = "default"
-"""The recipe `lmforge train` runs without -c (`train --help` shows its values)."""
-
 
 # --- train and finetune: a config (recipe + dotted overrides), run here in one process or launched in several ---
 

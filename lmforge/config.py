@@ -587,6 +587,9 @@ def _deepcopy_dict(d: dict) -> dict:
 
 
 RECIPES_DIR = Path(__file__).parent / "configs"
+DEFAULT_RECIPE = "default"
+"""The recipe ``lmforge train`` runs without -c (``train --help`` shows its values); the apps train a missing
+base with it."""
 
 
 def resolve_config_path(name: str | Path) -> Path:

@@ -8,8 +8,6 @@ from typing import Literal
 
 from lmforge.options import check, option
 
-DEFAULT_RECIPE = "default"
-"""The recipe ``lmforge train`` runs with no arguments (a test holds it equal to the command's)."""
 DEFAULT_BASE = "runs/default"
 """Where that recipe writes its run; the apps start from it (and train it with that recipe when it is missing)."""
 

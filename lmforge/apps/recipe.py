@@ -32,10 +32,10 @@ from pathlib import Path
 from lmforge import rundir
 from lmforge.apps import qa, summarization, translation
 from lmforge.apps.baselines import NearestNeighbours
-from lmforge.apps.options import DEFAULT_BASE, DEFAULT_RECIPE, AppRequest
+from lmforge.apps.options import DEFAULT_BASE, AppRequest
 from lmforge.apps.spec import App
 from lmforge.apps.task_records import BuildReport, TaskRecord, read_jsonl, split_records, write_jsonl
-from lmforge.config import RECIPES_DIR, FinetuneConfig, load_finetune_config, load_train_config
+from lmforge.config import DEFAULT_RECIPE, RECIPES_DIR, FinetuneConfig, load_finetune_config, load_train_config
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.evaluate import tasks
 from lmforge.evaluate.options import EvalRequest

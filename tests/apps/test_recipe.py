@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from lmforge import rundir
-from lmforge.apps.options import DEFAULT_BASE, DEFAULT_RECIPE, AppRequest
-from lmforge.config import load_train_config, to_dict
+from lmforge.apps.options import DEFAULT_BASE, AppRequest
+from lmforge.config import DEFAULT_RECIPE, load_train_config, to_dict
 from lmforge.errors import UserError
 from lmforge.training.pretrain import train
 from tests.fixtures import HANG_S
@@ -84,16 +84,14 @@ def test_every_app_has_a_shipped_recipe_that_loads():
 
 
 def test_a_missing_default_base_is_trained_by_the_recipe_lmforge_train_runs_into_the_base_path(tmp_path, monkeypatch):
-    from lmforge import cli
     from lmforge.apps import recipe
 
-    assert DEFAULT_RECIPE == cli.DEFAULT_RECIPE
     calls = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(recipe, "train", lambda cfg, resume=False: calls.append((cfg, resume)))
     recipe.ensure_base(DEFAULT_BASE, say=lambda _: None)
     [(cfg, resume)] = calls
-    assert to_dict(cfg) == to_dict(load_train_config(cli.DEFAULT_RECIPE)) and not resume
+    assert to_dict(cfg) == to_dict(load_train_config(DEFAULT_RECIPE))  # cli's train, no -c and not resume
     assert Path(cfg.out_dir) == Path(DEFAULT_BASE)  # where the app looks for it next time
 
 
