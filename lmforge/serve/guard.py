@@ -39,7 +39,7 @@ def _lone_surrogate(body: Any) -> tuple[str | None, str, str] | None:
         if isinstance(value, str):
             found = _SURROGATE.search(value)
             if found is not None:
-                return where, f"'{where}'", found.group()
+                return where, f"'{where}'" if where else "the body (a JSON string)", found.group()
         elif isinstance(value, list):
             stack += reversed([(item, [*path, str(i)]) for i, item in enumerate(value)])
         elif isinstance(value, dict):
