@@ -17,10 +17,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import lmforge.loading
+import lmforge.training.pretrain
 from lmforge.cli import parse
+from lmforge.data.tokenizer import Tokenizer
+from tests.fixtures import tiny_model
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SHAKESPEARE = README.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -105,3 +110,15 @@ def test_the_tour_and_the_python_snippet_run_in_order_in_a_fresh_folder(tmp_path
     for made in ("runs/mine/loss.png", "runs/chat/run.json", "eval.json", "compare.png", "predictions.jsonl",
                  "hf_models/mine/config.json", "runs/api/checkpoints/latest"):
         assert (work / made).is_file(), made
+
+
+def test_the_python_snippet_calls_the_api_as_it_is_today(monkeypatch, capsys):
+    """The snippet, with training and loading stood in for by a tiny model: its calls match the API's signatures
+    (the full run is the slow test above)."""
+    tokenizer = Tokenizer.train_char(["import os, sys\n"])
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    monkeypatch.setattr(lmforge.training.pretrain, "train", lambda cfg, **_: SimpleNamespace(run_dir=cfg.out_dir))
+    monkeypatch.setattr(lmforge.loading, "load_run", lambda path, *_a, **_k: SimpleNamespace(model=model,
+                                                                                            tokenizer=tokenizer))
+    exec(compile(python_snippet(), "README.md (From Python)", "exec"), {})
+    assert capsys.readouterr().out.strip()
