@@ -19,6 +19,7 @@ import importlib
 import inspect
 import os
 import sys
+import textwrap
 import typing
 import warnings
 from collections.abc import Callable
@@ -134,7 +135,9 @@ def cmd_recipes(_o: RecipesOptions) -> None:
     width = max(map(len, recipes))
     print(f"recipes (lmforge train -c NAME; the files are in {RECIPES_DIR}):")
     for name, description in recipes.items():
-        print(f"  {name:<{width}}  {description}")
+        # Wrapped, never cut: a description is a whole sentence, continued under itself.
+        print(textwrap.fill(description, width=110, initial_indent=f"  {name:<{width}}  ",
+                            subsequent_indent=" " * (width + 4)))
     width = max(map(len, PRESETS))
     print("\nmodel presets (model.preset=NAME; parameters without the embeddings and output head, whose size comes "
           "from the vocabulary):")

@@ -605,12 +605,34 @@ def resolve_config_path(name: str | Path) -> Path:
 
 
 def shipped_recipes() -> dict[str, str]:
-    """Each shipped recipe's name (what -c takes) and the first line of its leading comment, its description."""
+    """Each shipped recipe's name (what -c takes) and its description: the first sentence of its leading comment,
+    whole (the comment's lines joined, up to the first full stop outside brackets)."""
     recipes = {}
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        comments = (line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#"))
-        recipes[path.stem] = next(comments, "#").lstrip("#").strip()
+        recipes[path.stem] = _first_sentence(_leading_comment(path.read_text(encoding="utf-8")))
     return recipes
+
+
+def _leading_comment(text: str) -> str:
+    """The prose of a file's leading comment, its lines joined; it ends at the first line that is not a comment or
+    is an indented example (``#   lmforge train ...``)."""
+    words = []
+    for line in text.splitlines():
+        if not line.startswith("#") or line.startswith("#  "):
+            break
+        words.append(line.lstrip("#").strip())
+    return " ".join(words)
+
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to its first full stop that is outside brackets and followed by a space or the end (so that
+    "~1.85" or "config/x.py" do not end it); all of ``text`` if it has none."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += (char in "([") - (char in ")]")
+        if char == "." and depth <= 0 and text[i + 1:i + 2] in ("", " "):
+            return text[:i + 1]
+    return text
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

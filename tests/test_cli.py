@@ -86,16 +86,25 @@ def test_version_and_recipes_answer_without_importing_torch():
     assert lines[:2] == [f"lmforge {lmforge.__version__}", "exit 0"] and lines[-1] == "torch imported: False"
 
 
-def test_recipes_lists_each_shipped_recipe_with_its_first_comment_line_and_the_presets_with_sizes(capsys):
+def test_recipes_lists_each_shipped_recipe_with_its_whole_first_sentence_and_the_presets_with_sizes(capsys):
     from lmforge.cli import main
-    from lmforge.config import RECIPES_DIR
+    from lmforge.config import RECIPES_DIR, shipped_recipes
     from lmforge.presets import PRESETS
 
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        first = next(line for line in path.read_text().splitlines() if line.startswith("#")).lstrip("#").strip()
-        assert any(line.split(None, 1) == [path.stem, first] for line in out.splitlines()), path.stem
+    recipes = out.split("\n\n", 1)[0]
+    words = " ".join(recipes.split())  # the wrapped lines joined again
+    descriptions = shipped_recipes()
+    assert descriptions.keys() == {path.stem for path in RECIPES_DIR.glob("*.yaml")}
+    for name, description in descriptions.items():
+        first_line = next(line for line in (RECIPES_DIR / f"{name}.yaml").read_text().splitlines())
+        assert description.startswith(first_line.lstrip("# ")) and description.endswith("."), description
+        assert f" {name} {description}" in words, name  # whole, wrapped rather than cut
+    # The sentence runs over three lines of the file, and "~1.85" or "train_shakespeare_char.py" do not end it.
+    assert descriptions["default"].endswith("the schedule completed), then a few samples.")
+    assert descriptions["shakespeare-char"].endswith("batch 12, 2000 iterations.")
+    assert max(map(len, recipes.splitlines())) <= 110
     rows = {fields[0]: fields[1:] for fields in map(str.split, out.splitlines()) if fields and fields[0] in PRESETS}
     assert rows.keys() == PRESETS.keys()
     assert rows["gpt2-124m"] == ["12", "12", "768", "1024", "85.06M"]  # GPT-2 small: 85M besides its embeddings
