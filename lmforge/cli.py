@@ -15,6 +15,7 @@ cannot compile runs eagerly with a warning (:func:`lmforge.runtime.compile_falls
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import os
@@ -226,7 +227,9 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> tup
         args.overrides += [a for a in extra if not a.startswith("-") and "=" in a]
         extra = [a for a in extra if a.startswith("-") or "=" not in a]
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        config_cls = FinetuneConfig if args.options is FinetuneOptions else TrainConfig
+        hint = _override_hint(argv, extra, config_cls) if issubclass(args.options, TrainingOptions) else ""
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     command_parser = parser._subparsers._group_actions[0].choices[args.command]
     try:
         options = options_from(args, args.options)
@@ -237,6 +240,33 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> tup
     if isinstance(options, TrainingOptions):
         options.argv = argv
     return args.command, options
+
+
+def _config_keys(cls: type, prefix: str = "") -> list[str]:
+    """The dotted keys of a config dataclass's leaves (train.max_steps, optim.lr, ...)."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _override_hint(argv: list[str], extra: list[str], config_cls: type) -> str:
+    """" (did you mean train.max_steps=10?)" for an unknown flag named like a config key (``--max-steps 10``,
+    ``--train-max-steps=10``): config keys are set as key=value, not as flags; "" when no flag is."""
+    suggestions = []
+    for flag in (a for a in extra if a.startswith("--")):
+        name, equals, value = flag[2:].partition("=")
+        name = name.replace("-", "_")
+        keys = [k for k in _config_keys(config_cls) if name in (k.rsplit(".", 1)[-1], k.replace(".", "_"))]
+        if not equals:  # the value is the next word, which argparse took for an override
+            i = argv.index(flag) + 1
+            value = argv[i] if i < len(argv) and not argv[i].startswith("-") and "=" not in argv[i] else "VALUE"
+        suggestions += [f"{key}={value}" for key in keys]
+    return f" (did you mean {' or '.join(suggestions)}? config keys are set as key=value)" if suggestions else ""
 
 
 def run_lm_eval(argv: list[str]) -> int:

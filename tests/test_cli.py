@@ -35,6 +35,18 @@ def test_an_unknown_flag_among_overrides_is_still_one_line_exit_2(capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["lmforge: error: unrecognized arguments: --bogus"]
 
 
+@pytest.mark.parametrize(("argv", "suggestion"), [(["train", "--max-steps", "10"], "train.max_steps=10"),
+                                                (["train", "a.b=1", "--max-steps=10"], "train.max_steps=10"),
+                                                (["train", "--optim-lr", "3e-4"], "optim.lr=3e-4"),
+                                                (["finetune", "--lr", "1e-4", "x.y=1"], "optim.lr=1e-4")])
+def test_an_unknown_flag_named_like_a_config_key_suggests_the_override(argv, suggestion, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lmforge: error: unrecognized arguments: --") and f"did you mean {suggestion}?" in line
+
+
 @pytest.mark.parametrize(("argv", "unknown"), [(["train", "--resum", "runs/x"], "--resum"),
                                              (["finetune", "--mer"], "--mer"),
                                              (["generate", "r", "--temp", "1"], "--temp")])
