@@ -38,7 +38,7 @@ from lmforge.config import DataConfig
 from lmforge.data.corpus import default_corpus_id, default_corpus_sources
 from lmforge.data.options import PrepareOptions
 from lmforge.data.sources import SourceStats, iter_documents
-from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokenizer import MIN_BPE_VOCAB, Tokenizer
 from lmforge.errors import UserError
 from lmforge.malloc import M_MMAP_THRESHOLD, mallopt
 from lmforge.rundir import TOKENIZER, cache_root, storage_errors
@@ -338,6 +338,11 @@ def _tokenizer(cfg: DataConfig, sources: list[str], scan: _Scan, progress: bool)
         tok = Tokenizer.train_bpe(texts, cfg.vocab_size, show_progress=show)
         if progress:
             print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        if progress and tok.vocab_size < cfg.vocab_size:
+            # Not a failure, but a surprise unless said: BPE stops when no pair of tokens is left to merge.
+            print(f"note: the vocabulary has {tok.vocab_size:,} tokens, not the {cfg.vocab_size:,} asked for "
+                  f"(data.vocab_size): the train split had only {tok.vocab_size - MIN_BPE_VOCAB:,} merges to offer "
+                  f"(a larger corpus has more)", file=sys.stderr, flush=True)
         return tok, {"kind": "bpe"}
     if cfg.tokenizer == "char":
         return Tokenizer.train_char(text for _, text, _ in _pieces(sources, cfg, scan)), {"kind": "char"}

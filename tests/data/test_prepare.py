@@ -67,6 +67,20 @@ def test_bins_hold_every_kept_document_and_meta_counts_match_file_sizes(tmp_path
     assert f"{meta['splits']['val']['tokens']:,} tokens" in summary
 
 
+@pytest.mark.parametrize("vocab_size", [8192, 300])
+def test_a_bpe_vocabulary_smaller_than_asked_says_why_in_one_line(vocab_size, tmp_path, capsys):
+    src = _jsonl(tmp_path / "d.jsonl", _docs(20))
+    meta = prepare(_cfg(src, tokenizer="bpe", vocab_size=vocab_size), tmp_path / "out", progress=True)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    if vocab_size == 300:  # the tiny corpus has more than 43 merges to offer: the size asked, and no note
+        assert meta["vocab_size"] == 300 and notes == []
+    else:
+        assert meta["vocab_size"] < 8192
+        assert notes == [f"note: the vocabulary has {meta['vocab_size']:,} tokens, not the 8,192 asked for "
+                         f"(data.vocab_size): the train split had only {meta['vocab_size'] - 257:,} merges to offer "
+                         f"(a larger corpus has more)"]
+
+
 def test_exact_duplicates_and_empty_documents_are_dropped_and_counted(tmp_path):
     texts = _docs(10)
     src = _jsonl(tmp_path / "d.jsonl", texts + [texts[3], texts[3], "", "  \n\t", texts[7]])
