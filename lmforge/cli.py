@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter)
         add_options(p, cls)
         p.set_defaults(options=cls)
-    sub.add_parser("lm-eval", help="lm-evaluation-harness's command line with --model lmforge registered "
-                                   "(e.g. lmforge lm-eval run --model lmforge --model_args path=RUN --tasks ...)")
+    lm_eval = ("lm-evaluation-harness's command line with --model lmforge registered "
+               "(e.g. lmforge lm-eval run --model lmforge --model_args path=RUN --tasks ...)")
+    sub.add_parser("lm-eval", help=lm_eval, description=lm_eval)
     return parser
 
 

@@ -225,7 +225,7 @@ class GenerateOptions(GenerationOptions):
     """Sample text from a trained model."""
 
     run: str = option(positional=True)
-    """Run directory or checkpoint directory."""
+    """Run directory, checkpoint directory or Hugging Face folder."""
     prompt: list[str] = option([], short="-p")
     """Prompt text (repeat for a batch; default: none, one empty prompt starts a new document)."""
     prompt_file: str | None = None

@@ -153,6 +153,22 @@ def test_every_command_help_lists_each_option_once_with_its_field_docstring(comm
     assert sorted(entries) == sorted({"-h", *(a.option_strings[0] for a in actions if a.option_strings)}), entries
 
 
+def test_every_subcommand_has_a_description_and_every_option_a_help_text():
+    commands = build_parser()._subparsers._group_actions[0]
+    summaries = {action.dest: action.help for action in commands._choices_actions}
+    assert summaries.keys() == commands.choices.keys()
+    for name, parser in commands.choices.items():
+        assert summaries[name] and parser.description, name
+        for action in parser._actions:
+            assert action.help and action.help.strip(), (name, action.dest)
+
+
+@pytest.mark.parametrize("command", ["generate", "export", "chat", "eval", "quantize", "prune"])
+def test_the_commands_that_load_a_model_say_a_hugging_face_folder_works(command):
+    (run,) = [a for a in _subparser(command)._actions if a.dest == "run"]
+    assert "Hugging Face folder" in run.help
+
+
 def test_device_and_precision_are_declared_once_with_one_default():
     devices = {_subparser(c)._option_string_actions["--device"].default for c in COMMANDS
                if "--device" in _subparser(c)._option_string_actions}

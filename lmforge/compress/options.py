@@ -87,7 +87,7 @@ class ExportOptions:
     """Write a run as a folder transformers loads, or a GGUF file for llama.cpp."""
 
     run: str = option(positional=True)
-    """Run directory or checkpoint directory."""
+    """Run directory, checkpoint directory or Hugging Face folder."""
     out: str
     """Folder (hf) or file (gguf) to create."""
     format: Literal["hf", "gguf"] = "hf"
