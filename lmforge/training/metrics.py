@@ -108,16 +108,19 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     """Train and val loss against step, the learning rate below, as a PNG; a classification run's loss is
-    per example, and its val accuracy is drawn on a second axis."""
+    per example, and its val accuracy is drawn on a second axis. Nothing logged yet (a run stopped before its
+    first log line): no PNG is written, as an empty chart would look like a broken plot."""
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
+    lrs = [(r["step"], r["lr"]) for r in records if r.get("kind") == "train" and r.get("lr") is not None]
+    if not (train or val or lrs):
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
-    lrs = [(r["step"], r["lr"]) for r in records if r.get("kind") == "train" and r.get("lr") is not None]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), dpi=100, sharex=True, height_ratios=(3, 1))
     if train:
         ax.plot(*zip(*train, strict=False), label="train", linewidth=1)

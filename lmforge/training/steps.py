@@ -19,7 +19,7 @@ import torch
 from lmforge.config import OptimConfig, TrainLoopConfig
 from lmforge.errors import TrainingHalted, TrainingInterrupted
 from lmforge.runtime import Runtime
-from lmforge.testhooks import fault_point
+from lmforge.testhooks import fake_step_seconds, fault_point
 from lmforge.training.budget import StepBudget
 from lmforge.training.checkpoint import TrainerState
 from lmforge.training.guard import NonfiniteGuard
@@ -27,6 +27,19 @@ from lmforge.training.metrics import MetricsLogger, eta_seconds, format_duration
 from lmforge.training.optim import lr_at, set_lr
 from lmforge.training.parallel import Parallel, processes
 from lmforge.training.signals import GracefulStop
+
+PROGRESS_EVERY_S = 30.0
+"""The longest the loop stays silent: between log lines (every ``train.log_interval`` steps) a slow run prints a
+progress line this often (steps, tokens/s and ETA: host numbers only, no device sync, no metrics record)."""
+
+
+def progress_clock() -> Callable[[int], float]:
+    """step -> seconds, the clock that times the progress lines: the host's, or under the budget's test hook
+    (:func:`lmforge.testhooks.fake_step_seconds`) one on which every step takes exactly that long."""
+    fake_s = fake_step_seconds()
+    if fake_s is None:
+        return lambda step: time.perf_counter()
+    return lambda step: step * fake_s
 
 
 @dataclass
@@ -112,6 +125,8 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     resumed_time = state.train_time_s  # training time before this process started (resume)
     t_start = time.perf_counter() - resumed_time
     t_log, tokens_since_log, log_step = time.perf_counter(), 0, start_step
+    clock = progress_clock()
+    t_said = clock(start_step)  # when the last log or progress line was printed
     # The loss of the steps kept since the last log line (a resumed run continues its checkpoint's sum).
     loss_sum = torch.tensor(state.log_loss_sum, device=rt.device)
     steps_in_sum = torch.tensor(float(state.log_steps), device=rt.device)
@@ -234,6 +249,14 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
                 say(f"step {step}/{max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
                     f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
                 t_log, tokens_since_log, log_step = time.perf_counter(), 0, step
+                t_said = clock(step)
+            elif clock(step) - t_said >= PROGRESS_EVERY_S:
+                # A slow run between log lines: show it is alive, from host numbers only (the loss would sync).
+                tps = tokens_since_log / (time.perf_counter() - t_log)
+                eta = eta_seconds(time.perf_counter() - t_log, step - log_step, max_steps - step)
+                say(f"step {step}/{max_steps} | {tps:,.0f} tok/s | ETA {format_duration(eta)} | "
+                    f"loss every {tc.log_interval} steps (train.log_interval)", flush=True)
+                t_said = clock(step)
 
             # An interrupted run still makes the evaluation due at this step (its resume will not), but not
             # the final one over the whole split.

@@ -41,3 +41,15 @@ def test_tensorboard_gets_the_config_as_text_and_hparams_and_the_plot_an_lr_pane
     text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "lr: 0.002" in text and "patience: null" in text
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def test_a_run_stopped_before_its_first_log_line_writes_no_empty_loss_png_and_warns_nothing(tmp_path):
+    import warnings
+
+    logger = MetricsLogger(tmp_path)
+    logger.log({"step": 1, "kind": "memory", "param_bytes_per_rank": 10})  # logged, but nothing to plot
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a matplotlib warning (an empty legend, say) fails the test
+        logger.close()
+    assert (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "loss.png").exists()
