@@ -27,7 +27,6 @@ from safetensors.torch import load_file
 from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.config import TrainConfig, save_yaml
-from lmforge.data.prepare import process_exists
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
@@ -69,7 +68,7 @@ def remove_stale_temporaries(out: Path) -> None:
     prefix = f".{out.name}.tmp"
     for path in out.parent.glob(glob.escape(prefix) + "*"):
         pid = path.name[len(prefix):]
-        if pid.isdigit() and not process_exists(int(pid)):
+        if pid.isdigit() and not rundir.process_exists(int(pid)):
             _remove(path)
 
 

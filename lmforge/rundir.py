@@ -261,6 +261,17 @@ def run_config_path(run_dir: str | Path) -> Path:
     return path
 
 
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` is alive (a killed command's temporary output is removed only when it is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------------------------------
 # The writer's lock
 

@@ -41,7 +41,7 @@ from lmforge.data.sources import SourceStats, iter_documents
 from lmforge.data.tokenizer import MIN_BPE_VOCAB, Tokenizer
 from lmforge.errors import UserError
 from lmforge.malloc import M_MMAP_THRESHOLD, mallopt
-from lmforge.rundir import TOKENIZER, cache_root, storage_errors
+from lmforge.rundir import TOKENIZER, cache_root, process_exists, storage_errors
 from lmforge.testhooks import fault_point
 
 FORMAT = 1
@@ -413,17 +413,6 @@ def _remove_stale_temporaries(final: Path) -> None:
         kind, _, pid = path.name[len(final.name) + 1:].partition("-")
         if kind in ("tmp", "old") and pid.isdigit() and not process_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def process_exists(pid: int) -> bool:
-    """Whether process ``pid`` is alive (whose temporary output must then be left alone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
