@@ -55,8 +55,6 @@ def resolve_dataset(cfg: TrainConfig, run_dir: Path, progress: bool) -> Path:
         out = run_dir / rundir.PREPARED_DATA
         if not (out / "meta.json").is_file():
             prepare(cfg.data, out, progress=progress)
-    if progress:
-        print(f"dataset {out}\n" + format_summary(load_meta(out)), flush=True)
     return out
 
 
@@ -90,7 +88,9 @@ def _train(session: TrainingSession, cfg: TrainConfig, progress: bool, allow_dat
 
     # --- the plan: the data (prepared once, by rank 0), its vocabulary, the precision
     dataset_dir = par.on_rank0(lambda: resolve_dataset(cfg, run_dir, progress))
-    meta = load_meta(dataset_dir)
+    meta = load_meta(dataset_dir)  # checked against its tokenizer (a damaged or foreign one: one line, every rank)
+    if progress and par.where.is_main:
+        print(f"dataset {dataset_dir}\n" + format_summary(meta), flush=True)
     tokenizer = Tokenizer.from_file(dataset_dir / "tokenizer.json")
 
     def derived(config: TrainConfig) -> None:
