@@ -288,16 +288,19 @@ class TrainingSession:
         """The trainer state to start from: a fresh one, or the checkpoint's (weights, optimizer, RNG). Under
         torchrun, rank 0 reads the checkpoint and every other rank receives it."""
         par, rt = self.parallel, self.plan.rt
+        weights_only = self.resume_from is not None and not (self.resume_from / rundir.TRAINER_STATE).is_file()
         if self.resume_from is None:
             state = TrainerState()
-        elif not (self.resume_from / rundir.TRAINER_STATE).is_file():
+        elif weights_only:
             state = self._start_from_weights(model, load_weights)
         elif not par.active:
             load_weights(self.resume_from)
             state = load_trainer_state(self.resume_from, optimizer)
         else:
             state = self._restore_distributed(model, optimizer, load_weights)
-        if self.resume_from is not None:
+        if weights_only:  # nothing is resumed: a compressed or imported model
+            self.say(f"starting from the weights of {self.resume_from} (a fresh optimizer)")
+        elif self.resume_from is not None:
             self.say(f"resuming from {self.resume_from} (step {state.step})")
         state.global_batch, state.precision = self.plan.global_batch, rt.precision
         if rt.rank > 0:  # dropout masks of their own on the other ranks (rank 0 has the checkpoint's RNG)
