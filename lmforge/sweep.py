@@ -47,12 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from lmforge import rundir
 from lmforge.config import load_finetune_config, load_train_config
 from lmforge.data.loader import open_split
 from lmforge.data.prepare import load_meta
+from lmforge.data.sources import expand_sources
 from lmforge.errors import TrainingHalted, TrainingInterrupted, UserError
 from lmforge.finetuning.finetune import finetune
 from lmforge.options import SweepOptions
@@ -150,9 +152,46 @@ def load_sweep(path: str) -> SweepConfig:
                 trial_config(cfg, [_override(key, value)])
             except UserError as e:
                 raise _problem(path, f"space key '{key}' = {value!r}: {e}") from None
+    _check_inputs(path, cfg)
     if cfg.command == "train":
         _check_blocks_fit(path, cfg)
     return cfg
+
+
+INPUT_KEYS = {"train": ("data.sources", "data.dataset_dir"), "finetune": ("base", "data.train", "data.val")}
+"""The config keys that name files a trial reads, per command."""
+
+
+def _check_inputs(path: str, cfg: SweepConfig) -> None:
+    """The files every trial reads (data sources or a prepared dataset; a fine-tuning base and its examples)
+    must exist before the first trial starts: a missing one would fail every trial, each recorded in the study.
+    Checked in the fixed config, and at each value of a space key that names one."""
+    keys = INPUT_KEYS[cfg.command]
+    varied = [[_override(k, v)] for k, p in cfg.space.items() if k in keys for v in p.values()]
+    for overrides in [[], *varied]:
+        tc = trial_config(cfg, overrides)
+        if cfg.command == "finetune":
+            named = {"base": [tc.base], "data.train": [tc.data.train], "data.val": [tc.data.val]}
+        elif tc.data.dataset_dir:
+            named = {"data.dataset_dir": [tc.data.dataset_dir]}
+        else:
+            named = {"data.sources": tc.data.sources}
+        for key, files in named.items():
+            for name in filter(None, files):
+                _check_input(path, key, name)
+
+
+def _check_input(path: str, key: str, name: str) -> None:
+    """UserError naming ``key`` unless ``name`` exists (a data source may be a glob, which must match)."""
+    where = "" if Path(name).expanduser().is_absolute() else f" (a relative path is read from the working folder, " \
+                                                             f"{Path.cwd()})"
+    if key == "data.sources":
+        try:
+            expand_sources([name])
+        except UserError as e:
+            raise _problem(path, f"{key}: {e}{where}") from None
+    elif not Path(name).expanduser().exists():
+        raise _problem(path, f"{key}: '{name}' does not exist{where}")
 
 
 def _check_blocks_fit(path: str, cfg: SweepConfig) -> None:
@@ -372,11 +411,11 @@ def _objective(cfg: SweepConfig, sweep_dir: Path, say, failures: list[TrialFaile
         run_dir = trial_dir(sweep_dir, trial.number if original is None else original)
         trial.set_user_attr("run_dir", str(run_dir))
         extra = [] if cfg.command == "finetune" else ["sample.num_samples=0"]
-        tc = trial_config(cfg, [*(_override(k, v) for k, v in params.items()), f"out_dir={run_dir}", *extra])
         resume = rundir.is_run_dir(run_dir) and rundir.latest_checkpoint(run_dir) is not None
         if run_dir.exists() and not resume:  # killed before its first checkpoint: nothing to keep
             busy = rundir.being_written(run_dir)  # unless its worker is alive after all (a missed heartbeat)
-            if busy is not None:
+            if busy is not None:  # not the trial's failure: it stops the sweep, which the CLI says in one line
+                quiet.numbers.add(trial.number)
                 raise busy
             shutil.rmtree(run_dir)
         pruned = False
@@ -400,7 +439,8 @@ def _objective(cfg: SweepConfig, sweep_dir: Path, say, failures: list[TrialFaile
             f" (trial {original} again)" if original is not None else ""
         say(f"trial {trial.number}{again}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                        for k, v in params.items()), flush=True)
-        try:
+        try:  # everything that may raise a UserError, so that it fails the trial in one line
+            tc = trial_config(cfg, [*(_override(k, v) for k, v in params.items()), f"out_dir={run_dir}", *extra])
             if cfg.command == "finetune":
                 result = finetune(tc, resume=resume, progress=False, on_eval=on_eval)
                 final = result.metrics
@@ -490,15 +530,18 @@ def _completed(study) -> int:
 
 
 def format_report(st, metric: str) -> str:
-    """A table of every trial: number, state, value, steps, time, parameters."""
+    """A table of every trial: number, state, value, steps, time, parameters (and why a failed trial failed)."""
     rows = [("trial", "state", metric, "steps", "time", "params")]
     for t in st.get_trials(deepcopy=False):
         value = f"{t.value:.4f}" if t.value is not None else (
             f"({max(t.intermediate_values.items())[1]:.4f})" if t.intermediate_values else "")
         secs = t.user_attrs.get("train_time_s")
+        reason = t.user_attrs.get("fail_reason")
+        note = f"failed: {reason}" if reason else "stopped by Ctrl-C" if t.user_attrs.get("interrupted") else ""
         rows.append((str(t.number), t.state.name.lower(), value, str(t.user_attrs.get("steps", "")),
                      f"{secs:.0f} s" if secs is not None else "",
-                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())))
+                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+                     + (f"  | {note}" if note else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows)
 
@@ -528,13 +571,15 @@ def write_report(st, sweep_dir: Path, metric: str, say=print) -> None:
              f"lmforge train -c {sweep_dir / 'best.yaml'}\n"
     rundir.write_text_atomic(sweep_dir / "best.yaml", header + yaml.safe_dump(best_cfg, sort_keys=False))
     plots = {"history.png": vis.plot_optimization_history, "importances.png": vis.plot_param_importances,
-             "parallel.png": vis.plot_parallel_coordinate}
+             "parallel.png": parallel_plot}
     written = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's matplotlib plots are marked experimental
         for name, plot in plots.items():
             try:
-                ax = plot(st)
+                # Each in matplotlib's default style: optuna's plots switch to ggplot (grey) for the whole process.
+                with plt.style.context("default"):
+                    ax = plot(st)
             except (ValueError, RuntimeError):  # e.g. importances of a single complete trial
                 continue
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
@@ -543,6 +588,33 @@ def write_report(st, sweep_dir: Path, metric: str, say=print) -> None:
             written.append(name)
     say(f"best: trial {best.number}, {metric} {best.value:.4f}, {best.params} | {sweep_dir / 'best.yaml'} | "
         + ", ".join(written))
+
+
+PARALLEL_COLORS = (0.0, 0.75)
+"""The part of viridis that colours trials in parallel.png: its last quarter is too pale to see on white."""
+
+
+def parallel_plot(st):
+    """Optuna's parallel-coordinate plot (one line per complete trial, coloured by its value), on white in viridis
+    with a colour bar: optuna's own colours (Blues) draw the worst trials all but white. The best trials are the
+    darkest, as in optuna's. Returns the Axes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import ListedColormap
+    from optuna.study import StudyDirection
+    from optuna.visualization import matplotlib as vis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # marked experimental
+        ax = vis.plot_parallel_coordinate(st)
+    cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(*PARALLEL_COLORS, 256)), name="lmforge_trials")
+    if st.direction == StudyDirection.MAXIMIZE:
+        cmap = cmap.reversed()
+    ax.set_facecolor("white")
+    for lines in ax.collections:
+        if isinstance(lines, LineCollection):
+            lines.set_cmap(cmap)  # the colour bar follows its mappable
+    return ax
 
 
 def report_cli(sweep_dir: str, study: str | None = None, storage: str | None = None) -> None:

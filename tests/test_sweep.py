@@ -138,6 +138,39 @@ def test_a_block_size_longer_than_the_data_stops_the_sweep_at_its_first_trial_in
     assert "fewer than one block of 100000" in err and "no further trial" in err
     trial, = _trials(tmp_path / "sw")
     assert trial.state.name == "FAIL" and "fewer than one block" in trial.user_attrs["fail_reason"]
+    assert main(["sweep", "--report", str(tmp_path / "sw")]) == 0  # a later report says why it failed
+    row = capfd.readouterr().out.splitlines()[1]
+    assert row.startswith("0 ") and "fail" in row and "| failed: " in row and "fewer than one block" in row
+
+
+def test_a_missing_data_source_is_refused_before_any_trial_in_one_line_naming_file_and_key(tmp_path, corpus, capfd,
+                                                                                          monkeypatch):
+    # The README's sweep run from a folder without the text its base reads: no trial may be recorded for it.
+    monkeypatch.chdir(tmp_path)
+    fixed = _sweep_file(tmp_path, corpus, base="shakespeare-fast")
+    spec = yaml.safe_load(fixed.read_text())
+    spec["overrides"] = [o for o in spec["overrides"] if not o.startswith("data.sources")]
+    fixed.write_text(yaml.safe_dump(spec))
+    (tmp_path / "searched").mkdir()
+    searched = _sweep_file(tmp_path / "searched", corpus,
+                           space={"data.sources": {"type": "categorical", "choices": [[str(corpus)], ["nowhere.txt"]]}})
+    for path, missing in ((fixed, "tinyshakespeare.txt"), (searched, "nowhere.txt")):
+        assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw")]) == 2
+        out, err = capfd.readouterr()
+        assert f"data.sources: data source '{missing}' does not exist" in err and str(tmp_path) in err
+        assert "\n" not in err.strip() and "trial" not in out
+        assert not (tmp_path / "sw").exists()
+
+
+def test_a_config_a_trial_draws_that_is_invalid_fails_that_trial_in_one_line(tmp_path, corpus, capfd):
+    # n_head=3 does not divide n_embd=32; the range's ends (1 and 4) do, so only a trial finds out.
+    path = _sweep_file(tmp_path, corpus, seed=0, space={"model.n_head": {"type": "int", "low": 1, "high": 4}})
+    assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw")]) == 2
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "model.n_head=3" in out
+    assert err.strip().splitlines() == [err.strip()] and "trial 0: " in err and "n_head" in err
+    trial, = _trials(tmp_path / "sw")
+    assert trial.state.name == "FAIL" and "n_head" in trial.user_attrs["fail_reason"]
 
 
 def test_a_block_size_longer_than_a_shared_prepared_dataset_is_refused_before_the_study(tmp_path, corpus, capsys):
@@ -189,3 +222,28 @@ def test_l1_shrinks_the_sum_of_absolute_weights(tmp_path, corpus):
         assert any("l1_penalty" in r for r in records) == (l1 > 0)
     assert sums[1e-3] < 0.9 * sums[0.0]
     assert torch.isfinite(torch.tensor(list(sums.values()))).all()
+
+
+def _contrast(a, b) -> float:
+    """WCAG's contrast ratio of two RGB(A) colours (1: the same luminance, 21: black on white)."""
+    def luminance(c) -> float:
+        lin = [x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4 for x in c[:3]]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_parallel_png_draws_every_trial_in_a_colour_that_stands_out_from_its_background():
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    for direction in ("minimize", "maximize"):
+        study = optuna.create_study(direction=direction, sampler=optuna.samplers.RandomSampler(seed=0))
+        study.optimize(lambda t: t.suggest_float("optim.lr", 1e-4, 1e-2, log=True) * 100 + t.suggest_int("n", 1, 4),
+                       n_trials=8)
+        ax = sweep.parallel_plot(study)
+        lines, = [c for c in ax.collections if isinstance(c, LineCollection)]
+        colours = lines.to_rgba(lines.get_array())  # what each trial's line is drawn in
+        assert len(colours) == 8
+        assert min(_contrast(c, ax.get_facecolor()) for c in colours) >= 2.0
+        plt.close(ax.get_figure())
