@@ -34,7 +34,15 @@ import torch
 from lmforge import rundir
 from lmforge.compress.options import PruneOptions
 from lmforge.compress.output import source_weights, train_config_of, write_compressed_run
-from lmforge.compress.report import Report, Windows, describe_device, eval_windows, format_report, measure
+from lmforge.compress.report import (
+    Report,
+    Windows,
+    describe_device,
+    eval_windows,
+    format_report,
+    measure,
+    measure_speeds,
+)
 from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.interop import check_new_folder
@@ -227,16 +235,17 @@ def prune_run(source: str, out: str, spec: PruneSpec, *, calibration: list[str] 
     if spec.method != "magnitude" and calib is None:
         raise UserError(f"--method {spec.method} needs calibration text: '{source}' has no dataset, give "
                         f"--calibration FILES")
-    before = measure(run.model, run.tokenizer, ev, rt, source_weights(run), speed)
+    before = measure(run.model, ev, rt, source_weights(run))
     masks = None
     if spec.method == "structured":
         model = remove_neurons(run.model, calib, rt, spec.ratio)
     else:
         masks = magnitude_masks(run.model, spec.sparsity) if spec.method == "magnitude" \
             else wanda_masks(run.model, spec.sparsity, calib, rt)
-        model = run.model
+        # The masks apply in place: the source stays whole beside the copy when the two are timed.
+        model = copy.deepcopy(run.model) if speed else run.model
         apply_masks(model, masks)
-    after = measure(model, run.tokenizer, ev, rt, None, speed)
+    after = measure(model, ev, rt, None)
     compression = {"method": spec.method, "source": str(run.checkpoint),
                    **({"ratio": spec.ratio, "intermediate_size": model.cfg.intermediate_size}
                       if spec.method == "structured" else {"sparsity": spec.sparsity, "mask": MASK_FILE}),
@@ -254,13 +263,16 @@ def prune_run(source: str, out: str, spec: PruneSpec, *, calibration: list[str] 
     write_compressed_run(run, cfg, model, out_dir, compression,
                          extra=(lambda folder: save_masks(folder, masks)) if masks is not None else None)
     report.after.file_bytes = (rundir.latest_checkpoint(out_dir) / rundir.WEIGHTS).stat().st_size
+    timed = [(run.model, report.before), (model, report.after)]
     with rundir.lock(out_dir):  # one writer from here to the report (the recovery's train() takes it again)
         if recover_steps:
-            report.write(out_dir)  # the pruned model's figures, in case the recovery is interrupted
+            report.write(out_dir)  # the pruned model's figures (no speed yet), in case the recovery is interrupted
             train(cfg, resume=True, progress=progress)
             recovered = load_run(out_dir, rt.device)
-            report.recovered = measure(recovered.model, recovered.tokenizer, ev, rt,
-                                       rundir.latest_checkpoint(out_dir) / rundir.WEIGHTS, speed)
+            report.recovered = measure(recovered.model, ev, rt, rundir.latest_checkpoint(out_dir) / rundir.WEIGHTS)
+            timed.append((recovered.model, report.recovered))
+        if speed:  # every model timed against the source in the same rounds
+            measure_speeds(timed, run.tokenizer, ev, rt)
         report.write(out_dir)
     print(format_report(report))
     return report

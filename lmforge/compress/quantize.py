@@ -4,12 +4,13 @@ cost and gained (:mod:`lmforge.compress.report`)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from lmforge import rundir
 from lmforge.compress.options import QuantizeOptions
 from lmforge.compress.output import source_weights, train_config_of, write_compressed_run
-from lmforge.compress.report import Report, describe_device, eval_windows, format_report, measure
+from lmforge.compress.report import Report, describe_device, eval_windows, format_report, measure, measure_speeds
 from lmforge.errors import UserError
 from lmforge.interop import check_new_folder
 from lmforge.loading import LoadedRun, load_lm
@@ -49,9 +50,12 @@ def quantize_run(source: str, out: str, spec: QuantSpec, *, data: list[str] | No
     run = load_lm(source, rt.device, "lmforge quantize")
     check_quantizable(run, source, spec)
     ev = eval_windows(run, windows, data)
-    before = measure(run.model, run.tokenizer, ev, rt, source_weights(run), speed)
-    model = quantize_model(run.model, spec)
-    after = measure(model, run.tokenizer, ev, rt, None, speed)
+    before = measure(run.model, ev, rt, source_weights(run))
+    # quantize_model works in place: the source stays whole beside the copy when the two are timed.
+    model = quantize_model(copy.deepcopy(run.model) if speed else run.model, spec)
+    after = measure(model, ev, rt, None)
+    if speed:
+        measure_speeds([(run.model, before), (model, after)], run.tokenizer, ev, rt)
     compression = {"method": spec.method, "group_size": spec.group_size if spec.method == "int4" else None,
                    "include_embeddings": spec.include_embeddings, "source": str(run.checkpoint)}
     report = Report(command="quantize", source=str(run.checkpoint), out=str(out_dir), method=compression,

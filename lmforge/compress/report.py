@@ -1,5 +1,6 @@
 """What a compression costs and gains, measured the same way for every method: bytes of the block Linear
-weights and of the whole checkpoint, perplexity on the same windows, decode speed on the same prompts.
+weights and of the whole checkpoint, perplexity on the same windows, decode speed on the same prompts (the models
+timed in alternation, :mod:`lmforge.compress.timing`: medians with their spread, ratios taken round by round).
 
 The windows come from the source run's validation split (the evenly spaced windows training evaluates on),
 or from text files given as ``--data`` (one window after another). The same windows calibrate Wanda's
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 from lmforge import rundir
 from lmforge.compress.gguf import read_gguf
 from lmforge.compress.output import source_weights
+from lmforge.compress.timing import ROUNDS, Spread, format_ratio, format_spread, ratio_per_round, time_alternating
 from lmforge.config import TrainConfig
 from lmforge.data.loader import eval_offsets, open_split
 from lmforge.data.prepare import load_meta
@@ -90,18 +91,6 @@ def windows_loss(model: GPT, windows: Windows, rt: Runtime, batch_size: int = 8)
     return total / len(windows.tokens)
 
 
-def decode_speed(model: GPT, prompts: list[list[int]], rt: Runtime, reps: int = 3) -> float:
-    """New tokens per second of greedy decoding (prefill included), the median of ``reps`` after a warm-up."""
-    timings = []
-    for rep in range(reps + 1):
-        t = time.perf_counter()
-        with rt.autocast():
-            generate(model, prompts, NEW_TOKENS, temperature=0.0)
-        if rep:
-            timings.append(time.perf_counter() - t)
-    return len(prompts) * NEW_TOKENS / statistics.median(timings)
-
-
 def decode_prompts(windows: Windows | None, tokenizer: Tokenizer, n: int) -> list[list[int]]:
     """``n`` prompts of PROMPT_TOKENS tokens: the first tokens of windows, or fixed text without windows."""
     if windows is not None and len(windows.tokens) >= n:
@@ -125,6 +114,19 @@ def linear_bytes(model: GPT) -> tuple[int, int]:
     return stored, params
 
 
+def zero_fraction(model: GPT) -> float | None:
+    """The fraction of the block Linear weights that are exactly zero (what unstructured pruning sets); None for a
+    quantized model (its integers are not its weights)."""
+    zeros = total = 0
+    for _, parent, attr in block_linears(model):
+        m = getattr(parent, attr)
+        if isinstance(m, QuantLinear):
+            return None
+        zeros += int((m.weight == 0).sum())
+        total += m.weight.numel()
+    return zeros / total if total else None
+
+
 @dataclass
 class Measured:
     """One model's figures."""
@@ -135,20 +137,53 @@ class Measured:
     file_bytes: int | None
     val_loss: float | None
     val_ppl: float | None
+    linear_zero_fraction: float | None = None
+    """The fraction of the block Linear weights that are zero (None: quantized)."""
     decode_tokens_per_s: dict[str, float] = field(default_factory=dict)
-    """Batch size -> new tokens per second."""
+    """Batch size -> new tokens per second, the median over the rounds (the spread: ``decode_spread``)."""
+    decode_spread: dict[str, Spread] = field(default_factory=dict)
+    """Batch size -> new tokens per second: median, min, max and every round's (see :func:`measure_speeds`)."""
+    decode_vs_before: dict[str, Spread] = field(default_factory=dict)
+    """Batch size -> these tokens per second over the model before compression's, round by round (empty for the
+    model before)."""
 
 
-def measure(model: GPT, tokenizer: Tokenizer, windows: Windows | None, rt: Runtime,
-            weights_file: Path | None, speed: bool = True) -> Measured:
+def measure(model: GPT, windows: Windows | None, rt: Runtime, weights_file: Path | None) -> Measured:
+    """A model's bytes and loss (its decode speed: :func:`measure_speeds`, against the other models)."""
     stored, params = linear_bytes(model)
     loss = windows_loss(model, windows, rt) if windows is not None else None
-    speeds = {}
-    if speed:
-        for batch in DECODE_BATCHES:
-            speeds[str(batch)] = decode_speed(model, decode_prompts(windows, tokenizer, batch), rt)
     return Measured(stored, 2 * params, weights_file.stat().st_size if weights_file else None, loss,
-                    math.exp(loss) if loss is not None else None, speeds)
+                    math.exp(loss) if loss is not None else None, zero_fraction(model))
+
+
+def _decode(model: GPT, prompts: list[list[int]], rt: Runtime) -> None:
+    """Greedy decoding of NEW_TOKENS after each prompt (prefill included): what decode speed times."""
+    with rt.autocast():
+        generate(model, prompts, NEW_TOKENS, temperature=0.0)
+
+
+def decode_speed(model: GPT, prompts: list[list[int]], rt: Runtime, reps: int = 3) -> float:
+    """One model's new tokens per second of greedy decoding, the median of ``reps`` after a warm-up (for a
+    caller that alternates models itself; :func:`measure_speeds` times models against each other)."""
+    seconds = time_alternating([lambda: _decode(model, prompts, rt)], reps)[0]
+    return len(prompts) * NEW_TOKENS / Spread.of(seconds).median
+
+
+def measure_speeds(columns: Sequence[tuple[GPT, Measured]], tokenizer: Tokenizer, windows: Windows | None,
+                   rt: Runtime, rounds: int = ROUNDS) -> None:
+    """Fill each column's decode figures, the models timed in alternation at each batch size of DECODE_BATCHES:
+    tokens/s as a median with its spread, and every column after the first its ratio to the first, round by
+    round (the first column is the baseline: the model before compression)."""
+    for batch in DECODE_BATCHES:
+        prompts = decode_prompts(windows, tokenizer, batch)
+        seconds = time_alternating([lambda m=model, p=prompts: _decode(m, p, rt) for model, _ in columns], rounds)
+        speeds = [[batch * NEW_TOKENS / s for s in timings] for timings in seconds]
+        for i, ((_, measured), speed) in enumerate(zip(columns, speeds, strict=True)):
+            spread = Spread.of(speed)
+            measured.decode_tokens_per_s[str(batch)] = spread.median
+            measured.decode_spread[str(batch)] = spread
+            if i:
+                measured.decode_vs_before[str(batch)] = ratio_per_round(speed, speeds[0])
 
 
 @dataclass
@@ -189,26 +224,34 @@ def format_report(r: Report) -> str:
     first, last = r.before, columns[-1][1]
     rows = [("", *(name for name, _ in columns), f"{columns[-1][0]}/before")]
 
-    def row(label: str, get, fmt) -> None:
+    def row(label: str, get, fmt, ratio: str | None = None) -> None:
         values = [get(m) for _, m in columns]
-        rows.append((label, *(fmt(v) if v is not None else "n/a" for v in values), _ratio(values[-1], values[0])))
+        rows.append((label, *(fmt(v) if v is not None else "n/a" for v in values),
+                     _ratio(values[-1], values[0]) if ratio is None else ratio))
 
     row("Linear weights", lambda m: m.linear_bytes, _mib)
-    rows.append(("  of bf16's", *("" for _ in columns[:-1]), _mib(first.linear_bf16_bytes),
-                 _ratio(last.linear_bytes, first.linear_bf16_bytes)))
+    if r.command == "prune":  # zeros stored dense take the same bytes: the sparsity is the figure
+        row("  zero", lambda m: m.linear_zero_fraction, lambda v: f"{100 * v:.1f}%", "")
+    else:
+        rows.append(("  of bf16's", *("" for _ in columns[:-1]), _mib(first.linear_bf16_bytes),
+                     _ratio(last.linear_bytes, first.linear_bf16_bytes)))
     row("weights file", lambda m: m.file_bytes, _mib)
     if first.val_ppl is not None:
         row("val perplexity", lambda m: m.val_ppl, lambda v: f"{v:.4f}")
-    for batch in first.decode_tokens_per_s:
-        row(f"decode tok/s, batch {batch}", lambda m, b=batch: m.decode_tokens_per_s.get(b), lambda v: f"{v:,.1f}")
+    for batch in first.decode_spread:
+        ratio = last.decode_vs_before.get(batch)
+        row(f"decode tok/s, batch {batch}", lambda m, b=batch: m.decode_spread.get(b),
+            lambda s: format_spread(s, 1), format_ratio(ratio) if ratio is not None else "")
     widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
     lines = [f"{x[0]:<{widths[0]}}  " + "  ".join(f"{cell:>{widths[i + 1]}}" for i, cell in enumerate(x[1:]))
              for x in rows]
     where = f"perplexity on {r.n_windows} windows of {r.windows}" if r.windows else \
         "no perplexity: the source has no prepared dataset (give --data FILES)"
-    speed = (f"decode: greedy, {PROMPT_TOKENS}-token prompts + {NEW_TOKENS} new tokens, median of 3"
-             if first.decode_tokens_per_s else "")
-    return "\n".join(lines + [f"{where}; {speed}" if speed else where, f"device: {r.device}"] + r.notes)
+    rounds = len(next(iter(first.decode_spread.values())).rounds) if first.decode_spread else 0
+    speed = [f"decode: greedy, {PROMPT_TOKENS}-token prompts + {NEW_TOKENS} new tokens; the models timed in "
+             f"alternation (a warm-up of each, then {rounds} rounds): median (min-max) over the rounds, each "
+             f"ratio taken within its round"] if rounds else []
+    return "\n".join(lines + [where, *speed, f"device: {r.device}"] + r.notes)
 
 
 def describe_device(rt: Runtime) -> str:
@@ -222,7 +265,7 @@ def gguf_report(run: LoadedRun, model: GPT, path: Path, qtype: str, windows: int
     in float32; its decode speed is llama.cpp's, not measured)."""
     rt = setup_runtime("cpu", "fp32")
     ev = eval_windows(run, windows)
-    before = measure(model, run.tokenizer, ev, rt, source_weights(run), speed=False)
+    before = measure(model, ev, rt, source_weights(run))
     _, tensors = read_gguf(path)
     own = model.state_dict()
     back = GPT(model.cfg)
@@ -230,7 +273,7 @@ def gguf_report(run: LoadedRun, model: GPT, path: Path, qtype: str, windows: int
     back.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items() if k in own})
     blocks = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors
                  if t.name.startswith("blk.") and len(t.shape) == 2)
-    after = measure(back.eval(), run.tokenizer, ev, rt, path, speed=False)
+    after = measure(back.eval(), ev, rt, path)
     after.linear_bytes = blocks
     return Report(command="export", source=str(run.checkpoint), out=str(path), method={"format": "gguf", "type": qtype},
                   before=before, after=after, windows=ev.source if ev else None,
