@@ -40,30 +40,47 @@ def _bits_per_byte_factor(run: str) -> float:
                         f"dataset a pretraining run trained on") from None
 
 
+SPARSE_POINTS = 30
+"""A curve with fewer points than this is drawn with a marker at each: a single point draws no line at all."""
+
+
 def compare_runs(run_dirs: list[str], png: str | Path, bpb: bool = False) -> tuple[list[tuple[str, dict]], Path]:
     """(run, final metrics) for each run, and the path of the PNG with every run's loss curves (with
     ``bpb``, in bits per byte, so that runs with different tokenizers share one axis)."""
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for run in run_dirs:
+        path = Path(run) / METRICS
+        if not path.is_file():
+            raise UserError(f"'{run}' has no {METRICS} (expected a run directory)")
+        runs.append((run, read_metrics(path)))
+    fig = loss_figure(runs, bpb)
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return [(run, _final(records)) for run, records in runs], png
+
+
+def loss_figure(runs: list[tuple[str, list[dict]]], bpb: bool = False):
+    """The Figure of each (run, metrics records)'s train and val loss curves, one colour per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
+    factors = [_bits_per_byte_factor(run) if bpb else 1.0 for run, _ in runs]  # refused before a figure is open
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for i, run in enumerate(run_dirs):
-        path = Path(run) / METRICS
-        if not path.is_file():
-            raise UserError(f"'{run}' has no {METRICS} (expected a run directory)")
-        records = read_metrics(path)
-        rows.append((run, _final(records)))
+    for i, ((run, records), factor) in enumerate(zip(runs, factors, strict=True)):
         color = f"C{i % 10}"
-        factor = _bits_per_byte_factor(run) if bpb else 1.0
         val_key = "val_bpb" if bpb else "val_loss"
         train = [(r["step"], r["loss"] * factor) for r in records
                  if r.get("kind") == "train" and r.get("loss") is not None]
         val = [(r["step"], r[val_key]) for r in records if r.get("kind") == "eval" and r.get(val_key) is not None]
         if train:
-            ax.plot(*zip(*train, strict=True), color=color, linewidth=1, alpha=0.6, label=f"{Path(run).name} train")
+            ax.plot(*zip(*train, strict=True), color=color, linewidth=1, alpha=0.6, label=f"{Path(run).name} train",
+                    marker="." if len(train) < SPARSE_POINTS else None)
         if val:
             ax.plot(*zip(*val, strict=True), "o-", color=color, markersize=3, label=f"{Path(run).name} val")
     ax.set_xlabel("step")
@@ -71,11 +88,7 @@ def compare_runs(run_dirs: list[str], png: str | Path, bpb: bool = False) -> tup
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    plt.close(fig)
-    return rows, png
+    return fig
 
 
 def format_comparison(rows: list[tuple[str, dict]]) -> str:

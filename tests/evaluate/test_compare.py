@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lmforge.errors import UserError
-from lmforge.evaluate.compare import compare_runs, format_comparison
+from lmforge.evaluate.compare import compare_runs, format_comparison, loss_figure
 
 
 def _run(folder, losses, val):
@@ -55,3 +55,21 @@ def test_bpb_puts_runs_with_different_tokenizers_on_one_axis(tmp_path):
     assert compare_runs([chars, bpe], tmp_path / "bpb.png", bpb=True)[1].is_file()
     with pytest.raises(UserError, match="no readable dataset_meta.json"):
         compare_runs([_run(tmp_path / "imported", [1.0], 1.0)], tmp_path / "x.png", bpb=True)
+
+
+def test_a_run_with_a_single_logged_point_still_shows_in_the_png(tmp_path):
+    import matplotlib.pyplot as plt
+
+    one = _run(tmp_path / "one", [2.0], 1.9)  # one train record, one eval record
+    many = _run(tmp_path / "many", [3.0 - i / 100 for i in range(100)], 1.6)
+    fig = loss_figure([(one, _records(one)), (many, _records(many))])
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    plt.close(fig)
+    # A one-point line has no length: only a marker draws it.
+    for label in ("one train", "one val"):
+        assert len(lines[label].get_xdata()) == 1 and lines[label].get_marker() not in (None, "None", "", " ")
+    assert lines["many train"].get_marker() in (None, "None", "", " ")  # a dense curve stays a plain line
+
+
+def _records(run):
+    return [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
