@@ -42,6 +42,7 @@ from lmforge.evaluate.options import EvalRequest
 from lmforge.evaluate.runner import evaluate_run, write_report
 from lmforge.finetuning.finetune import FinetuneResult, finetune
 from lmforge.rundir import is_run_dir
+from lmforge.training.budget import too_short
 from lmforge.training.checkpoint import trainer_meta
 from lmforge.training.pretrain import train
 
@@ -253,7 +254,9 @@ def finetune_base(cfg: FinetuneConfig, say=print) -> FinetuneResult:
         meta = trainer_meta(ckpt)
         say(f"{run} finished fine-tuning before (step {meta['step']}): using it")
         metrics = json.loads((run / rundir.FINAL_EVAL).read_text(encoding="utf-8"))
-        return FinetuneResult(run, meta["step"], metrics, meta["train_time_s"])
+        planned = meta["planned_steps"] if cfg.train.budget_minutes else 0
+        return FinetuneResult(run, meta["step"], metrics, meta["train_time_s"],
+                              too_short(planned, cfg.optim.warmup_steps))
 
 
 def evaluate_model(run: Path, test_path: Path, app: App, out: Path, say=print) -> dict:
@@ -326,7 +329,7 @@ def _model_and_report(app: App, req: AppRequest, cfg: FinetuneConfig, state: App
     results = {
         "app": app.name, "seed": req.seed, "metric": app.metric, "base": req.base, "model_dir": str(result.run_dir),
         "train_records": len(train_recs), "test_records": len(test_recs), "finetune_steps": result.step,
-        "finetune_s": result.train_time_s, "total_s": state.elapsed(),
+        "too_short": result.too_short, "finetune_s": result.train_time_s, "total_s": state.elapsed(),
         "model": model, "baselines": {k: {m: v for m, v in b.items() if m != "outputs"} for k, b in baselines.items()},
         "bar": {"baseline": bar_name, "value": baselines[bar_name][app.metric]},
         "beats_bar": model[app.metric] > baselines[bar_name][app.metric]}
@@ -354,6 +357,9 @@ def format_report(app: App, results: dict, test_recs: list[TaskRecord], outputs:
              f"{results['train_records']:,} train / {results['test_records']:,} test records; fine-tuned "
              f"{results['finetune_steps']} steps ({results['finetune_s'] / 60:.1f} min) from {results['base']}, "
              f"seed {results['seed']}; {results['total_s'] / 60:.1f} min in all.", "",
+             *([f"**Warning**: the fine-tuning was {results['too_short']}: this machine was too slow for the "
+                f"recipe's time budget (a longer `--set train.budget_minutes=M`, or a quieter machine).", ""]
+               if results.get("too_short") else []),
              format_table(app, results),
              f"The model {verdict} the strongest baseline ({results['bar']['baseline']}, "
              f"{app.metric} {results['bar']['value']:.2f}) with {app.metric} {results['model'][app.metric]:.2f}.", "",

@@ -40,6 +40,8 @@ class FinetuneResult:
     metrics: dict
     """The final evaluation (val loss; exact match or accuracy/F1/confusion matrix)."""
     train_time_s: float
+    too_short: str = ""
+    """Why a time-budgeted run was too short for its recipe (:func:`lmforge.training.budget.too_short`), or ""."""
 
 
 class FinetuneTask(Protocol):
@@ -169,8 +171,8 @@ def _finetune(session: TrainingSession, cfg: FinetuneConfig,
     use = f"lmforge predict {run_dir} --text TEXT" if cfg.task == "classify" else \
         f"lmforge generate {run_dir} --chat -p TEXT"
     session.say_done(f"{out.step} steps in {format_duration(out.train_time_s)} | val {format_metrics(final_metrics)} | "
-                     f"{run_dir}", [use, f"lmforge export {run_dir} --out DIR"])
-    return FinetuneResult(run_dir, out.step, final_metrics, out.train_time_s)
+                     f"{run_dir}", [use, f"lmforge export {run_dir} --out DIR"], out.too_short)
+    return FinetuneResult(run_dir, out.step, final_metrics, out.train_time_s, out.too_short)
 
 
 def write_merged(model: torch.nn.Module, ckpt: Path) -> None:

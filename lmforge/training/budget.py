@@ -9,12 +9,18 @@ schedule (a cosine's lr shifts by a few percent at most; WSD's stable phase just
 shorter); after that the plan is fixed, so the decay runs to its end undisturbed. The plan is saved
 with each checkpoint (:attr:`TrainerState.planned_steps`) and a resume keeps it.
 
+A machine can be too slow for a recipe: at 6 s/step a 3-minute budget holds 28 steps, fewer than the
+default recipe's 50 warmup steps. The plan then still ends the schedule with the budget: the warmup is
+cut to a :data:`MEANINGFUL_WARMUPS`-th of the plan (:meth:`StepBudget.warmup_steps`), and the plan and
+the done line say plainly that the run is too short for the recipe, and what to do about it.
+
 A test may make the plan read a fake clock instead (:func:`lmforge.testhooks.fake_step_seconds`: training time
 at step n is n * S), so that it knows the planned step count on any host.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -26,6 +32,10 @@ PLAN_AFTER = 10
 """Steps timed, after the first, before the first plan."""
 REVISE_UNTIL = 0.5
 """The plan is revised until the run is this far through it, then fixed."""
+MEANINGFUL_WARMUPS = 5
+"""A budgeted run shorter than this many of its recipe's warmups is too short for the recipe: its warmup is cut
+to fit, and it is said to be too short. (The default recipe on a quiet 2-core EPYC plans ~480 steps, 9.6 of its
+50-step warmups, and is the reference quality; at 5 warmups the warmup alone would be a fifth of the run.)"""
 EVAL_BATCH_COST = 1 / 3
 """An evaluation batch's cost relative to a training micro-batch (a forward pass without the backward)."""
 
@@ -34,18 +44,33 @@ def plan_steps(budget_s: float, elapsed_s: float, step: int, step_s: float, tc: 
     """The step count that fills ``budget_s`` seconds of training: ``elapsed_s`` are spent at ``step``,
     and each further step takes ``step_s`` plus its share of the periodic evaluations. At least one more
     step, at most train.max_steps."""
-    eval_share = tc.eval_batches * EVAL_BATCH_COST / (tc.grad_accum * tc.eval_interval)
-    fits = int((budget_s - elapsed_s) / (step_s * (1 + eval_share)))
+    fits = int((budget_s - elapsed_s) / step_cost(step_s, tc))
     return max(step + 1, min(tc.max_steps, step + fits))
+
+
+def step_cost(step_s: float, tc: TrainLoopConfig) -> float:
+    """Seconds per step with its share of the periodic evaluations, for steps of ``step_s`` seconds."""
+    return step_s * (1 + tc.eval_batches * EVAL_BATCH_COST / (tc.grad_accum * tc.eval_interval))
+
+
+def too_short(planned_steps: int, warmup_steps: int) -> str:
+    """Why a run that planned ``planned_steps`` (0: no plan) is too short for a recipe warming up over
+    ``warmup_steps``, or "" when it is not (:data:`MEANINGFUL_WARMUPS`)."""
+    if not planned_steps or planned_steps >= MEANINGFUL_WARMUPS * warmup_steps:
+        return ""
+    return (f"too short for this recipe: {planned_steps} steps, under {MEANINGFUL_WARMUPS}x its {warmup_steps}-step "
+            f"warmup (see the plan's warning)")
 
 
 class StepBudget:
     """The step count of a budgeted run, planned and revised as described in the module docstring."""
 
-    def __init__(self, tc: TrainLoopConfig, state: TrainerState, say: Callable[..., None],
+    def __init__(self, tc: TrainLoopConfig, warmup_steps: int, state: TrainerState, say: Callable[..., None],
                  sync: Callable[[], None], agree: Callable[[int], int] = lambda n: n):
-        """``agree`` makes one plan of every process's (under torchrun: rank 0's, broadcast)."""
+        """``warmup_steps`` is the recipe's (optim.warmup_steps); ``agree`` makes one plan of every process's
+        (under torchrun: rank 0's, broadcast)."""
         self.tc, self.state, self.say, self.sync, self.agree = tc, state, say, sync, agree
+        self.tc_warmup = warmup_steps
         self.active = bool(tc.budget_minutes)
         self.start_step = state.step
         self.t_paced = 0.0
@@ -53,6 +78,20 @@ class StepBudget:
         if self.active and not state.planned_steps:
             say(f"time budget: {tc.budget_minutes:g} min of training (train.budget_minutes): the step count is planned "
                 f"from the pace of the first steps, so that the learning-rate schedule ends with the budget")
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warmup the schedule uses: the recipe's, or under a plan too short for it (see
+        :data:`MEANINGFUL_WARMUPS`) a fraction of the plan, so that warmup and decay both end inside it."""
+        warmup = self.tc_warmup
+        if self.active and self.state.planned_steps:
+            warmup = min(warmup, self.state.planned_steps // MEANINGFUL_WARMUPS)
+        return warmup
+
+    @property
+    def too_short(self) -> str:
+        """For the done line: why the run is too short for its recipe, or "" when it is not."""
+        return too_short(self.state.planned_steps if self.active else 0, self.tc_warmup)
 
     @property
     def max_steps(self) -> int:
@@ -92,3 +131,12 @@ class StepBudget:
         elif abs(new - old) > 0.02 * old:
             self.say(f"step {step}: {step_s:.3f} s/step so far: {new} steps now fill the budget{capped} "
                      f"(planned {old})", flush=True)
+        short = MEANINGFUL_WARMUPS * self.tc_warmup
+        if new < short and (first or old >= short):
+            wanted = 10 * self.tc_warmup
+            minutes = math.ceil((train_time_s + (wanted - step) * step_cost(step_s, self.tc)) / 60)
+            self.say(f"warning: {new} steps are too few for this recipe, under {MEANINGFUL_WARMUPS}x its "
+                     f"{self.tc_warmup}-step warmup (optim.warmup_steps), so the model will be poor. The warmup is "
+                     f"cut to {self.warmup_steps} steps so that the schedule still ends with the budget. For a "
+                     f"meaningful run: a longer budget (train.budget_minutes={minutes} makes ~{wanted} steps at "
+                     f"this pace), a smaller model, or a quieter machine", flush=True)

@@ -13,20 +13,22 @@ from lmforge.config import OptimConfig
 from lmforge.errors import UserError
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """The learning rate of ``step``: linear warmup from 0 to cfg.lr over warmup_steps, then the decay to
-    min_lr by decay_steps (default max_steps), then flat.
+def lr_at(step: int, cfg: OptimConfig, max_steps: int, warmup_steps: int | None = None) -> float:
+    """The learning rate of ``step``: linear warmup from 0 to cfg.lr over ``warmup_steps`` (default
+    cfg.warmup_steps; a time budget may plan fewer), then the decay to min_lr by decay_steps (default
+    max_steps), then flat.
 
     'cosine' decays along a half cosine from the end of the warmup; 'wsd' holds lr until the last
     decay_fraction of the steps after the warmup, then decays linearly.
     """
     decay_steps = cfg.decay_steps or max_steps
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
     if step >= decay_steps:
         return cfg.min_lr
-    span = max(1, decay_steps - cfg.warmup_steps)
-    progress = (step - cfg.warmup_steps) / span
+    span = max(1, decay_steps - warmup)
+    progress = (step - warmup) / span
     if cfg.schedule == "wsd":
         decay_start = 1.0 - cfg.decay_fraction
         if progress < decay_start:

@@ -364,8 +364,9 @@ class TrainingSession:
             save_checkpoint(self.run_dir, model, optimizer, state, self.plan.config.train.keep_last, write_weights,
                             optimizer_state)
 
-    def say_done(self, summary: str, next_commands: list[str]) -> None:
-        """The closing lines: the summary, where the checkpoint and the loss curve are, what to run next."""
-        self.say(f"done: {summary}")
+    def say_done(self, summary: str, next_commands: list[str], too_short: str = "") -> None:
+        """The closing lines: the summary (with ``too_short``, :attr:`LoopResult.too_short`, after it), where the
+        checkpoint and the loss curve are, what to run next."""
+        self.say(f"done: {summary}" + (f" | {too_short}" if too_short else ""))
         self.say(f"  checkpoint {rundir.latest_checkpoint(self.run_dir)} | loss curve {self.run_dir / 'loss.png'}")
         self.say("  next: " + "  |  ".join(next_commands))

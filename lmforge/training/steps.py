@@ -74,6 +74,8 @@ class LoopResult:
     last_eval: dict[str, float]
     train_time_s: float
     stopped_early: bool
+    too_short: str = ""
+    """Why a budgeted run was too short for its recipe (:attr:`StepBudget.too_short`), or ""."""
 
 
 class LoopConfig(Protocol):
@@ -174,11 +176,11 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
 
-    budget = StepBudget(tc, state, say, sync, par.broadcast)
+    budget = StepBudget(tc, cfg.optim.warmup_steps, state, say, sync, par.broadcast)
     max_steps = budget.max_steps
     with GracefulStop() as stop:
         while step < max_steps:
-            lr = lr_at(step, cfg.optim, max_steps)
+            lr = lr_at(step, cfg.optim, max_steps, budget.warmup_steps)
             set_lr(job.optimizer, lr)
             step_loss = torch.zeros((), device=rt.device)
             for micro in range(tc.grad_accum):
@@ -292,4 +294,4 @@ def run_steps(job: Job, cfg: LoopConfig, rt: Runtime, logger: MetricsLogger, sta
     train_time = time.perf_counter() - t_start
     logger.log({"step": step, "kind": "done", "time_s": train_time})  # the time the done: line prints
     logger.close()
-    return LoopResult(step, last_eval, train_time, stopped_early)
+    return LoopResult(step, last_eval, train_time, stopped_early, budget.too_short)

@@ -17,6 +17,7 @@ from lmforge import rundir
 from lmforge.apps.options import DEFAULT_BASE, AppRequest
 from lmforge.config import DEFAULT_RECIPE, load_train_config, to_dict
 from lmforge.errors import UserError
+from lmforge.testhooks import FAKE_STEP_SECONDS
 from lmforge.training.pretrain import train
 from tests.fixtures import HANG_S
 
@@ -40,14 +41,19 @@ def lmforge(*args: str, cwd: Path | None = None, fault: str | None = None) -> su
                           cwd=cwd, env=env)
 
 
-def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs, toy_base, tmp_path):
+def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs, toy_base, tmp_path, monkeypatch):
     out = tmp_path / "app"
+    # A machine far too slow for the recipe: on the budget's fake clock (0.1 s a step) a 1.2 s budget plans 12 steps
+    # at step 11, under 5x the recipe's 30-step warmup; the report says so.
+    monkeypatch.setenv(FAKE_STEP_SECONDS, "0.1")
     done = lmforge("app", "translation", str(catalogs), "--base", str(toy_base), "--out", str(out),
-                   "--test-fraction", "0.3", "--set", "train.max_steps=4", "--set", "train.budget_minutes=null",
+                   "--test-fraction", "0.3", "--set", "train.budget_minutes=0.02",
                    "--set", "train.batch_size=4", "--set", "data.val_fraction=0.2")
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["finetune_steps"] == 4 and results["test_records"] >= 2
+    assert results["finetune_steps"] == 12 and results["test_records"] >= 2
+    assert results["too_short"].startswith("too short for this recipe: 12 steps, under 5x its 30-step warmup")
+    assert f"**Warning**: the fine-tuning was {results['too_short']}" in (out / "report.md").read_text()
     assert set(results["baselines"]) == {"copy the source", "nearest neighbour"}
     assert results["bar"]["value"] == max(b["chrf"] for b in results["baselines"].values())
     assert results["beats_bar"] == (results["model"]["chrf"] > results["bar"]["value"])

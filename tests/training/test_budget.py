@@ -12,6 +12,7 @@ from lmforge.config import TrainLoopConfig, load_train_config
 from lmforge.testhooks import FAKE_STEP_SECONDS
 from lmforge.training.budget import plan_steps
 from lmforge.training.optim import lr_at
+from lmforge.training.pretrain import train
 from tests.fixtures import train_losses
 
 ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "train.batch_size=8",
@@ -53,3 +54,33 @@ def test_a_budgeted_run_plans_its_steps_ends_its_schedule_and_a_resume_keeps_the
     # The schedule's last step is the planned one: its decay ends there, at the floor.
     assert last["lr"] == pytest.approx(lr_at(final["step"] - 1, optim, final["step"]))
     assert last["lr"] < 0.1 * optim.lr  # the default WSD: the last of 0.3 x 59 = 18 decay steps is at 1/17 of the peak
+
+
+def test_a_machine_too_slow_for_the_recipe_gets_a_schedule_that_still_ends_and_is_told_so(dataset, tmp_path,
+                                                                                         monkeypatch, capsys):
+    # On the fake clock each step takes 0.1 s: at step 11, 1.1 s spent and 1.9 s of the 3 s budget left plan
+    # 11 + 18 = 29 steps, fewer than the recipe's 50 warmup steps (the loaded machine: 28 steps, warmup 50).
+    monkeypatch.setenv(FAKE_STEP_SECONDS, "0.1")
+    run = tmp_path / "run"
+    cfg = load_train_config(overrides=[
+        f"data.dataset_dir={dataset}", f"out_dir={run}", "model.preset=gpt2-tiny", "model.n_layer=1",
+        "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.batch_size=2", "train.max_steps=100000",
+        "train.log_interval=5", "train.eval_interval=1000", "train.eval_batches=1", "train.ckpt_interval=1000",
+        "sample.num_samples=0", "optim.schedule=wsd", "optim.warmup_steps=50", "train.budget_minutes=0.05"])
+    result = train(cfg)
+    out = capsys.readouterr().out
+    assert "step 11: 0.100 s/step, so 29 steps fill the 0.05 min budget" in out, out
+    assert ("warning: 29 steps are too few for this recipe, under 5x its 50-step warmup (optim.warmup_steps), "
+            "so the model will be poor. The warmup is cut to 5 steps") in out, out
+    assert "train.budget_minutes=1 makes ~500 steps" in out  # 1.1 s + 489 more steps at 0.1 s: 50 s, 1 min
+    done = next(line for line in out.splitlines() if line.startswith("done: "))
+    assert done.endswith("| too short for this recipe: 29 steps, under 5x its 50-step warmup (see the plan's warning)")
+    assert result.step == 29
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "train"}
+    # Warmup and decay both inside the planned steps: before the plan the recipe's warmup (step 10 logs the lr of
+    # step index 9: 10/51 of the peak); from the plan on, past the cut warmup of 5 steps, the peak, held through
+    # WSD's stable phase; the decay (the last 30% of 24 steps) ends by the last step, near the floor.
+    assert list(lrs) == [5, 10, 15, 20, 25, 29]
+    assert lrs[10] == pytest.approx(cfg.optim.lr * 10 / 51) and lrs[15] == lrs[20] == cfg.optim.lr
+    assert lrs[29] == pytest.approx(lr_at(28, cfg.optim, 29, 5)) and lrs[29] < lrs[25] < cfg.optim.lr
