@@ -17,7 +17,7 @@ from typing import TextIO
 from lmforge.chat import ChatTemplate
 from lmforge.data.records import BadRecord
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.generate import generate_text
+from lmforge.generate import blank_note, generate_text
 from lmforge.loading import load_lm, run_template
 from lmforge.model.gpt import GPT
 from lmforge.options import ChatOptions, Sampling
@@ -108,7 +108,9 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, out: Tex
             out.write(f"unknown command {command}: {COMMANDS}\n")
         else:
             try:
-                session.reply(text, stream=out)
+                note = blank_note(session.reply(text, stream=out), session.sampling, chat=True)
+                if note:
+                    out.write(f"({note})")
             except KeyboardInterrupt:
                 out.write("\n(reply stopped)")
             except BadRecord as e:  # the template refuses the conversation (e.g. a system message)

@@ -361,6 +361,21 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
     return texts
 
 
+def blank_note(text: str, sampling: Sampling, chat: bool) -> str | None:
+    """What to tell the user about a blank reply (``chat``) or continuation, else None: an empty one is the model
+    ending its turn (or the text) at once, which looks like the command did nothing."""
+    if text.strip():
+        return None
+    if text:
+        what = f"the model's {'reply' if chat else 'continuation'} is only whitespace"
+    elif chat:
+        what = "the model ended its turn at once: no reply"
+    else:
+        what = "the model ended the text at once: no continuation"
+    tip = "try sampling with -t 0.8" if sampling.temperature == 0 else "try another --seed"
+    return f"{what}; {tip}, or more training"
+
+
 def generate_command(o: GenerateOptions) -> None:
     """``lmforge generate``: continue the prompts (a single one streamed as it comes), print the texts."""
     prompts = list(o.prompt)
@@ -387,8 +402,14 @@ def generate_command(o: GenerateOptions) -> None:
         texts = generate_text(model, run.tokenizer, prompts, o.max_new_tokens, o.sampling, stop_strings=o.stop,
                               stop_ids=stop_ids, stream=sys.stdout if len(prompts) == 1 else None,
                               allow_special=o.chat)
+    notes = [blank_note(text, o.sampling, o.chat) for text in texts]
     if len(prompts) == 1:
-        print()
+        print(flush=True)
+        if notes[0]:
+            print(f"({notes[0]})", file=sys.stderr)
         return
     for prompt, text in zip(shown, texts, strict=True):
-        print(f"{prompt}{text}\n----")
+        print(f"{prompt}{text}\n----", flush=True)
+    for i, note in enumerate(notes):
+        if note:
+            print(f"(prompt {i + 1}: {note})", file=sys.stderr)

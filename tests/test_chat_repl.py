@@ -99,6 +99,16 @@ def test_commands_and_a_reply_stopped_by_ctrl_c(monkeypatch):
     assert prompts[-1].startswith("be brief") and "hi" not in prompts[-1] and "stop me" not in prompts[-1]
 
 
+def test_a_blank_reply_says_the_model_ended_its_turn_at_once(monkeypatch):
+    monkeypatch.setattr(repl, "generate_text", scripted_generate_text({"nothing": "", "": "an answer"}, []))
+    lines = iter(["say nothing", "say something", "/exit"])
+    out = io.StringIO()
+    chat_loop(session(), read=lambda _: next(lines), out=out)
+    blank, answered = out.getvalue().splitlines()
+    assert blank == "(the model ended its turn at once: no reply; try sampling with -t 0.8, or more training)"
+    assert answered == "an answer"
+
+
 def test_end_of_input_ends_the_loop_and_ctrl_c_at_the_prompt_asks_again():
     def read(_):
         event = next(events)
@@ -177,3 +187,22 @@ def test_generate_chat_prints_the_answer_without_the_rendered_template(chat_run,
     batch = capsys.readouterr().out
     assert "### " not in single + batch
     assert single.strip() and batch.startswith("hi\n") and "----\nyo\n" in batch
+
+
+def test_generate_chat_says_so_when_the_model_ends_its_turn_at_once(chat_run, capsys, monkeypatch):
+    import lmforge.generate as gen
+    from lmforge.cli import main
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.setattr(gen, "generate_text", lambda *a, **k: ["" for _ in a[2]])  # end of turn first: no text
+    assert main(["generate", str(chat_run), "--chat", "-p", "hi", "-t", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n"
+    assert err.splitlines()[-1] == "(the model ended its turn at once: no reply; try sampling with -t 0.8, or more " \
+                                   "training)"
+    monkeypatch.setattr(gen, "generate_text", lambda *a, **k: ["", "an answer"])
+    assert main(["generate", str(chat_run), "--chat", "-p", "hi", "-p", "yo"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "hi\n\n----\nyo\nan answer\n----\n"
+    assert err.splitlines()[-1] == "(prompt 1: the model ended its turn at once: no reply; try another --seed, or " \
+                                   "more training)"
