@@ -182,16 +182,19 @@ def _check_inputs(path: str, cfg: SweepConfig) -> None:
 
 
 def _check_input(path: str, key: str, name: str) -> None:
-    """UserError naming ``key`` unless ``name`` exists (a data source may be a glob, which must match)."""
+    """UserError naming ``key`` unless ``name`` exists (a data source may be a glob, which must match; a dataset
+    folder must hold a prepared dataset)."""
     where = "" if Path(name).expanduser().is_absolute() else f" (a relative path is read from the working folder, " \
                                                              f"{Path.cwd()})"
-    if key == "data.sources":
-        try:
+    try:
+        if key == "data.sources":
             expand_sources([name])
-        except UserError as e:
-            raise _problem(path, f"{key}: {e}{where}") from None
-    elif not Path(name).expanduser().exists():
-        raise _problem(path, f"{key}: '{name}' does not exist{where}")
+        elif key == "data.dataset_dir":
+            load_meta(name)
+        elif not Path(name).expanduser().exists():
+            raise UserError(f"'{name}' does not exist")
+    except UserError as e:
+        raise _problem(path, f"{key}: {e}{where}") from None
 
 
 def _check_blocks_fit(path: str, cfg: SweepConfig) -> None:

@@ -154,10 +154,14 @@ def test_a_missing_data_source_is_refused_before_any_trial_in_one_line_naming_fi
     (tmp_path / "searched").mkdir()
     searched = _sweep_file(tmp_path / "searched", corpus,
                            space={"data.sources": {"type": "categorical", "choices": [[str(corpus)], ["nowhere.txt"]]}})
-    for path, missing in ((fixed, "tinyshakespeare.txt"), (searched, "nowhere.txt")):
+    (tmp_path / "prepared").mkdir()
+    prepared = _sweep_file(tmp_path / "prepared", corpus, overrides=["data.dataset_dir=data/chars"])
+    for path, expected in ((fixed, "data.sources: data source 'tinyshakespeare.txt' does not exist"),
+                           (searched, "data.sources: data source 'nowhere.txt' does not exist"),
+                           (prepared, "data.dataset_dir: dataset folder 'data/chars' does not exist")):
         assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw")]) == 2
         out, err = capfd.readouterr()
-        assert f"data.sources: data source '{missing}' does not exist" in err and str(tmp_path) in err
+        assert expected in err and f"working folder, {Path.cwd()})" in err
         assert "\n" not in err.strip() and "trial" not in out
         assert not (tmp_path / "sw").exists()
 
