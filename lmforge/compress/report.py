@@ -231,7 +231,7 @@ def format_report(r: Report) -> str:
 
     row("Linear weights", lambda m: m.linear_bytes, _mib)
     if r.command == "prune":  # zeros stored dense take the same bytes: the sparsity is the figure
-        row("  zero", lambda m: m.linear_zero_fraction, lambda v: f"{100 * v:.1f}%", "")
+        row("  of them zero", lambda m: m.linear_zero_fraction, lambda v: f"{100 * v:.1f}%", "")
     else:
         rows.append(("  of bf16's", *("" for _ in columns[:-1]), _mib(first.linear_bf16_bytes),
                      _ratio(last.linear_bytes, first.linear_bf16_bytes)))
