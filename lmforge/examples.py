@@ -9,9 +9,11 @@ What it writes, one file per input kind the tour uses:
 - ``mc.jsonl``: multiple choice (``context``, ``choices``, ``label``): which ending a docstring line has;
 - ``modules.csv``: labelled texts (``text``, ``label``: the module a 4-line snippet of source is from),
   and ``new_texts.csv``: snippets to label;
-- ``tasks/tour_mc.yaml``: ``mc.jsonl`` as an lm-evaluation-harness task.
+- ``tasks/tour_mc.yaml``: ``mc.jsonl`` as an lm-evaluation-harness task;
+- ``docstrings.txt``: plain text for character-level training (the tour's stand-in for tinyshakespeare, which a
+  fresh clone does not have): every docstring of the standard library's top-level modules, about 0.9 MB.
 
-The same interpreter always writes the same files (fixed seeds).
+The same interpreter always writes the same files (fixed seeds, modules in name order).
 """
 
 from __future__ import annotations
@@ -49,15 +51,36 @@ metric_list:
 """A multiple-choice JSONL file (``{mc}``) as an lm-evaluation-harness task named ``{name}``."""
 
 
+FILES = ("chat.jsonl", "corpus.jsonl", "docstrings.txt", "mc.jsonl", "modules.csv", "new_texts.csv", "qa.jsonl",
+         *(f"notes/{m.split('/')[0]}.md" for m in NOTE_MODULES), "tasks/tour_mc.yaml")
+"""What :func:`write_examples` writes, relative to its folder (the README test checks the tour reads only these)."""
+
+
+def _stdlib() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def _source(module: str) -> str:
-    return (Path(sysconfig.get_paths()["stdlib"]) / f"{module}.py").read_text(encoding="utf-8")
+    return (_stdlib() / f"{module}.py").read_text(encoding="utf-8")
 
 
-def _docstrings(module: str) -> list[str]:
+def _docstrings(module: str, source: str | None = None) -> list[str]:
     """The module's docstring, then each class's and function's, in source order."""
-    tree = ast.parse(_source(module))
+    tree = ast.parse(_source(module) if source is None else source)
     nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef))]
     return [doc for node in nodes if (doc := ast.get_docstring(node))]
+
+
+def _all_docstrings() -> str:
+    """Every docstring of the standard library's top-level modules (name order), blank-line separated. Only the
+    top level: some installations keep site-packages below the standard library's folder."""
+    docs = []
+    for path in sorted(_stdlib().glob("*.py")):
+        try:
+            docs += _docstrings(path.stem, path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue  # a module this interpreter cannot read or parse (a distribution's leftover) adds nothing
+    return "\n\n".join(docs) + "\n"
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -124,6 +147,7 @@ def write_examples(out: str | Path) -> list[Path]:
     _write_csv(out / "new_texts.csv", snippets[-20:], ("text",))
     (out / "tasks" / "tour_mc.yaml").write_text(HARNESS_TASK.format(name="tour_mc", mc=(out / "mc.jsonl").resolve()),
                                                 encoding="utf-8")
+    (out / "docstrings.txt").write_text(_all_docstrings(), encoding="utf-8")
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
