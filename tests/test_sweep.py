@@ -143,8 +143,8 @@ def test_a_block_size_longer_than_the_data_stops_the_sweep_at_its_first_trial_in
     assert row.startswith("0 ") and "fail" in row and "| failed: " in row and "fewer than one block" in row
 
 
-def test_a_missing_data_source_is_refused_before_any_trial_in_one_line_naming_file_and_key(tmp_path, corpus, capfd,
-                                                                                          monkeypatch):
+def test_a_missing_input_file_is_refused_before_any_trial_in_one_line_naming_file_and_key(tmp_path, corpus, capfd,
+                                                                                        monkeypatch):
     # The README's sweep run from a folder without the text its base reads: no trial may be recorded for it.
     monkeypatch.chdir(tmp_path)
     fixed = _sweep_file(tmp_path, corpus, base="shakespeare-fast")
@@ -156,9 +156,18 @@ def test_a_missing_data_source_is_refused_before_any_trial_in_one_line_naming_fi
                            space={"data.sources": {"type": "categorical", "choices": [[str(corpus)], ["nowhere.txt"]]}})
     (tmp_path / "prepared").mkdir()
     prepared = _sweep_file(tmp_path / "prepared", corpus, overrides=["data.dataset_dir=data/chars"])
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    finetune = {"command": "finetune", "base": None, "metric": "val_loss",
+                "space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True}}}
+    (tmp_path / "no_base.yaml").write_text(yaml.safe_dump(
+        {**finetune, "overrides": ["task=sft", "base=runs/gone", "data.train=chat.jsonl"]}))
+    (tmp_path / "no_examples.yaml").write_text(yaml.safe_dump(
+        {**finetune, "overrides": ["task=sft", "base=runs/base", "data.train=chat.jsonl"]}))
     for path, expected in ((fixed, "data.sources: data source 'tinyshakespeare.txt' does not exist"),
                            (searched, "data.sources: data source 'nowhere.txt' does not exist"),
-                           (prepared, "data.dataset_dir: dataset folder 'data/chars' does not exist")):
+                           (prepared, "data.dataset_dir: dataset folder 'data/chars' does not exist"),
+                           (tmp_path / "no_base.yaml", "base: 'runs/gone' does not exist"),
+                           (tmp_path / "no_examples.yaml", "data.train: 'chat.jsonl' does not exist")):
         assert main(["sweep", "-c", str(path), "--out", str(tmp_path / "sw")]) == 2
         out, err = capfd.readouterr()
         assert expected in err and f"working folder, {Path.cwd()})" in err
