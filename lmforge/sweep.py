@@ -27,11 +27,13 @@ number of trials finished (or failed on their own) so far, so a sweep that was k
 parameters, in the same order, as one that never was: its (parameters, value) list is the same. ``trials`` counts
 finished trials (complete or pruned): a finished study continues with ``--trials`` larger.
 
-Failures. A trial that diverges (:class:`TrainingHalted`) or whose config its parameters make invalid (a
-:class:`UserError`) is recorded FAIL with its reason (the user attribute ``fail_reason``), printed in one line, and
-the sweep goes on; a failed trial uses up its place, so a run starts at most ``trials`` minus the finished ones. A
-user mistake before any trial has finished stops the sweep at once (it is in the fixed config: every trial would
-fail the same way); a sweep in which no trial completed ends with one line and a non-zero exit.
+Failures. The files every trial reads (data sources or a prepared dataset; a fine-tuning base and its examples)
+are checked before the study is touched: a missing one is one line naming it and its key. A trial that diverges
+(:class:`TrainingHalted`) or whose config its parameters make invalid (a :class:`UserError`) is recorded FAIL with
+its reason (the user attribute ``fail_reason``), printed in one line, and the sweep goes on; a failed trial uses
+up its place, so a run starts at most ``trials`` minus the finished ones. A user mistake before any trial has
+finished stops the sweep at once (it is in the fixed config: every trial would fail the same way); a sweep in
+which no trial completed ends with one line and a non-zero exit.
 """
 
 from __future__ import annotations
