@@ -32,10 +32,11 @@ PLAN_AFTER = 10
 """Steps timed, after the first, before the first plan."""
 REVISE_UNTIL = 0.5
 """The plan is revised until the run is this far through it, then fixed."""
-MEANINGFUL_WARMUPS = 5
+MEANINGFUL_WARMUPS = 4
 """A budgeted run shorter than this many of its recipe's warmups is too short for the recipe: its warmup is cut
-to fit, and it is said to be too short. (The default recipe on a quiet 2-core EPYC plans ~480 steps, 9.6 of its
-50-step warmups, and is the reference quality; at 5 warmups the warmup alone would be a fifth of the run.)"""
+to fit, and it is said to be too short. (The default recipe's 3 minutes on quiet 2-core EPYCs plan 250 (Zen 4,
+AVX512-BF16: 5 of its 50-step warmups, measured) to ~480 steps, and those are its reference quality; below 4 the
+warmup alone would be over a quarter of the run.)"""
 EVAL_BATCH_COST = 1 / 3
 """An evaluation batch's cost relative to a training micro-batch (a forward pass without the backward)."""
 
@@ -71,6 +72,7 @@ class StepBudget:
         (under torchrun: rank 0's, broadcast)."""
         self.tc, self.state, self.say, self.sync, self.agree = tc, state, say, sync, agree
         self.tc_warmup = warmup_steps
+        self.warned = False
         self.active = bool(tc.budget_minutes)
         self.start_step = state.step
         self.t_paced = 0.0
@@ -131,8 +133,8 @@ class StepBudget:
         elif abs(new - old) > 0.02 * old:
             self.say(f"step {step}: {step_s:.3f} s/step so far: {new} steps now fill the budget{capped} "
                      f"(planned {old})", flush=True)
-        short = MEANINGFUL_WARMUPS * self.tc_warmup
-        if new < short and (first or old >= short):
+        if new < MEANINGFUL_WARMUPS * self.tc_warmup and not self.warned:  # once: a revision may cross back and forth
+            self.warned = True
             wanted = 10 * self.tc_warmup
             minutes = math.ceil((train_time_s + (wanted - step) * step_cost(step_s, self.tc)) / 60)
             self.say(f"warning: {new} steps are too few for this recipe, under {MEANINGFUL_WARMUPS}x its "
