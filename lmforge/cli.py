@@ -142,11 +142,11 @@ def cmd_recipes(_o: RecipesOptions) -> None:
     width = max(map(len, PRESETS))
     print("\nmodel presets (model.preset=NAME; parameters without the embeddings and output head, whose size comes "
           "from the vocabulary):")
-    print(f"  {'preset':<{width}}  n_layer  n_head  n_embd  block_size  parameters")
+    print(f"  {'preset':<{width}}  n_layer  n_head  n_embd  block_size  parameters  family")
     for name, values in PRESETS.items():
         cfg = ModelConfig(preset=name, **values)
         print(f"  {name:<{width}}  {cfg.n_layer:>7}  {cfg.n_head:>6}  {cfg.n_embd:>6}  {cfg.block_size:>10}  "
-              f"{cfg.params_without_embeddings / 1e6:>9.2f}M")
+              f"{cfg.params_without_embeddings / 1e6:>9.2f}M  {cfg.family}")
 
 
 COMMANDS: dict[str, tuple[type, Callable | str]] = {
@@ -177,10 +177,12 @@ def _config_epilog(cls: type, recipe: str | None = None) -> str:
     hide = frozenset({"model"}) if cls is FinetuneConfig else frozenset()
     if recipe is None:
         return "config keys (set in YAML or as key=value):\n" + "\n".join(config_help(cls, hide=hide))
-    values = to_dict(load_train_config(recipe))
+    cfg = load_train_config(recipe)
     return (f"config keys (set in YAML or as key=value), with the values that run without -c: the recipe "
-            f"'{recipe}' ({resolve_config_path(recipe)}) over the defaults in code:\n"
-            + "\n".join(config_help(cls, hide=hide, values=values)))
+            f"'{recipe}' ({resolve_config_path(recipe)}) over the defaults in code; its model is "
+            f"{cfg.model.family}. model.preset=NAME sets every architecture key of NAME (`lmforge recipes` lists "
+            f"them), the model.* keys after it change single ones:\n"
+            + "\n".join(config_help(cls, hide=hide, values=to_dict(cfg))))
 
 
 class _Parser(argparse.ArgumentParser):

@@ -78,10 +78,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The Transformer's shape. ``preset`` fills in defaults; explicit keys override them."""
+    """The Transformer's shape. ``preset`` sets every architecture key (:data:`ARCHITECTURE_KEYS`) to the preset's
+    value (or the default where the preset names none); keys given after it in the same section override it."""
 
     preset: str | None = None
-    """A named preset (lmforge.presets: gpt2-tiny, llama-small, ...); its values are this section's defaults."""
+    """A named preset (lmforge.presets: gpt2-tiny, llama-small, ...): it sets every architecture key; keys after it
+    (later in the file's section, or later overrides) change single ones."""
     vocab_size: int = 0
     """Vocabulary size; 0 means 'take it from the tokenizer'."""
     block_size: int = 256
@@ -125,6 +127,20 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def family(self) -> str:
+        """The architecture family in words: 'gpt2-style: learned, layernorm, gelu', 'llama-style: rope, rmsnorm,
+        swiglu', or 'custom: ...' for a mix that neither GPT-2 nor Llama is (transformers and llama.cpp load only those
+        two families)."""
+        parts = f"{self.pos_embedding}, {self.norm}, {self.mlp}" + ", qk_norm" * self.qk_norm + \
+            f", logit_softcap {self.logit_softcap:g}" * bool(self.logit_softcap)
+        extras = self.qk_norm or self.logit_softcap or self.mlp == "relu2"
+        if not extras and (self.pos_embedding, self.norm) == ("learned", "layernorm") and self.mlp != "swiglu":
+            return f"gpt2-style: {parts}"
+        if not extras and (self.pos_embedding, self.norm, self.mlp) == ("rope", "rmsnorm", "swiglu"):
+            return f"llama-style: {parts}"
+        return f"custom: {parts} (neither GPT-2 nor Llama)"
 
     @property
     def kv_heads(self) -> int:
@@ -518,10 +534,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         raise UserError(f"config section {where}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    data = dict(data)
-    if cls is ModelConfig and data.get("preset"):
-        preset = _check_value(data["preset"], str, f"{prefix}.preset" if prefix else "preset")
-        data = {**preset_values(preset), **data}
+    data = _apply_preset(data, prefix) if cls is ModelConfig else dict(data)
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
@@ -530,6 +543,24 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             raise UserError(f"unknown config key '{full}' (known keys in {where}: {known})")
         kwargs[key] = _check_value(value, hints[key], full)
     return cls(**kwargs)
+
+
+ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("preset", "vocab_size",
+                                                                                              "dropout"))
+"""The model keys a preset sets (the vocabulary comes from the tokenizer; dropout is a training setting)."""
+
+
+def _apply_preset(data: dict, prefix: str) -> dict:
+    """A model section with its preset applied where it stands: the preset sets every architecture key (its value,
+    else the default), over the keys before it; the keys after it override it."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in ARCHITECTURE_KEYS}
+    out: dict = {}
+    for key, value in data.items():
+        if key == "preset" and value is not None:
+            name = _check_value(value, str, f"{prefix}.preset" if prefix else "preset")
+            out.update({**defaults, **preset_values(name)})
+        out[key] = value
+    return out
 
 
 def to_dict(cfg: Any) -> dict:
@@ -578,6 +609,7 @@ def merge_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise UserError(f"override '{text}': '{k}' is not a section")
             node = child
+        node.pop(keys[-1], None)  # set at the end of its section: after a preset named before it (ModelConfig)
         node[keys[-1]] = value
     return data
 

@@ -15,12 +15,14 @@ _LLAMA = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": F
 PRESETS: dict[str, dict] = {
     # ~0.8M: nanoGPT's CPU Shakespeare recipe.
     "gpt2-tiny": {**_GPT2, "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256},
-    # ~3M: the default `lmforge train` model, sized for a few minutes on a laptop CPU.
+    # ~3M: sized for a few minutes on a laptop CPU (the default model's shape, see llama-mini).
     "gpt2-mini": {**_GPT2, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
     # ~10M: nanoGPT's GPU Shakespeare-char model.
     "gpt2-small": {**_GPT2, "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
     # GPT-2 124M.
     "gpt2-124m": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+    # ~3M: the default `lmforge train` model: gpt2-mini's shape in Llama's form (tied embeddings, no GQA).
+    "llama-mini": {**_LLAMA, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "tie_embeddings": True},
     "llama-tiny": {**_LLAMA, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 128, "block_size": 256},
     "llama-small": {**_LLAMA, "n_layer": 6, "n_head": 6, "n_kv_head": 2, "n_embd": 384, "block_size": 256},
     "llama-124m": {**_LLAMA, "n_layer": 12, "n_head": 12, "n_kv_head": 4, "n_embd": 768, "block_size": 1024},

@@ -119,8 +119,10 @@ def test_recipes_lists_each_shipped_recipe_with_its_whole_first_sentence_and_the
     assert max(map(len, recipes.splitlines())) <= 110
     rows = {fields[0]: fields[1:] for fields in map(str.split, out.splitlines()) if fields and fields[0] in PRESETS}
     assert rows.keys() == PRESETS.keys()
-    assert rows["gpt2-124m"] == ["12", "12", "768", "1024", "85.06M"]  # GPT-2 small: 85M besides its embeddings
-    assert rows["gpt2-tiny"][-1] == "0.79M"  # presets.py's "~0.8M"
+    # GPT-2 small: 85M besides its embeddings
+    assert rows["gpt2-124m"] == ["12", "12", "768", "1024", "85.06M", "gpt2-style:", "learned,", "layernorm,", "gelu"]
+    assert rows["gpt2-tiny"][4] == "0.79M"  # presets.py's "~0.8M"
+    assert rows["llama-mini"][5:] == ["llama-style:", "rope,", "rmsnorm,", "swiglu"]
 
 
 def _leaf_fields(cls: type) -> dict[str, str]:

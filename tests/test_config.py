@@ -187,6 +187,30 @@ def test_the_parameter_count_from_the_shape_alone_is_the_models(preset, changes)
         == cfg.params_without_embeddings
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_preset_named_over_a_recipe_gives_exactly_its_architecture_and_exports(preset):
+    """The default recipe sets RoPE, RMSNorm and no biases after its own preset; a preset the user names replaces
+    every architecture key (what the preset leaves out takes the default), so a GPT-2 preset is GPT-2."""
+    from lmforge.config import ARCHITECTURE_KEYS, ModelConfig
+    from lmforge.model.hf import export_problem, hf_config
+
+    model = load_train_config("default", [f"model.preset={preset}"]).model
+    expected = ModelConfig(**PRESETS[preset])
+    assert {k: getattr(model, k) for k in ARCHITECTURE_KEYS} == {k: getattr(expected, k) for k in ARCHITECTURE_KEYS}
+    assert model.family.startswith(preset.split("-")[0] + "-style: ")
+    assert export_problem(model) is None and hf_config(model).model_type == preset.split("-")[0]
+
+
+def test_keys_after_a_preset_change_it_and_keys_before_it_do_not(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  n_layer: 9\n  bias: false\n  preset: gpt2-tiny\n  n_embd: 64\n  dropout: 0.1\n")
+    model = load_train_config(p).model
+    assert (model.n_layer, model.bias, model.n_embd, model.dropout) == (4, True, 64, 0.1)  # dropout: not architecture
+    over = load_train_config(p, ["model.n_layer=2", "model.preset=llama-tiny", "model.n_kv_head=4"]).model
+    assert (over.n_layer, over.n_embd, over.n_kv_head, over.family) == (4, 128, 4, "llama-style: rope, rmsnorm, swiglu")
+    assert load_train_config("default").model.family == "llama-style: rope, rmsnorm, swiglu"
+
+
 def test_a_step_count_asked_for_replaces_a_recipes_time_budget():
     budgeted = load_train_config(None, ["train.budget_minutes=3"])
     assert budgeted.train.budget_minutes == 3

@@ -129,7 +129,7 @@ def _train(session: TrainingSession, cfg: TrainConfig, progress: bool, allow_dat
 
     out = session.train(Trainee(
         model=model, kind="pretrain", task="lm", lora=False,
-        describe=f"model {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOPs/token",
+        describe=f"model {cfg.model.family}, {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOPs/token",
         flops_per_token=flops_tok, write_files=write_files, load_state=lambda ckpt: load_weights(model, ckpt),
         batches=batches, loss=lambda step_model, batch: step_model(*batch)[1], evaluate=evaluate,
         tokens_per_sequence=block, on_eval=on_eval,
