@@ -32,11 +32,11 @@ PLAN_AFTER = 10
 """Steps timed, after the first, before the first plan."""
 REVISE_UNTIL = 0.5
 """The plan is revised until the run is this far through it, then fixed."""
-MEANINGFUL_WARMUPS = 4
+MEANINGFUL_WARMUPS = 3
 """A budgeted run shorter than this many of its recipe's warmups is too short for the recipe: its warmup is cut
-to fit, and it is said to be too short. (The default recipe's 3 minutes on quiet 2-core EPYCs plan 250 (Zen 4,
-AVX512-BF16: 5 of its 50-step warmups, measured) to ~480 steps, and those are its reference quality; below 4 the
-warmup alone would be over a quarter of the run.)"""
+to fit, and it is said to be too short. (The default recipe's 3 minutes on a 2-core Zen 4 EPYC (AVX512-BF16) plan
+190-270 steps, 3.8-5.4 of its 50-step warmups, as the VM's pace drifts between 0.66 and 0.93 s/step, measured; those
+runs are the reference quality and must not warn. Below 3 the warmup alone would be over a third of the run.)"""
 EVAL_BATCH_COST = 1 / 3
 """An evaluation batch's cost relative to a training micro-batch (a forward pass without the backward)."""
 

@@ -44,7 +44,7 @@ def lmforge(*args: str, cwd: Path | None = None, fault: str | None = None) -> su
 def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs, toy_base, tmp_path, monkeypatch):
     out = tmp_path / "app"
     # A machine far too slow for the recipe: on the budget's fake clock (0.1 s a step) a 1.2 s budget plans 12 steps
-    # at step 11, under 4x the recipe's 30-step warmup; the report says so.
+    # at step 11, under 3x the recipe's 30-step warmup; the report says so.
     monkeypatch.setenv(FAKE_STEP_SECONDS, "0.1")
     done = lmforge("app", "translation", str(catalogs), "--base", str(toy_base), "--out", str(out),
                    "--test-fraction", "0.3", "--set", "train.budget_minutes=0.02",
@@ -52,7 +52,7 @@ def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs,
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["finetune_steps"] == 12 and results["test_records"] >= 2
-    assert results["too_short"].startswith("too short for this recipe: 12 steps, under 4x its 30-step warmup")
+    assert results["too_short"].startswith("too short for this recipe: 12 steps, under 3x its 30-step warmup")
     assert f"**Warning**: the fine-tuning was {results['too_short']}" in (out / "report.md").read_text()
     assert set(results["baselines"]) == {"copy the source", "nearest neighbour"}
     assert results["bar"]["value"] == max(b["chrf"] for b in results["baselines"].values())

@@ -70,18 +70,18 @@ def test_a_machine_too_slow_for_the_recipe_gets_a_schedule_that_still_ends_and_i
     result = train(cfg)
     out = capsys.readouterr().out
     assert "step 11: 0.100 s/step, so 29 steps fill the 0.05 min budget" in out, out
-    assert ("warning: 29 steps are too few for this recipe, under 4x its 50-step warmup (optim.warmup_steps), "
-            "so the model will be poor. The warmup is cut to 7 steps") in out, out
+    assert ("warning: 29 steps are too few for this recipe, under 3x its 50-step warmup (optim.warmup_steps), "
+            "so the model will be poor. The warmup is cut to 9 steps") in out, out
     # 1.1 s + 489 more steps at 0.1 s: 50 s, 1 min
     assert out.count("warning: ") == 1 and "train.budget_minutes=1 makes ~500 steps" in out
     done = next(line for line in out.splitlines() if line.startswith("done: "))
-    assert done.endswith("| too short for this recipe: 29 steps, under 4x its 50-step warmup (see the plan's warning)")
+    assert done.endswith("| too short for this recipe: 29 steps, under 3x its 50-step warmup (see the plan's warning)")
     assert result.step == 29
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
            if r["kind"] == "train"}
     # Warmup and decay both inside the planned steps: before the plan the recipe's warmup (step 10 logs the lr of
-    # step index 9: 10/51 of the peak); from the plan on, past the cut warmup of 7 steps, the peak, held through
-    # WSD's stable phase; the decay (the last 30% of 22 steps) ends by the last step, near the floor.
+    # step index 9: 10/51 of the peak); from the plan on, past the cut warmup of 9 steps, the peak, held through
+    # WSD's stable phase; the decay (the last 30% of 20 steps) ends by the last step, near the floor.
     assert list(lrs) == [5, 10, 15, 20, 25, 29]
     assert lrs[10] == pytest.approx(cfg.optim.lr * 10 / 51) and lrs[15] == lrs[20] == cfg.optim.lr
-    assert lrs[29] == pytest.approx(lr_at(28, cfg.optim, 29, 7)) and lrs[29] < lrs[25] < cfg.optim.lr
+    assert lrs[29] == pytest.approx(lr_at(28, cfg.optim, 29, 9)) and lrs[29] < lrs[25] < cfg.optim.lr
