@@ -133,7 +133,7 @@ class StepBudget:
         elif abs(new - old) > 0.02 * old:
             self.say(f"step {step}: {step_s:.3f} s/step so far: {new} steps now fill the budget{capped} "
                      f"(planned {old})", flush=True)
-        if new < MEANINGFUL_WARMUPS * self.tc_warmup and not self.warned:  # once: a revision may cross back and forth
+        if too_short(new, self.tc_warmup) and not self.warned:  # once: a revision may cross back and forth
             self.warned = True
             wanted = 10 * self.tc_warmup
             minutes = math.ceil((train_time_s + (wanted - step) * step_cost(step_s, self.tc)) / 60)
