@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from lmforge.errors import UserError
-from lmforge.presets import preset_values
+from lmforge.presets import PRESETS, preset_values
 
 
 def _check(key: str, value: Any, ok: bool, expected: str) -> None:
@@ -74,6 +74,24 @@ class DataConfig:
         if self.tokenizer not in ("bpe", "char") and not Path(self.tokenizer).is_file():
             raise UserError(f"data.tokenizer: expected 'bpe', 'char' or a tokenizer.json file, "
                             f"got '{self.tokenizer}' (no such file)")
+
+
+STANDARD_FAMILIES: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
+    "gpt2": ("learned, layernorm, gelu", "GPT-2", {"pos_embedding": ("learned",), "norm": ("layernorm",),
+                                                  "mlp": ("gelu", "gelu_tanh")}),
+    "llama": ("rope, rmsnorm, swiglu", "Llama", {"pos_embedding": ("rope",), "norm": ("rmsnorm",),
+                                                 "mlp": ("swiglu",)}),
+}
+"""The architectures other runtimes load: family -> (its shape in words, its name, the values its keys may take).
+GPT-2's exact and tanh GELU both count: llama.cpp computes GELU with the tanh form (lmforge.compress.gguf)."""
+_NEITHER_FAMILY = {"qk_norm": False, "logit_softcap": 0.0}
+"""Options neither family has, at the value that leaves them off."""
+_FAMILY_KEYS = ("pos_embedding", "norm", "mlp", *_NEITHER_FAMILY)
+
+
+def _yaml_word(value: object) -> str:
+    """A value as a user writes it on the command line (true, 0, swiglu)."""
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
@@ -129,18 +147,41 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     @property
+    def standard_family(self) -> str | None:
+        """'gpt2' or 'llama' where the model is one of the two architectures that transformers and llama.cpp load
+        (:data:`STANDARD_FAMILIES`), else None."""
+        return next((f for f in STANDARD_FAMILIES if not self._missing_for(f)), None)
+
+    @property
     def family(self) -> str:
         """The architecture family in words: 'gpt2-style: learned, layernorm, gelu', 'llama-style: rope, rmsnorm,
-        swiglu', or 'custom: ...' for a mix that neither GPT-2 nor Llama is (transformers and llama.cpp load only those
-        two families)."""
+        swiglu', or 'custom: ...' for a mix that neither GPT-2 nor Llama is."""
         parts = f"{self.pos_embedding}, {self.norm}, {self.mlp}" + ", qk_norm" * self.qk_norm + \
             f", logit_softcap {self.logit_softcap:g}" * bool(self.logit_softcap)
-        extras = self.qk_norm or self.logit_softcap or self.mlp == "relu2"
-        if not extras and (self.pos_embedding, self.norm) == ("learned", "layernorm") and self.mlp != "swiglu":
-            return f"gpt2-style: {parts}"
-        if not extras and (self.pos_embedding, self.norm, self.mlp) == ("rope", "rmsnorm", "swiglu"):
-            return f"llama-style: {parts}"
-        return f"custom: {parts} (neither GPT-2 nor Llama)"
+        family = self.standard_family
+        return f"{family}-style: {parts}" if family else f"custom: {parts} (neither GPT-2 nor Llama)"
+
+    def export_problem(self) -> str | None:
+        """Why no other runtime (transformers, llama.cpp) can load this architecture, naming what it lacks and a
+        preset that has it; None for GPT-2 and Llama shapes."""
+        if self.standard_family:
+            return None
+        # The nearer family (Llama, the default's, on a tie) and the keys that would make the model one.
+        family = min(reversed(STANDARD_FAMILIES), key=lambda f: len(self._missing_for(f)))
+        preset = next((name for name, v in PRESETS.items() if name.startswith(family) and
+                       (v["n_layer"], v["n_head"], v["n_embd"]) == (self.n_layer, self.n_head, self.n_embd)),
+                      f"{family}-mini")
+        shape = ", ".join(f"{k}={_yaml_word(getattr(self, k))}" for k in _FAMILY_KEYS
+                          if k in ("pos_embedding", "norm", "mlp") or getattr(self, k) != _NEITHER_FAMILY[k])
+        return (f"model: {shape} is neither GPT-2 ({STANDARD_FAMILIES['gpt2'][0]}) nor Llama "
+                f"({STANDARD_FAMILIES['llama'][0]}); to be {STANDARD_FAMILIES[family][1]} it needs "
+                f"{', '.join(self._missing_for(family))}, which preset {preset} has")
+
+    def _missing_for(self, family: str) -> list[str]:
+        """The ``model.KEY=VALUE`` settings this model lacks to be of ``family``."""
+        allowed = STANDARD_FAMILIES[family][2]
+        missing = [f"model.{k}={v[0]}" for k, v in allowed.items() if getattr(self, k) not in v]
+        return missing + [f"model.{k}={_yaml_word(v)}" for k, v in _NEITHER_FAMILY.items() if getattr(self, k) != v]
 
     @property
     def kv_heads(self) -> int:

@@ -192,13 +192,13 @@ def test_a_preset_named_over_a_recipe_gives_exactly_its_architecture_and_exports
     """The default recipe sets RoPE, RMSNorm and no biases after its own preset; a preset the user names replaces
     every architecture key (what the preset leaves out takes the default), so a GPT-2 preset is GPT-2."""
     from lmforge.config import ARCHITECTURE_KEYS, ModelConfig
-    from lmforge.model.hf import export_problem, hf_config
+    from lmforge.model.hf import hf_config
 
     model = load_train_config("default", [f"model.preset={preset}"]).model
     expected = ModelConfig(**PRESETS[preset])
     assert {k: getattr(model, k) for k in ARCHITECTURE_KEYS} == {k: getattr(expected, k) for k in ARCHITECTURE_KEYS}
     assert model.family.startswith(preset.split("-")[0] + "-style: ")
-    assert export_problem(model) is None and hf_config(model).model_type == preset.split("-")[0]
+    assert model.export_problem() is None and hf_config(model).model_type == preset.split("-")[0]
 
 
 def test_keys_after_a_preset_change_it_and_keys_before_it_do_not(tmp_path):

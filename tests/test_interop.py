@@ -303,3 +303,27 @@ def test_an_export_past_a_real_file_size_limit_is_one_line_exit_1_and_leaves_not
     # (EFBIG, or numpy's short write "N requested and M written" for GGUF's tensor data)
     assert f"'{out}' failed: " in last and " free)" in last, last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_the_default_recipes_model_goes_to_transformers_and_comes_back_with_identical_weights(tmp_path):
+    """`lmforge train`'s own architecture (the default recipe's model section, random weights)."""
+    from lmforge.config import load_train_config
+    from lmforge.model.gpt import GPT
+
+    tok = Tokenizer.train_char(["def main():\n    return 'the default corpus is Python'\n"])
+    cfg = load_train_config("default").model
+    cfg.vocab_size = tok.vocab_size
+    assert cfg.family == "llama-style: rope, rmsnorm, swiglu"
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    interop.export_hf(model, tok, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.model_type == "llama" and hf.config.tie_word_embeddings == cfg.tie_embeddings
+    idx = torch.randint(0, tok.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # fp32 on both sides; measured 0.0 here (same kernels, same order), so 1e-4 is room for other CPUs' kernels.
+        assert (hf(idx).logits - model(idx)[0]).abs().max() <= 1e-4
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    back = load_run(tmp_path / "run").model.state_dict()
+    ours = model.state_dict()
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)

@@ -4,6 +4,7 @@ Hugging Face folders in :func:`lmforge.interop.export_hf` (beside import), GGUF 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from lmforge.chat import find_chat_template
@@ -11,15 +12,23 @@ from lmforge.compress.gguf import export_gguf
 from lmforge.compress.options import ExportOptions
 from lmforge.compress.report import format_report, gguf_report
 from lmforge.interop import export_hf
-from lmforge.loading import load_lm
+from lmforge.loading import load_run
 from lmforge.model.quantized import dequantized, is_quantized
 
 
 def export_run(o: ExportOptions) -> Path:
     """Write the run (its latest checkpoint, or the checkpoint named) as ``o.format``; returns what was written.
-    Quantized weights go out dequantized to float: neither format holds lmforge's integer layout."""
-    run = load_lm(o.run, "cpu", "lmforge export")
+    Quantized weights go out dequantized to float: neither format holds lmforge's integer layout. A classification
+    run goes out as its fine-tuned transformer under its language-model head: neither format's causal LM has a
+    label head."""
+    run = load_run(o.run, "cpu")
     model, note = run.model, ""
+    if run.task == "classify":
+        model = run.model.backbone
+        note = " (its transformer only)"
+        print(f"note: '{o.run}' is a classification run: its label head ({len(run.labels or [])} labels) is not a "
+              f"causal LM, so the export holds its fine-tuned transformer with its language-model head (unused by "
+              f"the classifier) and no labels; lmforge predict labels texts", file=sys.stderr)
     if is_quantized(model):
         model, note = dequantized(model), " (its quantized weights dequantized to float)"
     template = find_chat_template(run.folder)

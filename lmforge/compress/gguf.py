@@ -12,8 +12,9 @@ written only where one computes the same function:
 * Llama style (RoPE, RMSNorm, SwiGLU) -> ``llama``: ``attn_q``/``attn_k``/``attn_v`` and ``ffn_gate``/``ffn_up``
   split from our fused ``qkv`` and ``fc``; biases (``model.bias``) as the optional ``.bias`` tensors llama.cpp's
   llama graph reads.
-* Refused (see :func:`gguf_problem`): qk_norm, logit_softcap, relu2, and the mixed shapes (RoPE with LayerNorm,
-  learned positions with SwiGLU, ...), which neither graph computes.
+* Refused (``ModelConfig.export_problem`` names what is missing, and a preset that has it): qk_norm,
+  logit_softcap, relu2, and the mixed shapes (RoPE with LayerNorm, learned positions with SwiGLU, ...), which
+  neither graph computes.
 
 An untied output head is ``output.weight``; a tied one is left out, because both graphs fall back to
 ``token_embd.weight`` when ``output.weight`` is absent (llama-model.cpp: TENSOR_NOT_REQUIRED, then the
@@ -29,7 +30,9 @@ Types (``qtype``), following llama.cpp's converter (convert_hf_to_gguf.py, ``pre
 
 * 1-D tensors (norm gains, biases) and the learned position table are F32, whatever the type;
 * ``f16``: every other (2-D) matrix is F16;
-* ``q8_0``: every other matrix whose rows are whole blocks of 32 is Q8_0, the rest F16;
+* ``q8_0``: every other matrix whose rows are whole blocks of 32 is Q8_0, the rest F16 (the MLP's down
+  projection, whose rows are the intermediate size, e.g. after structured pruning); a width (``n_embd``) that is
+  no multiple of 32 is refused, since then almost no matrix could be quantized;
 * ``q4_0``: the same with Q4_0, except the output head (``output.weight``, or ``token_embd.weight`` when tied,
   as it is the head too), which is Q8_0: llama.cpp's quantizer gives the head more bits than the rest (Q6_K,
   which gguf-py cannot write; Q8_0 is its own fallback where Q6_K does not fit).
@@ -68,31 +71,6 @@ QTYPES = ("f16", "q8_0", "q4_0")
 """The ``qtype`` values :func:`export_gguf` writes."""
 PRE_TOKENIZER = "gpt-2"
 """llama.cpp's name for the GPT-2 pre-tokenizer regex, which byte-level BPE's ByteLevel(use_regex) applies."""
-
-
-def gguf_problem(cfg: ModelConfig) -> str | None:
-    """Why this model config cannot be written as GGUF (one line naming the config key/value and what GGUF
-    supports), or None. Exact GELU is accepted: llama.cpp computes it with the tanh approximation (module
-    docstring)."""
-    for key, used in (("model.qk_norm=true", cfg.qk_norm), (f"model.logit_softcap={cfg.logit_softcap}",
-                      cfg.logit_softcap), ("model.mlp=relu2", cfg.mlp == "relu2")):
-        if used:
-            return (f"{key}: llama.cpp's gpt2 and llama architectures have no such option "
-                    f"(GGUF export needs a plain GPT-2 or Llama shape)")
-    if _arch(cfg) is None:
-        return (f"model: pos_embedding={cfg.pos_embedding}, norm={cfg.norm}, mlp={cfg.mlp} is neither GPT-2 "
-                f"(learned, layernorm, gelu or gelu_tanh) nor Llama (rope, rmsnorm, swiglu), the shapes GGUF export "
-                f"supports")
-    return None
-
-
-def _arch(cfg: ModelConfig) -> str | None:
-    """The llama.cpp architecture that computes ``cfg``'s model (qk_norm etc. aside), or None."""
-    if (cfg.pos_embedding, cfg.norm) == ("learned", "layernorm") and cfg.mlp in ("gelu", "gelu_tanh"):
-        return "gpt2"
-    if (cfg.pos_embedding, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
-        return "llama"
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,24 +272,29 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | Path, qtype: str = 
     chat template, stored as ``tokenizer.chat_template``; turn_end: the token that ends an answer under it,
     stored as the end-of-turn id where the vocabulary has it (llama.cpp stops generating there), else the
     end-of-text token is. UserError with one line, and no file written, for: an architecture GGUF cannot
-    express (:func:`gguf_problem`), an unknown qtype, an existing ``out`` (never overwritten), a tokenizer
-    GGUF cannot describe (not byte-level BPE). The file appears whole or not at all: it is written next to
-    ``out`` under a temporary name and renamed.
+    express (``ModelConfig.export_problem``), an unknown qtype or one the width cannot use, an existing ``out``
+    (never overwritten), a tokenizer GGUF cannot describe (not byte-level BPE). The file appears whole or not at
+    all: it is written next to ``out`` under a temporary name and renamed.
     """
     cfg = model.cfg
-    problem = gguf_problem(cfg)
+    problem = cfg.export_problem()
     if problem:
-        raise UserError(f"{problem}, so this model cannot be exported as GGUF")
+        raise UserError(f"{problem}, so llama.cpp cannot run it")
     if qtype not in QTYPES:
         raise UserError(f"GGUF type '{qtype}' is not supported (expected one of: {', '.join(QTYPES)})")
+    block = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]  # Q4_0's too
+    if qtype != "f16" and cfg.n_embd % block:
+        raise UserError(f"GGUF type '{qtype}' stores rows in blocks of {block} values and model.n_embd={cfg.n_embd} "
+                        f"is no multiple of {block}, so almost no matrix of this model could be {qtype}; export "
+                        f"as f16, or train a width divisible by {block} (every preset's is)")
     out = Path(out)
     if out.exists():
         raise UserError(f"--out '{out}' already exists (nothing was overwritten)")
     if not out.parent.is_dir():
         raise UserError(f"--out '{out}': folder '{out.parent}' does not exist")
     tokens, token_types, merges = _vocab(tokenizer, cfg.vocab_size)
-    arch = _arch(cfg)
-    assert arch is not None  # gguf_problem said so
+    arch = cfg.standard_family
+    assert arch is not None  # export_problem said so
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     tensors = _to_gguf(arch, cfg, sd)
     head = "token_embd.weight" if cfg.tie_embeddings else "output.weight"

@@ -19,6 +19,7 @@ import gguf
 import torch
 
 from lmforge import rundir
+from lmforge.compress import llamacpp
 from lmforge.compress.gguf import read_gguf
 from lmforge.compress.output import source_weights
 from lmforge.compress.timing import ROUNDS, Spread, format_ratio, format_spread, ratio_per_round, time_alternating
@@ -262,7 +263,8 @@ def describe_device(rt: Runtime) -> str:
 
 def gguf_report(run: LoadedRun, model: GPT, path: Path, qtype: str, windows: int = 64) -> Report:
     """What a GGUF export keeps: the file's bytes, and the perplexity of the weights read back from it (run here
-    in float32; its decode speed is llama.cpp's, not measured)."""
+    in float32; its decode speed is llama.cpp's, not measured); where llama-cpp-python is installed, how llama.cpp
+    running the file agrees with ``model`` (:func:`lmforge.compress.llamacpp.agreement`)."""
     rt = setup_runtime("cpu", "fp32")
     ev = eval_windows(run, windows)
     before = measure(model, ev, rt, source_weights(run))
@@ -279,4 +281,6 @@ def gguf_report(run: LoadedRun, model: GPT, path: Path, qtype: str, windows: int
                   before=before, after=after, windows=ev.source if ev else None,
                   n_windows=len(ev.tokens) if ev else 0, device=describe_device(rt),
                   notes=["after: the weights read back from the file (gguf.GGUFReader), run by lmforge; decode speed "
-                         "is llama.cpp's"])
+                         "is llama.cpp's"] + ([llamacpp.agreement(path, model, run.tokenizer).summary()]
+                                              if llamacpp.available() else
+                                              ["llama.cpp's own check: pip install 'lmforge[llamacpp]'"]))

@@ -123,8 +123,9 @@ LLAMA = NameTable(
 
 
 def is_gpt2_style(cfg: ModelConfig) -> bool:
-    """Whether ``cfg`` maps to GPT-2 (learned positions) rather than Llama."""
-    return cfg.pos_embedding == "learned"
+    """Whether ``cfg`` maps to GPT-2 (learned positions) rather than Llama (the default: also what a custom mix is
+    checked against)."""
+    return cfg.standard_family == "gpt2"
 
 
 def name_table(cfg: ModelConfig) -> NameTable:
@@ -233,27 +234,13 @@ def map_from_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor])
     return out
 
 
-def export_problem(cfg: ModelConfig) -> str | None:
-    """Why ``cfg`` has no ``transformers`` equivalent (GPT-2 or Llama), or None where it has one."""
-    extras = [name for name, used in (("model.qk_norm", cfg.qk_norm), ("model.logit_softcap", cfg.logit_softcap),
-                                      ("model.mlp=relu2", cfg.mlp == "relu2")) if used]
-    if extras:
-        return f"{', '.join(extras)}: GPT-2 and Llama in transformers have no such option"
-    gpt2 = (cfg.pos_embedding, cfg.norm) == ("learned", "layernorm") and cfg.mlp != "swiglu"
-    llama = (cfg.pos_embedding, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
-    if not (gpt2 or llama):
-        return (f"model: pos_embedding={cfg.pos_embedding}, norm={cfg.norm}, mlp={cfg.mlp} is neither GPT-2 "
-                f"(learned, layernorm, gelu) nor Llama (rope, rmsnorm, swiglu)")
-    return None
-
-
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     """The ``transformers`` config of the same architecture (GPT2Config or LlamaConfig)."""
     from transformers import GPT2Config, LlamaConfig
 
-    problem = export_problem(cfg)
+    problem = cfg.export_problem()
     if problem:
-        raise UserError(f"{problem}, so this model cannot be exported as one")
+        raise UserError(f"{problem}, so transformers cannot load it")
     if is_gpt2_style(cfg):
         return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,

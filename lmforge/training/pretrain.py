@@ -24,7 +24,6 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import generate_text
 from lmforge.model.gpt import GPT, flops_per_token
-from lmforge.model.hf import export_problem
 from lmforge.options import Sampling
 from lmforge.runtime import Runtime
 from lmforge.training.checkpoint import load_weights
@@ -139,7 +138,7 @@ def _train(session: TrainingSession, cfg: TrainConfig, progress: bool, allow_dat
     session.say_done(f"{step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "
                      f"{last_eval['val_bpb']:.4f} bits/byte | {run_dir}",
                      [f"lmforge generate {run_dir} -p TEXT", f"lmforge eval {run_dir}"]
-                     + ([] if export_problem(cfg.model) else [f"lmforge export {run_dir} --out DIR"]), out.too_short)
+                     + ([] if cfg.model.export_problem() else [f"lmforge export {run_dir} --out DIR"]), out.too_short)
     if progress and cfg.sample.num_samples > 0:
         sample_model = par.unsharded(model, lambda: GPT(cfg.model).to(rt.device))  # every rank (a gather)
         if rt.is_main:

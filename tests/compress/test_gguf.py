@@ -21,7 +21,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from tokenizers import AddedToken
 
-from lmforge.compress.gguf import export_gguf, gguf_problem, read_gguf
+from lmforge.compress.gguf import export_gguf, read_gguf
 from lmforge.config import ModelConfig, from_dict
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import StorageError, UserError
@@ -370,15 +370,16 @@ def test_special_tokens_and_turn_end(tmp_path, tok):
 
 
 def test_accepted_presets():
-    assert all(gguf_problem(from_dict(ModelConfig, {"preset": p})) is None for p in PRESETS)
+    assert all(from_dict(ModelConfig, {"preset": p}).export_problem() is None for p in PRESETS)
 
 
 @pytest.mark.parametrize("case, words", [
-    ("qk_norm", "model.qk_norm=true"),
-    ("softcap", "model.logit_softcap=30.0"),
-    ("relu2", "model.mlp=relu2"),
-    ("rope-layernorm", "pos_embedding=rope, norm=layernorm"),
+    ("qk_norm", "qk_norm=true is neither GPT-2"),
+    ("softcap", "logit_softcap=30 is neither GPT-2"),
+    ("relu2", "mlp=relu2 is neither GPT-2"),
+    ("rope-layernorm", "pos_embedding=rope, norm=layernorm, mlp=swiglu is neither GPT-2"),
     ("qtype", "GGUF type 'q5_k'"),
+    ("q4_0-width", "model.n_embd=48 is no multiple of 32"),
     ("exists", "already exists"),
     ("char-tokenizer", "WordLevel"),
     ("foreign-tensor", "'blocks.0.attn.qkv.scales'"),
@@ -387,7 +388,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, tok, case, words):
     overrides = {"qk_norm": {"qk_norm": True}, "softcap": {"logit_softcap": 30.0}, "relu2": {"mlp": "relu2"},
                  "rope-layernorm": {"norm": "layernorm"}}.get(case, {})
     tokenizer = Tokenizer.train_char(TEXTS) if case == "char-tokenizer" else tok
-    cfg = _cfg(tokenizer, "llama-tiny", **overrides)
+    cfg = _cfg(tokenizer, "llama-tiny", **overrides, **({"n_embd": 48} if case == "q4_0-width" else {}))
     out = tmp_path / "m.gguf"
     if case == "exists":
         out.write_bytes(b"keep me")
@@ -396,14 +397,14 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, tok, case, words):
         model.blocks[0].attn.qkv.register_buffer("scales", torch.ones(3))
     before = sorted(tmp_path.iterdir())
     with pytest.raises(UserError) as e:
-        export_gguf(model, tokenizer, out, "q5_k" if case == "qtype" else "f16")
+        export_gguf(model, tokenizer, out, {"qtype": "q5_k", "q4_0-width": "q4_0"}.get(case, "f16"))
     message = str(e.value)
     assert words in message and "\n" not in message
     assert sorted(tmp_path.iterdir()) == before
     if case == "exists":
         assert out.read_bytes() == b"keep me"
-    if overrides:
-        assert gguf_problem(cfg) in message
+    if overrides:  # the missing piece and the preset that has it: the words transformers' export uses too
+        assert cfg.export_problem() in message and message.endswith(", so llama.cpp cannot run it")
 
 
 def test_read_gguf_refuses_other_files(tmp_path, tok):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lmforge import __version__
+from lmforge.cli import main
 from lmforge.config import load_finetune_config
 from lmforge.finetuning.finetune import finetune
 from lmforge.loading import load_run
@@ -62,7 +63,7 @@ def test_sft_answers_held_out_prompts_of_the_learned_format(base_run, repeat_tas
     assert hf_answer[0, ids.shape[1]:].tolist()[:len(ours_answer[0])] == ours_answer[0]
 
 
-def test_classification_beats_the_majority_class(base_run, module_snippets, tmp_path):
+def test_classification_beats_the_majority_class(base_run, module_snippets, tmp_path, capsys):
     cfg = load_finetune_config(None, ["task=classify", f"base={base_run}", f"data.train={module_snippets}",
                                       f"out_dir={tmp_path / 'cls'}", "train.max_steps=200", "train.batch_size=16",
                                       "optim.lr=1e-3", "train.eval_interval=100"])
@@ -102,6 +103,17 @@ def test_classification_beats_the_majority_class(base_run, module_snippets, tmp_
     assert res["examples"] == 2 and res["labels"] == labels and len(res["data_sha256"]) == 64
     assert sum(map(sum, res["confusion_matrix"])) == 2 and 0.0 <= res["accuracy"] <= 1.0
 
+    # Exported, it is its fine-tuned transformer as a causal LM, and says that the label head stayed behind.
+    from transformers import AutoModelForCausalLM
+
+    capsys.readouterr()
+    assert main(["export", str(result.run_dir), "--out", str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert "is a classification run: its label head (4 labels) is not a causal LM" in err
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(x).logits
+        assert (theirs - run.model.backbone(x)[0]).abs().max() <= 1e-4  # fp32 on both sides: a few ULPs
+
 
 def test_a_lora_run_loads_the_same_from_adapters_as_from_merged_weights(base_run, repeat_task, tmp_path):
     train_file, _ = repeat_task
@@ -125,6 +137,12 @@ def test_a_lora_run_loads_the_same_from_adapters_as_from_merged_weights(base_run
         base = load_run(base_run).model(x)[0]
     torch.testing.assert_close(from_adapters, merged, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(merged, base, atol=1e-3)
+    # Exported from its adapters alone, the merged model is what transformers runs.
+    from transformers import AutoModelForCausalLM
+
+    assert main(["export", str(adapters_only), "--out", str(tmp_path / "hf")]) == 0
+    with torch.no_grad():
+        assert (AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(x).logits - merged).abs().max() <= 1e-4
 
 
 def _finetune(args: list[str]) -> subprocess.Popen:

@@ -103,11 +103,17 @@ def test_sliding_window_caps_the_context_and_stays_exact():
 @pytest.mark.parametrize("option", [{"qk_norm": True}, {"logit_softcap": 30.0}, {"mlp": "relu2"}])
 def test_a_model_with_options_transformers_lacks_is_refused_for_export_naming_them(option):
     cfg = tiny_model("llama-tiny", **option).cfg
-    with pytest.raises(UserError, match=f"model.{next(iter(option))}.*cannot be exported"):
+    key = next(iter(option))
+    with pytest.raises(UserError, match=f"{key}=.* is neither GPT-2 .*; to be .* it needs .*model.{key}=.*, which "
+                                        f"preset .* has, so transformers cannot load it$"):
         hf_config(cfg)
 
 
 def test_a_block_of_neither_family_is_refused_for_export_naming_its_parts():
     cfg = tiny_model("gpt2-tiny", pos_embedding="rope", norm="rmsnorm", bias=False).cfg
-    with pytest.raises(UserError, match="pos_embedding=rope, norm=rmsnorm, mlp=gelu is neither GPT-2"):
+    with pytest.raises(UserError) as e:
         hf_config(cfg)
+    # The missing piece, and the preset (the default model's) that has it.
+    assert str(e.value) == ("model: pos_embedding=rope, norm=rmsnorm, mlp=gelu is neither GPT-2 (learned, layernorm, "
+                            "gelu) nor Llama (rope, rmsnorm, swiglu); to be Llama it needs model.mlp=swiglu, which "
+                            "preset llama-mini has, so transformers cannot load it")
