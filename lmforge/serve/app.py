@@ -408,7 +408,8 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         engine = state["served"].engine
         if engine.failure is not None:
             return JSONResponse({"status": "error", "error": engine.failure}, status_code=503)
-        return JSONResponse({"status": "ok", "running": len(engine.rows), "waiting": len(engine.waiting)})
+        return JSONResponse({"status": "ok", "running": len(engine.rows), "waiting": len(engine.waiting),
+                             **engine.stats()})
 
     @app.get("/")
     async def page() -> FileResponse:
@@ -645,7 +646,8 @@ def load_served(o: ServeOptions) -> Served:
     loaded = load_lm(o.run, rt.device, "lmforge serve")
     model = loaded.model.eval()
     engine = Engine(model, rt, max_batch=o.max_batch, max_queue=o.max_queue,
-                    step_model=maybe_compile(model, o.compile, dynamic=True), static=o.batching == "static")
+                    step_model=maybe_compile(model, o.compile, dynamic=True), static=o.batching == "static",
+                    prefix_cache_mib=o.prefix_cache_mib)
     return Served(o.model_name or Path(o.run).resolve().name, loaded.tokenizer, run_template(o.run, loaded), engine,
                   model.cfg.block_size)
 

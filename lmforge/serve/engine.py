@@ -10,6 +10,13 @@ A job that finishes (a stop token, ``max_tokens``, or cancelled: its client went
 found) leaves at once: the last running row moves into its place, so the running rows stay the first ones
 of the cache and a step computes nothing for free rows.
 
+With a prefix cache (:class:`PrefixCache`, ``prefix_cache_mib`` > 0) a prefill starts where the longest stored
+prefix of the prompt ends: the keys/values of prompts (and of finished jobs' outputs) are kept in blocks of
+:data:`BLOCK` tokens, and a new prompt that begins with stored blocks gets them copied into its row and prefills
+only the rest (at least its last token, whose logits give the first sampled token). The keys/values of a prefix at
+positions 0..n-1 do not depend on what follows it, so the tokens are those of a full prefill (up to floating-point
+rounding: the rest is computed as a shorter, masked forward).
+
 Jobs hear back through ``emit`` (called on the engine thread): :class:`Token` events, then one
 :class:`Finished`. An exception while serving one job (its prefill, its sampling) ends that job alone with
 ``Finished('error')``; one in a batched decode step ends the jobs of that step; the engine goes on. Should the
@@ -93,15 +100,102 @@ class _Row:
     """Tokens in this row's cache (the prompt and every generated token but the last)."""
     last: int
     """The newest token, fed in at the next decode step."""
+    tokens: list[int]
+    """The prompt and every token generated so far: the cache holds the first ``length`` of them."""
+
+
+BLOCK = 16
+"""Tokens per block of the prefix cache: a prompt reuses whole blocks only (vLLM uses 16 too)."""
+
+
+@dataclass(eq=False)
+class _Node:
+    """One block of a stored token sequence: its tokens, and the keys/values of every layer at their slots."""
+    tokens: tuple[int, ...]
+    kv: torch.Tensor | None
+    """(layers, 2, kv_heads, BLOCK, head_dim): keys then values; None at the root."""
+    parent: _Node | None
+    children: dict[tuple[int, ...], _Node] = field(default_factory=dict)
+
+
+class PrefixCache:
+    """The keys/values of recently seen token sequences, in blocks of :data:`BLOCK` tokens, for prompts that share a
+    prefix (a system prompt, a chat history re-sent each turn).
+
+    A trie of blocks: a block is found from the root by the exact token ids of every block before it and its own (no
+    hash: no collision can hand a prompt another prompt's keys). At most ``budget`` bytes of keys/values are kept;
+    the least recently used block goes first. A lookup or an insert touches its chain from the deepest block up, so
+    a block is always more recently used than every block below it: the least recently used one is a leaf, and
+    eviction never strands a subtree.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        """Bytes of keys/values stored."""
+        self.root = _Node((), None, None)
+        self._lru: collections.OrderedDict[_Node, None] = collections.OrderedDict()
+
+    def match(self, tokens: list[int], limit: int) -> list[_Node]:
+        """The stored blocks that begin ``tokens``, as long a chain as there is within its first ``limit`` tokens."""
+        chain, node = [], self.root
+        for i in range(0, limit - BLOCK + 1, BLOCK):
+            node = node.children.get(tuple(tokens[i: i + BLOCK]))
+            if node is None:
+                break
+            chain.append(node)
+        self._touch(chain)
+        return chain
+
+    @staticmethod
+    def load(chain: list[_Node]) -> torch.Tensor:
+        """The keys/values of a chain, end to end: (layers, 2, kv_heads, BLOCK * len(chain), head_dim)."""
+        return torch.cat([node.kv for node in chain], dim=3)
+
+    def insert(self, tokens: list[int], kv_of: Callable[[int, int], torch.Tensor]) -> None:
+        """Store every whole block of ``tokens`` not stored yet; ``kv_of(a, b)`` gives the keys/values of slots [a, b)
+        ((layers, 2, kv_heads, b - a, head_dim)), asked once for all the new blocks."""
+        chain = self.match(tokens, len(tokens))
+        node = chain[-1] if chain else self.root
+        start, end = len(chain) * BLOCK, len(tokens) // BLOCK * BLOCK
+        if start == end:
+            return
+        kv = kv_of(start, end)
+        block_bytes = kv.element_size() * kv.numel() // ((end - start) // BLOCK)
+        # Never more than the budget holds: evicting this chain's own first blocks for its last ones gains nothing.
+        end = min(end, start + (self.budget // block_bytes - len(chain)) * BLOCK)
+        new = []
+        for a in range(start, end, BLOCK):
+            while self.used + block_bytes > self.budget:
+                self._evict()
+            block = tuple(tokens[a: a + BLOCK])
+            child = _Node(block, kv[:, :, :, a - start: a - start + BLOCK].clone(), node)
+            node.children[block] = child
+            node = child
+            self.used += block_bytes
+            new.append(node)
+        self._touch(chain + new)
+
+    def _touch(self, chain: list[_Node]) -> None:
+        for node in reversed(chain):
+            self._lru[node] = None
+            self._lru.move_to_end(node)
+
+    def _evict(self) -> None:
+        node, _ = self._lru.popitem(last=False)
+        assert not node.children, "a block is evicted before the blocks below it"
+        del node.parent.children[node.tokens]
+        self.used -= node.kv.element_size() * node.kv.numel()
 
 
 class Engine:
     """Runs jobs on ``model`` in a background thread (see the module docstring)."""
 
     def __init__(self, model: GPT, rt: Runtime, max_batch: int = 16, max_queue: int = 64,
-                 step_model: torch.nn.Module | None = None, static: bool = False):
+                 step_model: torch.nn.Module | None = None, static: bool = False, prefix_cache_mib: float = 0):
         """``static``: static batching, for comparison: waiting jobs are admitted only once every running one has
-        finished (the batch runs as long as its longest job)."""
+        finished (the batch runs as long as its longest job). ``prefix_cache_mib``: memory for the keys/values of
+        recent prompts and outputs, which prompts that begin with them reuse (:class:`PrefixCache`; 0: none)."""
         self.model, self.rt, self.static = model, rt, static
         self.step_model = model if step_model is None else step_model
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -113,6 +207,18 @@ class Engine:
         self._died: str | None = None
         self.peak_batch = 0
         """The most rows that ever ran in one step."""
+        self.prefix = PrefixCache(int(prefix_cache_mib * 2**20)) if prefix_cache_mib > 0 else None
+        self.prompt_tokens = 0
+        """Prompt tokens admitted so far."""
+        self.reused_tokens = 0
+        """Of those, tokens whose keys/values came from the prefix cache (not prefilled)."""
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters for /health: prompt tokens admitted, how many the prefix cache saved, its size in MiB."""
+        out: dict[str, int | float] = {"prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens}
+        if self.prefix is not None:
+            out["prefix_cache_mib"] = round(self.prefix.used / 2**20, 1)
+        return out
 
     # --- the API the server uses (any thread) --------------------------------------------------------
 
@@ -216,7 +322,7 @@ class Engine:
             except Exception as e:  # this job's own failure: the row it was written into is simply not taken
                 self._fail([job], e)
                 continue
-            row = _Row(job, len(job.prompt), -1)
+            row = _Row(job, len(job.prompt), -1, list(job.prompt))
             self.rows.append(row)
             if not self._take(row, logits):
                 self._leave(r)
@@ -231,10 +337,33 @@ class Engine:
         if job.sampling.repetition_penalty != 1.0:
             job.seen = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool, device=self.model.device)
             job.seen[job.prompt] = True
+        p, n = len(job.prompt), 0
+        if self.prefix is not None and (chain := self.prefix.match(job.prompt, p - 1)):
+            kv = self.prefix.load(chain)
+            n = kv.shape[3]
+            for layer, c in enumerate(self.caches):
+                c.k[r, :, :n] = kv[layer, 0]
+                c.v[r, :, :n] = kv[layer, 1]
         self._use_caches(lambda c: c.rows(r, r + 1))
-        ids = torch.tensor([job.prompt], device=self.slots.device)
-        logits, _ = self.step_model(ids, positions=self.slots[: len(job.prompt)], cache_start=0, last_only=True)
+        ids = torch.tensor([job.prompt[n:]], device=self.slots.device)
+        # After a stored prefix the queries are slots [n, p) over keys [0, p): causal, but not the square mask that
+        # no mask means (a single query needs none: it sees every key).
+        mask = (self.slots[None, :p] <= self.slots[n:p, None])[None, None] if 0 < n < p - 1 else None
+        logits, _ = self.step_model(ids, positions=self.slots[n:p], mask=mask, cache_start=n, last_only=True)
+        self.prompt_tokens += p
+        self.reused_tokens += n
+        self._remember(r, job.prompt)
         return logits[0, -1]
+
+    def _remember(self, r: int, tokens: list[int]) -> None:
+        """Store the keys/values of ``tokens`` (what cache row r holds first) in the prefix cache, if there is one."""
+        if self.prefix is None:
+            return
+
+        def kv_of(a: int, b: int) -> torch.Tensor:
+            return torch.stack([torch.stack([c.k[r, :, a:b], c.v[r, :, a:b]]) for c in self.caches])
+
+        self.prefix.insert(tokens, kv_of)
 
     def _decode(self) -> None:
         """One token for every running row."""
@@ -290,6 +419,7 @@ class Engine:
             job.emit(Finished("stop"))
             return False
         job.generated += 1
+        row.tokens.append(tok)
         job.emit(self._token(tok, logits, job.logprobs))
         if job.generated >= job.max_tokens:
             job.emit(Finished("length"))
@@ -307,6 +437,8 @@ class Engine:
 
     def _leave(self, r: int) -> None:
         """Free row r: the last running row moves into it (its cache row copied), so rows stay contiguous."""
+        row = self.rows[r]
+        self._remember(r, row.tokens[: row.length])  # a chat's next turn begins with this one's prompt and answer
         last = len(self.rows) - 1
         if r != last:
             for c in self.caches:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmforge.options import RuntimeOptions, check, option
+from lmforge.options import RuntimeOptions, check, check_finite, option
 
 
 @dataclass
@@ -31,6 +31,9 @@ class ServeOptions(RuntimeOptions):
     batching: Literal["continuous", "static"] = "continuous"
     """continuous: requests join and leave the running batch between steps; static (to compare): waiting requests
     start only when the whole batch has finished."""
+    prefix_cache_mib: float = 256
+    """MiB of memory for the keys/values of recent prompts and answers, reused by requests that begin with them (a
+    system prompt, a chat's earlier turns): their prefill starts where the stored prefix ends. 0: off."""
     compile: bool = False
     """torch.compile the model first."""
     model_name: str | None = None
@@ -40,6 +43,8 @@ class ServeOptions(RuntimeOptions):
         check(1 <= self.port <= 65535, "port", "an integer from 1 to 65535", self.port)
         for name in ("max_batch", "max_queue"):
             check(getattr(self, name) >= 1, name, "an integer of at least 1", getattr(self, name))
+        check_finite("prefix_cache_mib", self.prefix_cache_mib)
+        check(self.prefix_cache_mib >= 0, "prefix_cache_mib", "a number of MiB of at least 0", self.prefix_cache_mib)
         check(self.api_key != "", "api_key", "a non-empty key", "''")
         self.allowed_hosts = [name.strip() for names in self.allowed_hosts for name in names.split(",") if name.strip()]
         for name in self.allowed_hosts:
