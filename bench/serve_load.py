@@ -1,18 +1,24 @@
 """Load on `lmforge serve` (loopback only): concurrent clients, continuous vs static batching, batch 16 vs 1.
 
-    python bench/serve_load.py RUN [--clients 32] [--requests 10] [--seed 0] [--json OUT]
+    python bench/serve_load.py RUN [RUN ...] [--clients 32[,16,...]] [--requests 10] [--seed 0] [--setups ...]
+                               [--json OUT]
 
-For each setup (``--max-batch 16``; ``--max-batch 16 --batching static``; ``--max-batch 1``) a fresh server is
-started on a free loopback port; ``--clients`` threads each send ``--requests`` completions with the official
-``openai`` client, one after another, with ``max_tokens`` drawn from 8..128 (the same draws for every setup),
-temperature 1. Reported per setup: errors, p50/p99 latency, aggregate completion tokens/s over the whole run,
-and the server's RSS after a warm-up round and at the end. The setups run in one process, one after another.
+Several runs (a float run and its int8/int4 quantizations, say) and several client counts make a table: every
+setup for every run at every client count, one after another.
+
+For each setup (``--max-batch 16``; ``--max-batch 16 --batching static``; ``--max-batch 1``; on request
+``--max-batch 16 --prefix-cache-mib 0``) a fresh server is started on a free loopback port; ``--clients`` threads
+each send ``--requests`` completions with the official ``openai`` client, one after another, with ``max_tokens``
+drawn from 8..128 (the same draws for every setup), temperature 1. Reported per setup: errors, p50/p99 latency,
+aggregate completion tokens/s over the whole run, and the server's RSS after a warm-up round and at the end. The
+setups run in one process, one after another.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import platform
@@ -31,7 +37,8 @@ from lmforge.hardware import cpu_name
 
 SETUPS = {"continuous-16": ["--max-batch", "16"],
           "static-16": ["--max-batch", "16", "--batching", "static"],
-          "continuous-1": ["--max-batch", "1"]}
+          "continuous-1": ["--max-batch", "1"],
+          "continuous-16-no-prefix-cache": ["--max-batch", "16", "--prefix-cache-mib", "0"]}
 PROMPTS = ["def ", "import ", "class ", "    return ", "# ", "if __name__", "for i in ", "try:\n    "]
 
 
@@ -97,21 +104,24 @@ def run_setup(run: str, flags: list[str], draws: list[list[int]]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    ap.add_argument("run")
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("runs", nargs="+", metavar="RUN")
+    ap.add_argument("--clients", default="32", help="comma-separated client counts")
     ap.add_argument("--requests", type=int, default=10, help="per client, after one warm-up request each")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--setups", default="continuous-16,static-16,continuous-1", help=f"of {', '.join(SETUPS)}")
     ap.add_argument("--json")
     args = ap.parse_args()
-    rng = random.Random(args.seed)
-    draws = [[rng.randint(8, 128) for _ in range(args.requests + 1)] for _ in range(args.clients)]
     results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
                "command": "python bench/serve_load.py " + " ".join(sys.argv[1:]), "setups": {}}
-    for name in args.setups.split(","):
-        r = run_setup(args.run, SETUPS[name], draws)
-        results["setups"][name] = r
-        print(f"{name:22s} {r['requests']} requests, {r['errors']} errors | p50 {r['p50_s']:.2f} s, p99 "
+    for run, clients, name in itertools.product(args.runs, [int(c) for c in args.clients.split(",")],
+                                                args.setups.split(",")):
+        rng = random.Random(args.seed)  # the same draws for every run and setup
+        draws = [[rng.randint(8, 128) for _ in range(args.requests + 1)] for _ in range(clients)]
+        r = run_setup(run, SETUPS[name], draws)
+        # One run and one client count: keyed by setup alone, as before.
+        key = name if len(args.runs) == 1 and "," not in args.clients else f"{Path(run).name} {clients} {name}"
+        results["setups"][key] = r
+        print(f"{key:22s} {r['requests']} requests, {r['errors']} errors | p50 {r['p50_s']:.2f} s, p99 "
               f"{r['p99_s']:.2f} s | {r['tokens_per_s']:,.0f} tok/s ({r['tokens']} tokens in {r['wall_s']:.1f} s) | "
               f"RSS {r['rss_start_mib']:.0f} -> {r['rss_end_mib']:.0f} MiB", flush=True)
     if args.json:
