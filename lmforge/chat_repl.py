@@ -18,6 +18,7 @@ from lmforge.chat import ChatTemplate
 from lmforge.data.records import BadRecord
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.generate import blank_note, generate_text
+from lmforge.inference import decode_setup
 from lmforge.loading import load_lm, run_template
 from lmforge.model.gpt import GPT
 from lmforge.options import ChatOptions, Sampling
@@ -123,8 +124,10 @@ def chat_command(o: ChatOptions) -> None:
     """``lmforge chat``: load the run, resolve its chat template, talk on stdin/stdout."""
     rt = setup_runtime(o.device, o.precision)
     run = load_lm(o.run, rt.device, "lmforge chat")
-    session = ChatSession(run.model, run.tokenizer, run_template(o.run, run), max_new_tokens=o.max_new_tokens,
+    model, rt, how = decode_setup(run.model, rt, o.precision)
+    session = ChatSession(model, run.tokenizer, run_template(o.run, run), max_new_tokens=o.max_new_tokens,
                           sampling=o.sampling)
-    print(f"chatting with '{o.run}' (a context of {run.model.cfg.block_size} tokens): {COMMANDS}", file=sys.stderr)
+    print(f"chatting with '{o.run}' (a context of {model.cfg.block_size} tokens, {how}): {COMMANDS}",
+          file=sys.stderr)
     with rt.autocast():
         chat_loop(session)
