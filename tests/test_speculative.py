@@ -62,7 +62,7 @@ def test_lookup_and_draft_outputs_equal_plain_greedy_decoding(preset):
     model = lively_model(preset)
     drafts = {"itself": lively_model(preset), "noisy copy": noisy_copy(model, 0.05)}
     totals = {name: SpeculativeStats() for name in ("lookup", *drafts)}
-    for seed in (1, 2, 3):
+    for seed in (1, 2):
         p = prompt(8, seed) * 2
         plain = generate(model, [p], 40, temperature=0)[0]
         out, stats = generate_speculative(model, p, 40, lookup_ngram=2)
@@ -76,7 +76,7 @@ def test_lookup_and_draft_outputs_equal_plain_greedy_decoding(preset):
     lookup, itself, noisy = totals["lookup"], totals["itself"], totals["noisy copy"]
     assert lookup.proposed > lookup.accepted
     # The first token comes from the prompt's forward, then 9 steps of 3 + 1 tokens and one of the last 3.
-    assert itself.accepted == itself.proposed and itself.steps == 3 * 10
+    assert itself.accepted == itself.proposed and itself.steps == 2 * 10
     assert 0 < noisy.accepted < noisy.proposed
 
 
