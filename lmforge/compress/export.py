@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lmforge.chat import find_chat_template
+from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.compress.gguf import export_gguf
 from lmforge.compress.options import ExportOptions
 from lmforge.compress.report import format_report, gguf_report
@@ -36,10 +36,16 @@ def export_run(o: ExportOptions) -> Path:
         out = export_hf(model, run.tokenizer, o.out, chat_template=template)
         print(f"exported {run.checkpoint}{note} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
         return out
-    out = export_gguf(model, run.tokenizer, o.out, o.type, name=run.folder.name,
-                      chat_template=template[0] if template else None, turn_end=template[1] if template else None)
+    # A run without a template of its own chats in lmforge's default (as `lmforge serve` does): the file carries
+    # it, or llama.cpp would format chats in a template of its own choosing (llama-cpp-python: llama-2's).
+    chat = ChatTemplate.resolve(None, run.folder, run.tokenizer)
+    out = export_gguf(model, run.tokenizer, o.out, o.type, name=run.folder.name, chat_template=chat.source,
+                      turn_end=chat.eos_token)
     report = gguf_report(run, model, out, o.type)
     print(format_report(report))
     where = report.write_to(out.with_name(out.name + ".report.json"))
-    print(f"\nexported {run.checkpoint}{note} to {out} ({o.type}; llama.cpp: llama-cli -m {out}); report {where}")
+    # The file's template is Jinja: llama.cpp's own engine renders it only with --jinja.
+    default = "; its chat template lmforge's default, the run having none of its own" if template is None else ""
+    print(f"\nexported {run.checkpoint}{note} to {out} ({o.type}{default}; llama.cpp: llama-cli -m {out} --jinja); "
+          f"report {where}")
     return out

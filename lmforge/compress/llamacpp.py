@@ -6,14 +6,21 @@ ids of llama.cpp's own tokenizer, the warnings llama.cpp logs while loading (an 
 pre-tokenizer is one), next-token logits at every position, and greedy continuations. ``lmforge export --format
 gguf`` adds its summary to the report when llama-cpp-python is installed; tests/compress/test_llamacpp.py holds
 the default model and a Llama preset to thresholds.
+
+:func:`llama_decode_time` and :func:`lmforge_decode_time` time one batch-1 greedy generation in each, the same way
+(the prompt in and the first token out, then every later token), for the export report's decode figure and
+bench/decode_speed.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +28,9 @@ import torch
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.generate import generate
 from lmforge.model.gpt import GPT
+
+if TYPE_CHECKING:
+    import llama_cpp
 
 TEXTS: tuple[str, ...] = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
@@ -167,3 +177,83 @@ def agreement(path: str | Path, model: GPT, tokenizer: Tokenizer, *, texts: tupl
                      max_logit_diff=max(diffs), top1_agreement=same / positions, greedy_identical=identical,
                      greedy_prompts=len(greedy_prompts), greedy_tokens=greedy_tokens,
                      greedy_first_difference=first_difference)
+
+
+@dataclass
+class DecodeTime:
+    """One batch-1 greedy generation, timed in two parts."""
+
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    """From the call to the first new token: the prompt evaluated, its last logits turned into a token."""
+    decode_s: float
+    """From the first new token to the last: ``new_tokens - 1`` single-token steps."""
+    tokens: list[int]
+    """The new tokens."""
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prompt tokens per second."""
+        return self.prompt_tokens / self.prefill_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens per second after the first (0 when only one was asked for)."""
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second over the whole call, prefill included."""
+        return self.new_tokens / (self.prefill_s + self.decode_s)
+
+
+def open_llama(path: str | Path, n_ctx: int, threads: int) -> llama_cpp.Llama:
+    """The GGUF file at ``path`` loaded in llama.cpp for batch-1 decoding on ``threads`` CPU threads (prompt and
+    single tokens alike), its load log silenced."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                           verbose=False)
+
+
+def llama_decode_time(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int,
+                      clock: Callable[[], float] = time.perf_counter) -> DecodeTime:
+    """Greedy-decode ``new_tokens`` after ``prompt`` in llama.cpp (``llm`` from :func:`open_llama`, its context
+    at least ``len(prompt) + new_tokens``), timed as :class:`DecodeTime` says. Each token is the argmax of
+    llama.cpp's last logits, read in place: no sampler, no copy of the logits (which llama-cpp-python's own
+    ``generate`` makes), so what is timed is llama.cpp's forward pass."""
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())
+
+    llm.reset()
+    start = clock()
+    llm.eval(prompt)
+    tokens = [next_token()]
+    first = clock()
+    while len(tokens) < new_tokens:
+        llm.eval(tokens[-1:])
+        tokens.append(next_token())
+    return DecodeTime(len(prompt), new_tokens, first - start, clock() - first, tokens)
+
+
+def lmforge_decode_time(model: torch.nn.Module, prompt: list[int], new_tokens: int,
+                        clock: Callable[[], float] = time.perf_counter) -> DecodeTime:
+    """Greedy-decode ``new_tokens`` after ``prompt`` with :func:`lmforge.generate.generate` (under whatever
+    autocast the caller has entered), timed as :func:`llama_decode_time` times llama.cpp: the first new token's
+    arrival (``on_token``) splits the prefill from the single-token steps."""
+    first: list[float] = []
+
+    def arrived(_row: int, _token: int) -> None:
+        if not first:
+            first.append(clock())
+
+    start = clock()
+    tokens = generate(model, [prompt], new_tokens, temperature=0.0, on_token=arrived)[0]
+    end = clock()
+    return DecodeTime(len(prompt), new_tokens, first[0] - start, end - first[0], tokens)

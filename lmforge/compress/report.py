@@ -261,10 +261,42 @@ def describe_device(rt: Runtime) -> str:
 
 
 
+GGUF_ROUNDS = 3
+"""Timed rounds of the GGUF report's decode figures: few, so that ``lmforge export`` stays quick."""
+
+
+def llama_cpp_speeds(model: GPT, path: Path, prompt: list[int], before: Measured, after: Measured,
+                     rounds: int = GGUF_ROUNDS) -> None:
+    """Fill ``before``'s batch-1 decode figure with ``model`` decoding in lmforge (float32, as the report runs it)
+    and ``after``'s with llama.cpp decoding the GGUF file at ``path`` on as many threads, in alternation, each
+    greedy ``NEW_TOKENS`` after ``prompt`` timed as :func:`lmforge.compress.llamacpp.llama_decode_time` says, its
+    tokens/s over the whole call (prefill included, as the other reports count)."""
+    llm = llamacpp.open_llama(path, len(prompt) + NEW_TOKENS, torch.get_num_threads())
+    ours: list[float] = []
+    theirs: list[float] = []
+
+    def in_lmforge() -> None:
+        ours.append(llamacpp.lmforge_decode_time(model, prompt, NEW_TOKENS).tokens_per_s)
+
+    def in_llama_cpp() -> None:
+        theirs.append(llamacpp.llama_decode_time(llm, prompt, NEW_TOKENS).tokens_per_s)
+
+    try:
+        time_alternating([in_lmforge, in_llama_cpp], rounds)
+    finally:
+        llm.close()
+    # Each call's own figure, the warm-up's (the first) left out.
+    for measured, speeds in ((before, ours[1:]), (after, theirs[1:])):
+        measured.decode_spread["1"] = Spread.of(speeds)
+        measured.decode_tokens_per_s["1"] = measured.decode_spread["1"].median
+    after.decode_vs_before["1"] = ratio_per_round(theirs[1:], ours[1:])
+
+
 def gguf_report(run: LoadedRun, model: GPT, path: Path, qtype: str, windows: int = 64) -> Report:
     """What a GGUF export keeps: the file's bytes, and the perplexity of the weights read back from it (run here
-    in float32; its decode speed is llama.cpp's, not measured); where llama-cpp-python is installed, how llama.cpp
-    running the file agrees with ``model`` (:func:`lmforge.compress.llamacpp.agreement`)."""
+    in float32); where llama-cpp-python is installed, how llama.cpp running the file agrees with ``model``
+    (:func:`lmforge.compress.llamacpp.agreement`) and how fast it decodes the file at batch 1 against ``model`` in
+    lmforge (:func:`llama_cpp_speeds`)."""
     rt = setup_runtime("cpu", "fp32")
     ev = eval_windows(run, windows)
     before = measure(model, ev, rt, source_weights(run))
@@ -277,10 +309,16 @@ def gguf_report(run: LoadedRun, model: GPT, path: Path, qtype: str, windows: int
                  if t.name.startswith("blk.") and len(t.shape) == 2)
     after = measure(back.eval(), ev, rt, path)
     after.linear_bytes = blocks
+    after_note = "after: the weights read back from the file (gguf.GGUFReader), run by lmforge"
+    if llamacpp.available():
+        # The prompt cut to leave room for the new tokens in the model's context (llama.cpp's, too).
+        prompt = decode_prompts(ev, run.tokenizer, 1)[0][:max(model.cfg.block_size - NEW_TOKENS, 0)]
+        if prompt:
+            llama_cpp_speeds(model, path, prompt, before, after)
+        notes = [f"{after_note}; its decode speed is llama.cpp's running the file (batch 1, the model before in "
+                 f"lmforge beside it)", llamacpp.agreement(path, model, run.tokenizer).summary()]
+    else:
+        notes = [f"{after_note}; decode speed is llama.cpp's", "llama.cpp's own check: pip install 'lmforge[llamacpp]'"]
     return Report(command="export", source=str(run.checkpoint), out=str(path), method={"format": "gguf", "type": qtype},
                   before=before, after=after, windows=ev.source if ev else None,
-                  n_windows=len(ev.tokens) if ev else 0, device=describe_device(rt),
-                  notes=["after: the weights read back from the file (gguf.GGUFReader), run by lmforge; decode speed "
-                         "is llama.cpp's"] + ([llamacpp.agreement(path, model, run.tokenizer).summary()]
-                                              if llamacpp.available() else
-                                              ["llama.cpp's own check: pip install 'lmforge[llamacpp]'"]))
+                  n_windows=len(ev.tokens) if ev else 0, device=describe_device(rt), notes=notes)

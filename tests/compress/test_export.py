@@ -9,7 +9,9 @@ import pytest
 import torch
 import yaml
 
+from lmforge.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, find_chat_template
 from lmforge.cli import main
+from lmforge.compress import llamacpp
 from lmforge.compress.gguf import read_gguf
 from lmforge.compress.prune import PruneSpec, prune_run
 from lmforge.loading import load_run
@@ -50,3 +52,33 @@ def test_a_run_no_runtime_can_load_is_refused_naming_the_missing_key_and_a_prese
     assert "qk_norm=true is neither GPT-2" in err[0]
     assert "to be GPT-2 it needs model.qk_norm=false, which preset gpt2-mini has" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom"]  # nothing written, no temporary left
+
+
+class _Prompted(Exception):
+    """What llama-cpp-python's chat handler would complete: the prompt's token ids."""
+
+
+def test_a_run_without_a_chat_template_exports_lmforge_s_default_into_the_gguf(run_dir, tmp_path, monkeypatch):
+    assert find_chat_template(run_dir) is None
+    monkeypatch.setattr(llamacpp, "available", lambda: False)  # the report's llama.cpp figures: test_report.py
+    path = tmp_path / "m.gguf"
+    assert main(["export", str(run_dir), "--format", "gguf", "--out", str(path)]) == 0
+    assert read_gguf(path)[0]["tokenizer.chat_template"] == DEFAULT_CHAT_TEMPLATE
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # /v1/chat/completions in llama-cpp-python formats the conversation as `lmforge serve` does: the same ids.
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert llm.chat_format == "chat_template.default"  # the file's template, not a fallback (llama-2)
+
+    def prompted(prompt: list[int], **_) -> None:
+        raise _Prompted(prompt)
+
+    llm.create_completion = prompted
+    messages = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "Sum a list?"},
+                {"role": "assistant", "content": "sum(xs)"}, {"role": "user", "content": "And its mean?"}]
+    with pytest.raises(_Prompted) as sent:
+        llm.create_chat_completion(messages=messages, max_tokens=1)
+    run = load_run(run_dir)
+    served = ChatTemplate.resolve(None, run.folder, run.tokenizer)  # what `lmforge serve` picks for the run
+    text = served.render(messages, add_generation_prompt=True)
+    assert sent.value.args[0] == run.tokenizer.encode(text, allow_special=True)
+    assert run.tokenizer.eot_id in sent.value.args[0]  # the assistant's turn ends with end-of-text, a special token

@@ -6,13 +6,26 @@ from __future__ import annotations
 import json
 import re
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lmforge.compress import report, timing
+from lmforge.compress import llamacpp, report, timing
+from lmforge.compress.gguf import export_gguf
 from lmforge.compress.prune import apply_masks, magnitude_masks
-from lmforge.compress.report import NEW_TOKENS, Measured, Report, Windows, format_report, measure, measure_speeds
+from lmforge.compress.report import (
+    NEW_TOKENS,
+    Measured,
+    Report,
+    Windows,
+    format_report,
+    gguf_report,
+    measure,
+    measure_speeds,
+)
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.loading import LoadedRun
 from lmforge.runtime import setup_runtime
 from tests.fixtures import tiny_model
 
@@ -100,3 +113,36 @@ def test_prune_reports_the_zeros_and_quantize_the_size_relative_to_bf16():
     assert _cells(text, "  of them zero") == ["0.0%", "50.0%"]  # before, after; no ratio
     r.command = "quantize"
     assert "of bf16's" in format_report(r) and "of them zero" not in format_report(r)
+
+
+@pytest.fixture
+def exported(tmp_path) -> tuple[LoadedRun, object]:
+    """A tiny Llama-style model with a tokenizer of its own, as a run (no dataset, no checkpoint folder), and its
+    f16 GGUF export."""
+    tok = Tokenizer.train_bpe(["the quick brown fox jumps over the lazy dog", "hello world, hello there"], 300)
+    model = tiny_model("llama-tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=64, block_size=64)
+    return LoadedRun(model, tok, None, tmp_path, tmp_path), export_gguf(model, tok, tmp_path / "m.gguf")
+
+
+def test_the_gguf_report_times_llama_cpp_decoding_the_file_beside_lmforge(exported, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    # llama.cpp's verdict on the file takes seconds and is tested on its own (test_llamacpp.py).
+    monkeypatch.setattr(llamacpp, "agreement", lambda *a, **k: SimpleNamespace(summary=lambda: "agreement"))
+    run, path = exported
+    r = gguf_report(run, run.model, path, "f16")
+    for measured in (r.before, r.after):  # before: lmforge; after: llama.cpp running the file
+        assert measured.decode_tokens_per_s["1"] > 0
+        assert len(measured.decode_spread["1"].rounds) == report.GGUF_ROUNDS
+    assert r.after.decode_vs_before["1"].median > 0
+    text = format_report(r)
+    assert len(_cells(text, "decode tok/s, batch 1")) == 3  # before, after, and their ratio
+    assert "decode speed is llama.cpp's running the file" in text
+
+
+def test_without_llama_cpp_the_gguf_report_says_the_decode_speed_is_not_measured(exported, monkeypatch):
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    run, path = exported
+    r = gguf_report(run, run.model, path, "f16")
+    assert not r.before.decode_spread and not r.after.decode_spread
+    assert r.notes[0].endswith("; decode speed is llama.cpp's")
+    assert "decode tok/s" not in format_report(r)
