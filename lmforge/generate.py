@@ -24,6 +24,7 @@ from lmforge.loading import load_lm, run_template
 from lmforge.model.gpt import GPT
 from lmforge.options import GenerateOptions, Sampling
 from lmforge.runtime import compile_falls_back_to_eager, eval_mode, maybe_compile, setup_runtime
+from lmforge.speculative import SpeculativeStats, speculative_for
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -312,7 +313,8 @@ class TextStream:
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int,
                   sampling: Sampling, *, stop_strings: Sequence[str] = (), stop_ids: Sequence[int] = (),
-                  stream: TextIO | None = None, allow_special: bool = False) -> list[str]:
+                  stream: TextIO | None = None, allow_special: bool = False,
+                  decode: Callable[..., list[list[int]]] | None = None) -> list[str]:
     """Continue each text prompt; returns the continuations (prompt excluded).
 
     An empty prompt starts a new document (the end-of-text token). Tokens are drawn as ``sampling``
@@ -323,6 +325,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
     stream: with one prompt, the continuation is written as it is generated (never a half UTF-8
     character, nor text that may turn out to start a stop string); with several, each finished
     continuation is written at the end, separated by a line ``----``.
+    decode: what turns token ids into new ones, with :func:`generate`'s signature (default: it; speculative
+    decoding: :func:`lmforge.speculative.speculative_decoder`).
     """
     encode = (lambda text: tokenizer.encode(text, allow_special=True)) if allow_special else tokenizer.encode
     ids = [encode(p) or [tokenizer.eot_id] for p in prompts]
@@ -342,8 +346,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
         return find_stop(tokenizer.decode(new_ids[row]), stop_strings) is not None
 
     needs_callback = live is not None or bool(stop_strings)
-    outs = generate(model, ids, max_new_tokens, stop_ids=stop_ids, on_token=on_token if needs_callback else None,
-                    **dataclasses.asdict(sampling))
+    outs = (decode or generate)(model, ids, max_new_tokens, stop_ids=stop_ids,
+                                on_token=on_token if needs_callback else None, **dataclasses.asdict(sampling))
     texts = []
     for out in outs:
         text = tokenizer.decode(out)
@@ -396,20 +400,24 @@ def generate_command(o: GenerateOptions) -> None:
         template = run_template(o.run, run)
         prompts = [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
         stop_ids = template.stop_ids
+    stats = SpeculativeStats()
+    decode = speculative_for(o, run, model, rt.device, stats, fallback=generate)
     if len(prompts) == 1 and not o.chat:  # the continuation streams right after its prompt
         print(prompts[0], end="", flush=True)
     with rt.autocast():
         texts = generate_text(model, run.tokenizer, prompts, o.max_new_tokens, o.sampling, stop_strings=o.stop,
                               stop_ids=stop_ids, stream=sys.stdout if len(prompts) == 1 else None,
-                              allow_special=o.chat)
+                              allow_special=o.chat, decode=decode)
     notes = [blank_note(text, o.sampling, o.chat) for text in texts]
     if len(prompts) == 1:
         print(flush=True)
         if notes[0]:
             print(f"({notes[0]})", file=sys.stderr)
-        return
-    for prompt, text in zip(shown, texts, strict=True):
-        print(f"{prompt}{text}\n----", flush=True)
-    for i, note in enumerate(notes):
-        if note:
-            print(f"(prompt {i + 1}: {note})", file=sys.stderr)
+    else:
+        for prompt, text in zip(shown, texts, strict=True):
+            print(f"{prompt}{text}\n----", flush=True)
+        for i, note in enumerate(notes):
+            if note:
+                print(f"(prompt {i + 1}: {note})", file=sys.stderr)
+    if decode is not None:
+        print(f"({stats.summary()})", file=sys.stderr)

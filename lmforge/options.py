@@ -238,6 +238,23 @@ class GenerateOptions(GenerationOptions):
     compile: bool = False
     """torch.compile the model first: decoding gets faster after a one-off compile (20-30 s on a small CPU);
     worth it for long or many generations."""
+    lookup: int | None = option(None, metavar="N")
+    """Speculative decoding by prompt lookup: propose what followed the last earlier occurrence of the text's last
+    N tokens (N down to 1), all checked in one step; the same text as plain greedy decoding, faster where the
+    text repeats itself (code, quotes). Greedy (-t 0) only: sampling decodes plainly (default: off)."""
+    draft: str | None = option(None, metavar="RUN")
+    """Speculative decoding with this small run as the draft model (the same tokenizer): it proposes, the model
+    checks several tokens in one step; the same text as plain greedy decoding. Greedy (-t 0) only: sampling
+    decodes plainly (default: off)."""
+    draft_tokens: int = 4
+    """Tokens --lookup or --draft proposes per step."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.lookup is None or self.lookup >= 1, "lookup", "an n-gram size of at least 1", self.lookup)
+        check(self.draft_tokens >= 1, "draft_tokens", "an integer of at least 1", self.draft_tokens)
+        if self.lookup is not None and self.draft is not None:
+            raise OptionError("lookup", "give --lookup or --draft, not both")
 
 
 @dataclass
