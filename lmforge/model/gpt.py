@@ -89,8 +89,10 @@ class KVCache(nn.Module):
         """
         if isinstance(start, torch.Tensor):
             rows = torch.arange(k.shape[0], device=k.device)
-            self.k[rows, :, start] = k[:, :, 0]
-            self.v[rows, :, start] = v[:, :, 0]
+            # Cast as the slice assignment below does implicitly (index_put does not): a quantized model's Linears
+            # give float32 keys under autocast, which a cache in the autocast dtype stores.
+            self.k[rows, :, start] = k[:, :, 0].to(self.k.dtype)
+            self.v[rows, :, start] = v[:, :, 0].to(self.v.dtype)
             return self.k[: k.shape[0], :, : self.span], self.v[: k.shape[0], :, : self.span]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
