@@ -20,6 +20,7 @@ import torch
 from lmforge.data.records import read_text_file
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.inference import decode_setup
 from lmforge.loading import load_lm, run_template
 from lmforge.model.gpt import GPT
 from lmforge.options import GenerateOptions, Sampling
@@ -389,6 +390,8 @@ def generate_command(o: GenerateOptions) -> None:
         prompts = [""]
     rt = setup_runtime(o.device, o.precision)
     run = load_lm(o.run, rt.device, "lmforge generate")
+    # Weights in the precision that measured fastest at decoding (lmforge.inference), not autocast.
+    run.model, rt, _ = decode_setup(run.model, rt, o.precision)
     if o.compile:
         compile_falls_back_to_eager()
     model = maybe_compile(run.model, o.compile, dynamic=True)

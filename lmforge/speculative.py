@@ -234,7 +234,8 @@ def speculative_for(o: GenerateOptions, run: LoadedRun, model: GPT, device: torc
         if found.tokenizer.hf.get_vocab() != run.tokenizer.hf.get_vocab():
             raise UserError(f"--draft '{o.draft}' has another tokenizer than '{o.run}': a draft must share the "
                             f"model's (train it on the model's dataset: data.dataset_dir=...)")
-        draft = maybe_compile(found.model, o.compile, dynamic=True)
+        # In the model's precision (lmforge.inference chose it for the model: the draft is read the same way).
+        draft = maybe_compile(found.model.to(model.dtype), o.compile, dynamic=True)
     return speculative_decoder(fallback, stats, draft=draft, lookup_ngram=o.lookup, num_draft_tokens=o.draft_tokens)
 
 
