@@ -70,16 +70,16 @@ def run_setup(run: str, flags: list[str], draws: list[list[int]]) -> dict:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
         name = client.models.list().data[0].id
 
-        def one(c: int, k: int) -> tuple[float, int, bool]:
+        def one(c: int, k: int) -> tuple[float, int, str | None]:
             t0 = time.perf_counter()
             try:
                 out = client.completions.create(model=name, prompt=PROMPTS[(c + k) % len(PROMPTS)],
                                                 max_tokens=draws[c][k], temperature=1.0, seed=c * 1000 + k)
-                return time.perf_counter() - t0, out.usage.completion_tokens, True
-            except openai.OpenAIError:
-                return time.perf_counter() - t0, 0, False
+                return time.perf_counter() - t0, out.usage.completion_tokens, None
+            except openai.OpenAIError as e:
+                return time.perf_counter() - t0, 0, f"{type(e).__name__}: {e}"
 
-        def client_loop(c: int, first: int, last: int) -> list[tuple[float, int, bool]]:
+        def client_loop(c: int, first: int, last: int) -> list[tuple[float, int, str | None]]:
             return [one(c, k) for k in range(first, last)]
 
         clients = len(draws)
@@ -96,7 +96,9 @@ def run_setup(run: str, flags: list[str], draws: list[list[int]]) -> dict:
         server.wait(30)
     latencies = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
-    return {"requests": len(results), "errors": sum(not r[2] for r in results), "tokens": tokens, "wall_s": wall,
+    errors = [r[2] for r in results if r[2] is not None]
+    return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
             "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "rss_start_mib": rss_start, "rss_end_mib": rss_end}
@@ -123,7 +125,8 @@ def main() -> None:
         results["setups"][key] = r
         print(f"{key:22s} {r['requests']} requests, {r['errors']} errors | p50 {r['p50_s']:.2f} s, p99 "
               f"{r['p99_s']:.2f} s | {r['tokens_per_s']:,.0f} tok/s ({r['tokens']} tokens in {r['wall_s']:.1f} s) | "
-              f"RSS {r['rss_start_mib']:.0f} -> {r['rss_end_mib']:.0f} MiB", flush=True)
+              f"RSS {r['rss_start_mib']:.0f} -> {r['rss_end_mib']:.0f} MiB"
+              f"{' | first error: ' + r['first_error'] if r['first_error'] else ''}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
