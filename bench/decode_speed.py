@@ -220,13 +220,14 @@ def main() -> None:
     for run in args.runs:
         print(f"timing {run} ...", file=sys.stderr, flush=True)
         results.append(bench_run(run, args, with_llama))
-    table = markdown(results, header)
+        # The files hold every run timed so far: a long bench stopped midway keeps what it measured.
+        table = markdown(results, header)
+        if args.markdown:
+            Path(args.markdown).write_text(table + "\n", encoding="utf-8")
+        if args.json:
+            out = {**header, "runs": [{**r, "rows": [asdict(row) for row in r["rows"]]} for r in results]}
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n", encoding="utf-8")
-    if args.json:
-        out = {**header, "runs": [{**r, "rows": [asdict(row) for row in r["rows"]]} for r in results]}
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
