@@ -39,6 +39,7 @@ from lmforge.data.records import BadRecord
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import TextStream
+from lmforge.inference import decode_setup
 from lmforge.loading import load_lm, run_template
 from lmforge.options import OptionError, Sampling
 from lmforge.runtime import maybe_compile, setup_runtime
@@ -644,7 +645,8 @@ def load_served(o: ServeOptions) -> Served:
     """A run (or checkpoint, or Hugging Face folder) ready to serve: its model in an engine, its chat template."""
     rt = setup_runtime(o.device, o.precision)
     loaded = load_lm(o.run, rt.device, "lmforge serve")
-    model = loaded.model.eval()
+    # Weights in the precision that measured fastest at decoding (lmforge.inference), not autocast.
+    model, rt, _ = decode_setup(loaded.model.eval(), rt, o.precision)
     engine = Engine(model, rt, max_batch=o.max_batch, max_queue=o.max_queue,
                     step_model=maybe_compile(model, o.compile, dynamic=True), static=o.batching == "static",
                     prefix_cache_mib=o.prefix_cache_mib)
