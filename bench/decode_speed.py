@@ -3,10 +3,11 @@
     python bench/decode_speed.py RUN [RUN ...] [--prompt-tokens 64] [--new-tokens 128] [--rounds 5] [--threads 2]
         [--contenders NAME,...] [--json bench/results/decode_speed.json] [--markdown FILE]
 
-For each run (a float run directory): lmforge as ``lmforge generate --precision auto`` runs it (the runtime's
-inference precision, under its autocast), with fp32 weights and with bf16 weights (``model.to(torch.bfloat16)``);
-the run quantized by ``lmforge quantize`` (int8, int4 group 32, loaded back from disk as any run is); and llama.cpp
-(through llama-cpp-python) running the run exported by ``lmforge export --format gguf`` as f16, q8_0 and q4_0. Each
+For each run (a float run directory): lmforge as ``lmforge generate --precision auto`` runs it
+(:func:`lmforge.inference.decode_setup`: its weights in the precision measured fastest at decoding), with fp32
+weights and with bf16 weights (``model.to(torch.bfloat16)``); the run quantized by ``lmforge quantize`` (int8, int4
+group 32, loaded back from disk as any run is, decoded as ``lmforge generate`` decodes it); and llama.cpp (through
+llama-cpp-python) running the run exported by ``lmforge export --format gguf`` as f16, q8_0 and q4_0. Each
 greedy-decodes ``--new-tokens`` after the same ``--prompt-tokens``-token prompt on ``--threads`` threads, timed by
 :func:`lmforge.compress.llamacpp.lmforge_decode_time` / :func:`~lmforge.compress.llamacpp.llama_decode_time` in two
 parts: the prefill (prompt in, first token out) and the decode (every later token). The contenders take turns
@@ -39,6 +40,7 @@ from lmforge.compress.llamacpp import DecodeTime, llama_decode_time, lmforge_dec
 from lmforge.compress.quantize import quantize_run
 from lmforge.compress.timing import ROUNDS, Spread, format_ratio, format_spread, ratio_per_round, time_alternating
 from lmforge.hardware import cpu_name
+from lmforge.inference import decode_setup
 from lmforge.loading import LoadedRun, load_run
 from lmforge.model.quantized import QuantSpec
 from lmforge.runtime import Runtime, setup_runtime
@@ -110,14 +112,17 @@ def contenders_for(run_path: str, run: LoadedRun, prompt: list[int], new: int, t
     """Every contender for one run, in the order they take turns (each lmforge one beside its pair)."""
     rt = setup_runtime("cpu", "auto", threads)
     model = run.model.eval()
-    auto = f"lmforge auto ({rt.precision}{' autocast' if rt.autocast_dtype is not None else ''})"
-    out = [lmforge_contender(auto, model, rt, prompt, new, "llama.cpp f16"),
+    # As `lmforge generate` decodes (lmforge.inference.decode_setup casts in place: a copy).
+    auto_model, auto_rt, why = decode_setup(copy.deepcopy(model), rt, "auto")
+    out = [lmforge_contender(f"lmforge auto ({why.split(' (')[0]})", auto_model, auto_rt, prompt, new,
+                             "llama.cpp f16"),
            lmforge_contender("lmforge fp32", model, None, prompt, new, "llama.cpp f16"),
            lmforge_contender("lmforge bf16 weights", copy.deepcopy(model).to(torch.bfloat16), None, prompt, new,
                              "llama.cpp f16")]
     for method, qtype in (("int8", "q8_0"), ("int4", "q4_0")):
-        q = quantized(run_path, folder / method, QuantSpec(method, 32, False))
-        out.append(lmforge_contender(f"lmforge {method} ({rt.precision})", q, rt, prompt, new, f"llama.cpp {qtype}"))
+        q, q_rt, _ = decode_setup(quantized(run_path, folder / method, QuantSpec(method, 32, False)), rt, "auto")
+        out.append(lmforge_contender(f"lmforge {method} ({q_rt.precision})", q, q_rt, prompt, new,
+                                     f"llama.cpp {qtype}"))
     if with_llama:
         for qtype in ("f16", "q8_0", "q4_0"):
             path = export_gguf(model, run.tokenizer, folder / f"{qtype}.gguf", qtype, name=Path(run_path).name)
