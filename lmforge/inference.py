@@ -1,12 +1,13 @@
 """The precision a loaded model decodes in, chosen by timing *decoding* (``--precision auto`` of generate, chat and
 serve), and the model's weights stored in it.
 
-Decoding one token at a time reads every weight once per token, so what matters is a batch-1 decode step, not a
-large GEMM: on a 2-core EPYC with AVX512-BF16, where bf16 GEMMs run ~2.7x fp32, the vocabulary head's bf16
-matrix-vector product ran 60x *slower* than fp32 with 2 threads (126 us vs 7,963 us, best of 300; 1 thread: equal),
-while the block's matrices ran equally fast in both. So ``auto`` on a CPU times batch-1 greedy decode steps of the
-model's own shape with its weights in fp32 and in bf16, and casts the weights to bf16 only where that measured at
-least ``BF16_MIN_SPEEDUP`` times faster. The timing is cached per machine and model shape (:mod:`lmforge.hardware`).
+Decoding one token at a time reads every weight once per token: a batch-1 decode step is matrix-vector products
+and per-layer overhead, not the large GEMMs whose bf16 speed-up the training precision and MFU peak measure (~2.7x
+fp32 on a 2-core EPYC with AVX512-BF16). Its gain from bf16 weights differs by model: 1.40x for the default
+4x4x256 model, 1.02x for llama-small, 1.72x for the 124M Llama shape, on that EPYC (best of 3 of 16 steps each,
+medians of 3, the machine lightly loaded). So ``auto`` on a CPU times batch-1 greedy decode steps of the model's own
+shape with its weights in fp32 and in bf16, and casts the weights to bf16 only where that measured at least
+``BF16_MIN_SPEEDUP`` times faster. The timing is cached per machine and model shape (:mod:`lmforge.hardware`).
 
 The weights are *cast*, not run under autocast: autocast re-casts every weight at every step, which on a CPU made
 batch-1 decoding ~1.7x slower than casting once (bench/generate_speed.py). GPUs take bf16 (fp16 where bf16 is not
