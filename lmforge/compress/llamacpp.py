@@ -159,12 +159,7 @@ def agreement(path: str | Path, model: GPT, tokenizer: Tokenizer, *, texts: tupl
             ids = tokenizer.encode(prompt)
             n = min(greedy_tokens, context - len(ids))
             want = generate(model, [ids], n, temperature=0.0)[0]
-            got: list[int] = []
-            llm.reset()
-            llm.eval(ids)
-            while len(got) < len(want):
-                got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-                llm.eval([got[-1]])
+            got = llama_decode_time(llm, ids, len(want)).tokens if want else []
             if got == want:
                 identical += 1
             else:
