@@ -184,6 +184,13 @@ class ModelConfig:
         return missing + [f"model.{k}={_yaml_word(v)}" for k, v in _NEITHER_FAMILY.items() if getattr(self, k) != v]
 
     @property
+    def shape_key(self) -> str:
+        """Every field that changes what the model computes, as ``key=value,...``: what a timing measured on a model
+        of this shape is cached under (the preset's name and dropout change nothing measured)."""
+        shape = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("preset", "dropout")}
+        return ",".join(f"{k}={v}" for k, v in sorted(shape.items()))
+
+    @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
 

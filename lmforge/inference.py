@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -61,11 +60,6 @@ def time_decode(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, repe
     return best
 
 
-def _shape_key(cfg: ModelConfig) -> str:
-    shape = {k: v for k, v in asdict(cfg).items() if k not in ("preset", "dropout")}
-    return "decode step " + ",".join(f"{k}={v}" for k, v in sorted(shape.items()))
-
-
 def measure_decode(cfg: ModelConfig, device: torch.device) -> dict:
     """{"fp32_s": ..., "bf16_s": ... or None, "bf16_gemm": ...}: seconds per decoded token in each precision. bf16 is
     not timed where its GEMMs run under half fp32's speed (CPUs without bf16 units: a probe would take minutes)."""
@@ -82,7 +76,7 @@ def decode_precision(asked: str, cfg: ModelConfig, device: torch.device) -> tupl
         return resolve_precision(asked, device), f"--precision {asked}"
     if device.type != "cpu":
         return resolve_precision("auto", device), f"auto: {device.type}"
-    measured = cached(device, _shape_key(cfg), lambda: measure_decode(cfg, device))
+    measured = cached(device, "decode step " + cfg.shape_key, lambda: measure_decode(cfg, device))
     if measured["bf16_s"] is None:
         return "fp32", f"auto: bf16 GEMMs measured {measured['bf16_gemm']:.2g}x fp32 here"
     speedup = measured["fp32_s"] / measured["bf16_s"]

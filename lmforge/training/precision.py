@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -61,11 +61,6 @@ def time_train_step(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
     return best, loss_value
 
 
-def _shape_key(cfg: ModelConfig) -> str:
-    shape = {k: v for k, v in asdict(cfg).items() if k not in ("preset", "dropout")}
-    return "train step " + ",".join(f"{k}={v}" for k, v in sorted(shape.items()))
-
-
 def measure_precisions(cfg: ModelConfig, device: torch.device) -> dict:
     """{"fp32_s": ..., "bf16_s": ... or None, "bf16_gemm": ..., "loss_gap": ...} for this model on this CPU."""
     gemm = bf16_gemm_speedup(device)
@@ -100,4 +95,4 @@ def choose_precision(asked: str, cfg: ModelConfig, device: torch.device, trained
         return PrecisionChoice(resolve_precision(asked, device), f"train.precision={asked}")
     if device.type != "cpu":
         return PrecisionChoice(resolve_precision("auto", device), f"auto: {device.type}")
-    return decide(cached(device, _shape_key(cfg), lambda: measure_precisions(cfg, device)))
+    return decide(cached(device, "train step " + cfg.shape_key, lambda: measure_precisions(cfg, device)))
