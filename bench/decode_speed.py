@@ -3,10 +3,11 @@
     python bench/decode_speed.py RUN [RUN ...] [--prompt-tokens 64] [--new-tokens 128] [--rounds 5] [--threads 2]
         [--contenders NAME,...] [--json bench/results/decode_speed.json] [--markdown FILE]
 
-For each run (a float run directory): lmforge as ``lmforge generate --precision auto`` runs it
-(:func:`lmforge.inference.decode_setup`: its weights in the precision measured fastest at decoding), with fp32
-weights and with bf16 weights (``model.to(torch.bfloat16)``); the run quantized by ``lmforge quantize`` (int8, int4
-group 32, loaded back from disk as any run is, decoded as ``lmforge generate`` decodes it); and llama.cpp (through
+For each run (a float run directory): lmforge as ``lmforge generate --compile`` runs it
+(:func:`lmforge.inference.decode_setup`: its weights in the precision measured fastest at compiled decoding; then
+``torch.compile(dynamic=True)``), and as plain ``lmforge generate`` (eager); the run quantized by ``lmforge
+quantize`` (int8, int4 group 32, loaded back from disk as any run is, decoded as ``lmforge generate --compile``
+decodes it); and llama.cpp (through
 llama-cpp-python) running the run exported by ``lmforge export --format gguf`` as f16, q8_0 and q4_0. Each
 greedy-decodes ``--new-tokens`` after the same ``--prompt-tokens``-token prompt on ``--threads`` threads, timed by
 :func:`lmforge.compress.llamacpp.lmforge_decode_time` / :func:`~lmforge.compress.llamacpp.llama_decode_time` in two
@@ -43,7 +44,7 @@ from lmforge.hardware import cpu_name
 from lmforge.inference import decode_setup
 from lmforge.loading import LoadedRun, load_run
 from lmforge.model.quantized import QuantSpec
-from lmforge.runtime import Runtime, setup_runtime
+from lmforge.runtime import Runtime, maybe_compile, setup_runtime
 
 PROMPT_TEXT = " ".join(llamacpp.TEXTS)
 """Where the prompt's tokens come from (code, prose, whitespace, unicode), repeated if the tokenizer needs more."""
@@ -112,17 +113,19 @@ def contenders_for(run_path: str, run: LoadedRun, prompt: list[int], new: int, t
     """Every contender for one run, in the order they take turns (each lmforge one beside its pair)."""
     rt = setup_runtime("cpu", "auto", threads)
     model = run.model.eval()
-    # As `lmforge generate` decodes (lmforge.inference.decode_setup casts in place: a copy).
-    auto_model, auto_rt, why = decode_setup(copy.deepcopy(model), rt, "auto")
-    out = [lmforge_contender(f"lmforge auto ({why.split(' (')[0]})", auto_model, auto_rt, prompt, new,
-                             "llama.cpp f16"),
-           lmforge_contender("lmforge fp32", model, None, prompt, new, "llama.cpp f16"),
-           lmforge_contender("lmforge bf16 weights", copy.deepcopy(model).to(torch.bfloat16), None, prompt, new,
-                             "llama.cpp f16")]
+    # As `lmforge generate --compile` decodes, and as plain `lmforge generate` does (decode_setup casts in place: a
+    # copy each).
+    fast, fast_rt, why = decode_setup(copy.deepcopy(model), rt, "auto", compiled=True)
+    out = [lmforge_contender(f"lmforge --compile ({why.split(' (')[0]})", maybe_compile(fast, True, dynamic=True),
+                             fast_rt, prompt, new, "llama.cpp f16")]
+    eager, eager_rt, why = decode_setup(copy.deepcopy(model), rt, "auto")
+    out.append(lmforge_contender(f"lmforge eager ({why.split(' (')[0]})", eager, eager_rt, prompt, new,
+                                 "llama.cpp f16"))
     for method, qtype in (("int8", "q8_0"), ("int4", "q4_0")):
-        q, q_rt, _ = decode_setup(quantized(run_path, folder / method, QuantSpec(method, 32, False)), rt, "auto")
-        out.append(lmforge_contender(f"lmforge {method} ({q_rt.precision})", q, q_rt, prompt, new,
-                                     f"llama.cpp {qtype}"))
+        q, q_rt, _ = decode_setup(quantized(run_path, folder / method, QuantSpec(method, 32, False)), rt, "auto",
+                                  compiled=True)
+        out.append(lmforge_contender(f"lmforge {method} --compile ({q_rt.precision})",
+                                     maybe_compile(q, True, dynamic=True), q_rt, prompt, new, f"llama.cpp {qtype}"))
     if with_llama:
         for qtype in ("f16", "q8_0", "q4_0"):
             path = export_gguf(model, run.tokenizer, folder / f"{qtype}.gguf", qtype, name=Path(run_path).name)

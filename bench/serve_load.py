@@ -7,11 +7,11 @@ Several runs (a float run and its int8/int4 quantizations, say) and several clie
 setup for every run at every client count, one after another.
 
 For each setup (``--max-batch 16``; ``--max-batch 16 --batching static``; ``--max-batch 1``; on request
-``--max-batch 16 --prefix-cache-mib 0``) a fresh server is started on a free loopback port; ``--clients`` threads
-each send ``--requests`` completions with the official ``openai`` client, one after another, with ``max_tokens``
-drawn from 8..128 (the same draws for every setup), temperature 1. Reported per setup: errors, p50/p99 latency,
-aggregate completion tokens/s over the whole run, and the server's RSS after a warm-up round and at the end. The
-setups run in one process, one after another.
+``--max-batch 16 --prefix-cache-mib 0`` or ``--max-batch 16 --compile``) a fresh server is started on a free
+loopback port; ``--clients`` threads each send ``--requests`` completions with the official ``openai`` client, one
+after another, with ``max_tokens`` drawn from 8..128 (the same draws for every setup), temperature 1. Reported per
+setup: errors, p50/p99 latency, aggregate completion tokens/s over the whole run, and the server's RSS after a
+warm-up round and at the end. The setups run in one process, one after another.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from lmforge.hardware import cpu_name
 SETUPS = {"continuous-16": ["--max-batch", "16"],
           "static-16": ["--max-batch", "16", "--batching", "static"],
           "continuous-1": ["--max-batch", "1"],
-          "continuous-16-no-prefix-cache": ["--max-batch", "16", "--prefix-cache-mib", "0"]}
+          "continuous-16-no-prefix-cache": ["--max-batch", "16", "--prefix-cache-mib", "0"],
+          "continuous-16-compiled": ["--max-batch", "16", "--compile"]}
 PROMPTS = ["def ", "import ", "class ", "    return ", "# ", "if __name__", "for i in ", "try:\n    "]
 
 

@@ -22,7 +22,7 @@ from lmforge.inference import decode_setup
 from lmforge.loading import load_lm, run_template
 from lmforge.model.gpt import GPT
 from lmforge.options import ChatOptions, Sampling
-from lmforge.runtime import setup_runtime
+from lmforge.runtime import compile_falls_back_to_eager, maybe_compile, setup_runtime
 
 with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has readline
     import readline  # noqa: F401
@@ -124,7 +124,10 @@ def chat_command(o: ChatOptions) -> None:
     """``lmforge chat``: load the run, resolve its chat template, talk on stdin/stdout."""
     rt = setup_runtime(o.device, o.precision)
     run = load_lm(o.run, rt.device, "lmforge chat")
-    model, rt, how = decode_setup(run.model, rt, o.precision)
+    if o.compile:
+        compile_falls_back_to_eager()
+    model, rt, how = decode_setup(run.model, rt, o.precision, compiled=o.compile)
+    model = maybe_compile(model, o.compile, dynamic=True)
     session = ChatSession(model, run.tokenizer, run_template(o.run, run), max_new_tokens=o.max_new_tokens,
                           sampling=o.sampling)
     print(f"chatting with '{o.run}' (a context of {model.cfg.block_size} tokens, {how}): {COMMANDS}",

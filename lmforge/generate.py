@@ -391,9 +391,9 @@ def generate_command(o: GenerateOptions) -> None:
     rt = setup_runtime(o.device, o.precision)
     run = load_lm(o.run, rt.device, "lmforge generate")
     # Weights in the precision that measured fastest at decoding (lmforge.inference), not autocast.
-    run.model, rt, _ = decode_setup(run.model, rt, o.precision)
     if o.compile:
         compile_falls_back_to_eager()
+    run.model, rt, _ = decode_setup(run.model, rt, o.precision, compiled=o.compile)
     model = maybe_compile(run.model, o.compile, dynamic=True)
     # What stdout shows before each continuation: a plain prompt (the continuation carries it on); with
     # --chat, not the rendered template: nothing before a streamed answer, the user's text in a batch.

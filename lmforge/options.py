@@ -215,6 +215,9 @@ class GenerationOptions(RuntimeOptions):
     max_new_tokens: int = option(200, short="-n")
     """Tokens to generate per prompt (chat: per reply)."""
     sampling: Sampling = field(default_factory=Sampling)
+    compile: bool = False
+    """torch.compile the model first: on a CPU one-at-a-time decoding then runs 2-5x faster, after a one-off
+    compile (5-60 s by model size; cached on disk for the next run); worth it for long or many generations."""
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, "max_new_tokens", "an integer of at least 1", self.max_new_tokens)
@@ -235,9 +238,6 @@ class GenerateOptions(GenerationOptions):
     (default: none)."""
     chat: bool = False
     """Wrap each prompt as a user turn of the run's chat template."""
-    compile: bool = False
-    """torch.compile the model first: decoding gets faster after a one-off compile (20-30 s on a small CPU);
-    worth it for long or many generations."""
     lookup: int | None = option(None, metavar="N")
     """Speculative decoding by prompt lookup: propose what followed the last earlier occurrence of the text's last
     N tokens (N down to 1), all checked in one step; the same text as plain greedy decoding, faster where the

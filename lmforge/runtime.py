@@ -165,6 +165,12 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, dynamic: bool | None = 
     """
     if not enabled:
         return model
+    import torch._dynamo
+
+    # Every compiled model instance adds its own graphs to the same forward's cache (two per decoding model: the
+    # prefill and the one-token step, more for a server's batch sizes): past dynamo's default limit of 8 entries a
+    # process that compiles several models (a benchmark, a probe then the model) would silently run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     try:
         return torch.compile(model, dynamic=dynamic)
     except Exception as e:  # noqa: BLE001 - any failure to set up compile means: run eagerly

@@ -32,7 +32,7 @@ def test_auto_decides_by_timing_decode_steps_once_per_machine_and_shape(monkeypa
                                                                          expected):
     timed = []
 
-    def fake_time(cfg, device, dtype, repeats=3):
+    def fake_time(cfg, device, dtype, compiled=False, repeats=3):
         timed.append(dtype)
         return fp32_s if dtype == torch.float32 else bf16_s
 
@@ -44,6 +44,23 @@ def test_auto_decides_by_timing_decode_steps_once_per_machine_and_shape(monkeypa
     assert first == again and first[0] == expected
     assert timed == ([torch.float32, torch.bfloat16] if bf16_s else [torch.float32])  # the second call: cached
     assert "decoded" in first[1] if bf16_s else "GEMMs" in first[1]
+
+
+def test_a_decode_to_be_compiled_is_timed_compiled_and_cached_apart_from_eager(monkeypatch):
+    timed = []
+
+    def fake_time(cfg, device, dtype, compiled=False, repeats=3):
+        timed.append((dtype, compiled))
+        # Eagerly bf16 gains nothing here; compiled (streamed weights) half the bytes pays.
+        return 1.5e-3 if compiled and dtype == torch.float32 else 1.0e-3
+
+    monkeypatch.setattr(inference, "time_decode", fake_time)
+    monkeypatch.setattr(inference, "bf16_gemm_speedup", lambda device: 2.7)
+    cfg = tiny_model("llama-tiny", n_embd=160).cfg
+    assert inference.decode_precision("auto", cfg, torch.device("cpu"))[0] == "fp32"
+    precision, why = inference.decode_precision("auto", cfg, torch.device("cpu"), compiled=True)
+    assert precision == "bf16" and "compiled" in why
+    assert timed == [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)]
 
 
 def test_a_quantized_model_keeps_its_weights_and_the_commands_autocast():

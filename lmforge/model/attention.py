@@ -1,9 +1,15 @@
 """Causal self-attention kernels: which one runs, and why.
 
 :func:`causal_attention` is the single entry point (``lmforge.model.gpt.CausalSelfAttention``
-calls it with q, k, v of shape (B, H, T, head_size)). No mask and more than one query position
-means causal attention; a boolean mask is used as given. It checks, in this order:
+calls it with q of shape (B, H, T, head_size) and k, v of shape (B, H_kv, S, head_size), where H_kv
+divides H: grouped-query attention, each key/value head serving H // H_kv query heads). No mask and
+more than one query position means causal attention; a boolean mask is used as given. It checks, in
+this order:
 
+0. One query position (decoding) on a CPU, no dropout, torch.compile tracing: attention written out as
+   products and sums (the grouped heads as an axis, keys/values not repeated), which inductor fuses
+   with the layers around it; its SDPA call cost ~70 us per layer of a 12-layer model's ~10 ms step
+   (BENCHMARKS.md, "Decoding against llama.cpp"). Otherwise k and v are repeated to H heads, and:
 1. :class:`CompiledCPUCausalAttention` (the CPU flash forward in bf16 and a backward written as
    bf16 matmuls that torch.compile fuses) when all of these hold: the device type is ``cpu``;
    the dtype is bfloat16; attention is causal (no mask, more than one query position); dropout
@@ -59,7 +65,7 @@ class CompiledCPUCausalAttention(torch.autograd.Function):
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                      dropout_p: float = 0.0) -> torch.Tensor:
-    """Scaled dot-product attention of q (B, H, T, hd) over k, v (B, H, S, hd), kernel chosen as above.
+    """Scaled dot-product attention of q (B, H, T, hd) over k, v (B, H_kv, S, hd), kernel chosen as above.
 
     mask: boolean (B, 1, T, S), True = attend; None = causal (for T > 1; a single query attends
         to every key, as when decoding with a KV cache).
@@ -67,6 +73,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     Returns (B, H, T, hd) in q's dtype.
     """
     causal = mask is None and q.size(-2) > 1
+    if q.device.type == "cpu" and q.size(-2) == 1 and dropout_p == 0.0 and torch.compiler.is_compiling():
+        # Products and sums, not matmuls, which inductor would turn back into its SDPA call.
+        B, H, _, hd = q.shape
+        g = q.float().view(B, k.size(1), H // k.size(1), hd)  # (B, H_kv, group, hd)
+        scores = (g.unsqueeze(-2) * k.float().unsqueeze(2)).sum(-1) / math.sqrt(hd)  # (B, H_kv, group, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # (B, 1, 1, S) broadcasts
+        out = (scores.softmax(-1).unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2)  # (B, H_kv, group, hd)
+        return out.view(B, H, 1, hd).to(q.dtype)
+    if k.size(1) != q.size(1):
+        # Grouped-query attention: each key/value head serves q.size(1) // k.size(1) query heads.
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and causal and dropout_p == 0.0
             and q.size(-2) <= 256 and q.size(-2) == k.size(-2) and torch.compiler.is_compiling()):
         # Compiled CPU bf16 training: the fused bf16 backward beats the CPU flash backward here.

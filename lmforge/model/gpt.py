@@ -38,6 +38,22 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear``, except for one input row on a CPU under torch.compile (batch-1 decoding): there the product
+    is written as a multiply-and-sum over the weight's rows, which inductor compiles into one vectorized pass that
+    streams a bf16 weight at ~13-30 GB/s, where the GEMV kernel the matmul calls reads it at ~8 GB/s (weights
+    too many to stay in cache, 2-core AMD EPYC; BENCHMARKS.md, "Decoding against llama.cpp"). Decoding reads every
+    weight once per token, so that rate is its speed. Sums in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.shape[-1] or x.device.type != "cpu" or not torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
+        y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -106,8 +122,8 @@ class CausalSelfAttention(nn.Module):
         self.cfg = cfg
         self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         # One fused projection for q, k, v: a single GEMM is faster than three small ones.
-        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.bias)
+        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.kv_cache: KVCache | None = None
 
@@ -125,10 +141,6 @@ class CausalSelfAttention(nn.Module):
         if cache_start is not None:
             assert self.kv_cache is not None, "call GPT.setup_cache() before decoding with a cache"
             k, v = self.kv_cache.update(cache_start, k, v)
-        if self.n_kv != self.n_head:
-            # Grouped-query attention: each key/value head serves n_head // n_kv query heads.
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         y = causal_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
         return F.dropout(self.proj(y), self.dropout, self.training)
@@ -144,8 +156,8 @@ class MLP(nn.Module):
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.mlp_hidden
         # For SwiGLU the gate and up projections are fused into one GEMM.
-        self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * hidden, bias=cfg.bias)
-        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.fc = Linear(cfg.n_embd, (2 if self.swiglu else 1) * hidden, bias=cfg.bias)
+        self.proj = Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +201,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.activation_checkpointing = False  # recompute block activations in backward (saves memory)
         self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.pos_embedding == "rope":

@@ -6,11 +6,16 @@
   inputs of each output channel (asymmetric, round to nearest): ``w = (q - 8) * scale + zero``, with q in
   0..15. Scales and zeros are stored in bf16, as PyTorch's int4 kernels take them.
 
-Activations stay in floating point. The matmuls use PyTorch's own CPU kernels,
-``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``, which read the integers directly;
-on other devices the weight is dequantized for each call (correct, not faster). On a CPU the kernels are
-run in bf16 or fp32 activations, whichever this machine is measured to be faster at (their fp32 paths are
-far slower on some CPUs: BENCHMARKS.md, "Compression").
+Activations stay in floating point. How a product is computed depends on how many rows it has:
+
+* one row (batch-1 decoding) on a CPU: PyTorch's own kernels, ``aten._weight_int8pack_mm`` and
+  ``aten._weight_int4pack_mm_for_cpu``, which read the integers directly, in bf16 or fp32 activations, whichever
+  this machine is measured to be faster at (their fp32 paths are far slower on some CPUs: BENCHMARKS.md,
+  "Compression"); under torch.compile, products and sums over the integers that inductor fuses with their
+  dequantization (as :class:`lmforge.model.gpt.Linear` does for float weights);
+* several rows (a prefill, a batched decode step): those kernels cost about one matrix-vector product per row, so
+  the weight is dequantized once and multiplied in float32;
+* other devices: the weight dequantized for each call (correct, not faster).
 
 What is stored (the state dict, hence a checkpoint's model.safetensors) is the portable form above; the
 int4 kernel's own packed layout is made from it on first use, on the device it runs on.
@@ -114,7 +119,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.bfloat16))
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._kernel: tuple | None = None  # (device, dtype, tensors) the kernel reads, made on first use
+        self._kernel: tuple | None = None  # (device, dtype, weight, scales) the kernel reads, made on first use
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, method: Method,
@@ -146,12 +151,34 @@ class QuantLinear(nn.Module):
         w = (q - 8) * self.scales[idx.reshape(-1)].float()[..., None] + self.zeros[idx.reshape(-1)].float()[..., None]
         return w.reshape(*idx.shape, self.in_features)
 
-    def dequantize(self) -> torch.Tensor:
-        """The whole weight (out_features, in_features) in float32."""
-        return self.rows(torch.arange(self.out_features, device=self.qweight.device))
+    def _decode_row(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (1, in_features) times the weight, written as products and sums that a compiled graph fuses with
+        the dequantization (int4: the even and odd inputs against the low and high nibbles, no interleaving)."""
+        if self.method == "int8":
+            return (x[:, None, :] * self.qweight.float()).sum(-1) * self.scales
+        n, half = self.out_features, self.in_features // 2
+        groups = half // (self.group_size // 2)
+        lo, hi = (self.qweight & 0xF).float(), (self.qweight >> 4).float()  # (out, in/2)
+        even, odd = x[0, 0::2].contiguous(), x[0, 1::2].contiguous()  # the inputs each nibble meets
+        scale = self.scales.float()
+        per_input = scale[:, :, None].expand(n, groups, self.group_size // 2).reshape(n, half)
+        xsum = (even + odd).view(groups, -1).sum(-1)  # (groups,)
+        # w = (q - 8) * scale + zero, summed against x: scale * sum q x, plus (zero - 8 scale) * sum x per group.
+        return ((lo * even + hi * odd) * per_input).sum(-1)[None] + ((self.zeros.float() - 8 * scale) * xsum).sum(-1)
 
-    def _kernel_tensors(self, device: torch.device, dtype: torch.dtype) -> tuple:
-        if self._kernel is None or self._kernel[:2] != (device, dtype):
+    def dequantize(self, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole weight (out_features, in_features) in float32 (int8: its scales rounded to ``scale_dtype``
+        first, as the int8 kernel takes them)."""
+        if self.method == "int8":
+            return self.qweight.float() * self.scales.to(scale_dtype).float()[:, None]
+        q = _unpack_int4(self.qweight).float().view(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        return w.view(self.out_features, self.in_features)
+
+    def kernel_tensors(self, device: torch.device) -> tuple[torch.dtype, torch.Tensor, torch.Tensor]:
+        """(activation dtype, weight, scales) the CPU kernel reads, made on first use (see :func:`prepare`)."""
+        if self._kernel is None or self._kernel[0] != device:
+            dtype = cpu_kernel_dtype()
             if self.method == "int8":
                 tensors = (self.qweight, self.scales.to(dtype))
             else:
@@ -159,25 +186,45 @@ class QuantLinear(nn.Module):
                     _unpack_int4(self.qweight).to(torch.int32), _INT4_TILES)
                 scales_zeros = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)
                 tensors = (packed, scales_zeros)
-            self._kernel = (device, dtype, tensors)
-        return self._kernel[2]
+            self._kernel = (device, dtype, *tensors)
+        return self._kernel[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu":
-            dtype = cpu_kernel_dtype()
-            a, b = self._kernel_tensors(x.device, dtype)
+        if x.device.type != "cpu":
+            y = F.linear(x2, self.dequantize().to(x.dtype))
+        elif x2.shape[0] == 1 and torch.compiler.is_compiling():
+            # One row (batch-1 decoding), compiled: as lmforge.model.gpt.Linear, a multiply-and-sum that inductor
+            # fuses with the dequantization, reading the integers once.
+            y = self._decode_row(x2.float()).to(x.dtype)
+        elif x2.shape[0] == 1:
+            dtype, a, b = self.kernel_tensors(x.device)
             if self.method == "int8":
                 y = torch.ops.aten._weight_int8pack_mm(x2.to(dtype), a, b)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(dtype), a, self.group_size, b)
             y = y.to(x.dtype)
         else:
-            y = F.linear(x2, self.dequantize().to(x.dtype))
+            # Several rows (a prefill, a batched decode step): PyTorch's integer kernels cost about one matrix-vector
+            # product per row (a 768x256 int8 weight: 2.2 ms for 16 rows, 0.24 ms dequantized then multiplied), so
+            # the weight is dequantized once and multiplied in float32, rounded as the kernel rounds (inputs, int8's
+            # scales and the outputs in its dtype): a row in a batch gets what it gets alone up to the sums' order.
+            dtype = self.kernel_tensors(x.device)[0]  # made by prepare() before a compile traces this
+            with torch.autocast("cpu", enabled=False):
+                y = F.linear(x2.to(dtype).float(), self.dequantize(dtype)).to(dtype).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def prepare(model: nn.Module, device: torch.device) -> None:
+    """Make every :class:`QuantLinear`'s kernel tensors for ``device`` now: before torch.compile traces the model,
+    which would otherwise break its graph at each layer's first use (the kernel dtype's measurement)."""
+    if device.type == "cpu":
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.kernel_tensors(device)
 
 
 class QuantEmbedding(nn.Module):

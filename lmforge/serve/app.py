@@ -42,7 +42,7 @@ from lmforge.generate import TextStream
 from lmforge.inference import decode_setup
 from lmforge.loading import load_lm, run_template
 from lmforge.options import OptionError, Sampling
-from lmforge.runtime import maybe_compile, setup_runtime
+from lmforge.runtime import compile_falls_back_to_eager, maybe_compile, setup_runtime
 from lmforge.serve import security
 from lmforge.serve.engine import Engine, EngineDown, Finished, Job, QueueFull, Token
 from lmforge.serve.errors import APIError
@@ -646,7 +646,9 @@ def load_served(o: ServeOptions) -> Served:
     rt = setup_runtime(o.device, o.precision)
     loaded = load_lm(o.run, rt.device, "lmforge serve")
     # Weights in the precision that measured fastest at decoding (lmforge.inference), not autocast.
-    model, rt, _ = decode_setup(loaded.model.eval(), rt, o.precision)
+    if o.compile:
+        compile_falls_back_to_eager()
+    model, rt, _ = decode_setup(loaded.model.eval(), rt, o.precision, compiled=o.compile)
     engine = Engine(model, rt, max_batch=o.max_batch, max_queue=o.max_queue,
                     step_model=maybe_compile(model, o.compile, dynamic=True), static=o.batching == "static",
                     prefix_cache_mib=o.prefix_cache_mib)
