@@ -72,7 +72,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     dropout_p: attention dropout probability; pass 0.0 outside training.
     Returns (B, H, T, hd) in q's dtype.
     """
-    causal = mask is None and q.size(-2) > 1
+    # Decided by an if, which a compile guards on: a symbolic bool for SDPA's is_causal would break the graph.
+    causal = True if mask is None and q.size(-2) > 1 else False  # noqa: SIM210
     if q.device.type == "cpu" and q.size(-2) == 1 and dropout_p == 0.0 and torch.compiler.is_compiling():
         # Products and sums, not matmuls, which inductor would turn back into its SDPA call.
         B, H, _, hd = q.shape
