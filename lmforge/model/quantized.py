@@ -143,13 +143,17 @@ class QuantLinear(nn.Module):
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Output channels ``idx`` of the weight, dequantized to float32 (an embedding lookup)."""
+        flat = idx.reshape(-1)
+        zeros = None if self.method == "int8" else self.zeros[flat]
+        return self._dequantize(self.qweight[flat], self.scales[flat], zeros).reshape(*idx.shape, self.in_features)
+
+    def _dequantize(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        """Float32 weight rows from their integers ``q``, scales and (int4) zeros."""
         if self.method == "int8":
-            return self.qweight[idx].float() * self.scales[idx, None]
-        q = _unpack_int4(self.qweight[idx.reshape(-1)]).float()
-        n = q.shape[0]
-        q = q.reshape(n, -1, self.group_size)
-        w = (q - 8) * self.scales[idx.reshape(-1)].float()[..., None] + self.zeros[idx.reshape(-1)].float()[..., None]
-        return w.reshape(*idx.shape, self.in_features)
+            return q.float() * scales.float()[:, None]
+        g = _unpack_int4(q).float().view(q.shape[0], -1, self.group_size)
+        w = (g - 8) * scales.float()[..., None] + zeros.float()[..., None]
+        return w.view(q.shape[0], self.in_features)
 
     def _decode_row(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (1, in_features) times the weight, written as products and sums that a compiled graph fuses with
@@ -170,10 +174,8 @@ class QuantLinear(nn.Module):
         """The whole weight (out_features, in_features) in float32 (int8: its scales rounded to ``scale_dtype``
         first, as the int8 kernel takes them)."""
         if self.method == "int8":
-            return self.qweight.float() * self.scales.to(scale_dtype).float()[:, None]
-        q = _unpack_int4(self.qweight).float().view(self.out_features, -1, self.group_size)
-        w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
-        return w.view(self.out_features, self.in_features)
+            return self._dequantize(self.qweight, self.scales.to(scale_dtype), None)
+        return self._dequantize(self.qweight, self.scales, self.zeros)
 
     def kernel_tensors(self, device: torch.device) -> tuple[torch.dtype, torch.Tensor, torch.Tensor]:
         """(activation dtype, weight, scales) the CPU kernel reads, made on first use (see :func:`prepare`)."""
