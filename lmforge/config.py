@@ -76,17 +76,21 @@ class DataConfig:
                             f"got '{self.tokenizer}' (no such file)")
 
 
-STANDARD_FAMILIES: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
-    "gpt2": ("learned, layernorm, gelu", "GPT-2", {"pos_embedding": ("learned",), "norm": ("layernorm",),
-                                                  "mlp": ("gelu", "gelu_tanh")}),
-    "llama": ("rope, rmsnorm, swiglu", "Llama", {"pos_embedding": ("rope",), "norm": ("rmsnorm",),
-                                                 "mlp": ("swiglu",)}),
+STANDARD_FAMILIES: dict[str, tuple[str, str, dict[str, tuple]]] = {
+    "gpt2": ("learned, layernorm, gelu", "GPT-2", {"arch": ("decoder",), "pos_embedding": ("learned",),
+                                                  "norm": ("layernorm",), "mlp": ("gelu", "gelu_tanh")}),
+    "llama": ("rope, rmsnorm, swiglu", "Llama", {"arch": ("decoder",), "pos_embedding": ("rope",),
+                                                 "norm": ("rmsnorm",), "mlp": ("swiglu",)}),
+    "bert": ("learned, layernorm, gelu, post_norm", "BERT", {"arch": ("encoder",), "pos_embedding": ("learned",),
+                                                            "norm": ("layernorm",), "mlp": ("gelu", "gelu_tanh"),
+                                                            "post_norm": (True,)}),
 }
 """The architectures other runtimes load: family -> (its shape in words, its name, the values its keys may take).
 GPT-2's exact and tanh GELU both count: llama.cpp computes GELU with the tanh form (lmforge.compress.gguf)."""
 _NEITHER_FAMILY = {"qk_norm": False, "logit_softcap": 0.0}
-"""Options neither family has, at the value that leaves them off."""
-_FAMILY_KEYS = ("pos_embedding", "norm", "mlp", *_NEITHER_FAMILY)
+"""Options no family has, at the value that leaves them off."""
+_SHAPE_KEYS = ("pos_embedding", "norm", "mlp")
+"""The keys a model's shape is named by (with post_norm for encoders)."""
 
 
 def _yaml_word(value: object) -> str:
@@ -100,8 +104,11 @@ class ModelConfig:
     value (or the default where the preset names none); keys given after it in the same section override it."""
 
     preset: str | None = None
-    """A named preset (lmforge.presets: gpt2-tiny, llama-small, ...): it sets every architecture key; keys after it
-    (later in the file's section, or later overrides) change single ones."""
+    """A named preset (lmforge.presets: gpt2-tiny, llama-small, bert-mini, ...): it sets every architecture key; keys
+    after it (later in the file's section, or later overrides) change single ones."""
+    arch: Literal["decoder", "encoder"] = "decoder"
+    """'decoder': a causal language model that writes text (GPT, Llama); 'encoder': bidirectional attention, trained
+    by masked-language modelling, read by classifiers (BERT)."""
     vocab_size: int = 0
     """Vocabulary size; 0 means 'take it from the tokenizer'."""
     block_size: int = 256
@@ -141,6 +148,14 @@ class ModelConfig:
     starts as the identity (modded-nanogpt)."""
     dropout: float = 0.0
     """Dropout probability on embeddings, attention output and MLP output while training."""
+    post_norm: bool = False
+    """Encoders: normalize after each residual addition (BERT, the original Transformer: the embeddings normalized
+    too, no final norm) instead of before each sublayer."""
+    type_vocab_size: int = 0
+    """Encoders: token-type (segment) embeddings (BERT: 2); 0 = none."""
+    pooler: bool = False
+    """Encoders: a dense + tanh layer over the [CLS] token's hidden state (BERT's pooler), which a classifier reads;
+    without it a classifier reads that hidden state itself."""
 
     @property
     def head_dim(self) -> int:
@@ -148,39 +163,50 @@ class ModelConfig:
 
     @property
     def standard_family(self) -> str | None:
-        """'gpt2' or 'llama' where the model is one of the two architectures that transformers and llama.cpp load
-        (:data:`STANDARD_FAMILIES`), else None."""
+        """'gpt2', 'llama' or 'bert' where the model is one of the architectures that transformers (and for decoders
+        llama.cpp) load (:data:`STANDARD_FAMILIES`), else None."""
         return next((f for f in STANDARD_FAMILIES if not self._missing_for(f)), None)
 
     @property
     def family(self) -> str:
         """The architecture family in words: 'gpt2-style: learned, layernorm, gelu', 'llama-style: rope, rmsnorm,
-        swiglu', or 'custom: ...' for a mix that neither GPT-2 nor Llama is."""
-        parts = f"{self.pos_embedding}, {self.norm}, {self.mlp}" + ", qk_norm" * self.qk_norm + \
+        swiglu', 'bert-style: encoder, ...', or 'custom: ...' for a mix that is none of them."""
+        parts = "encoder, " * (self.arch == "encoder") + f"{self.pos_embedding}, {self.norm}, {self.mlp}" + \
+            ", post_norm" * self.post_norm + ", qk_norm" * self.qk_norm + \
             f", logit_softcap {self.logit_softcap:g}" * bool(self.logit_softcap)
         family = self.standard_family
-        return f"{family}-style: {parts}" if family else f"custom: {parts} (neither GPT-2 nor Llama)"
+        return f"{family}-style: {parts}" if family else f"custom: {parts} ({self._none_of()})"
+
+    def _families(self) -> list[str]:
+        """The standard families of this model's arch."""
+        return [f for f, (_, _, allowed) in STANDARD_FAMILIES.items() if self.arch in allowed["arch"]]
+
+    def _none_of(self) -> str:
+        names = [STANDARD_FAMILIES[f][1] for f in self._families()]
+        return f"neither {names[0]} nor {names[1]}" if len(names) == 2 else f"not {names[0]}"
 
     def export_problem(self) -> str | None:
         """Why no other runtime (transformers, llama.cpp) can load this architecture, naming what it lacks and a
-        preset that has it; None for GPT-2 and Llama shapes."""
+        preset that has it; None for GPT-2, Llama and BERT shapes."""
         if self.standard_family:
             return None
-        # The nearer family (Llama, the default's, on a tie) and the keys that would make the model one.
-        family = min(reversed(STANDARD_FAMILIES), key=lambda f: len(self._missing_for(f)))
+        # The nearer family of the same arch (Llama, the default's, on a tie) and the keys that would make it one.
+        family = min(reversed(self._families()), key=lambda f: len(self._missing_for(f)))
         preset = next((name for name, v in PRESETS.items() if name.startswith(family) and
                        (v["n_layer"], v["n_head"], v["n_embd"]) == (self.n_layer, self.n_head, self.n_embd)),
                       f"{family}-mini")
-        shape = ", ".join(f"{k}={_yaml_word(getattr(self, k))}" for k in _FAMILY_KEYS
-                          if k in ("pos_embedding", "norm", "mlp") or getattr(self, k) != _NEITHER_FAMILY[k])
-        return (f"model: {shape} is neither GPT-2 ({STANDARD_FAMILIES['gpt2'][0]}) nor Llama "
-                f"({STANDARD_FAMILIES['llama'][0]}); to be {STANDARD_FAMILIES[family][1]} it needs "
-                f"{', '.join(self._missing_for(family))}, which preset {preset} has")
+        keys = ("arch", *_SHAPE_KEYS, "post_norm") if self.arch == "encoder" else _SHAPE_KEYS
+        shape = ", ".join(f"{k}={_yaml_word(getattr(self, k))}" for k in (*keys, *_NEITHER_FAMILY)
+                          if k in keys or getattr(self, k) != _NEITHER_FAMILY[k])
+        described = " nor ".join(f"{STANDARD_FAMILIES[f][1]} ({STANDARD_FAMILIES[f][0]})" for f in self._families())
+        return (f"model: {shape} is {'neither ' * (len(self._families()) > 1) or 'not '}{described}; to be "
+                f"{STANDARD_FAMILIES[family][1]} it needs {', '.join(self._missing_for(family))}, which preset "
+                f"{preset} has")
 
     def _missing_for(self, family: str) -> list[str]:
         """The ``model.KEY=VALUE`` settings this model lacks to be of ``family``."""
         allowed = STANDARD_FAMILIES[family][2]
-        missing = [f"model.{k}={v[0]}" for k, v in allowed.items() if getattr(self, k) not in v]
+        missing = [f"model.{k}={_yaml_word(v[0])}" for k, v in allowed.items() if getattr(self, k) not in v]
         return missing + [f"model.{k}={_yaml_word(v)}" for k, v in _NEITHER_FAMILY.items() if getattr(self, k) != v]
 
     @property
@@ -213,7 +239,13 @@ class ModelConfig:
         fc = (2 if self.mlp == "swiglu" else 1) * self.mlp_hidden
         attn = self.n_embd * qkv + bias * qkv + self.n_embd * self.n_embd + bias * self.n_embd
         mlp = self.n_embd * fc + bias * fc + self.mlp_hidden * self.n_embd + bias * self.n_embd
-        return self.n_layer * (2 * norm + attn + mlp) + norm
+        blocks = self.n_layer * (2 * norm + attn + mlp)
+        if self.arch == "decoder":
+            return blocks + norm
+        # An encoder: one norm (the embeddings' when post-norm, else the final one), the masked-LM head's dense layer
+        # and norm, and the pooler.
+        dense = self.n_embd * self.n_embd + bias * self.n_embd
+        return blocks + norm + dense + norm + self.pooler * (self.n_embd * self.n_embd + self.n_embd)
 
     def validate(self) -> None:
         """UserError naming the key whose value cannot work."""
@@ -238,6 +270,12 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             _check(f"model.{name}", value, _finite(value) and value > 0, "a finite number > 0")
+        _check("model.type_vocab_size", self.type_vocab_size, self.type_vocab_size >= 0, "0 (none) or more")
+        if self.arch != "encoder":
+            for name, off in (("post_norm", False), ("type_vocab_size", 0), ("pooler", False)):
+                if getattr(self, name) != off:
+                    raise UserError(f"model.{name}={_yaml_word(getattr(self, name))} is an encoder option; this "
+                                    f"model is a decoder (model.arch=encoder, or model.{name}={_yaml_word(off)})")
 
 
 @dataclass

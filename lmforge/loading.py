@@ -20,8 +20,8 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.interop import is_hf_folder, load_hf
 from lmforge.model import lora
+from lmforge.model import build_model
 from lmforge.model.classifier import SequenceClassifier
-from lmforge.model.gpt import GPT
 from lmforge.model.quantized import METHODS, QuantSpec, quantize_model
 from lmforge.training.checkpoint import load_weights
 
@@ -29,14 +29,16 @@ from lmforge.training.checkpoint import load_weights
 @dataclass
 class LoadedRun:
     model: torch.nn.Module
-    """A :class:`GPT`, or for a classification run a :class:`SequenceClassifier`."""
+    """A :class:`~lmforge.model.gpt.GPT` or :class:`~lmforge.model.encoder.Encoder`, or for a classification run a
+    :class:`SequenceClassifier`."""
     tokenizer: Tokenizer
     config: TrainConfig | FinetuneConfig
     checkpoint: Path
     folder: Path
     """The run directory, or the Hugging Face folder: where its chat template and labels live."""
     task: str = "lm"
-    """'lm' (pretrained or SFT: generates text) or 'classify'."""
+    """'lm' (pretrained or SFT: generates text), 'mlm' (an encoder: fills in masked tokens), 'classify' or
+    'token_classify'."""
     labels: list[str] | None = None
     """Class names of a classification run, in class-id order."""
 
@@ -66,9 +68,22 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu", command: str =
     """:func:`load_run`, for a command that needs a language model: UserError naming ``command`` for a
     classification run."""
     run = load_run(path, device)
+    if run.task == "mlm":
+        raise UserError(f"'{path}' is an encoder (model.arch=encoder): it fills in masked tokens and feeds "
+                        f"classifiers, it does not write text; {command} needs a decoder (a causal language model)")
     if run.task != "lm":
         raise UserError(f"'{path}' is a {run.task} run: it labels texts (lmforge predict); {command} needs a "
                         f"language model")
+    return run
+
+
+def load_base(path: str | Path, command: str) -> LoadedRun:
+    """:func:`load_run`, for a command that builds on a backbone (fine-tuning): a language model or an encoder;
+    UserError naming ``command`` for a run that already has a task head."""
+    run = load_run(path)
+    if run.task not in ("lm", "mlm"):
+        raise UserError(f"'{path}' is a {run.task} run: it labels texts (lmforge predict); {command} needs a "
+                        f"language model or an encoder")
     return run
 
 
@@ -99,11 +114,12 @@ def _load_pretrained(run_dir: Path, ckpt: Path, quantized: QuantSpec | None = No
     """A pretrained, imported or compressed model: a GPT (with integer Linears if quantized) and its weights."""
     cfg = from_dict(TrainConfig, load_yaml(run_dir / rundir.CONFIG))
     tokenizer = _run_tokenizer(run_dir, cfg.model.vocab_size)
-    model = GPT(cfg.model)
+    model = build_model(cfg.model)
     if quantized is not None:
         quantize_model(model, quantized, empty=True)
     load_weights(model, ckpt)
-    return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, checkpoint=ckpt, folder=run_dir)
+    return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, checkpoint=ckpt, folder=run_dir,
+                     task="mlm" if cfg.model.arch == "encoder" else "lm")
 
 
 def _run_tokenizer(run_dir: Path, vocab_size: int) -> Tokenizer:
@@ -119,7 +135,7 @@ def _load_finetuned(run_dir: Path, ckpt: Path, info: rundir.RunInfo) -> LoadedRu
     labels = rundir.load_labels(run_dir) if info.task == "classify" else None
     # A LoRA checkpoint holds adapters, and full weights too if the run was written with --merge.
     full = not info.lora or (ckpt / rundir.WEIGHTS).is_file()
-    backbone = GPT(cfg.model) if full else load_run(cfg.base).model
+    backbone = build_model(cfg.model) if full else load_run(cfg.base).model
     model = backbone if labels is None else SequenceClassifier(backbone, len(labels))
     if full:
         load_weights(model, ckpt)

@@ -12,6 +12,8 @@ _GPT2 = {"pos_embedding": "learned", "norm": "layernorm", "mlp": "gelu", "bias":
 _LLAMA = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False,
           "norm_eps": 1e-5}
 
+_BERT = {**_GPT2, "arch": "encoder", "post_norm": True, "type_vocab_size": 2, "pooler": True, "norm_eps": 1e-12}
+
 PRESETS: dict[str, dict] = {
     # ~0.8M: nanoGPT's CPU Shakespeare recipe.
     "gpt2-tiny": {**_GPT2, "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256},
@@ -26,6 +28,11 @@ PRESETS: dict[str, dict] = {
     "llama-tiny": {**_LLAMA, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 128, "block_size": 256},
     "llama-small": {**_LLAMA, "n_layer": 6, "n_head": 6, "n_kv_head": 2, "n_embd": 384, "block_size": 256},
     "llama-124m": {**_LLAMA, "n_layer": 12, "n_head": 12, "n_kv_head": 4, "n_embd": 768, "block_size": 1024},
+    # BERT's published small shapes (Turc et al. 2019, "Well-Read Students Learn Better": L/H/A), post-norm, with
+    # token types and a pooler as BERT has; 128-token context (BERT pretrained 90% of its steps at 128).
+    "bert-tiny": {**_BERT, "n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128},
+    "bert-mini": {**_BERT, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128},
+    "bert-small": {**_BERT, "n_layer": 4, "n_head": 8, "n_embd": 512, "block_size": 128},
 }
 
 

@@ -77,7 +77,7 @@ PREPARED_DATA = "data"
 """Where ``lmforge train`` prepares ``data.sources`` for a run (before the run's own files are written)."""
 
 Kind = Literal["pretrain", "finetune", "imported", "compressed"]
-Task = Literal["lm", "sft", "classify"]
+Task = Literal["lm", "mlm", "sft", "classify", "token_classify"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ class RunInfo:
     """pretrain (``lmforge train``), finetune (``lmforge finetune``), imported (``lmforge import``) or compressed
     (``lmforge quantize``, ``lmforge prune``)."""
     task: Task
-    """What the model was trained for: lm (next token), sft (chat answers) or classify (a label head)."""
+    """What the model was trained for: lm (next token), mlm (masked tokens: an encoder), sft (chat answers), classify
+    (a label per text) or token_classify (a label per word)."""
     lora: bool = False
     """Whether checkpoints hold LoRA adapters (the base model's weights are read from the base run)."""
     version: str = __version__

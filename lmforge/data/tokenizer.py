@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
@@ -19,8 +20,23 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from lmforge.errors import UserError
 
 EOT = "<|endoftext|>"
-EOT_FALLBACKS = ("</s>", "<|end_of_text|>", "<eos>")
-"""End-of-text tokens of common external tokenizers (Llama 2, Llama 3, Gemma), tried after EOT."""
+EOT_FALLBACKS = ("</s>", "<|end_of_text|>", "<eos>", "[SEP]")
+"""End-of-text tokens of common external tokenizers (Llama 2, Llama 3, Gemma, BERT), tried after EOT."""
+ENCODER_SPECIALS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
+"""The special tokens an encoder reads (BERT's): a text is ``[CLS] ... [SEP]``, padded with ``[PAD]``; masked-LM
+training replaces tokens with ``[MASK]``."""
+
+
+@dataclass(frozen=True)
+class EncoderTokens:
+    """The ids of an encoder's special tokens (:meth:`Tokenizer.encoder_tokens`)."""
+
+    cls: int
+    sep: int
+    mask: int
+    pad: int
+    special: tuple[int, ...]
+    """Every special (added) token's id, these and the end-of-text one: never masked, never a random replacement."""
 MIN_BPE_VOCAB = 257
 """The 256 byte tokens plus EOT: below this, byte-level BPE cannot represent every text."""
 
@@ -140,21 +156,42 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.hf.id_to_token(token_id)
 
+    def encoder_tokens(self) -> EncoderTokens:
+        """The ids of ``[CLS] [SEP] [MASK] [PAD]``; a tokenizer without some of them (byte-level BPE, characters)
+        gets them added as special tokens, after its last id, in that order: the same ids every time for the same
+        tokenizer, so a run's saved tokenizer.json (which holds them) and a resumed run agree."""
+        missing = [t for t in ENCODER_SPECIALS if self.hf.token_to_id(t) is None]
+        if missing:
+            self.hf.add_special_tokens([AddedToken(t, special=True) for t in missing])
+            self._vocab_size = max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
+        cls, sep, mask, pad = (self.hf.token_to_id(t) for t in ENCODER_SPECIALS)
+        special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        return EncoderTokens(cls, sep, mask, pad, tuple(sorted(special | {self.eot_id, cls, sep, mask, pad})))
+
     def check_fits(self, vocab_size: int, model: str = "the model's vocabulary") -> None:
         """UserError unless every id has a row in a model vocabulary of ``vocab_size`` (named ``model``)."""
         if self.vocab_size > vocab_size:
             raise UserError(f"'{self.source}' has {self.vocab_size} tokens but {model} has {vocab_size}: "
                             f"they do not belong together")
 
-    def encode_texts(self, texts: list[str], max_len: int) -> tuple[list[list[int]], int]:
+    def encode_texts(self, texts: list[str], max_len: int, framed: bool = False) -> tuple[list[list[int]], int]:
         """Token ids of each text cut to its first ``max_len`` (and how many were cut); an empty text
-        becomes the end-of-text token, so that every text has at least one."""
+        becomes the end-of-text token, so that every text has at least one. ``framed`` (for an encoder):
+        each as ``[CLS] ids [SEP]``, the ids cut to leave room for both."""
         out, truncated = [], 0
+        marks = self.encoder_tokens() if framed else None
+        room = max_len - 2 if framed else max_len
         for ids in self.encode_batch(texts):
-            ids = ids or [self.eot_id]
-            truncated += len(ids) > max_len
-            out.append(ids[:max_len])
+            if marks is None:
+                ids = ids or [self.eot_id]
+            truncated += len(ids) > room
+            out.append([marks.cls, *ids[:room], marks.sep] if marks is not None else ids[:room])
         return out, truncated
+
+    def pad_id(self, framed: bool = False) -> int:
+        """The id that pads a batch: ``[PAD]`` for an encoder's (framed) texts, else end-of-text (a decoder never
+        reads past a text's last token)."""
+        return self.encoder_tokens().pad if framed else self.eot_id
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """:meth:`encode` for many texts (parallel inside ``tokenizers`` unless disabled).

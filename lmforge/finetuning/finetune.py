@@ -23,7 +23,7 @@ from lmforge.data.loader import EpochSampler, to_device
 from lmforge.errors import UserError
 from lmforge.finetuning.classify import ClassifyTask
 from lmforge.finetuning.sft import SFTTask
-from lmforge.loading import load_lm
+from lmforge.loading import load_base
 from lmforge.model import lora
 from lmforge.model.gpt import flops_per_token
 from lmforge.model.quantized import is_quantized
@@ -89,7 +89,10 @@ def _finetune(session: TrainingSession, cfg: FinetuneConfig,
     run_dir, say = session.run_dir, session.say
 
     # --- the plan: the base and its model, the precision
-    base = load_lm(cfg.base, command="fine-tuning (base=)")
+    base = load_base(cfg.base, command="fine-tuning (base=)")
+    if base.task == "mlm" and cfg.task == "sft":
+        raise UserError(f"base '{cfg.base}' is an encoder (model.arch=encoder): it does not write text, so task=sft "
+                        f"does not apply; task=classify or task=token_classify fine-tune an encoder")
     if is_quantized(base.model):
         raise UserError(f"base '{cfg.base}' is quantized (its integer weights do not train): fine-tune its source "
                         f"run, then quantize the result")

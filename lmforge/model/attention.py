@@ -1,6 +1,6 @@
 """Causal self-attention kernels: which one runs, and why.
 
-:func:`causal_attention` is the single entry point (``lmforge.model.gpt.CausalSelfAttention``
+:func:`causal_attention` is the single entry point (``lmforge.model.gpt.SelfAttention``
 calls it with q of shape (B, H, T, head_size) and k, v of shape (B, H_kv, S, head_size), where H_kv
 divides H: grouped-query attention, each key/value head serving H // H_kv query heads). No mask and
 more than one query position means causal attention; a boolean mask is used as given. It checks, in
@@ -64,16 +64,17 @@ class CompiledCPUCausalAttention(torch.autograd.Function):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                     dropout_p: float = 0.0) -> torch.Tensor:
+                     dropout_p: float = 0.0, causal: bool = True) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, T, hd) over k, v (B, H_kv, S, hd), kernel chosen as above.
 
-    mask: boolean (B, 1, T, S), True = attend; None = causal (for T > 1; a single query attends
-        to every key, as when decoding with a KV cache).
+    mask: boolean (B, 1, T, S) (or any shape that broadcasts to it), True = attend; None = causal (for
+        T > 1; a single query attends to every key, as when decoding with a KV cache).
     dropout_p: attention dropout probability; pass 0.0 outside training.
+    causal: False for an encoder: without a mask every query attends to every key.
     Returns (B, H, T, hd) in q's dtype.
     """
     # Decided by an if, which a compile guards on: a symbolic bool for SDPA's is_causal would break the graph.
-    causal = True if mask is None and q.size(-2) > 1 else False  # noqa: SIM210
+    causal = True if causal and mask is None and q.size(-2) > 1 else False  # noqa: SIM210
     if q.device.type == "cpu" and q.size(-2) == 1 and dropout_p == 0.0 and torch.compiler.is_compiling():
         # Products and sums, not matmuls, which inductor would turn back into its SDPA call.
         B, H, _, hd = q.shape

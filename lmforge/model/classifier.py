@@ -1,7 +1,6 @@
-"""Sequence classification: a linear head on the hidden state of each text's last token.
-
-The backbone is causal, so the last real token is the only one that has read the whole text, and
-right padding after it changes nothing.
+"""Sequence classification: a linear head on one vector per text, which the backbone chooses
+(``sequence_representation``): a decoder's last real token, the only one that has read the whole
+text; an encoder's first token ([CLS]), through its pooler where it has one (BERT).
 """
 
 from __future__ import annotations
@@ -9,23 +8,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
 
 
 class SequenceClassifier(nn.Module):
-    """A GPT backbone and a bias-free linear ``score`` head over its final hidden states."""
+    """A backbone (:class:`GPT` or :class:`Encoder`) and a linear ``score`` head over its sequence representation
+    (with a bias on an encoder, as BERT's classifier; without on a decoder, as transformers' GPT-2 one)."""
 
-    def __init__(self, backbone: GPT, n_classes: int):
+    def __init__(self, backbone: GPT | Encoder, n_classes: int):
         super().__init__()
         self.backbone = backbone
-        self.score = nn.Linear(backbone.cfg.n_embd, n_classes, bias=False)
+        self.score = nn.Linear(backbone.cfg.n_embd, n_classes, bias=backbone.classifier_bias)
         nn.init.normal_(self.score.weight, std=0.02)
+        if self.score.bias is not None:
+            nn.init.zeros_(self.score.bias)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, C) for right-padded token ids (B, T) with ``lengths`` real tokens each."""
-        h = self.backbone.hidden_states(idx)
-        last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
-        return self.score(last)
+        return self.score(self.backbone.sequence_representation(idx, lengths))
 
 
 def text_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

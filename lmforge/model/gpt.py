@@ -116,10 +116,12 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class SelfAttention(nn.Module):
+    """Multi-head (or grouped-query) self-attention: causal in a decoder, over every position in an encoder."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.causal = cfg, causal
         self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         # One fused projection for q, k, v: a single GEMM is faster than three small ones.
         self.qkv = Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.bias)
@@ -141,7 +143,7 @@ class CausalSelfAttention(nn.Module):
         if cache_start is not None:
             assert self.kv_cache is not None, "call GPT.setup_cache() before decoding with a cache"
             k, v = self.kv_cache.update(cache_start, k, v)
-        y = causal_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, mask, self.dropout if self.training else 0.0, causal=self.causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
@@ -173,16 +175,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block. Pre-norm (GPT-2, Llama): x + attn(norm(x)), then x + mlp(norm(x)); post-norm (BERT, an encoder
+    with ``cfg.post_norm``): norm(x + attn(x)), then norm(x + mlp(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
+        self.post_norm = cfg.post_norm
         self.norm1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg, causal)
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope, mask, cache_start) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, rope, mask, cache_start))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), rope, mask, cache_start)
         return x + self.mlp(self.norm2(x))
 
@@ -194,6 +201,8 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a GPT")
+        if cfg.arch != "decoder":
+            raise ValueError(f"GPT is the decoder; model.arch={cfg.arch} is built by lmforge.model.build_model")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
@@ -291,6 +300,19 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, mask, cache_start)
         return self.norm_f(x)
+
+    classifier_bias = False
+    """A classification head on a decoder has no bias (transformers' ``GPT2ForSequenceClassification`` has none)."""
+
+    def sequence_representation(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One vector per right-padded sequence (B, n_embd): the last real token's hidden state, the only one that
+        has read the whole text (right padding after it changes nothing). What a sequence classifier reads."""
+        h = self.hidden_states(idx)
+        return h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+
+    def token_representations(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T, n_embd) of right-padded sequences (each token has read those before it)."""
+        return self.hidden_states(idx)
 
     @property
     def device(self) -> torch.device:
