@@ -53,9 +53,10 @@ class DataConfig:
     keys (sources, tokenizer, vocab_size, val_fraction, ...) do not apply: it has its own (overriding one is an
     error)."""
     tokenizer: str = "bpe"
-    """'bpe' (byte-level BPE trained on the corpus), 'char', or a path to a tokenizer.json."""
+    """'bpe' (byte-level BPE trained on the corpus), 'wordpiece' (WordPiece, BERT's, trained on the corpus: for
+    encoders, model.arch=encoder), 'char', or a path to a tokenizer.json."""
     vocab_size: int = 4096
-    """Vocabulary size for a newly trained BPE tokenizer."""
+    """Vocabulary size for a newly trained BPE or WordPiece tokenizer."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation."""
     seed: int = 1337
@@ -71,8 +72,8 @@ class DataConfig:
             raise UserError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.workers < 0:
             raise UserError(f"data.workers must be 0 (one per CPU core) or more, got {self.workers}")
-        if self.tokenizer not in ("bpe", "char") and not Path(self.tokenizer).is_file():
-            raise UserError(f"data.tokenizer: expected 'bpe', 'char' or a tokenizer.json file, "
+        if self.tokenizer not in ("bpe", "wordpiece", "char") and not Path(self.tokenizer).is_file():
+            raise UserError(f"data.tokenizer: expected 'bpe', 'wordpiece', 'char' or a tokenizer.json file, "
                             f"got '{self.tokenizer}' (no such file)")
 
 
@@ -386,6 +387,9 @@ class TrainLoopConfig:
     """A step with a NaN/Inf loss or gradient: 'halt' (exit 3; the last checkpoint is good) or 'skip' it."""
     max_nonfinite_steps: int = 10
     """With on_nonfinite=skip: halt after this many non-finite steps in a row."""
+    mlm_probability: float = 0.15
+    """Pretraining an encoder (model.arch=encoder): the share of each sequence's tokens hidden and predicted (BERT:
+    0.15; of them 80% become [MASK], 10% a random token, 10% stay)."""
 
 
 def _validate_train_loop(tc: TrainLoopConfig, prefix: str = "train") -> None:
@@ -398,6 +402,7 @@ def _validate_train_loop(tc: TrainLoopConfig, prefix: str = "train") -> None:
         value = getattr(tc, name)
         _check(f"{prefix}.{name}", value, value >= 0, "0 or more")
     _check(f"{prefix}.max_nonfinite_steps", tc.max_nonfinite_steps, tc.max_nonfinite_steps >= 0, "0 or more")
+    _check(f"{prefix}.mlm_probability", tc.mlm_probability, 0 < tc.mlm_probability < 1, "a number in (0, 1)")
     _check(f"{prefix}.global_batch_size", tc.global_batch_size,
            tc.global_batch_size is None or tc.global_batch_size > 0, "null or a positive integer")
     _check(f"{prefix}.patience", tc.patience, tc.patience is None or tc.patience > 0, "null or a positive integer")
@@ -455,7 +460,7 @@ class TrainConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    """Examples for ``lmforge finetune``: JSONL for SFT, CSV or JSONL for classification."""
+    """Examples for ``lmforge finetune``: JSONL for SFT and token classification, CSV or JSONL for classification."""
 
     train: str = ""
     """Training examples (.jsonl; .csv too for classification)."""
@@ -475,6 +480,10 @@ class FinetuneDataConfig:
     """Classification: the field holding the text."""
     label_field: str = "label"
     """Classification: the field holding its label."""
+    tokens_field: str = "tokens"
+    """Token classification: the field holding a record's words (a list of strings)."""
+    tags_field: str = "tags"
+    """Token classification: the field holding one tag per word (a list of strings as long as the words)."""
     max_length: int | None = None
     """Tokens per example (longer ones are truncated and counted); None means the model's context."""
     packing: bool = False
@@ -520,8 +529,9 @@ class LoraSettings:
 class FinetuneConfig:
     """Everything ``lmforge finetune`` needs; ``model`` is copied from the base when the run starts."""
 
-    task: Literal["sft", "classify"] = "sft"
-    """'sft': chat answers (JSONL); 'classify': a label per text (CSV or JSONL)."""
+    task: Literal["sft", "classify", "token_classify"] = "sft"
+    """'sft': chat answers (JSONL); 'classify': a label per text (CSV or JSONL); 'token_classify': a tag per word
+    (JSONL words and tags: NER, part of speech)."""
     base: str = ""
     """The model to start from: an lmforge run or checkpoint directory, or a Hugging Face folder."""
     out_dir: str = "runs/finetune"

@@ -1,8 +1,9 @@
 """Hugging Face `transformers` interop on disk: model folders in ``save_pretrained`` format, in and out.
 
-This module keeps only the folders: reading one (local or a hub id) into our GPT and tokenizer
-(``load_hf``), writing it as an lmforge run directory (``import_hf``), and writing our model and
-tokenizer as a folder ``transformers`` loads (``export_hf``). The in-memory mapping, configs both
+This module keeps only the folders: reading one (local or a hub id) into our model (a GPT, a BERT
+Encoder, or a SequenceClassifier on one) and tokenizer (``load_hf``), writing it as an lmforge run
+directory (``import_hf``), and writing our model and tokenizer as a folder ``transformers`` loads
+(``export_hf``; an encoder's with BERT's tokenizer files). The in-memory mapping, configs both
 ways and the parameter-name tables per family, lives in ``lmforge.model.hf``.
 
 A model folder is data, never code: ``refuse_custom_code`` turns away, before ``transformers`` sees
@@ -19,20 +20,35 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from tokenizers import models, processors
 
 from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
-from lmforge.config import TrainConfig, save_yaml
+from lmforge.config import ModelConfig, TrainConfig, save_yaml
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.model.classifier import SequenceClassifier
+from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
-from lmforge.model.hf import SUPPORTED, config_from_hf, from_hf_model, from_hf_state_dict, to_hf_model
+from lmforge.model.hf import (
+    SUPPORTED,
+    config_from_hf,
+    from_hf_model,
+    from_hf_state_dict,
+    hf_labels,
+    new_model,
+    to_hf_model,
+)
 from lmforge.options import ImportOptions
 from lmforge.training.checkpoint import mismatch_detail, save_weights_only
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 HF_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -178,8 +194,10 @@ def hub_reachable(repo_id: str) -> bool:
     return True
 
 
-def load_hf(source: str | Path) -> tuple[GPT, Tokenizer | None]:
-    """Model (fp32, eval) and tokenizer from a local ``save_pretrained`` folder or a hub id.
+def load_hf(source: str | Path) -> tuple[GPT | Encoder | SequenceClassifier, Tokenizer | None]:
+    """Model (fp32, eval) and tokenizer from a local ``save_pretrained`` folder or a hub id: a GPT for a causal LM,
+    an Encoder for a BERT, a SequenceClassifier on one for a BertForSequenceClassification (its labels:
+    :func:`hf_folder_labels`).
 
     A hub id is downloaded by ``transformers`` (it needs the network; its code is never run, only its
     safetensors weights are read); when the hub cannot be reached, only the local hub cache is looked at,
@@ -220,17 +238,18 @@ def load_hf(source: str | Path) -> tuple[GPT, Tokenizer | None]:
         hf_cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers and huggingface_hub raise their own types for a bad file
         raise UserError(f"'{where}': cannot read it ({' '.join(str(e).split())})") from None
+    sd = {k: v.float() for k, v in _read_hf_weights(folder).items()}
     try:
-        cfg = config_from_hf(hf_cfg)
+        cfg = config_from_hf(hf_cfg, sd.keys())  # the weights say what the config does not (BERT's pooler)
         cfg.validate()  # the values by meaning, as for a config of ours
+        labels = hf_labels(hf_cfg)
     except UserError as e:
         raise UserError(f"'{where}': {e}") from None
     except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type, or a key missing
         raise UserError(f"'{where}': {type(e).__name__}: {' '.join(str(e).split())}") from None
-    sd = {k: v.float() for k, v in _read_hf_weights(folder).items()}
-    model = GPT(cfg)
+    model = new_model(cfg, labels)
     try:
-        model.load_state_dict(from_hf_state_dict(cfg, sd))
+        model.load_state_dict(from_hf_state_dict(model, sd))
     except RuntimeError as e:
         raise UserError(f"the weights in '{folder}' do not fit its {HF_CONFIG}: {mismatch_detail(e)}") from None
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
@@ -239,12 +258,24 @@ def load_hf(source: str | Path) -> tuple[GPT, Tokenizer | None]:
     return model.eval(), tokenizer
 
 
+def hf_folder_labels(folder: str | Path) -> list[str] | None:
+    """The class names of a sequence-classifier folder (its config.json's id2label, in id order), None for other
+    models; for a folder that :func:`load_hf` read."""
+    from transformers import AutoConfig
+
+    return hf_labels(AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
+
+
 def import_hf(source: str | Path, out_dir: str | Path) -> Path:
     """Write an HF model as an lmforge run directory (run.json, config.yaml, tokenizer.json, its chat
     template if it has one, and a checkpoint of step 0)."""
     out = Path(out_dir)
     check_new_folder(out)
     model, tokenizer = load_hf(source)
+    if isinstance(model, SequenceClassifier):  # a run of it would be a fine-tuning run, without a base
+        raise UserError(f"'{source}' is a sequence classifier (BertForSequenceClassification): lmforge import takes "
+                        f"language models and encoders; use the folder itself wherever a run is accepted "
+                        f"(lmforge predict, evaluate)")
     if tokenizer is None:
         raise UserError(f"'{source}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
     cfg = TrainConfig(out_dir=str(out), model=model.cfg)
@@ -259,7 +290,7 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
                 if own is not None:  # keep the model's own chat format for SFT and `generate --chat`
                     ChatTemplate(own[0], tokenizer, own[1]).save(tmp)
             save_weights_only(tmp, 0, model)
-            rundir.write_run_info(tmp, "imported", "lm")
+            rundir.write_run_info(tmp, "imported", "mlm" if model.cfg.arch == "encoder" else "lm")
             check_new_folder(out)  # again: something may have been written there meanwhile
             os.replace(tmp, out)
     finally:
@@ -273,12 +304,45 @@ def import_command(o: ImportOptions) -> None:
     print(f"imported '{o.source}' into {out} (use it wherever a run directory is accepted)")
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path,
-              chat_template: tuple[str, str | None] | None = None) -> Path:
-    """Write ``model`` and ``tokenizer`` as a folder that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load.
+def _encoder_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[PreTrainedTokenizerFast, int, str | None]:
+    """An encoder's tokenizer as BERT's: (the fast tokenizer, its [PAD] id, vocab.txt's text or None).
+
+    The fast tokenizer names [CLS] [SEP] [MASK] [PAD] (and the unknown token), returns token types, and frames a text
+    as ``[CLS] text [SEP]`` as the encoder was trained (a trained WordPiece has that template; one without any
+    post-processor gets it). vocab.txt, the vocabulary in id order, is BERT's own format, written only for WordPiece
+    (for tools that read it; ``transformers`` reads tokenizer.json).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: encoder_tokens() adds the special tokens it lacks
+    marks = tok.encoder_tokens()
+    tok.check_fits(cfg.vocab_size)
+    if tok.hf.post_processor is None:
+        tok.hf.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", marks.cls), ("[SEP]", marks.sep)])
+    unk = getattr(tok.hf.model, "unk_token", None)
+    unk = unk if unk and tok.token_to_id(unk) is not None else None
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   pad_token="[PAD]", unk_token=unk,
+                                   model_max_length=cfg.block_size,
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    vocab = None
+    if isinstance(tok.hf.model, models.WordPiece):
+        by_id = {i: t for t, i in tok.hf.get_vocab(with_added_tokens=True).items()}
+        vocab = "".join(f"{by_id.get(i, f'[unused{i}]')}\n" for i in range(tok.vocab_size))
+    return fast, marks.pad, vocab
+
+
+def export_hf(model: GPT | Encoder | SequenceClassifier, tokenizer: Tokenizer, out_dir: str | Path,
+              chat_template: tuple[str, str | None] | None = None, labels: list[str] | None = None) -> Path:
+    """Write ``model`` and ``tokenizer`` as a folder that ``transformers``' auto classes load: a decoder for
+    ``AutoModelForCausalLM``, an encoder for ``AutoModelForMaskedLM`` (BertForMaskedLM), a classifier on an encoder
+    for ``AutoModelForSequenceClassification`` (BertForSequenceClassification, with ``labels`` as id2label), and the
+    tokenizer for ``AutoTokenizer``.
 
     chat_template: (Jinja template, end-of-answer token) of a chat model, for
-    ``tokenizer.apply_chat_template``; generation then also stops at that token.
+    ``tokenizer.apply_chat_template``; generation then also stops at that token (decoders only).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -286,26 +350,33 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path,
     check_new_folder(out)
     if next(model.parameters()).dtype != torch.float32:  # export fp32 without changing the caller's model
         model = copy.deepcopy(model).float()
-    hf = to_hf_model(model)
-    eot = tokenizer.eot_id
-    hf.config.bos_token_id = hf.config.eos_token_id = eot
-    hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = eot
-    hf.generation_config.pad_token_id = eot
-    eot_text = tokenizer.hf.id_to_token(eot)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, bos_token=eot_text, eos_token=eot_text,
-                                   pad_token=eot_text, model_max_length=model.cfg.block_size)
-    if chat_template is not None:
-        template, turn_end = chat_template
-        fast.chat_template = template
-        turn_end_id = tokenizer.token_to_id(turn_end) if turn_end else None
-        if turn_end_id is not None and turn_end_id != eot:
-            hf.generation_config.eos_token_id = [eot, turn_end_id]
+    hf = to_hf_model(model, labels)
+    cfg = model.backbone.cfg if isinstance(model, SequenceClassifier) else model.cfg
+    vocab = None
+    if cfg.arch == "encoder":  # BERT's tokenizer files; no generation settings (an encoder neither writes nor chats)
+        fast, hf.config.pad_token_id, vocab = _encoder_tokenizer(tokenizer, cfg)
+    else:
+        eot = tokenizer.eot_id
+        hf.config.bos_token_id = hf.config.eos_token_id = eot
+        hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = eot
+        hf.generation_config.pad_token_id = eot
+        eot_text = tokenizer.hf.id_to_token(eot)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, bos_token=eot_text, eos_token=eot_text,
+                                       pad_token=eot_text, model_max_length=cfg.block_size)
+        if chat_template is not None:
+            template, turn_end = chat_template
+            fast.chat_template = template
+            turn_end_id = tokenizer.token_to_id(turn_end) if turn_end else None
+            if turn_end_id is not None and turn_end_id != eot:
+                hf.generation_config.eos_token_id = [eot, turn_end_id]
     # Written beside `out` and renamed: a failure (a full disk) leaves no half folder to block the retry.
     tmp = temporary_sibling(out)
     try:
         with rundir.storage_errors(out, "exporting to", "nothing was written; free some space and export again"):
             hf.save_pretrained(str(tmp), safe_serialization=True)
             fast.save_pretrained(str(tmp))
+            if vocab is not None:
+                (tmp / "vocab.txt").write_text(vocab, encoding="utf-8")
             check_new_folder(out)  # again: something may have been written there meanwhile
             os.replace(tmp, out)  # over an empty folder too
     finally:

@@ -18,10 +18,9 @@ from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.config import FinetuneConfig, TrainConfig, from_dict, load_yaml
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.interop import is_hf_folder, load_hf
-from lmforge.model import lora
-from lmforge.model import build_model
-from lmforge.model.classifier import SequenceClassifier
+from lmforge.interop import hf_folder_labels, is_hf_folder, load_hf
+from lmforge.model import build_model, lora
+from lmforge.model.classifier import SequenceClassifier, TokenClassifier
 from lmforge.model.quantized import METHODS, QuantSpec, quantize_model
 from lmforge.training.checkpoint import load_weights
 
@@ -46,14 +45,18 @@ class LoadedRun:
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     """Model (eval mode), tokenizer and config of a run, checkpoint or Hugging Face folder, ready to use.
 
-    A Hugging Face folder (config.json + safetensors + tokenizer.json) is converted in memory.
+    A Hugging Face folder (config.json + safetensors + tokenizer.json) is converted in memory: a causal LM is an 'lm'
+    run, a BERT an 'mlm' one, a BertForSequenceClassification a 'classify' one with its id2label as labels.
     """
     if is_hf_folder(path):
         model, tokenizer = load_hf(path)
         if tokenizer is None:
             raise UserError(f"'{path}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
-        run = LoadedRun(model=model, tokenizer=tokenizer, config=TrainConfig(model=model.cfg),
-                        checkpoint=Path(path), folder=Path(path))
+        labels = hf_folder_labels(path) if isinstance(model, SequenceClassifier) else None
+        cfg = model.backbone.cfg if labels is not None else model.cfg
+        task = "classify" if labels is not None else "mlm" if cfg.arch == "encoder" else "lm"
+        run = LoadedRun(model=model, tokenizer=tokenizer, config=TrainConfig(model=cfg), checkpoint=Path(path),
+                        folder=Path(path), task=task, labels=labels)
     else:
         run_dir, ckpt = rundir.resolve_checkpoint(path)
         info = rundir.read_run_info(run_dir)
@@ -129,14 +132,16 @@ def _run_tokenizer(run_dir: Path, vocab_size: int) -> Tokenizer:
 
 
 def _load_finetuned(run_dir: Path, ckpt: Path, info: rundir.RunInfo) -> LoadedRun:
-    """A fine-tuned model: full weights, or LoRA adapters merged into the base model's weights."""
+    """A fine-tuned model: full weights, or LoRA adapters merged into the base model's weights; a (token)
+    classification run's backbone carries its head, whose size its labels.json gives."""
     cfg = from_dict(FinetuneConfig, load_yaml(run_dir / rundir.CONFIG))
     tokenizer = _run_tokenizer(run_dir, cfg.model.vocab_size)
-    labels = rundir.load_labels(run_dir) if info.task == "classify" else None
+    head = {"classify": SequenceClassifier, "token_classify": TokenClassifier}.get(info.task)
+    labels = rundir.load_labels(run_dir) if head is not None else None
     # A LoRA checkpoint holds adapters, and full weights too if the run was written with --merge.
     full = not info.lora or (ckpt / rundir.WEIGHTS).is_file()
     backbone = build_model(cfg.model) if full else load_run(cfg.base).model
-    model = backbone if labels is None else SequenceClassifier(backbone, len(labels))
+    model = backbone if head is None else head(backbone, len(labels))
     if full:
         load_weights(model, ckpt)
     else:
@@ -144,4 +149,4 @@ def _load_finetuned(run_dir: Path, ckpt: Path, info: rundir.RunInfo) -> LoadedRu
         lora.load_adapter(model, ckpt / rundir.ADAPTER)
         model = lora.merge(model)
     return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, checkpoint=ckpt, folder=run_dir,
-                     task="classify" if labels is not None else "lm", labels=labels)
+                     task=info.task if head is not None else "lm", labels=labels)

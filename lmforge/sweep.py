@@ -63,9 +63,14 @@ from lmforge.options import SweepOptions
 from lmforge.training.pretrain import train
 
 METRICS = {"train": ("val_loss", "val_bpb", "val_ppl"),
+           "encoder train": ("val_loss", "val_ppl", "val_mlm_accuracy"),
            "sft": ("val_loss", "val_ppl", "exact_match"),
-           "classify": ("val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall")}
-"""What each kind of trial reports: pretraining, and fine-tuning per task (exact_match only at the end)."""
+           "classify": ("val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall"),
+           "token_classify": ("val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall")}
+"""What each kind of trial reports: pretraining (a decoder's, an encoder's), and fine-tuning per task (exact_match only
+at the end)."""
+DECODER_ONLY_KEYS = ("sample.max_new_tokens", "sample.prompt", "sample.temperature", "sample.top_k")
+"""Keys that change only what a decoder writes (its samples): an encoder's trials would all be the same."""
 PRUNERS = ("median", "hyperband", "asha", "none")
 TYPES = ("float", "int", "categorical")
 STUDY_DB = "study.db"
@@ -138,7 +143,16 @@ def load_sweep(path: str) -> SweepConfig:
     cfg = SweepConfig(**data, space={key: _param(path, key, spec) for key, spec in space.items()})
     if cfg.command not in ("train", "finetune"):
         raise _problem(path, f"command '{cfg.command}': expected train or finetune")
-    kind = trial_config(cfg, []).task if cfg.command == "finetune" else "train"
+    fixed = trial_config(cfg, [])
+    if cfg.command == "finetune":
+        kind = fixed.task
+    else:
+        kind = "encoder train" if fixed.model.arch == "encoder" else "train"
+        decoder_only = [key for key in cfg.space if key in DECODER_ONLY_KEYS]
+        if kind == "encoder train" and decoder_only:
+            raise _problem(path, f"space key '{decoder_only[0]}' changes what a decoder writes; these trials train "
+                                 f"an encoder (model.arch=encoder), which writes nothing, so every trial would be "
+                                 f"the same")
     if cfg.metric not in METRICS[kind]:
         raise _problem(path, f"metric '{cfg.metric}' is not one {kind} trials report "
                              f"(expected: {', '.join(METRICS[kind])})")

@@ -67,12 +67,12 @@ def test_sharded_weights_and_bad_folders(tmp_path, capsys):
     idx = torch.randint(0, 101, (1, 10))
     with torch.no_grad():
         assert (load_hf(tmp_path / "sharded")[0](idx)[0] - hf(idx).logits).abs().max() <= 1e-4
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    (bert / "config.json").write_text('{"model_type": "bert"}')
-    tok.save(bert / "tokenizer.json")
-    assert main(["import", str(bert), "--out", str(tmp_path / "x")]) == 2
-    assert "unsupported Hugging Face model_type 'bert'" in capsys.readouterr().err
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text('{"model_type": "t5"}')
+    tok.save(t5 / "tokenizer.json")
+    assert main(["import", str(t5), "--out", str(tmp_path / "x")]) == 2
+    assert "unsupported Hugging Face model_type 't5'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

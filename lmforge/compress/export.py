@@ -11,19 +11,31 @@ from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.compress.gguf import export_gguf
 from lmforge.compress.options import ExportOptions
 from lmforge.compress.report import format_report, gguf_report
+from lmforge.errors import UserError
 from lmforge.interop import export_hf
 from lmforge.loading import load_run
+from lmforge.model.hf import AUTO_CLASSES
 from lmforge.model.quantized import dequantized, is_quantized
 
 
 def export_run(o: ExportOptions) -> Path:
     """Write the run (its latest checkpoint, or the checkpoint named) as ``o.format``; returns what was written.
-    Quantized weights go out dequantized to float: neither format holds lmforge's integer layout. A classification
-    run goes out as its fine-tuned transformer under its language-model head: neither format's causal LM has a
-    label head."""
+    Quantized weights go out dequantized to float: neither format holds lmforge's integer layout. An encoder goes
+    out as BERT (BertForMaskedLM), a classification run on one as BertForSequenceClassification with its labels; a
+    classification run on a decoder as its fine-tuned transformer under its language-model head: neither format's
+    causal LM has a label head. GGUF (llama.cpp) holds decoders only."""
     run = load_run(o.run, "cpu")
-    model, note = run.model, ""
-    if run.task == "classify":
+    model, note, labels = run.model, "", None
+    encoder = run.config.model.arch == "encoder"
+    if run.task == "token_classify":
+        raise UserError(f"'{o.run}' is a token_classify run: exporting its tagging head is not supported (lmforge "
+                        f"predict tags texts with it)")
+    if encoder and o.format == "gguf":
+        raise UserError(f"'{o.run}' is an encoder (model.arch=encoder): GGUF files hold decoders for llama.cpp; "
+                        f"export it as a Hugging Face folder (--format hf)")
+    if run.task == "classify" and encoder:
+        labels = run.labels  # whole, as BertForSequenceClassification
+    elif run.task == "classify":
         model = run.model.backbone
         note = " (its transformer only)"
         print(f"note: '{o.run}' is a classification run: its label head ({len(run.labels or [])} labels) is not a "
@@ -33,8 +45,9 @@ def export_run(o: ExportOptions) -> Path:
         model, note = dequantized(model), " (its quantized weights dequantized to float)"
     template = find_chat_template(run.folder)
     if o.format == "hf":
-        out = export_hf(model, run.tokenizer, o.out, chat_template=template)
-        print(f"exported {run.checkpoint}{note} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
+        out = export_hf(model, run.tokenizer, o.out, chat_template=template, labels=labels)
+        auto = AUTO_CLASSES["classify" if labels is not None else "mlm" if encoder else "lm"]
+        print(f"exported {run.checkpoint}{note} to {out} (transformers: {auto}.from_pretrained('{out}'))")
         return out
     # A run without a template of its own chats in lmforge's default (as `lmforge serve` does): the file carries
     # it, or llama.cpp would format chats in a template of its own choosing (llama-cpp-python: llama-2's).

@@ -91,18 +91,17 @@ class BatchSampler:
 
 
 def prefetch_batches(sampler: BatchSampler, start_step: int, grad_accum: int, device: torch.device,
-                     depth: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     depth: int = 2) -> Iterator[tuple[torch.Tensor, ...]]:
     """Batches for (step, micro) from start_step on, already on ``device``, in order.
 
     On CUDA a background thread gathers the next ``depth`` batches from the memory map into pinned
     memory and starts their non-blocking copies while the GPU computes; on the CPU the gather is
     cheap next to the step and a thread would only take a core from the compute, so it runs inline.
     """
-    def produce(step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def produce(step: int) -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
             for micro in range(grad_accum):
-                x, y = sampler.batch(step, micro)
-                yield to_device(x, device), to_device(y, device)
+                yield tuple(to_device(t, device) for t in sampler.batch(step, micro))
             step += 1
 
     if device.type != "cuda":

@@ -5,7 +5,7 @@ one-byte flag per document are kept, never the texts):
 
 1. read every document: drop exact duplicates and empty ones, assign each kept one to train or val
    by a seeded hash of its content (independent of document order and of the number of workers);
-2. train the tokenizer (BPE on the train documents, char on all of them), re-reading the sources;
+2. train the tokenizer (BPE or WordPiece on the train documents, char on all of them), re-reading the sources;
 3. tokenize in worker processes, in chunks of ~1 MB with a bounded number in flight, appending the
    tokens of each document followed by the end-of-text id to the split's ``.bin`` file, in order,
    so the output is byte-identical whatever the number of workers.
@@ -51,10 +51,10 @@ CHUNK_CHARS = 1 << 20
 ENCODE_BATCH_CHARS = 1 << 16
 """Characters a worker encodes in one call (at least one piece): bounds the Encoding objects alive."""
 PIECE_CHARS = 1 << 18
-"""Longest text tokenized (or fed to the BPE trainer) at once: longer documents are cut into pieces
+"""Longest text tokenized (or fed to a trainer) at once: longer documents are cut into pieces
 (:func:`_document_pieces`), so memory does not grow with the largest document."""
 _WORD_START = re.compile(r" (?=\S)")
-"""A space that starts a word: byte-level BPE's pre-tokenizer begins a new pre-token there."""
+"""A space that starts a word: byte-level BPE's and WordPiece's pre-tokenizers begin a new pre-token there."""
 SPLITS = ("train", "val")
 _SKIP, _TRAIN, _VAL, _KEPT = 0, 1, 2, 3
 """Per-document flags of pass 1: dropped, train, val, or kept for the tail split (both)."""
@@ -133,9 +133,10 @@ def _document_pieces(text: str, size: int | None = None, start: int = 0, end: in
     """``text`` in pieces of about ``size`` characters (:data:`PIECE_CHARS`) whose tokens, concatenated,
     are the whole text's: each cut is just before a space that starts a word (a space followed by a
     character that is not whitespace), where byte-level BPE's pre-tokenizer starts a new pre-token
-    anyway, and a character tokenizer cuts anywhere alike. A stretch of 4 x size characters without
-    such a space (no ordinary text has one) is cut where it ends: the one place pieces may tokenize
-    differently from the whole. ``start``/``end`` select a part of ``text`` without copying it.
+    anyway, WordPiece's (BERT's) splits at every whitespace, and a character tokenizer cuts anywhere
+    alike. A stretch of 4 x size characters without such a space (no ordinary text has one) is cut
+    where it ends: the one place pieces may tokenize differently from the whole. ``start``/``end``
+    select a part of ``text`` without copying it.
     """
     size = size or PIECE_CHARS
     end = len(text) if end is None else end
@@ -153,10 +154,10 @@ def _pieces(sources: list[str], cfg: DataConfig, scan: _Scan) -> Iterator[tuple[
     """Re-read the sources: (split, text, ends a document) for each kept document, cut into pieces of
     at most about PIECE_CHARS (the tail split: its two parts, each ending a document).
 
-    Only lmforge's own tokenizers (bpe, char) get pieces; a tokenizer.json from elsewhere may treat the
+    Only lmforge's own tokenizers (bpe, wordpiece, char) get pieces; a tokenizer.json from elsewhere may treat the
     start of a text specially (SentencePiece's leading "▁"), so it is given whole documents.
     """
-    cut_pieces = cfg.tokenizer in ("bpe", "char")
+    cut_pieces = cfg.tokenizer in ("bpe", "wordpiece", "char")
     n = 0
     for n, doc in enumerate(iter_documents(sources, cfg.text_field), 1):
         if n > len(scan.flags):
@@ -267,7 +268,7 @@ def _tokenize(chunks: Iterator[list[tuple[int, str, bool]]], tok: Tokenizer, dty
         pool = None
         if workers > 1:
             # Set before the pool forks: tokenizers then neither warns nor deadlocks in the children
-            # when its thread pool was already used here (training the BPE tokenizer).
+            # when its thread pool was already used here (training a tokenizer).
             with _env("TOKENIZERS_PARALLELISM", "false"):
                 pool = stack.enter_context(multiprocessing.get_context().Pool(workers, _init_worker,
                                                                               (tok.to_str(),)))
@@ -327,23 +328,27 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _tokenizer(cfg: DataConfig, sources: list[str], scan: _Scan, progress: bool) -> tuple[Tokenizer, dict]:
-    if cfg.tokenizer == "bpe":
+    if cfg.tokenizer in ("bpe", "wordpiece"):
+        bpe = cfg.tokenizer == "bpe"
         texts = (text for split, text, _ in _pieces(sources, cfg, scan) if split == _TRAIN)
         # Away from a terminal the trainer's progress bars degrade to bare blank lines: a line instead.
         show = progress and sys.stderr.isatty()
         if progress and not show:
-            print(f"training a BPE tokenizer (vocabulary {cfg.vocab_size:,}) on the train split ...",
-                  file=sys.stderr, flush=True)
+            print(f"training a {'BPE' if bpe else 'WordPiece'} tokenizer (vocabulary {cfg.vocab_size:,}) on the "
+                  f"train split ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        tok = Tokenizer.train_bpe(texts, cfg.vocab_size, show_progress=show)
+        train = Tokenizer.train_bpe if bpe else Tokenizer.train_wordpiece
+        tok = train(texts, cfg.vocab_size, show_progress=show)
         if progress:
             print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         if progress and tok.vocab_size < cfg.vocab_size:
-            # Not a failure, but a surprise unless said: BPE stops when no pair of tokens is left to merge.
+            # Not a failure, but a surprise unless said: the trainer stops when no pair of tokens is left to merge.
+            offered = (f"only {tok.vocab_size - MIN_BPE_VOCAB:,} merges to offer" if bpe
+                       else "no more merges to offer")
             print(f"note: the vocabulary has {tok.vocab_size:,} tokens, not the {cfg.vocab_size:,} asked for "
-                  f"(data.vocab_size): the train split had only {tok.vocab_size - MIN_BPE_VOCAB:,} merges to offer "
-                  f"(a larger corpus has more)", file=sys.stderr, flush=True)
-        return tok, {"kind": "bpe"}
+                  f"(data.vocab_size): the train split had {offered} (a larger corpus has more)",
+                  file=sys.stderr, flush=True)
+        return tok, {"kind": cfg.tokenizer}
     if cfg.tokenizer == "char":
         return Tokenizer.train_char(text for _, text, _ in _pieces(sources, cfg, scan)), {"kind": "char"}
     return Tokenizer.from_file(cfg.tokenizer), {"kind": "file", "source": str(cfg.tokenizer)}
@@ -519,8 +524,8 @@ def format_summary(meta: dict) -> str:
 
 
 def _cache_key(cfg: DataConfig) -> str:
-    if cfg.tokenizer == "bpe":
-        tok = f"bpe{cfg.vocab_size}"
+    if cfg.tokenizer in ("bpe", "wordpiece"):
+        tok = f"{cfg.tokenizer}{cfg.vocab_size}"
     elif cfg.tokenizer == "char":
         tok = "char"
     else:  # keyed by content: the same file under another name is the same dataset

@@ -1,9 +1,11 @@
-"""One tokenizer interface over byte-level BPE and character-level vocabularies.
+"""One tokenizer interface over byte-level BPE, WordPiece and character-level vocabularies.
 
-Both are Hugging Face ``tokenizers`` pipelines saved as a ``tokenizer.json``, so a single loader
-handles them, and any external ``tokenizer.json`` (GPT-2, Llama, ...) works too. Text written in a
-document that happens to spell a special token (``<|endoftext|>``) is encoded as plain text: the
-end-of-text id only ever appears where it is added on purpose, between documents.
+All three are Hugging Face ``tokenizers`` pipelines saved as a ``tokenizer.json``, so a single loader
+handles them, and any external ``tokenizer.json`` (GPT-2, Llama, BERT, ...) works too. WordPiece is BERT's
+(for encoders): its ``[SEP]`` is the end-of-text token, and its ``tokenizer.json`` carries BERT's
+``[CLS] ... [SEP]`` template, so ``transformers`` frames texts as BERT does. Text written in a document that
+happens to spell a special token (``<|endoftext|>``, ``[SEP]``) is encoded as plain text: the end-of-text id
+only ever appears where it is added on purpose, between documents.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.errors import UserError
 
@@ -37,8 +39,12 @@ class EncoderTokens:
     pad: int
     special: tuple[int, ...]
     """Every special (added) token's id, these and the end-of-text one: never masked, never a random replacement."""
+
+
 MIN_BPE_VOCAB = 257
 """The 256 byte tokens plus EOT: below this, byte-level BPE cannot represent every text."""
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+"""The special tokens of a trained WordPiece vocabulary: ids 0..4, in this order."""
 
 
 class Tokenizer:
@@ -78,6 +84,36 @@ class Tokenizer:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=show_progress)
         hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @classmethod
+    def train_wordpiece(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+        """Train a cased WordPiece tokenizer (BERT's, for encoders) on a stream of texts.
+
+        Cased and accents kept, since the corpora are code and prose. Words split at whitespace and punctuation;
+        whitespace is not kept (decoding is not the exact inverse) and a word of a character never seen, or of
+        over 100 characters, becomes ``[UNK]``. The special tokens are ids 0..4 (:data:`WORDPIECE_SPECIALS`);
+        ``[SEP]`` separates documents. UserError if ``vocab_size`` cannot hold every character of ``texts``
+        (the trainer would silently return a larger vocabulary than asked).
+        """
+        hf = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                   strip_accents=False, lowercase=False)
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS),
+                                            show_progress=show_progress)
+        hf.train_from_iterator(texts, trainer)
+        # Below the alphabet's size the trainer keeps every character (and its "##" continuation) anyway.
+        if hf.get_vocab_size() > vocab_size:
+            raise UserError(f"data.vocab_size={vocab_size} is too small for WordPiece on this corpus (at least "
+                            f"{hf.get_vocab_size()}: {len(WORDPIECE_SPECIALS)} special tokens + every character, "
+                            f"alone and continuing a word)")
+        # Only add_special_tokens=True uses it (transformers' default), never our encode: BERT's framing.
+        cls_id, sep_id = hf.token_to_id("[CLS]"), hf.token_to_id("[SEP]")
+        hf.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
         return cls(hf)
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Language-modelling evaluation: loss, perplexity and bits per byte over any amount of text.
+"""Language-modelling evaluation: loss, perplexity and bits per byte over any amount of text (an
+encoder's: masked-LM loss, accuracy and pseudo-perplexity on a prepared split, :func:`score_masked_split`).
 
 Texts longer than the context are scored with a sliding window (the ``transformers`` perplexity
 recipe): windows of ``block_size`` input tokens start every ``stride`` tokens, and each scores only
@@ -16,6 +17,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +27,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.loader import open_split
+from lmforge.data.loader import TokenShard, eval_offsets, open_split
+from lmforge.data.masking import EvalBatches, Masking
 from lmforge.data.prepare import load_meta
 from lmforge.data.sources import expand_sources, iter_documents, looks_binary
-from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokenizer import EncoderTokens, Tokenizer
 from lmforge.errors import UserError
-from lmforge.runtime import Runtime
+from lmforge.runtime import Runtime, eval_mode
 from lmforge.training.metrics import bits_per_byte, perplexity
-from lmforge.training.validation import split_loss
+from lmforge.training.validation import masked_lm_metrics, split_loss
 
 PIECE_BYTES = 1 << 20
+PPPL_WINDOWS = 8
+"""Windows whose every token an encoder's pseudo-perplexity scores (one forward pass per token)."""
 
 
 @dataclass
@@ -168,3 +173,42 @@ def score_split(model: torch.nn.Module, dataset_dir: str | Path, rt: Runtime, sp
     return {"loss": loss, "perplexity": perplexity(loss),
             "bits_per_byte": bits_per_byte(loss, counts["tokens"], counts["bytes"]), "tokens": counts["tokens"],
             "bytes": counts["bytes"], "split": split, "data_sha256": meta.get("content_hash")}
+
+
+def score_masked_split(model: torch.nn.Module, tokenizer: Tokenizer, dataset_dir: str | Path, rt: Runtime,
+                       split: str, batch_size: int, seed: int, rate: float) -> dict:
+    """An encoder's figures on a prepared dataset's split: the masked-LM loss and accuracy as training's final
+    evaluation computes them (``batch_size``, ``seed`` and ``rate`` the run's: the same masks, the same figures),
+    and the pseudo-perplexity (:func:`pseudo_perplexity`) of a sample of windows."""
+    meta = load_meta(Path(dataset_dir))
+    shard = open_split(meta, split, model.cfg.block_size, model.cfg.vocab_size)
+    masking = Masking(tokenizer.encoder_tokens(), model.cfg.vocab_size, rate)
+    loss, accuracy = masked_lm_metrics(model, EvalBatches(shard, masking, batch_size, 10**9, seed), rt)
+    pppl, scored = pseudo_perplexity(model, shard, masking.tokens, rt)
+    return {"loss": loss, "perplexity": perplexity(loss), "mlm_accuracy": accuracy, "pseudo_perplexity": pppl,
+            "pseudo_perplexity_tokens": scored, "tokens": meta["splits"][split]["tokens"], "split": split,
+            "data_sha256": meta.get("content_hash")}
+
+
+@torch.no_grad()
+def pseudo_perplexity(model: torch.nn.Module, shard: TokenShard, tokens: EncoderTokens, rt: Runtime,
+                      n_windows: int = PPPL_WINDOWS, rows: int = 64) -> tuple[float, int]:
+    """(pseudo-perplexity, tokens scored) of an encoder (Salazar et al. 2020, "Masked Language Model Scoring"):
+    every ordinary token of ``n_windows`` evenly spaced windows masked alone, one copy of its window each, and
+    exp(-mean log p(token | the rest)). Costs one sequence per token, so it samples the split."""
+    total, count = 0.0, 0
+    special = torch.tensor(tokens.special)
+    with eval_mode(model):
+        for offset in eval_offsets(len(shard), shard.block_size, n_windows, 1):
+            window = shard.windows(np.array([offset]))[0][0, :-1]
+            x = torch.cat([torch.tensor([tokens.cls]), window])
+            scored = torch.nonzero(~torch.isin(x, special)).flatten()
+            for chunk in scored.split(rows):
+                copies = x.repeat(len(chunk), 1)
+                copies[torch.arange(len(chunk)), chunk] = tokens.mask
+                with rt.autocast():
+                    logits = model(copies.to(rt.device), masked=chunk[:, None].to(rt.device))[0]
+                logp = F.log_softmax(logits[:, 0].float(), dim=-1).cpu()
+                total -= logp[torch.arange(len(chunk)), x[chunk]].sum().item()
+                count += len(chunk)
+    return math.exp(total / max(count, 1)), count

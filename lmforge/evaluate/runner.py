@@ -38,8 +38,16 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
     model = run.model
     if run.task == "classify" and (req.lm or req.dataset or req.generate or req.choice):
         raise UserError(f"'{path}' is a classification run: only --classify applies to it")
+    if run.task == "token_classify":
+        raise UserError(f"'{path}' is a token-classification run: lmforge predict {path} --file WORDS.jsonl tags words "
+                        f"and scores them where the records have tags")
     if req.classify and run.task != "classify":
-        raise UserError(f"--classify needs a classification run; '{path}' is a language model")
+        what = "an encoder" if run.task == "mlm" else "a language model"
+        raise UserError(f"--classify needs a classification run; '{path}' is {what}")
+    if run.task == "mlm" and (req.lm or req.generate or req.choice):
+        raise UserError(f"'{path}' is an encoder (model.arch=encoder): --lm, --generate and --choice score or write "
+                        f"text left to right, which it does not; --dataset DIR (masked-LM loss, accuracy, "
+                        f"pseudo-perplexity) applies")
     report: dict = {"model": str(path), "checkpoint": str(run.checkpoint), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "device": str(rt.device), "precision": rt.precision, "results": {}}
     results = report["results"]
@@ -50,7 +58,11 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
         bar.close()
         results["lm"] = {**score.as_dict(), "sources": req.lm, "stride": req.stride or model.cfg.block_size,
                          "context": model.cfg.block_size}
-    if req.dataset:
+    if req.dataset and run.task == "mlm":
+        tc = run.config.train  # the run's batches, seed and masking rate: training's final evaluation, repeated
+        results["dataset"] = {**lm.score_masked_split(model, run.tokenizer, req.dataset, rt, req.split, tc.batch_size,
+                                                      tc.seed, tc.mlm_probability), "dataset": req.dataset}
+    elif req.dataset:
         results["dataset"] = {**lm.score_split(model, req.dataset, rt, req.split, req.batch_size),
                               "dataset": req.dataset}
     if req.generate:

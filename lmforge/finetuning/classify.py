@@ -22,6 +22,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.evaluate.tasks import classification_metrics, format_confusion
 from lmforge.model.classifier import SequenceClassifier, text_batch
+from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
 from lmforge.runtime import Runtime, eval_mode
 
@@ -63,9 +64,10 @@ class ClassifyTask:
     compare_with_base = False
     """The base model has no head to evaluate before fine-tuning."""
 
-    def __init__(self, cfg: FinetuneConfig, backbone: GPT, tokenizer: Tokenizer, max_len: int, rt: Runtime):
+    def __init__(self, cfg: FinetuneConfig, backbone: GPT | Encoder, tokenizer: Tokenizer, max_len: int, rt: Runtime):
         d = cfg.data
-        self.rt, self.batch_size, self.pad = rt, cfg.train.batch_size, tokenizer.eot_id
+        framed = backbone.cfg.arch == "encoder"  # an encoder reads [CLS] text [SEP] (padded with [PAD])
+        self.rt, self.batch_size, self.pad = rt, cfg.train.batch_size, tokenizer.pad_id(framed)
         report = ReadReport()
         train_rec, val_rec = read_train_val(d.train, d.val, d.val_fraction, d.seed, _labelled_text(d),
                                             d.skip_bad_lines, report)
@@ -79,8 +81,8 @@ class ClassifyTask:
                 raise UserError(f"{where}: label {label!r} never occurs in the training examples "
                                 f"(known: {', '.join(labels)})")
         self.labels = labels
-        self.train_ids, t1 = tokenizer.encode_texts([t for (t, _), _ in train_rec], max_len)
-        self.val_ids, t2 = tokenizer.encode_texts([t for (t, _), _ in val_rec], max_len)
+        self.train_ids, t1 = tokenizer.encode_texts([t for (t, _), _ in train_rec], max_len, framed)
+        self.val_ids, t2 = tokenizer.encode_texts([t for (t, _), _ in val_rec], max_len, framed)
         self.y_train = [index[label] for (_, label), _ in train_rec]
         self.y_val = [index[label] for (_, label), _ in val_rec]
         self.weight = class_weight_tensor(cfg.class_weights, self.y_train, len(labels))

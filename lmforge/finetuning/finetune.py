@@ -1,4 +1,5 @@
-"""``lmforge finetune``: start from a trained model and adapt it (SFT or classification, full or LoRA).
+"""``lmforge finetune``: start from a trained model and adapt it (SFT, classification or token classification, full
+or LoRA).
 
 The optimisation loop, checkpoints, metrics and resume are pretraining's (:mod:`lmforge.training`);
 this module builds what differs: the examples, the batches, the loss, the evaluation and, for LoRA
@@ -23,6 +24,7 @@ from lmforge.data.loader import EpochSampler, to_device
 from lmforge.errors import UserError
 from lmforge.finetuning.classify import ClassifyTask
 from lmforge.finetuning.sft import SFTTask
+from lmforge.finetuning.token_classify import TokenClassifyTask
 from lmforge.loading import load_base
 from lmforge.model import lora
 from lmforge.model.gpt import flops_per_token
@@ -45,7 +47,7 @@ class FinetuneResult:
 
 
 class FinetuneTask(Protocol):
-    """What the command needs of a task (:class:`SFTTask`, :class:`ClassifyTask`)."""
+    """What the command needs of a task (:class:`SFTTask`, :class:`ClassifyTask`, :class:`TokenClassifyTask`)."""
 
     model: torch.nn.Module
     """The model to train: the base model, or the base model with a new head."""
@@ -90,6 +92,8 @@ def _finetune(session: TrainingSession, cfg: FinetuneConfig,
 
     # --- the plan: the base and its model, the precision
     base = load_base(cfg.base, command="fine-tuning (base=)")
+    if cfg.class_weights is not None and cfg.task != "classify":
+        raise UserError(f"class_weights applies to task=classify; this run is task={cfg.task}")
     if base.task == "mlm" and cfg.task == "sft":
         raise UserError(f"base '{cfg.base}' is an encoder (model.arch=encoder): it does not write text, so task=sft "
                         f"does not apply; task=classify or task=token_classify fine-tune an encoder")
@@ -113,7 +117,8 @@ def _finetune(session: TrainingSession, cfg: FinetuneConfig,
     # --- the task and its model, and what training it means
     torch.manual_seed(tc.seed)  # the same initial weights (a new head) on every rank
     task: FinetuneTask = (SFTTask(cfg, base.model, base.tokenizer, base.folder, max_len, rt) if cfg.task == "sft"
-                          else ClassifyTask(cfg, base.model, base.tokenizer, max_len, rt))
+                          else ClassifyTask(cfg, base.model, base.tokenizer, max_len, rt) if cfg.task == "classify"
+                          else TokenClassifyTask(cfg, base.model, base.tokenizer, max_len, rt))
     for line in task.summary:
         say(line)
     model = task.model
@@ -171,8 +176,9 @@ def _finetune(session: TrainingSession, cfg: FinetuneConfig,
         (run_dir / rundir.FINAL_EVAL).write_text(json.dumps(final_metrics, indent=1) + "\n", encoding="utf-8")
     for line in task.final_lines(final_metrics):
         say(line)
-    use = f"lmforge predict {run_dir} --text TEXT" if cfg.task == "classify" else \
-        f"lmforge generate {run_dir} --chat -p TEXT"
+    use = {"classify": f"lmforge predict {run_dir} --text TEXT",
+           "token_classify": f"lmforge predict {run_dir} --file WORDS.jsonl"}.get(
+        cfg.task, f"lmforge generate {run_dir} --chat -p TEXT")
     session.say_done(f"{out.step} steps in {format_duration(out.train_time_s)} | val {format_metrics(final_metrics)} | "
                      f"{run_dir}", [use, f"lmforge export {run_dir} --out DIR"], out.too_short)
     return FinetuneResult(run_dir, out.step, final_metrics, out.train_time_s, out.too_short)

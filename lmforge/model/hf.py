@@ -1,11 +1,13 @@
 """Hugging Face `transformers` mapping, in memory: configs both ways, and parameter names as data.
 
 GPT-2 style models map to ``GPT2LMHeadModel``, Llama style ones to ``LlamaForCausalLM``; Mistral
-and Qwen2 configs (Llama-shaped, with their own theta/GQA/bias choices) import too.
+and Qwen2 configs (Llama-shaped, with their own theta/GQA/bias choices) import too. BERT-style
+encoders map to ``BertForMaskedLM``, and a classifier on one to ``BertForSequenceClassification``
+(a ``BertModel``, without the masked-LM head, imports too).
 
-The weights map through one :class:`NameTable` per family (:data:`GPT2`, :data:`LLAMA`): our
-parameter name -> theirs, with ``{i}`` for the layer index, plus declarative notes on what is more
-than a rename:
+The weights map through one :class:`NameTable` per family (:data:`GPT2`, :data:`LLAMA`,
+:data:`BERT`): our parameter name -> theirs, with ``{i}`` for the layer index, plus declarative
+notes on what is more than a rename:
 
 * fused splits (:class:`Split`): our ``qkv`` rows are [q; k; v], a SwiGLU ``fc`` is [gate; up];
 * transposes: GPT-2's ``Conv1D`` stores weights as (in, out), the transpose of ``nn.Linear``;
@@ -15,7 +17,11 @@ than a rename:
 * biases: GPT-2 always has them (a bias-free model exports zeros; import requires them); Llama's
   exist when ``cfg.bias`` (import fills missing ones with zeros: Qwen2 has q/k/v biases only);
 * an optional name prefix (GPT-2's ``transformer.``: a bare ``GPT2Model`` lacks it) and a head that
-  may be absent (then it is the tied embedding).
+  may be absent (then it is the tied embedding);
+* parts a model or folder may lack (BERT's pooler; a bare ``BertModel``'s masked-LM head, which an
+  import then leaves freshly initialized), names a folder may hold a tensor under instead (aliases),
+  a table BERT always has and ours may lack (token types: exported as one row of zeros), and the
+  classifier head's names.
 
 :func:`map_to_hf` and :func:`map_from_hf` apply a table in either direction. Our RoPE uses HF
 Llama's 'rotate half' layout, so no permutation of q/k is needed. Folders on disk: ``lmforge.interop``.
@@ -23,21 +29,33 @@ Llama's 'rotate half' layout, so no permutation of q/k is needed. Folders on dis
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.model import build_model
+from lmforge.model.classifier import SequenceClassifier
+from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert")
 _GELU = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+_GELU_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+BERT_ARCHITECTURES = {"BertForMaskedLM": "mlm", "BertForPreTraining": "mlm", "BertModel": "mlm",
+                      "BertForSequenceClassification": "classify"}
+"""The BERT classes (config.json's ``architectures``) that import, and the task of what they become: an Encoder
+(``BertForPreTraining``'s next-sentence head is left out) or a SequenceClassifier on one."""
+AUTO_CLASSES = {"lm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM",
+                "classify": "AutoModelForSequenceClassification"}
+"""The ``transformers`` auto class that loads an export, by the task of the model exported."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,10 @@ class NameTable:
     biases_always: bool = False  # they always have biases: export writes zeros, import requires them
     optional_prefix: str = ""  # import also accepts their names without this prefix
     head_optional: bool = False  # import takes the embedding when lm_head is absent, tied or not
+    optional: frozenset[str] = frozenset()  # ours that a model or a folder may lack: skipped both ways where absent
+    aliases: dict[str, str] = field(default_factory=dict)  # theirs -> the name a folder may hold it under instead
+    absent_as_zeros: frozenset[str] = frozenset()  # ours a model may lack that they always hold: exported as zeros
+    classifier: dict[str, str] = field(default_factory=dict)  # a SequenceClassifier's head: ours -> theirs
 
 
 GPT2 = NameTable(
@@ -121,6 +143,54 @@ LLAMA = NameTable(
     },
 )
 
+_L = "bert.encoder.layer.{i}."
+_QQQ = ("q", "q", "q")  # BERT has no grouped-query attention: fewer key/value heads export repeated (kv_expanded)
+
+# BertForMaskedLM; BertForSequenceClassification's backbone and classifier (without the masked-LM head); a
+# BertModel (no masked-LM head, no "bert." prefix). Post-norm: our norm1 follows attention, norm2 the MLP.
+BERT = NameTable(
+    names={
+        "wte.weight": "bert.embeddings.word_embeddings.weight",
+        "wpe.weight": "bert.embeddings.position_embeddings.weight",
+        "wtt.weight": "bert.embeddings.token_type_embeddings.weight",
+        "emb_norm.weight": "bert.embeddings.LayerNorm.weight",
+        "emb_norm.bias": "bert.embeddings.LayerNorm.bias",
+        "blocks.{i}.attn.qkv.weight": Split((_L + "attention.self.query.weight", _L + "attention.self.key.weight",
+                                             _L + "attention.self.value.weight"), _QQQ),
+        "blocks.{i}.attn.qkv.bias": Split((_L + "attention.self.query.bias", _L + "attention.self.key.bias",
+                                           _L + "attention.self.value.bias"), _QQQ),
+        "blocks.{i}.attn.proj.weight": _L + "attention.output.dense.weight",
+        "blocks.{i}.attn.proj.bias": _L + "attention.output.dense.bias",
+        "blocks.{i}.norm1.weight": _L + "attention.output.LayerNorm.weight",
+        "blocks.{i}.norm1.bias": _L + "attention.output.LayerNorm.bias",
+        "blocks.{i}.mlp.fc.weight": _L + "intermediate.dense.weight",
+        "blocks.{i}.mlp.fc.bias": _L + "intermediate.dense.bias",
+        "blocks.{i}.mlp.proj.weight": _L + "output.dense.weight",
+        "blocks.{i}.mlp.proj.bias": _L + "output.dense.bias",
+        "blocks.{i}.norm2.weight": _L + "output.LayerNorm.weight",
+        "blocks.{i}.norm2.bias": _L + "output.LayerNorm.bias",
+        "pooler.weight": "bert.pooler.dense.weight",
+        "pooler.bias": "bert.pooler.dense.bias",
+        "head_dense.weight": "cls.predictions.transform.dense.weight",
+        "head_dense.bias": "cls.predictions.transform.dense.bias",
+        "head_norm.weight": "cls.predictions.transform.LayerNorm.weight",
+        "head_norm.bias": "cls.predictions.transform.LayerNorm.bias",
+        "lm_head.weight": "cls.predictions.decoder.weight",
+        "lm_head.bias": "cls.predictions.decoder.bias",
+    },
+    kv_expanded=frozenset({"blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.qkv.bias"}),
+    biases_always=True,
+    optional_prefix="bert.",
+    head_optional=True,
+    optional=frozenset({"pooler.weight", "pooler.bias", "head_dense.weight", "head_dense.bias", "head_norm.weight",
+                        "head_norm.bias", "lm_head.weight", "lm_head.bias"}),
+    # Tied (transformers' default), the output bias is one tensor under two names and a folder holds the second;
+    # untied, both are saved and the decoder's is the one the model adds.
+    aliases={"cls.predictions.decoder.bias": "cls.predictions.bias"},
+    absent_as_zeros=frozenset({"wtt.weight"}),
+    classifier={"score.weight": "classifier.weight", "score.bias": "classifier.bias"},
+)
+
 
 def is_gpt2_style(cfg: ModelConfig) -> bool:
     """Whether ``cfg`` maps to GPT-2 (learned positions) rather than Llama (the default: also what a custom mix is
@@ -129,8 +199,8 @@ def is_gpt2_style(cfg: ModelConfig) -> bool:
 
 
 def name_table(cfg: ModelConfig) -> NameTable:
-    """The name table of ``cfg``'s family."""
-    return GPT2 if is_gpt2_style(cfg) else LLAMA
+    """The name table of ``cfg``'s family (Llama's for a decoder of none)."""
+    return {"gpt2": GPT2, "bert": BERT}.get(cfg.standard_family or "", LLAMA)
 
 
 def _entries(table: NameTable, n_layer: int) -> Iterator[tuple[str, str, str | Split]]:
@@ -162,6 +232,17 @@ def _weight_of(bias_name: str) -> str:
     return bias_name.removesuffix(".bias") + ".weight"
 
 
+def _present(ours: str, sd: dict[str, torch.Tensor]) -> bool:
+    """Whether the model holds ``ours``, or for a bias the layer it belongs to (a bias-free one's exports zeros)."""
+    return ours in sd or (ours.endswith(".bias") and _weight_of(ours) in sd)
+
+
+def _get(sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in sd:
+        raise UserError(f"Hugging Face weights lack '{name}' (is the folder complete?)")
+    return sd[name]
+
+
 def _expand_kv(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
     """qkv rows (or bias) [q; k; v] with each key/value head repeated n_head // kv_heads times."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -179,7 +260,11 @@ def map_to_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -
     out: dict[str, torch.Tensor] = {}
     ours_done: dict[str, torch.Tensor] = {}  # after k/v expansion, before transposing
     for template, ours, theirs in _entries(table, cfg.n_layer):
-        if ours not in sd and ours.endswith(".bias"):
+        if template in table.optional and not _present(ours, sd):
+            continue  # a part this model lacks (BERT's pooler; the masked-LM head of a classifier's backbone)
+        if ours not in sd and template in table.absent_as_zeros:
+            t = torch.zeros(1, cfg.n_embd, dtype=sd["wte.weight"].dtype, device=sd["wte.weight"].device)
+        elif ours not in sd and ours.endswith(".bias"):
             if not table.biases_always:
                 continue  # a bias-free model exports no biases
             w = ours_done[_weight_of(ours)]
@@ -195,23 +280,26 @@ def map_to_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -
             out.update(zip(theirs.parts, t.split(_rows(cfg, theirs)), strict=True))
         else:
             out[theirs] = t
+            if theirs in table.aliases:
+                out[table.aliases[theirs]] = t
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def map_from_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``transformers`` weights ``sd`` under ``table``'s names -> our state dict for a GPT built from ``cfg``.
 
-    Raises UserError naming the first required weight that ``sd`` lacks.
+    Raises UserError naming the first required weight that ``sd`` lacks; the optional parts it lacks are left out.
     """
     def get(name: str) -> torch.Tensor:
-        if name not in sd:
-            raise UserError(f"Hugging Face weights lack '{name}' (is the folder complete?)")
-        return sd[name]
+        return _get(sd, name)
 
     drop = table.optional_prefix if table.optional_prefix and table.names["wte.weight"] not in sd else ""
 
     def theirs_name(name: str) -> str:
-        return name[len(drop):] if drop and name.startswith(drop) else name
+        """The name ``sd`` holds ``name`` under: without the optional prefix, or its alias where only that is there."""
+        held = name[len(drop):] if drop and name.startswith(drop) else name
+        alias = table.aliases.get(name)
+        return alias if held not in sd and alias is not None and alias in sd else held
 
     def bias_or_zeros(name: str) -> torch.Tensor:  # Qwen2: biases on q/k/v only, zeros compute the same
         return sd[name] if name in sd else torch.zeros(get(_weight_of(name)).shape[0])
@@ -225,6 +313,8 @@ def map_from_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor])
             name = theirs_name(theirs)
             out[ours] = sd.get(name, out["wte.weight"]) if table.head_optional or cfg.tie_embeddings else get(name)
             continue
+        if template in table.optional and theirs_name(theirs) not in sd:  # only plain names are optional
+            continue
         fetch = bias_or_zeros if is_bias and not table.biases_always else get
         if isinstance(theirs, Split):
             t = torch.cat([fetch(theirs_name(p)) for p in theirs.parts])
@@ -234,13 +324,33 @@ def map_from_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor])
     return out
 
 
-def hf_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The ``transformers`` config of the same architecture (GPT2Config or LlamaConfig)."""
-    from transformers import GPT2Config, LlamaConfig
+def hf_config(cfg: ModelConfig, labels: list[str] | None = None) -> PretrainedConfig:
+    """The ``transformers`` config of the same architecture (GPT2Config, LlamaConfig or BertConfig); ``labels``: the
+    class names of a classifier on the model (BERT's only: a BertForSequenceClassification)."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig
 
     problem = cfg.export_problem()
     if problem:
         raise UserError(f"{problem}, so transformers cannot load it")
+    if labels is not None and cfg.standard_family != "bert":
+        raise UserError(f"a classifier on a {cfg.family} model has no transformers form here (its transformer "
+                        f"exports alone); only one on a BERT encoder has (BertForSequenceClassification)")
+    if cfg.standard_family == "bert":
+        if labels is not None and not cfg.pooler:
+            # BertForSequenceClassification always reads the pooler; without one ours reads [CLS]'s state itself.
+            raise UserError("this classifier's encoder has no pooler (model.pooler=false), and transformers' "
+                            "BertForSequenceClassification always reads one, so transformers cannot load it")
+        head = {} if labels is None else {"id2label": dict(enumerate(labels)),
+                                          "label2id": {label: i for i, label in enumerate(labels)}}
+        # The token-type table BERT always has; an encoder without one exports a single row of zeros.
+        return BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                          num_attention_heads=cfg.n_head, intermediate_size=cfg.mlp_hidden,
+                          hidden_act=_GELU[cfg.mlp], hidden_dropout_prob=cfg.dropout,
+                          attention_probs_dropout_prob=cfg.dropout, max_position_embeddings=cfg.block_size,
+                          type_vocab_size=cfg.type_vocab_size or 1, layer_norm_eps=cfg.norm_eps,
+                          tie_word_embeddings=cfg.tie_embeddings, pad_token_id=None,
+                          architectures=["BertForSequenceClassification" if labels is not None
+                                         else "BertForMaskedLM"], **head)
     if is_gpt2_style(cfg):
         return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,
@@ -255,9 +365,39 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
                        bos_token_id=None, eos_token_id=None)
 
 
-def config_from_hf(hf: PretrainedConfig) -> ModelConfig:
-    """Our ModelConfig for a ``transformers`` config (GPT-2, Llama, Mistral, Qwen2)."""
+def _bert_class(hf: PretrainedConfig) -> str:
+    """A BERT config's class (its first ``architectures``; BertForMaskedLM if none), one that imports."""
+    arch = (getattr(hf, "architectures", None) or ["BertForMaskedLM"])[0]
+    if arch not in BERT_ARCHITECTURES:
+        raise UserError(f"BERT architecture '{arch}' is not supported ({', '.join(BERT_ARCHITECTURES)})")
+    return arch
+
+
+def bert_task(hf: PretrainedConfig) -> str:
+    """What a BERT config's class imports as: 'mlm' (an Encoder) or 'classify' (a SequenceClassifier on one)."""
+    return BERT_ARCHITECTURES[_bert_class(hf)]
+
+
+def hf_labels(hf: PretrainedConfig) -> list[str] | None:
+    """The class names of a sequence classifier's config (its id2label, in id order); None for other models."""
+    if getattr(hf, "model_type", None) != "bert" or bert_task(hf) != "classify":
+        return None
+    problem = getattr(hf, "problem_type", None)
+    if problem not in (None, "single_label_classification"):
+        raise UserError(f"BERT problem_type '{problem}' is not supported (lmforge classifies: one label per text)")
+    names = hf.id2label or {}
+    return [str(names.get(i, f"LABEL_{i}")) for i in range(hf.num_labels)]
+
+
+def config_from_hf(hf: PretrainedConfig, names: Collection[str] | None = None) -> ModelConfig:
+    """Our ModelConfig for a ``transformers`` config (GPT-2, Llama, Mistral, Qwen2, BERT).
+
+    names: the folder's weight names, which say what only the weights tell (whether a BERT has a pooler); None:
+    what its class has by default (all but BertForMaskedLM).
+    """
     kind = getattr(hf, "model_type", None)
+    if kind == "bert":
+        return _bert_config(hf, names)
     if kind == "gpt2":
         act = hf.activation_function
         if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
@@ -302,37 +442,106 @@ def config_from_hf(hf: PretrainedConfig) -> ModelConfig:
     raise UserError(f"unsupported Hugging Face model_type '{kind}' (supported: {', '.join(SUPPORTED)})")
 
 
-def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under ``transformers`` names (GPT2LMHeadModel or LlamaForCausalLM)."""
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    return map_to_hf(name_table(model.cfg), model.cfg, sd)
+def _bert_config(hf: PretrainedConfig, names: Collection[str] | None) -> ModelConfig:
+    """Our encoder's ModelConfig for a BertConfig (see :func:`config_from_hf`)."""
+    arch = _bert_class(hf)
+    position = getattr(hf, "position_embedding_type", None) or "absolute"
+    if position != "absolute":
+        raise UserError(f"BERT position_embedding_type '{position}' is not supported (only absolute)")
+    if getattr(hf, "is_decoder", False) or getattr(hf, "add_cross_attention", False):
+        raise UserError("BERT as a decoder (is_decoder or add_cross_attention) is not supported (only the encoder)")
+    act = hf.hidden_act
+    if act not in _GELU_FROM_HF:
+        raise UserError(f"BERT hidden_act '{act}' is not supported ({', '.join(_GELU_FROM_HF)})")
+    if names is None:  # the class's default: each but BertForMaskedLM has a pooler
+        pooler = arch != "BertForMaskedLM"
+    else:
+        pooler = any(n in names for n in (BERT.names["pooler.weight"], "pooler.dense.weight"))
+    return ModelConfig(arch="encoder", vocab_size=hf.vocab_size, block_size=hf.max_position_embeddings,
+                       n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_embd=hf.hidden_size,
+                       intermediate_size=hf.intermediate_size, pos_embedding="learned", norm="layernorm",
+                       mlp=_GELU_FROM_HF[act], bias=True, tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+                       norm_eps=hf.layer_norm_eps, dropout=0.0, post_norm=True, type_vocab_size=hf.type_vocab_size,
+                       pooler=pooler)
 
 
-def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``transformers`` weights -> our state dict for a GPT built from ``cfg``."""
-    return map_from_hf(name_table(cfg), cfg, sd)
+def _parts(model: GPT | Encoder | SequenceClassifier) -> tuple[GPT | Encoder, NameTable, torch.nn.Linear | None]:
+    """(backbone, its name table, a classifier's head or None)."""
+    head = model.score if isinstance(model, SequenceClassifier) else None
+    backbone = model.backbone if isinstance(model, SequenceClassifier) else model
+    table = name_table(backbone.cfg)
+    if head is not None and not table.classifier:
+        raise UserError(f"a classifier on a {backbone.cfg.family} model has no transformers form here; only one on a "
+                        f"BERT encoder has (BertForSequenceClassification)")
+    return backbone, table, head
 
 
-def to_hf_model(model: GPT) -> PreTrainedModel:
-    """An eval-mode ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` holding a copy of our weights, on our
-    model's device and in its dtype."""
-    from transformers import AutoModelForCausalLM
+def to_hf_state_dict(model: GPT | Encoder | SequenceClassifier) -> dict[str, torch.Tensor]:
+    """Our weights under ``transformers`` names (GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM, or a classifier
+    on a BERT encoder's: BertForSequenceClassification, which also gets the masked-LM head's, to leave out)."""
+    backbone, table, head = _parts(model)
+    sd = {k: v.detach() for k, v in backbone.state_dict().items()}
+    out = map_to_hf(table, backbone.cfg, sd)
+    if head is not None:
+        out.update({theirs: getattr(head, ours.removeprefix("score.")).detach().contiguous()
+                    for ours, theirs in table.classifier.items()})
+    return out
 
-    hf = AutoModelForCausalLM.from_config(hf_config(model.cfg))
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+
+def from_hf_state_dict(model: GPT | Encoder | SequenceClassifier,
+                       sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``transformers`` weights -> a whole state dict for ``model`` (built from the folder's config): the optional
+    parts the weights lack (a BertModel's masked-LM head) keep the model's own values."""
+    backbone, table, head = _parts(model)
+    mapped = map_from_hf(table, backbone.cfg, sd)
+    if head is not None:
+        mapped = {f"backbone.{k}": v for k, v in mapped.items()}
+        mapped.update({ours: _get(sd, theirs) for ours, theirs in table.classifier.items()})
+    return {**model.state_dict(), **mapped}
+
+
+def new_model(cfg: ModelConfig, labels: list[str] | None = None) -> GPT | Encoder | SequenceClassifier:
+    """A freshly initialized model of ``cfg``, under a classifier head of ``labels`` if given: what weights from
+    ``transformers`` are loaded into."""
+    backbone = build_model(cfg)
+    return backbone if labels is None else SequenceClassifier(backbone, len(labels))
+
+
+def to_hf_model(model: GPT | Encoder | SequenceClassifier, labels: list[str] | None = None) -> PreTrainedModel:
+    """An eval-mode ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``BertForMaskedLM`` holding a copy of our weights,
+    on our model's device and in its dtype; a classifier on a BERT encoder becomes a
+    ``BertForSequenceClassification`` of ``labels`` (default LABEL_0, LABEL_1, ...)."""
+    import transformers
+
+    head = model.score if isinstance(model, SequenceClassifier) else None
+    backbone = model.backbone if isinstance(model, SequenceClassifier) else model
+    if head is not None:
+        labels = labels if labels is not None else [f"LABEL_{i}" for i in range(head.out_features)]
+        if len(labels) != head.out_features:
+            raise ValueError(f"{len(labels)} labels for a classifier of {head.out_features} classes")
+    config = hf_config(backbone.cfg, labels if head is not None else None)  # what transformers cannot load, first
+    task = "classify" if head is not None else "mlm" if backbone.cfg.arch == "encoder" else "lm"
+    hf = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
+    sd = to_hf_state_dict(model)
+    table = name_table(backbone.cfg)
+    # The parts the class lacks are left out: BertForMaskedLM has no pooler, a sequence classifier no masked-LM head.
+    wanted = hf.state_dict().keys()
+    optional = {name for o in table.optional for name in (table.names[o], table.aliases.get(table.names[o]))}
+    unexpected = [k for k in sd if k not in wanted and k not in optional]
+    missing, _ = hf.load_state_dict({k: v for k, v in sd.items() if k in wanted}, strict=False)
     missing = [k for k in missing if not k.endswith("attn.bias") and "rotary_emb" not in k]
     if missing or unexpected:
         raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
-    if model.cfg.tie_embeddings:
+    if backbone.cfg.tie_embeddings:
         hf.tie_weights()
     p = next(model.parameters())
     return hf.to(device=p.device, dtype=p.dtype).eval()
 
 
-def from_hf_model(hf: PreTrainedModel) -> GPT:
-    """Our GPT holding a copy of a ``transformers`` causal LM's weights (fp32, eval mode)."""
-    cfg = config_from_hf(hf.config)
-    model = GPT(cfg)
+def from_hf_model(hf: PreTrainedModel) -> GPT | Encoder | SequenceClassifier:
+    """Our model holding a copy of a ``transformers`` model's weights (fp32, eval mode): a GPT for a causal LM, an
+    Encoder for a BERT, a SequenceClassifier on one for a BertForSequenceClassification."""
     sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
-    model.load_state_dict(from_hf_state_dict(cfg, sd))
+    model = new_model(config_from_hf(hf.config, sd.keys()), hf_labels(hf.config))
+    model.load_state_dict(from_hf_state_dict(model, sd))
     return model.eval()

@@ -25,7 +25,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.hardware import bf16_gemm_speedup, cached
-from lmforge.model.gpt import GPT
+from lmforge.model import build_model
 from lmforge.runtime import BF16_MIN_SPEEDUP, resolve_precision
 
 PROBE_SEQUENCES = 4
@@ -45,7 +45,7 @@ def time_train_step(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
     the best of ``repeats`` after one warm-up; under autocast to ``dtype`` (None: fp32)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # the same weights and tokens for both precisions; the run's RNG is untouched
-        model = GPT(cfg).to(device).eval()  # eval: no dropout masks drawn; backward works all the same
+        model = build_model(cfg).to(device).eval()  # eval: no dropout masks drawn; backward works all the same
         idx = torch.randint(cfg.vocab_size, (PROBE_SEQUENCES, cfg.block_size + 1), device=device)
         x, y = idx[:, :-1], idx[:, 1:]
         best, loss_value = math.inf, math.nan

@@ -266,12 +266,13 @@ TRICKY = ("def f(x):\n    return  x  +  1   # spaces\n\n\n" + "word " * 50 + "x"
           + " ünïcödé ½ 日本語 text\r\ncrlf line\r\n" + "\t\t tabs then  two spaces" + "'s it's we're")
 
 
-@pytest.mark.parametrize("kind", ["bpe", "char"])
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "char"])
 def test_a_document_cut_into_pieces_tokenizes_exactly_as_the_whole(kind):
     import json as json_module
 
     text = Path(json_module.__file__).read_text() + TRICKY * 20
-    tok = (Tokenizer.train_bpe([text], 400) if kind == "bpe" else Tokenizer.train_char([text]))
+    tok = (Tokenizer.train_bpe([text], 400) if kind == "bpe" else Tokenizer.train_wordpiece([text], 400)
+           if kind == "wordpiece" else Tokenizer.train_char([text]))
     pieces = list(prep._document_pieces(text, size=97))
     assert "".join(pieces) == text and len(pieces) > 50
     assert [t for piece in pieces for t in tok.encode(piece)] == tok.encode(text)
@@ -285,3 +286,43 @@ def test_a_huge_single_document_prepares_to_the_same_bins_whole_or_in_pieces(tmp
         prepare(_cfg(src, tokenizer="bpe", vocab_size=300, val_fraction=0.1), tmp_path / name, progress=False)
     for f in ("train.bin", "val.bin", "tokenizer.json"):
         assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "pieces" / f).read_bytes(), f
+
+
+def test_wordpiece_pieces_of_stdlib_files_tokenize_exactly_as_the_whole():
+    import json.decoder
+    import shlex
+    import textwrap
+
+    texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (shlex, textwrap, json.decoder)]
+    tok = Tokenizer.train_wordpiece(texts, 600)
+    for text in texts:
+        pieces = list(prep._document_pieces(text, size=211))
+        assert "".join(pieces) == text and len(pieces) > 20
+        assert [t for piece in pieces for t in tok.encode(piece)] == tok.encode(text)
+
+
+def test_wordpiece_dataset_separates_documents_with_sep(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    texts = _docs(12)
+    for i, text in enumerate(texts):
+        (folder / f"doc{i:02}.txt").write_text(text, encoding="utf-8")
+    meta = prepare(_cfg(folder, tokenizer="wordpiece", vocab_size=120), tmp_path / "ds", progress=False)
+    tok = Tokenizer.from_file(tmp_path / "ds" / "tokenizer.json")
+    assert meta["tokenizer"]["kind"] == "wordpiece" and meta["eot_id"] == tok.token_to_id("[SEP]") == 3
+    assert meta["vocab_size"] == tok.vocab_size <= 120
+    docs = []
+    for split in ("train", "val"):
+        ids = np.fromfile(tmp_path / "ds" / f"{split}.bin", dtype=meta["dtype"]).tolist()
+        assert ids[-1] == 3 and ids.count(3) == meta["splits"][split]["documents"] > 0
+        ends = [i for i, t in enumerate(ids) if t == 3]
+        docs += [tuple(ids[start + 1:end]) for start, end in zip([-1, *ends[:-1]], ends, strict=True)]
+    assert sorted(docs) == sorted(tuple(tok.encode(t)) for t in texts)
+    assert 2 not in sum(docs, ())  # no [CLS]: framing is the encoder's job, not the dataset's
+    assert "tokenizer: wordpiece, vocab" in format_summary(meta)
+
+
+def test_an_unknown_tokenizer_kind_names_wordpiece_among_the_choices(tmp_path):
+    with pytest.raises(UserError, match="data.tokenizer: expected 'bpe', 'wordpiece', 'char' or a tokenizer.json "
+                                        "file, got 'bert'"):
+        prepare(_cfg(tmp_path, tokenizer="bert"), tmp_path / "ds", progress=False)

@@ -2,7 +2,7 @@ import pytest
 import tokenizers
 from tokenizers import models
 
-from lmforge.data.tokenizer import EOT, Tokenizer
+from lmforge.data.tokenizer import EOT, EncoderTokens, Tokenizer
 from lmforge.errors import UserError
 
 TRAIN = ["def main():\n    print('hello world')\n", "Ünïcödé ∑ 𝔘 日本語 😀\r\n\ttabs\tand  spaces",
@@ -86,3 +86,50 @@ def test_external_tokenizer_without_end_of_text_gets_eot_added():
     tok = Tokenizer(_word_level("<unk>", "hello"))
     assert tok.eot_id == 2 and tok.vocab_size == 3
     assert tok.hf.id_to_token(tok.eot_id) == EOT
+
+
+@pytest.fixture(scope="module")
+def wordpiece() -> Tokenizer:
+    return Tokenizer.train_wordpiece(iter(TRAIN), vocab_size=120)
+
+
+def test_wordpiece_has_bert_specials_first_and_sep_ends_a_text(wordpiece):
+    assert [wordpiece.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
+    assert wordpiece.eot_id == 3 and wordpiece.vocab_size == 120
+    vocab = wordpiece.hf.get_vocab_size()
+    assert wordpiece.encoder_tokens() == EncoderTokens(cls=2, sep=3, mask=4, pad=0, special=(0, 1, 2, 3, 4))
+    assert wordpiece.hf.get_vocab_size() == vocab  # nothing added: the vocabulary has them all
+    assert wordpiece.encode("the quick brown fox") == [wordpiece.token_to_id(w) for w in
+                                                       ("the", "quick", "brown", "fox")]  # cased words learned
+    assert wordpiece.encode("The") != wordpiece.encode("the")
+
+
+def test_wordpiece_special_tokens_spelled_in_text_are_plain_text(wordpiece):
+    ids = wordpiece.encode("a [SEP] b [CLS] [MASK] [PAD]")
+    assert not set(ids) & {0, 2, 3, 4}
+    assert wordpiece.encode("a [SEP] b", allow_special=True) == [*wordpiece.encode("a"), 3, *wordpiece.encode("b")]
+    framed, cut = wordpiece.encode_texts(["the fox", "", "the " * 10], max_len=6, framed=True)
+    fox = wordpiece.encode("the fox")
+    assert framed == [[2, *fox, 3], [2, 3], [2, *wordpiece.encode("the " * 4), 3]] and cut == 1
+    assert wordpiece.pad_id(framed=True) == 0 and wordpiece.pad_id() == 3
+
+
+def test_wordpiece_vocab_too_small_for_the_characters_is_a_user_error():
+    with pytest.raises(UserError, match=r"data.vocab_size=20 is too small for WordPiece on this corpus \(at least "
+                                        r"\d+: 5 special tokens"):
+        Tokenizer.train_wordpiece(TRAIN, vocab_size=20)
+
+
+def test_transformers_bert_tokenizer_from_our_file_frames_like_bert(tmp_path, wordpiece):
+    transformers = pytest.importorskip("transformers")
+    wordpiece.save(tmp_path / "tokenizer.json")
+    hf = transformers.BertTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert (hf.cls_token_id, hf.sep_token_id, hf.pad_token_id, hf.mask_token_id) == (2, 3, 0, 4)
+    for text in (*TRAIN, "def  f(x):\n\treturn x. the lazy Dog", ""):
+        assert hf(text, add_special_tokens=True)["input_ids"] == [2, *wordpiece.encode(text), 3], repr(text)
+    pair = hf("the fox", "lazy dog")
+    a, b = wordpiece.encode("the fox"), wordpiece.encode("lazy dog")
+    assert pair["input_ids"] == [2, *a, 3, *b, 3]
+    assert pair["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    loaded = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert loaded.eot_id == 3 and loaded.encode_batch(TRICKY) == [wordpiece.encode(t) for t in TRICKY]

@@ -64,3 +64,67 @@ def write_module_snippets(folder: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+TAG_KINDS = ("NAME", "OP", "NUMBER", "STRING", "COMMENT")
+"""Python token types that tag words (NAME splits into KEYWORD and NAME)."""
+
+
+def python_tagged_lines(module: str) -> list[dict]:
+    """Token classification from real text: each line of a standard-library module's source as its Python tokens
+    (``tokenize``) tagged with their type: NAME, KEYWORD, OP, NUMBER, STRING or COMMENT. Lines inside a token that
+    spans lines (a docstring) are left out, so every record is one line's words."""
+    import io
+    import keyword
+    import tokenize
+
+    source = Path(importlib.import_module(module).__file__).read_text()
+    lines: dict[int, list[tuple[str, str]]] = {}
+    spanned: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        kind = tokenize.tok_name[tok.type]
+        if tok.start[0] != tok.end[0]:
+            spanned.update(range(tok.start[0], tok.end[0] + 1))
+        elif kind in TAG_KINDS:
+            tag = "KEYWORD" if kind == "NAME" and keyword.iskeyword(tok.string) else kind
+            lines.setdefault(tok.start[0], []).append((tok.string, tag))
+    return [{"tokens": [w for w, _ in words], "tags": [t for _, t in words]}
+            for n, words in sorted(lines.items()) if n not in spanned]
+
+
+def write_python_tags(folder: Path) -> tuple[Path, Path]:
+    """Token classification (JSONL): train on argparse.py's lines, validate on textwrap.py's (code never seen)."""
+    train_file, val_file = folder / "train.jsonl", folder / "val.jsonl"
+    for path, module in ((train_file, "argparse"), (val_file, "textwrap")):
+        path.write_text("".join(json.dumps(r) + "\n" for r in python_tagged_lines(module)))
+    return train_file, val_file
+
+
+def write_random_base(folder: Path, preset: str) -> Path:
+    """A base run directory that costs no training: a freshly initialized 2-layer model of ``preset`` (bert-tiny: an
+    encoder; gpt2-tiny: a decoder) with a 128-token context, over a character tokenizer of argparse.py and
+    textwrap.py (with [CLS]/[SEP]/[MASK]/[PAD] for an encoder), written as a pretraining run."""
+    import argparse
+    import textwrap
+
+    import torch
+
+    from lmforge import rundir
+    from lmforge.config import ModelConfig, TrainConfig, from_dict, save_yaml
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.model import build_model
+    from lmforge.training.checkpoint import save_weights_only
+
+    tokenizer = Tokenizer.train_char([Path(m.__file__).read_text() for m in (argparse, textwrap)])
+    model_cfg = from_dict(ModelConfig, {"preset": preset, "n_layer": 2, "block_size": 128})
+    if model_cfg.arch == "encoder":
+        tokenizer.encoder_tokens()  # adds them: the embedding needs their rows
+    model_cfg.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    folder.mkdir(parents=True)
+    save_yaml(TrainConfig(out_dir=str(folder), model=model_cfg), folder / rundir.CONFIG)
+    tokenizer.save(folder / rundir.TOKENIZER)
+    rundir.write_run_info(folder, "pretrain", "mlm" if model_cfg.arch == "encoder" else "lm")
+    save_weights_only(folder, 0, model)
+    return folder

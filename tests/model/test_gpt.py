@@ -3,8 +3,9 @@ import torch
 
 from lmforge.config import ModelConfig, from_dict
 from lmforge.errors import UserError
+from lmforge.model import build_model
 from lmforge.model.attention import CompiledCPUCausalAttention
-from lmforge.model.gpt import GPT, flops_per_token
+from lmforge.model.gpt import flops_per_token
 from lmforge.presets import PRESETS
 from tests.fixtures import tiny_model
 
@@ -77,7 +78,7 @@ def test_with_targets_only_the_loss_is_differentiable():
 def test_presets_build_and_report_params_and_flops():
     for name in PRESETS:
         cfg = from_dict(ModelConfig, {"preset": name, "vocab_size": 256, "n_layer": 1})
-        model = GPT(cfg)
+        model = build_model(cfg)
         n = model.num_params()
         assert 0 < n < model.num_params(non_embedding=False) or cfg.pos_embedding == "rope"
         assert flops_per_token(cfg, n) > 6 * n
@@ -148,9 +149,9 @@ def test_qk_norm_keeps_attention_scores_bounded_where_huge_queries_overflow_with
 
     scores: list[torch.Tensor] = []
 
-    def recording_attention(q, k, v, mask, dropout_p):
+    def recording_attention(q, k, v, mask, dropout_p, causal=True):
         scores.append(q @ k.transpose(-2, -1) / q.size(-1) ** 0.5)
-        return gpt_attention(q, k, v, mask, dropout_p)
+        return gpt_attention(q, k, v, mask, dropout_p, causal=causal)
 
     gpt_attention = gpt.causal_attention
     monkeypatch.setattr(gpt, "causal_attention", recording_attention)

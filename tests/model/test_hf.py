@@ -35,8 +35,8 @@ def test_import_then_export_keeps_logits_and_greedy_output(name):
 
 
 def test_unsupported_architecture_is_named():
-    cfg = transformers.BertConfig()
-    with pytest.raises(UserError, match="unsupported Hugging Face model_type 'bert'.*gpt2, llama"):
+    cfg = transformers.T5Config()
+    with pytest.raises(UserError, match="unsupported Hugging Face model_type 't5'.*gpt2, llama"):
         config_from_hf(cfg)
 
 

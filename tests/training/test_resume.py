@@ -19,6 +19,9 @@ ARGS = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.block_size=32", "mod
 # train.precision=fp32, not auto: auto times bf16 against fp32 on this host, and two runs timing at once on a busy
 # machine can choose differently (measured here on one model: bf16 1.24x fp32 in one session, 3.3x in another;
 # auto picks bf16 from 1.2x).
+ENCODER = ["model.arch=encoder", "model.post_norm=true", "model.type_vocab_size=2", "model.pooler=true"]
+"""The same model as a BERT-shaped encoder: masked-LM batches, whose masks must replay exactly too."""
+ARCHS = [pytest.param([], id="decoder"), pytest.param(ENCODER, id="encoder")]
 
 
 def _train(args: list[str]) -> subprocess.Popen:
@@ -33,11 +36,12 @@ def _records(run_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("time_s", "tokens_per_s", "mfu")} for r in records]
 
 
-def test_sigkill_then_resume_gives_identical_train_losses(dataset, tmp_path):
+@pytest.mark.parametrize("arch", [ARCHS[0], pytest.param(ENCODER, id="encoder", marks=pytest.mark.slow)])
+def test_sigkill_then_resume_gives_identical_train_losses(dataset, tmp_path, arch):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
-    ref = _train([f"data.dataset_dir={dataset}", f"out_dir={ref_dir}", *ARGS])
+    ref = _train([f"data.dataset_dir={dataset}", f"out_dir={ref_dir}", *ARGS, *arch])
 
-    proc = _train([f"data.dataset_dir={dataset}", f"out_dir={killed_dir}", *ARGS])
+    proc = _train([f"data.dataset_dir={dataset}", f"out_dir={killed_dir}", *ARGS, *arch])
     # Kill between checkpoints: after step 15 is logged, the latest checkpoint is step 10.
     sigkill_after(proc, killed_dir / "metrics.jsonl", 15)
     killed_steps = max(train_losses(killed_dir))
@@ -52,10 +56,11 @@ def test_sigkill_then_resume_gives_identical_train_losses(dataset, tmp_path):
     assert ref_losses[60] < ref_losses[1]
 
 
-def test_a_resumed_run_logs_line_for_line_what_an_uninterrupted_one_does(dataset, tmp_path):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_resumed_run_logs_line_for_line_what_an_uninterrupted_one_does(dataset, tmp_path, arch):
     # Checkpoints every 10 steps, log lines every 4: the checkpoint at 10 falls inside the window 9-12,
     # whose line must still average all four steps after a resume.
-    args = [f"data.dataset_dir={dataset}", *ARGS, "train.max_steps=24", "train.log_interval=4",
+    args = [f"data.dataset_dir={dataset}", *ARGS, *arch, "train.max_steps=24", "train.log_interval=4",
             "train.eval_interval=8"]
     ref = _train([*args, f"out_dir={tmp_path / 'ref'}"])
     killed = tmp_path / "killed"
