@@ -3,10 +3,12 @@
     python bench/encoder_vs_decoder.py [--dir runs/enc-vs-dec] [--pretrain-minutes 3] [--finetune-minutes 1.5]
                                        [--seeds 0 1 2] [--json bench/results/encoder_vs_decoder.json]
 
-Two bases pretrained for the same time on the same data (the default corpus with its BPE vocabulary): the default
-recipe as it is (the decoder, Llama-style 4x4x256), and the same recipe with ``model.preset=bert-mini`` (an encoder
-of the same size, 4x4x256, BERT's shape: post-norm, learned positions, a pooler), trained by masked-LM. Each is then
-fine-tuned (``task=classify``) for the same time on two tasks, per seed:
+Three bases pretrained for the same time on the same data (the default corpus with its BPE vocabulary): the default
+recipe as it is (the decoder, Llama-style 4x4x256); the same recipe with ``model.preset=bert-mini`` (an encoder of the
+same size, 4x4x256, BERT's shape: post-norm, learned positions, a pooler, a 128-token context); and the same recipe
+with ``model.arch=encoder`` (the default model's own shape as an encoder: pre-norm, RoPE, RMSNorm, SwiGLU, 256
+tokens); the encoders trained by masked-LM (15%). Each is then fine-tuned (``task=classify``) for the same time on
+two tasks, per seed:
 
 * ``tour``: the README tour's ``modules.csv`` (4-line code snippets -> which of 4 stdlib modules, 720 texts), its
   last 20% held out;
@@ -41,7 +43,7 @@ from lmforge.training.pretrain import train
 
 PACKAGES = ("asyncio", "email", "json", "xml", "unittest", "http", "multiprocessing", "concurrent")
 PER_CLASS = 300
-BASES = {"decoder": [], "encoder": ["model.preset=bert-mini"]}
+BASES = {"decoder": [], "bert-mini": ["model.preset=bert-mini"], "encoder": ["model.arch=encoder"]}
 
 
 def _held_out(text: str) -> bool:

@@ -81,3 +81,38 @@ def test_a_sweep_over_what_only_a_decoder_uses_is_refused(dataset, tmp_path):
                     "space:\n  optim.lr: {type: float, low: 0.0001, high: 0.01}\n")
     with pytest.raises(UserError, match="metric 'val_bpb' is not one encoder train trials report"):
         load_sweep(str(path))
+
+
+def test_an_encoder_classifies_with_lora_and_its_merged_run_predicts_what_its_evaluation_scored(encoder_run, tmp_path):
+    import csv
+    import keyword
+
+    from lmforge.evaluate.predict import label_probabilities
+    from lmforge.loading import load_run
+    from lmforge.model.encoder import Encoder
+
+    run, _ = encoder_run
+    # Words of this file's own kind: Python keywords against other identifiers (a real, local two-class task).
+    words = sorted({w for w in Path(__file__).read_text().replace("(", " ").replace(".", " ").split() if w.isalpha()})
+    rows = [{"text": w, "label": "keyword" if keyword.iskeyword(w) else "name"} for w in words]
+    rows += [{"text": k, "label": "keyword"} for k in keyword.kwlist]
+    path = tmp_path / "words.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=("text", "label"))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "cls"
+    assert main(["finetune", "task=classify", f"base={run}", f"data.train={path}", "lora.rank=4", "--merge",
+                 "train.max_steps=10", "train.batch_size=8", "train.precision=fp32", f"out_dir={out}"]) == 0
+    final = json.loads((out / "final_eval.json").read_text())
+    loaded = load_run(out)
+    assert isinstance(loaded.model.backbone, Encoder) and loaded.model.score.bias is not None
+    from lmforge.data.records import ReadReport, read_train_val
+
+    d = loaded.config.data
+    _, val = read_train_val(str(path), None, d.val_fraction, d.seed, lambda r: (r["text"], r["label"]), False,
+                            ReadReport())
+    predicted = label_probabilities(loaded, [t for (t, _), _ in val])[0].argmax(-1).tolist()
+    truth = [loaded.labels.index(label) for (_, label), _ in val]
+    assert sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(val) == pytest.approx(
+        final["val_accuracy"])

@@ -104,6 +104,24 @@ def test_ddp_and_fsdp_on_two_processes_train_what_one_process_trains(dataset, re
 
 
 @pytest.mark.slow
+def test_an_encoder_on_two_ddp_and_fsdp_processes_trains_what_one_process_trains(dataset, tmp_path):
+    # The same shape as an encoder: its masked batches (masks seeded by step and global micro-batch) must be the
+    # one process's too.
+    args = [f"data.dataset_dir={dataset}", *ARGS, "model.arch=encoder"]
+    os.environ["LMFORGE_TRACE_BATCHES"] = str(tmp_path / "ref.trace")
+    try:
+        train(load_train_config("default", [*args, f"out_dir={tmp_path / 'ref'}"]), progress=False)
+    finally:
+        del os.environ["LMFORGE_TRACE_BATCHES"]
+    runs = {strategy: tmp_path / strategy for strategy in ("ddp", "fsdp")}
+    procs = {strategy: _train([*args, f"out_dir={run}", f"parallel.strategy={strategy}"],
+                              tmp_path / f"{strategy}.trace", nproc=2) for strategy, run in runs.items()}
+    for strategy, run in runs.items():
+        finished_output(procs[strategy])
+        _assert_same_training(run, tmp_path / f"{strategy}.trace", (tmp_path / "ref", tmp_path / "ref.trace"))
+
+
+@pytest.mark.slow
 def test_a_two_process_run_killed_resumes_on_one_process_on_the_same_samples(dataset, reference, tmp_path):
     run, trace = tmp_path / "run", tmp_path / "trace"
     proc = _train([f"data.dataset_dir={dataset}", f"out_dir={run}", *ARGS], trace, nproc=2)
