@@ -272,6 +272,8 @@ class ModelConfig:
             value = getattr(self, name)
             _check(f"model.{name}", value, _finite(value) and value > 0, "a finite number > 0")
         _check("model.type_vocab_size", self.type_vocab_size, self.type_vocab_size >= 0, "0 (none) or more")
+        _check("model.block_size", self.block_size, self.arch != "encoder" or self.block_size >= 4,
+               "at least 4 for an encoder ([CLS] and tokens to mask)")
         if self.arch != "encoder":
             for name, off in (("post_norm", False), ("type_vocab_size", 0), ("pooler", False)):
                 if getattr(self, name) != off:

@@ -92,3 +92,8 @@ def test_bert_presets_are_bert_and_other_encoders_say_what_bert_needs():
         "model: arch=encoder, pos_embedding=rope, norm=rmsnorm, mlp=swiglu, post_norm=false is not BERT (learned, "
         "layernorm, gelu, post_norm); to be BERT it needs model.pos_embedding=learned, model.norm=layernorm, "
         "model.mlp=gelu, model.post_norm=true, which preset bert-mini has")
+
+
+def test_an_encoder_context_too_short_to_mask_is_refused():
+    with pytest.raises(UserError, match="model.block_size': expected at least 4 for an encoder"):
+        from_dict(ModelConfig, {"preset": "bert-tiny", "block_size": 2}).validate()
