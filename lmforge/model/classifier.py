@@ -18,34 +18,29 @@ from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
 
 
-class SequenceClassifier(nn.Module):
-    """A backbone (:class:`GPT` or :class:`Encoder`) and a linear ``score`` head over its sequence representation
-    (with a bias on an encoder, as BERT's classifier; without on a decoder, as transformers' GPT-2 one)."""
+class _TaskHead(nn.Module):
+    """A backbone (:class:`GPT` or :class:`Encoder`) and a new linear ``score`` layer over what it reads of it (with a
+    bias on an encoder, as BERT's classifiers have; without on a decoder, as transformers' GPT-2 one)."""
 
-    def __init__(self, backbone: GPT | Encoder, n_classes: int):
+    def __init__(self, backbone: GPT | Encoder, n_out: int):
         super().__init__()
         self.backbone = backbone
-        self.score = nn.Linear(backbone.cfg.n_embd, n_classes, bias=backbone.classifier_bias)
+        self.score = nn.Linear(backbone.cfg.n_embd, n_out, bias=backbone.classifier_bias)
         nn.init.normal_(self.score.weight, std=0.02)
         if self.score.bias is not None:
             nn.init.zeros_(self.score.bias)
+
+
+class SequenceClassifier(_TaskHead):
+    """A class per text: ``score`` over the backbone's sequence representation."""
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, C) for right-padded token ids (B, T) with ``lengths`` real tokens each."""
         return self.score(self.backbone.sequence_representation(idx, lengths))
 
 
-class TokenClassifier(nn.Module):
-    """A backbone (:class:`GPT` or :class:`Encoder`) and a linear ``score`` head over each token's representation
-    (a tag per token; the bias as :class:`SequenceClassifier`'s, BERT's token classifier has one)."""
-
-    def __init__(self, backbone: GPT | Encoder, n_tags: int):
-        super().__init__()
-        self.backbone = backbone
-        self.score = nn.Linear(backbone.cfg.n_embd, n_tags, bias=backbone.classifier_bias)
-        nn.init.normal_(self.score.weight, std=0.02)
-        if self.score.bias is not None:
-            nn.init.zeros_(self.score.bias)
+class TokenClassifier(_TaskHead):
+    """A tag per token: ``score`` over each token's representation."""
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Tag logits (B, T, n_tags) for right-padded token ids (B, T) with ``lengths`` real tokens each (the logits

@@ -16,15 +16,13 @@ With ``cfg.post_norm`` and learned positions, LayerNorm and GELU it is exactly B
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
-from lmforge.model.gpt import Block, Linear, make_norm, rope_cache
+from lmforge.model.gpt import GPT, Block, Linear, init_weights, make_norm, rope_cache
 
 
 class Encoder(nn.Module):
@@ -59,25 +57,9 @@ class Encoder(nn.Module):
             cos, sin = rope_cache(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):  # as GPT: the residual stream's variance stays put with depth
-                nn.init.normal_(p, mean=0.0, std=0.0 if cfg.zero_init else 0.02 / math.sqrt(2 * cfg.n_layer))
+        init_weights(self, cfg)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def set_dropout(self, p: float) -> None:
-        """Use dropout probability ``p`` everywhere from now on (fine-tuning a model trained with another)."""
-        self.cfg.dropout = self.drop.p = p
-        for block in self.blocks:
-            block.attn.dropout = block.mlp.dropout = p
+    set_dropout = GPT.set_dropout
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position and token-type embeddings (they cost no matmul FLOPs)."""

@@ -194,6 +194,22 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """GPT-2's initialization: every Linear and Embedding weight from N(0, 0.02), biases zero, and the projections into
+    the residual stream scaled by 1/sqrt(2 * n_layer), so that the residual's variance does not grow with depth (zero
+    with ``cfg.zero_init``: every block starts as the identity)."""
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    model.apply(init)  # children before parents: the order (and so the draws) of the seeded runs before this function
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.0 if cfg.zero_init else 0.02 / math.sqrt(2 * cfg.n_layer))
+
+
 class GPT(nn.Module):
     """The language model: embeddings, ``n_layer`` blocks, a final norm and the output head."""
 
@@ -217,23 +233,9 @@ class GPT(nn.Module):
             cos, sin = rope_cache(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2*n_layer) so the
-        # residual's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.0 if cfg.zero_init else 0.02 / math.sqrt(2 * cfg.n_layer))
+        init_weights(self, cfg)
         if cfg.zero_init and not cfg.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def set_dropout(self, p: float) -> None:
         """Use dropout probability ``p`` everywhere from now on (fine-tuning a model trained with another)."""

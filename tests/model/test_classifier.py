@@ -7,7 +7,7 @@ from tests.fixtures import tiny_model
 
 
 def test_the_head_reads_the_last_real_token_so_padding_changes_nothing():
-    model = SequenceClassifier(tiny_model(), n_classes=3).eval()
+    model = SequenceClassifier(tiny_model(), 3).eval()
     short, long = [5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]
     x, lengths = text_batch([short, long], pad_id=0)
     batched = model(x, lengths)
