@@ -55,6 +55,9 @@ def compare_runs(run_dirs: list[str], png: str | Path, bpb: bool = False) -> tup
         if not path.is_file():
             raise UserError(f"'{run}' has no {METRICS} (expected a run directory)")
         runs.append((run, read_metrics(path)))
+        if bpb and any("val_mlm_accuracy" in r for r in runs[-1][1]):
+            raise UserError(f"'{run}' is an encoder: its masked-LM loss is no code length of the text, so it has no "
+                            f"bits per byte (compare it without --bpb)")
     fig = loss_figure(runs, bpb)
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +95,8 @@ def loss_figure(runs: list[tuple[str, list[dict]]], bpb: bool = False):
 
 
 def format_comparison(rows: list[tuple[str, dict]]) -> str:
-    keys = [k for k in ("steps", "train_loss", "val_loss", "best_val_loss", "val_ppl", "val_bpb", "val_accuracy",
-                        "val_macro_f1", "exact_match", "tokens_per_s", "time_s")
+    keys = [k for k in ("steps", "train_loss", "val_loss", "best_val_loss", "val_ppl", "val_bpb", "val_mlm_accuracy",
+                        "val_accuracy", "val_macro_f1", "exact_match", "tokens_per_s", "time_s")
             if any(k in m for _, m in rows)]
     names = [Path(run).name or run for run, _ in rows]
     width = max(12, *(len(n) for n in names))
@@ -104,6 +107,9 @@ def format_comparison(rows: list[tuple[str, dict]]) -> str:
             v = m.get(k)
             cells.append("-" if v is None else f"{v:,.0f}" if k in ("steps", "tokens_per_s") else f"{v:.4f}")
         lines.append(f"{k:<14}" + "".join(f"{c:>{width + 2}}" for c in cells))
+    if any("val_mlm_accuracy" in m for _, m in rows) and any("val_bpb" in m for _, m in rows):
+        lines.append("note: an encoder's losses are masked-LM losses (per masked token), not comparable with a "
+                     "decoder's next-token losses")
     return "\n".join(lines)
 
 

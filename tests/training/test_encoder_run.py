@@ -60,6 +60,7 @@ def test_eval_repeats_the_final_evaluation_and_adds_pseudo_perplexity(encoder_ru
     (["eval", "{run}", "--lm", "{run}/config.yaml"], "--lm, --generate and --choice score or write text"),
     (["export", "{run}", "--out", "{tmp}/x.gguf", "--format", "gguf"], "GGUF files hold decoders"),
     (["finetune", "base={run}", "data.train={run}/config.yaml", "out_dir={tmp}/ft"], "so task=sft does not apply"),
+    (["compare", "{run}", "--bpb", "--png", "{tmp}/c.png"], "its masked-LM loss is no code length of the text"),
 ])
 def test_what_does_not_apply_to_an_encoder_says_so_in_one_line(encoder_run, tmp_path, capsys, command, says):
     run, _ = encoder_run
