@@ -65,6 +65,11 @@ class Masking:
         return torch.from_numpy(x), torch.from_numpy(positions), torch.from_numpy(targets)
 
 
+    def windows(self, shard: TokenShard, offsets: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """:meth:`apply` to the shard's windows at ``offsets``, each one token short of the block (room for [CLS])."""
+        return self.apply(shard.windows(offsets)[0][:, :-1].numpy(), rng)
+
+
 class MaskedBatchSampler(BatchSampler):
     """:class:`BatchSampler`'s windows (the same offsets for the same (seed, step, micro-batch)), masked."""
 
@@ -74,9 +79,8 @@ class MaskedBatchSampler(BatchSampler):
         self.masking = masking
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, ...]:
-        windows = self.shard.windows(self.offsets(step, micro))[0][:, :-1].numpy()  # room for [CLS]
-        j = micro * self.world_size + self.rank
-        return self.masking.apply(windows, np.random.default_rng([self.seed, 1, step, j]))
+        rng = np.random.default_rng([self.seed, 1, step, micro * self.world_size + self.rank])  # global micro-batch
+        return self.masking.windows(self.shard, self.offsets(step, micro), rng)
 
 
 class EvalBatches:
@@ -92,5 +96,4 @@ class EvalBatches:
         return len(self.offsets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        windows = self.shard.windows(self.offsets[i])[0][:, :-1].numpy()
-        return self.masking.apply(windows, np.random.default_rng([self.seed, 2, i]))
+        return self.masking.windows(self.shard, self.offsets[i], np.random.default_rng([self.seed, 2, i]))

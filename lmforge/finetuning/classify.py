@@ -48,6 +48,22 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...],
     return F.cross_entropy(logits, y, weight=None if weight is None else weight.to(logits.device))
 
 
+def label_names(train: list[str], val: list[tuple[list[str], str]], source: str, field: str, kind: str) -> list[str]:
+    """The sorted distinct names in ``train`` (labels, or tags), which fix the class ids; UserError if there are fewer
+    than 2, or if a val record (its names, where it is) holds one that training never saw."""
+    names = sorted(set(train))
+    if len(names) < 2:
+        raise UserError(f"'{source}' has {len(names)} distinct {kind}(s) in field '{field}': classification needs at "
+                        f"least 2")
+    known = set(names)
+    for values, where in val:
+        unknown = next((v for v in values if v not in known), None)
+        if unknown is not None:
+            raise UserError(f"{where}: {kind} {unknown!r} never occurs in the training examples "
+                            f"(known: {', '.join(names)})")
+    return names
+
+
 def _labelled_text(d: FinetuneDataConfig):
     def convert(r: dict) -> tuple[str, str]:
         label = require(r, d.label_field, (str, int, bool))
@@ -71,15 +87,9 @@ class ClassifyTask:
         report = ReadReport()
         train_rec, val_rec = read_train_val(d.train, d.val, d.val_fraction, d.seed, _labelled_text(d),
                                             d.skip_bad_lines, report)
-        labels = sorted({label for (_, label), _ in train_rec})
-        if len(labels) < 2:
-            raise UserError(f"'{d.train}' has {len(labels)} distinct label(s) in field '{d.label_field}': "
-                            f"classification needs at least 2")
+        labels = label_names([label for (_, label), _ in train_rec],
+                             [([label], where) for (_, label), where in val_rec], d.train, d.label_field, "label")
         index = {label: i for i, label in enumerate(labels)}
-        for (_, label), where in val_rec:
-            if label not in index:
-                raise UserError(f"{where}: label {label!r} never occurs in the training examples "
-                                f"(known: {', '.join(labels)})")
         self.labels = labels
         self.train_ids, t1 = tokenizer.encode_texts([t for (t, _), _ in train_rec], max_len, framed)
         self.val_ids, t2 = tokenizer.encode_texts([t for (t, _), _ in val_rec], max_len, framed)

@@ -29,6 +29,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.words import EncodedWords, encode_words, tagged_words
 from lmforge.errors import UserError
 from lmforge.evaluate.tasks import classification_metrics, format_confusion
+from lmforge.finetuning.classify import label_names
 from lmforge.model.classifier import TokenClassifier, text_batch, word_logits
 from lmforge.model.encoder import Encoder
 from lmforge.model.gpt import GPT
@@ -76,16 +77,9 @@ class TokenClassifyTask:
 
         report = ReadReport()
         train_rec, val_rec = read_train_val(d.train, d.val, d.val_fraction, d.seed, convert, d.skip_bad_lines, report)
-        tags = sorted({t for (_, ts), _ in train_rec for t in ts})
-        if len(tags) < 2:
-            raise UserError(f"'{d.train}' has {len(tags)} distinct tag(s) in field '{d.tags_field}': token "
-                            f"classification needs at least 2")
+        tags = label_names([t for (_, ts), _ in train_rec for t in ts], [(ts, where) for (_, ts), where in val_rec],
+                           d.train, d.tags_field, "tag")
         index = {t: i for i, t in enumerate(tags)}
-        for (_, ts), where in val_rec:
-            unknown = next((t for t in ts if t not in index), None)
-            if unknown is not None:
-                raise UserError(f"{where}: tag {unknown!r} never occurs in the training examples "
-                                f"(known: {', '.join(tags)})")
         self.tags = tags
         self.train = [x for (x, _), _ in train_rec]
         self.val = [x for (x, _), _ in val_rec]
