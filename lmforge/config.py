@@ -85,6 +85,10 @@ STANDARD_FAMILIES: dict[str, tuple[str, str, dict[str, tuple]]] = {
     "bert": ("learned, layernorm, gelu, post_norm", "BERT", {"arch": ("encoder",), "pos_embedding": ("learned",),
                                                             "norm": ("layernorm",), "mlp": ("gelu", "gelu_tanh"),
                                                             "post_norm": (True,)}),
+    "bart": ("learned, layernorm, gelu, post_norm", "BART", {"arch": ("encoder_decoder",),
+                                                            "pos_embedding": ("learned",), "norm": ("layernorm",),
+                                                            "mlp": ("gelu", "gelu_tanh"), "post_norm": (True,),
+                                                            "bias": (True,), "tie_embeddings": (True,)}),
 }
 """The architectures other runtimes load: family -> (its shape in words, its name, the values its keys may take).
 GPT-2's exact and tanh GELU both count: llama.cpp computes GELU with the tanh form (lmforge.compress.gguf)."""
@@ -107,15 +111,18 @@ class ModelConfig:
     preset: str | None = None
     """A named preset (lmforge.presets: gpt2-tiny, llama-small, bert-mini, ...): it sets every architecture key; keys
     after it (later in the file's section, or later overrides) change single ones."""
-    arch: Literal["decoder", "encoder"] = "decoder"
+    arch: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
     """'decoder': a causal language model that writes text (GPT, Llama); 'encoder': bidirectional attention, trained
-    by masked-language modelling, read by classifiers (BERT)."""
+    by masked-language modelling, read by classifiers (BERT); 'encoder_decoder': an encoder reads the input and a
+    decoder writes the output through cross-attention (sequence-to-sequence: BART, trained by denoising)."""
     vocab_size: int = 0
     """Vocabulary size; 0 means 'take it from the tokenizer'."""
     block_size: int = 256
     """Context length in tokens."""
     n_layer: int = 4
-    """Transformer blocks."""
+    """Transformer blocks (an encoder-decoder's encoder blocks)."""
+    decoder_layers: int = 0
+    """Encoder-decoder models: decoder blocks (self-attention, cross-attention, MLP); 0 = as many as n_layer."""
     n_head: int = 4
     """Attention (query) heads per block."""
     n_kv_head: int | None = None
@@ -150,8 +157,8 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout probability on embeddings, attention output and MLP output while training."""
     post_norm: bool = False
-    """Encoders: normalize after each residual addition (BERT, the original Transformer: the embeddings normalized
-    too, no final norm) instead of before each sublayer."""
+    """Encoders and encoder-decoders: normalize after each residual addition (BERT, BART, the original Transformer:
+    the embeddings normalized too, no final norm) instead of before each sublayer."""
     type_vocab_size: int = 0
     """Encoders: token-type (segment) embeddings (BERT: 2); 0 = none."""
     pooler: bool = False
@@ -172,7 +179,8 @@ class ModelConfig:
     def family(self) -> str:
         """The architecture family in words: 'gpt2-style: learned, layernorm, gelu', 'llama-style: rope, rmsnorm,
         swiglu', 'bert-style: encoder, ...', or 'custom: ...' for a mix that is none of them."""
-        parts = "encoder, " * (self.arch == "encoder") + f"{self.pos_embedding}, {self.norm}, {self.mlp}" + \
+        kind = {"decoder": "", "encoder": "encoder, ", "encoder_decoder": "encoder-decoder, "}[self.arch]
+        parts = kind + f"{self.pos_embedding}, {self.norm}, {self.mlp}" + \
             ", post_norm" * self.post_norm + ", qk_norm" * self.qk_norm + \
             f", logit_softcap {self.logit_softcap:g}" * bool(self.logit_softcap)
         family = self.standard_family
@@ -193,10 +201,11 @@ class ModelConfig:
             return None
         # The nearer family of the same arch (Llama, the default's, on a tie) and the keys that would make it one.
         family = min(reversed(self._families()), key=lambda f: len(self._missing_for(f)))
-        preset = next((name for name, v in PRESETS.items() if name.startswith(family) and
+        stem = {"bart": "seq2seq"}.get(family, family)  # the presets' names
+        preset = next((name for name, v in PRESETS.items() if name.startswith(stem) and
                        (v["n_layer"], v["n_head"], v["n_embd"]) == (self.n_layer, self.n_head, self.n_embd)),
-                      f"{family}-mini")
-        keys = ("arch", *_SHAPE_KEYS, "post_norm") if self.arch == "encoder" else _SHAPE_KEYS
+                      f"{stem}-mini")
+        keys = _SHAPE_KEYS if self.arch == "decoder" else ("arch", *_SHAPE_KEYS, "post_norm")
         shape = ", ".join(f"{k}={_yaml_word(getattr(self, k))}" for k in (*keys, *_NEITHER_FAMILY)
                           if k in keys or getattr(self, k) != _NEITHER_FAMILY[k])
         described = " nor ".join(f"{STANDARD_FAMILIES[f][1]} ({STANDARD_FAMILIES[f][0]})" for f in self._families())
@@ -216,6 +225,11 @@ class ModelConfig:
         of this shape is cached under (the preset's name and dropout change nothing measured)."""
         shape = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("preset", "dropout")}
         return ",".join(f"{k}={v}" for k, v in sorted(shape.items()))
+
+    @property
+    def n_decoder_layer(self) -> int:
+        """An encoder-decoder's decoder blocks (``decoder_layers``, or as many as the encoder's)."""
+        return self.decoder_layers or self.n_layer
 
     @property
     def kv_heads(self) -> int:
@@ -243,6 +257,13 @@ class ModelConfig:
         blocks = self.n_layer * (2 * norm + attn + mlp)
         if self.arch == "decoder":
             return blocks + norm
+        if self.arch == "encoder_decoder":
+            # Decoder blocks add cross-attention (queries; keys and values from the encoder's output) and its norm;
+            # two more norms: the embeddings' of each side when post-norm, else the final norm of each side.
+            kv = 2 * self.kv_heads * self.head_dim
+            cross = self.n_embd * (self.n_embd + kv) + bias * (self.n_embd + kv) + self.n_embd * self.n_embd \
+                + bias * self.n_embd
+            return blocks + self.n_decoder_layer * (3 * norm + attn + cross + mlp) + 2 * norm
         # An encoder: one norm (the embeddings' when post-norm, else the final one), the masked-LM head's dense layer
         # and norm, and the pooler.
         dense = self.n_embd * self.n_embd + bias * self.n_embd
@@ -272,13 +293,22 @@ class ModelConfig:
             value = getattr(self, name)
             _check(f"model.{name}", value, _finite(value) and value > 0, "a finite number > 0")
         _check("model.type_vocab_size", self.type_vocab_size, self.type_vocab_size >= 0, "0 (none) or more")
-        _check("model.block_size", self.block_size, self.arch != "encoder" or self.block_size >= 4,
-               "at least 4 for an encoder ([CLS] and tokens to mask)")
-        if self.arch != "encoder":
-            for name, off in (("post_norm", False), ("type_vocab_size", 0), ("pooler", False)):
-                if getattr(self, name) != off:
-                    raise UserError(f"model.{name}={_yaml_word(getattr(self, name))} is an encoder option; this "
-                                    f"model is a decoder (model.arch=encoder, or model.{name}={_yaml_word(off)})")
+        _check("model.block_size", self.block_size, self.arch == "decoder" or self.block_size >= 4,
+               f"at least 4 for an {self.arch.replace('_', '-')} (room for tokens to mask)")
+        _check("model.decoder_layers", self.decoder_layers, self.decoder_layers >= 0,
+               "0 (as many as n_layer) or a positive integer")
+        if self.decoder_layers and self.arch != "encoder_decoder":
+            raise UserError(f"model.decoder_layers={self.decoder_layers} is an encoder-decoder option; this model is "
+                            f"a{'n' * (self.arch == 'encoder')} {self.arch} (model.arch=encoder_decoder, or "
+                            f"model.decoder_layers=0)")
+        only = {"post_norm": (False, ("encoder", "encoder_decoder")), "type_vocab_size": (0, ("encoder",)),
+                "pooler": (False, ("encoder",))}
+        for name, (off, archs) in only.items():
+            if getattr(self, name) != off and self.arch not in archs:
+                owner = " and ".join(a.replace("_", "-") + "s" for a in archs)
+                raise UserError(f"model.{name}={_yaml_word(getattr(self, name))} is an option of {owner}; this "
+                                f"model is a{'n' * (self.arch[0] == 'e')} {self.arch.replace('_', '-')} "
+                                f"(model.arch={archs[0]}, or model.{name}={_yaml_word(off)})")
 
 
 @dataclass

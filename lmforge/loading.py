@@ -15,7 +15,7 @@ import torch
 
 from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
-from lmforge.config import FinetuneConfig, TrainConfig, from_dict, load_yaml
+from lmforge.config import FinetuneConfig, ModelConfig, TrainConfig, from_dict, load_yaml
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.interop import hf_folder_labels, is_hf_folder, load_hf
@@ -36,8 +36,8 @@ class LoadedRun:
     folder: Path
     """The run directory, or the Hugging Face folder: where its chat template and labels live."""
     task: str = "lm"
-    """'lm' (pretrained or SFT: generates text), 'mlm' (an encoder: fills in masked tokens), 'classify' or
-    'token_classify'."""
+    """'lm' (pretrained or SFT: generates text), 'mlm' (an encoder: fills in masked tokens), 'seq2seq' (an
+    encoder-decoder: writes a target for a source), 'classify' or 'token_classify'."""
     labels: list[str] | None = None
     """Class names of a classification run, in class-id order."""
 
@@ -54,7 +54,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
             raise UserError(f"'{path}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
         labels = hf_folder_labels(path) if isinstance(model, SequenceClassifier) else None
         cfg = model.backbone.cfg if labels is not None else model.cfg
-        task = "classify" if labels is not None else "mlm" if cfg.arch == "encoder" else "lm"
+        task = "classify" if labels is not None else backbone_task(cfg)
         run = LoadedRun(model=model, tokenizer=tokenizer, config=TrainConfig(model=cfg), checkpoint=Path(path),
                         folder=Path(path), task=task, labels=labels)
     else:
@@ -71,6 +71,9 @@ def load_lm(path: str | Path, device: str | torch.device = "cpu", command: str =
     """:func:`load_run`, for a command that needs a language model: UserError naming ``command`` for a
     classification run."""
     run = load_run(path, device)
+    if run.task == "seq2seq":
+        raise UserError(f"'{path}' is an encoder-decoder (model.arch=encoder_decoder): it writes a target for a "
+                        f"source; {command} needs a decoder-only language model")
     if run.task == "mlm":
         raise UserError(f"'{path}' is an encoder (model.arch=encoder): it fills in masked tokens and feeds "
                         f"classifiers, it does not write text; {command} needs a decoder (a causal language model)")
@@ -122,7 +125,12 @@ def _load_pretrained(run_dir: Path, ckpt: Path, quantized: QuantSpec | None = No
         quantize_model(model, quantized, empty=True)
     load_weights(model, ckpt)
     return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, checkpoint=ckpt, folder=run_dir,
-                     task="mlm" if cfg.model.arch == "encoder" else "lm")
+                     task=backbone_task(cfg.model))
+
+
+def backbone_task(cfg: ModelConfig) -> str:
+    """The task of a model without a task head, from its architecture: 'lm', 'mlm' (an encoder) or 'seq2seq'."""
+    return {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}[cfg.arch]
 
 
 def _run_tokenizer(run_dir: Path, vocab_size: int) -> Tokenizer:
@@ -149,4 +157,4 @@ def _load_finetuned(run_dir: Path, ckpt: Path, info: rundir.RunInfo) -> LoadedRu
         lora.load_adapter(model, ckpt / rundir.ADAPTER)
         model = lora.merge(model)
     return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, checkpoint=ckpt, folder=run_dir,
-                     task=info.task if head is not None else "lm", labels=labels)
+                     task=info.task if head is not None else backbone_task(cfg.model), labels=labels)

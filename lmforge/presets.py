@@ -14,6 +14,8 @@ _LLAMA = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": F
 
 _BERT = {**_GPT2, "arch": "encoder", "post_norm": True, "type_vocab_size": 2, "pooler": True, "norm_eps": 1e-12}
 
+_BART = {**_GPT2, "arch": "encoder_decoder", "post_norm": True}
+
 PRESETS: dict[str, dict] = {
     # ~0.8M: nanoGPT's CPU Shakespeare recipe.
     "gpt2-tiny": {**_GPT2, "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256},
@@ -33,6 +35,11 @@ PRESETS: dict[str, dict] = {
     "bert-tiny": {**_BERT, "n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128},
     "bert-mini": {**_BERT, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128},
     "bert-small": {**_BERT, "n_layer": 4, "n_head": 8, "n_embd": 512, "block_size": 128},
+    # BART-shaped encoder-decoders (post-norm, learned positions, GELU, tied embeddings), n_layer blocks on each side:
+    # about the parameters of gpt2-tiny / -mini / -small (a decoder block with cross-attention is ~4/3 of one).
+    "seq2seq-tiny": {**_BART, "n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 256},
+    "seq2seq-mini": {**_BART, "n_layer": 2, "n_head": 4, "n_embd": 256, "block_size": 256},
+    "seq2seq-small": {**_BART, "n_layer": 3, "n_head": 6, "n_embd": 384, "block_size": 256},
 }
 
 

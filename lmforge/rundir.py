@@ -77,7 +77,7 @@ PREPARED_DATA = "data"
 """Where ``lmforge train`` prepares ``data.sources`` for a run (before the run's own files are written)."""
 
 Kind = Literal["pretrain", "finetune", "imported", "compressed"]
-Task = Literal["lm", "mlm", "sft", "classify", "token_classify"]
+Task = Literal["lm", "mlm", "seq2seq", "sft", "classify", "token_classify"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,9 @@ class RunInfo:
     """pretrain (``lmforge train``), finetune (``lmforge finetune``), imported (``lmforge import``) or compressed
     (``lmforge quantize``, ``lmforge prune``)."""
     task: Task
-    """What the model was trained for: lm (next token), mlm (masked tokens: an encoder), sft (chat answers), classify
-    (a label per text) or token_classify (a label per word)."""
+    """What the model was trained for: lm (next token), mlm (masked tokens: an encoder), seq2seq (a target for a
+    source: an encoder-decoder, pretrained by denoising or fine-tuned), sft (chat answers), classify (a label per
+    text) or token_classify (a label per word)."""
     lora: bool = False
     """Whether checkpoints hold LoRA adapters (the base model's weights are read from the base run)."""
     version: str = __version__

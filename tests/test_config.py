@@ -172,7 +172,8 @@ def test_a_resumed_run_whose_config_holds_sources_and_their_prepared_dataset_sti
                                                  ("gpt2-tiny", {"bias": False}),
                                                  ("llama-tiny", {"n_kv_head": 1, "intermediate_size": 200}),
                                                  ("gpt2-tiny", {"mlp": "swiglu", "norm": "rmsnorm"}),
-                                                 ("llama-tiny", {"arch": "encoder"})],
+                                                 ("llama-tiny", {"arch": "encoder"}),
+                                                 ("llama-tiny", {"arch": "encoder_decoder", "decoder_layers": 3})],
                          ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()) or "-")
 def test_the_parameter_count_from_the_shape_alone_is_the_models(preset, changes):
     import torch
@@ -183,7 +184,8 @@ def test_the_parameter_count_from_the_shape_alone_is_the_models(preset, changes)
     cfg = ModelConfig(preset=preset, **{**PRESETS[preset], **changes, "vocab_size": 50})
     with torch.device("meta"):  # shapes only: no memory, no time
         model = build_model(cfg)
-    embeddings = {"wte.weight", "wpe.weight", "wtt.weight", "lm_head.weight", "lm_head.bias"}
+    embeddings = {"wte.weight", "wpe.weight", "wtt.weight", "enc_wpe.weight", "dec_wpe.weight", "lm_head.weight",
+                  "lm_head.bias"}
     assert sum(p.numel() for name, p in model.named_parameters() if name not in embeddings) \
         == cfg.params_without_embeddings
 

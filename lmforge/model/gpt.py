@@ -341,7 +341,10 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int | None = None)
     """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM appendix B).
 
     N is the parameter count without position embeddings; the second term is attention's
-    score and value matmuls (L layers, H heads of size Q, context T), forward and backward.
+    score and value matmuls (L layers, H heads of size Q, context T), forward and backward
+    (an encoder-decoder's tokens: the source's, with a target as long).
     """
     T = seq_len or cfg.block_size
-    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+    # An encoder-decoder's decoder blocks attend twice: to what they wrote and (cross) to the source.
+    layers = cfg.n_layer + 2 * cfg.n_decoder_layer * (cfg.arch == "encoder_decoder")
+    return 6 * n_params + 12 * layers * cfg.n_head * cfg.head_dim * T
