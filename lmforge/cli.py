@@ -154,7 +154,7 @@ COMMANDS: dict[str, tuple[type, Callable | str]] = {
     "recipes": (RecipesOptions, cmd_recipes),
     "train": (TrainOptions, cmd_train),
     "examples": (ExamplesOptions, "lmforge.examples:examples_command"),
-    "generate": (GenerateOptions, "lmforge.generate:generate_command"),
+    "generate": (GenerateOptions, "lmforge.generate_seq2seq:generate_command"),
     "chat": (ChatOptions, "lmforge.chat_repl:chat_command"),
     "eval": (EvalOptions, "lmforge.evaluate.runner:evaluate_command"),
     "compare": (CompareOptions, "lmforge.evaluate.compare:compare_command"),

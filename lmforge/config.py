@@ -422,6 +422,12 @@ class TrainLoopConfig:
     mlm_probability: float = 0.15
     """Pretraining an encoder (model.arch=encoder): the share of each sequence's tokens hidden and predicted (BERT:
     0.15; of them 80% become [MASK], 10% a random token, 10% stay)."""
+    noise_density: float = 0.3
+    """Pretraining an encoder-decoder (model.arch=encoder_decoder): the share of each window's tokens hidden in spans
+    that the decoder writes back (BART's text infilling: 0.3)."""
+    mean_noise_span: float = 3.0
+    """Pretraining an encoder-decoder: the mean length of a hidden span (Poisson; BART: 3). Each span becomes one
+    [MASK], so the model also learns how many tokens are missing."""
 
 
 def _validate_train_loop(tc: TrainLoopConfig, prefix: str = "train") -> None:
@@ -435,6 +441,9 @@ def _validate_train_loop(tc: TrainLoopConfig, prefix: str = "train") -> None:
         _check(f"{prefix}.{name}", value, value >= 0, "0 or more")
     _check(f"{prefix}.max_nonfinite_steps", tc.max_nonfinite_steps, tc.max_nonfinite_steps >= 0, "0 or more")
     _check(f"{prefix}.mlm_probability", tc.mlm_probability, 0 < tc.mlm_probability < 1, "a number in (0, 1)")
+    _check(f"{prefix}.noise_density", tc.noise_density, 0 < tc.noise_density < 1, "a number in (0, 1)")
+    _check(f"{prefix}.mean_noise_span", tc.mean_noise_span, _finite(tc.mean_noise_span) and tc.mean_noise_span >= 1,
+           "a number >= 1 (tokens per span; below 1 most spans would be empty insertions)")
     _check(f"{prefix}.global_batch_size", tc.global_batch_size,
            tc.global_batch_size is None or tc.global_batch_size > 0, "null or a positive integer")
     _check(f"{prefix}.patience", tc.patience, tc.patience is None or tc.patience > 0, "null or a positive integer")
@@ -561,9 +570,10 @@ class LoraSettings:
 class FinetuneConfig:
     """Everything ``lmforge finetune`` needs; ``model`` is copied from the base when the run starts."""
 
-    task: Literal["sft", "classify", "token_classify"] = "sft"
+    task: Literal["sft", "classify", "token_classify", "seq2seq"] = "sft"
     """'sft': chat answers (JSONL); 'classify': a label per text (CSV or JSONL); 'token_classify': a tag per word
-    (JSONL words and tags: NER, part of speech)."""
+    (JSONL words and tags: NER, part of speech); 'seq2seq': a target text per source text on an encoder-decoder base
+    (JSONL or CSV of prompt + reference, as lmforge app writes them)."""
     base: str = ""
     """The model to start from: an lmforge run or checkpoint directory, or a Hugging Face folder."""
     out_dir: str = "runs/finetune"

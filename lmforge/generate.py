@@ -21,10 +21,10 @@ from lmforge.data.records import read_text_file
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.inference import decode_setup
-from lmforge.loading import load_lm, run_template
+from lmforge.loading import LoadedRun, run_template
 from lmforge.model.gpt import GPT
 from lmforge.options import GenerateOptions, Sampling
-from lmforge.runtime import compile_falls_back_to_eager, eval_mode, maybe_compile, setup_runtime
+from lmforge.runtime import Runtime, compile_falls_back_to_eager, eval_mode, maybe_compile
 from lmforge.speculative import SpeculativeStats, speculative_for
 
 
@@ -137,11 +137,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         seen = torch.zeros(B, model.cfg.vocab_size + 1, dtype=torch.bool, device=device)
         seen.scatter_(1, tokens[:, :L].masked_fill(~valid[:, :L], model.cfg.vocab_size), True)
         seen = seen[:, :-1]
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(device, seed)
 
     stop = set(stop_ids)
     out: list[list[int]] = [[] for _ in prompts]
@@ -175,19 +171,38 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
             tokens[:, end] = nxt
             if seen is not None:
                 seen[torch.arange(B, device=device), nxt] = True
-            # Finished rows keep decoding (the batch shape is fixed) but their tokens are ignored.
-            for row, tok in enumerate(nxt.tolist()):
-                if done[row]:
-                    continue
-                if tok in stop:
-                    done[row] = True
-                    continue
-                out[row].append(tok)
-                if on_token is not None and on_token(row, tok):
-                    done[row] = True
-            if all(done):
+            if record_tokens(nxt.tolist(), out, done, stop, on_token):
                 break
     return out
+
+
+def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """The sampling generator on ``device``: seeded with ``seed``, or freshly (None)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def record_tokens(new: list[int], out: list[list[int]], done: list[bool], stop: set[int],
+                  on_token: Callable[[int, int], bool | None] | None) -> bool:
+    """Append each row's new token to its output, unless the row is done; a stop id (not kept) or ``on_token``
+    returning True ends the row. True once every row is done.
+
+    Finished rows keep decoding (the batch shape is fixed) but their tokens are ignored here.
+    """
+    for row, tok in enumerate(new):
+        if done[row]:
+            continue
+        if tok in stop:
+            done[row] = True
+            continue
+        out[row].append(tok)
+        if on_token is not None and on_token(row, tok):
+            done[row] = True
+    return all(done)
 
 
 @contextlib.contextmanager
@@ -331,9 +346,19 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
     """
     encode = (lambda text: tokenizer.encode(text, allow_special=True)) if allow_special else tokenizer.encode
     ids = [encode(p) or [tokenizer.eot_id] for p in prompts]
+    return generate_from_ids(model, tokenizer, ids, max_new_tokens, sampling, stop_strings=stop_strings,
+                             stop_ids=stop_ids, stream=stream, decode=decode or generate)
+
+
+def generate_from_ids(model: torch.nn.Module, tokenizer: Tokenizer, inputs: list[list[int]], max_new_tokens: int,
+                      sampling: Sampling, *, stop_strings: Sequence[str], stop_ids: Sequence[int],
+                      stream: TextIO | None, decode: Callable[..., list[list[int]]]) -> list[str]:
+    """:func:`generate_text` from the token ids of its inputs on: ``decode`` (with :func:`generate`'s signature)
+    writes new tokens for each input, which come back as texts, cut at stop strings, and streamed as it says (an
+    encoder-decoder's sources, framed, take this path too: :func:`lmforge.generate_seq2seq.write_text`)."""
     stop_ids = {tokenizer.eot_id, *stop_ids}
-    live = TextStream(tokenizer, list(stop_strings)) if stream is not None and len(prompts) == 1 else None
-    new_ids: list[list[int]] = [[] for _ in prompts]
+    live = TextStream(tokenizer, list(stop_strings)) if stream is not None and len(inputs) == 1 else None
+    new_ids: list[list[int]] = [[] for _ in inputs]
 
     def on_token(row: int, tok: int) -> bool:
         if live is not None:
@@ -347,8 +372,8 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_
         return find_stop(tokenizer.decode(new_ids[row]), stop_strings) is not None
 
     needs_callback = live is not None or bool(stop_strings)
-    outs = (decode or generate)(model, ids, max_new_tokens, stop_ids=stop_ids,
-                                on_token=on_token if needs_callback else None, **dataclasses.asdict(sampling))
+    outs = decode(model, inputs, max_new_tokens, stop_ids=stop_ids, on_token=on_token if needs_callback else None,
+                  **dataclasses.asdict(sampling))
     texts = []
     for out in outs:
         text = tokenizer.decode(out)
@@ -381,15 +406,19 @@ def blank_note(text: str, sampling: Sampling, chat: bool) -> str | None:
     return f"{what}; {tip}, or more training"
 
 
-def generate_command(o: GenerateOptions) -> None:
-    """``lmforge generate``: continue the prompts (a single one streamed as it comes), print the texts."""
+def read_prompts(o: GenerateOptions) -> list[str]:
+    """``lmforge generate``'s prompts: the --prompt ones, then the lines of --prompt-file (blank ones skipped)."""
     prompts = list(o.prompt)
     if o.prompt_file:
         prompts += [line for line in read_text_file(o.prompt_file, "--prompt-file").splitlines() if line.strip()]
-    if not prompts:
-        prompts = [""]
-    rt = setup_runtime(o.device, o.precision)
-    run = load_lm(o.run, rt.device, "lmforge generate")
+    return prompts
+
+
+def continue_command(o: GenerateOptions, prompts: list[str], run: LoadedRun, rt: Runtime) -> None:
+    """``lmforge generate`` on a decoder-only run: continue the prompts (a single one streamed as it comes), print
+    the texts. (The command itself, which loads the run and picks this or an encoder-decoder's path, is
+    :func:`lmforge.generate_seq2seq.generate_command`.)"""
+    prompts = prompts or [""]  # none: one empty prompt starts a new document
     # Weights in the precision that measured fastest at decoding (lmforge.inference), not autocast.
     if o.compile:
         compile_falls_back_to_eager()

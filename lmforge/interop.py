@@ -1,10 +1,11 @@
 """Hugging Face `transformers` interop on disk: model folders in ``save_pretrained`` format, in and out.
 
 This module keeps only the folders: reading one (local or a hub id) into our model (a GPT, a BERT
-Encoder, or a SequenceClassifier on one) and tokenizer (``load_hf``), writing it as an lmforge run
-directory (``import_hf``), and writing our model and tokenizer as a folder ``transformers`` loads
-(``export_hf``; an encoder's with BERT's tokenizer files). The in-memory mapping, configs both
-ways and the parameter-name tables per family, lives in ``lmforge.model.hf``.
+Encoder, a SequenceClassifier on one, or a BART EncoderDecoder) and tokenizer (``load_hf``), writing
+it as an lmforge run directory (``import_hf``), and writing our model and tokenizer as a folder
+``transformers`` loads (``export_hf``; an encoder's with BERT's tokenizer files, an encoder-decoder's
+with our seq2seq framing and BART's generation settings: ``set_seq2seq_generation``). The in-memory
+mapping, configs both ways and the parameter-name tables per family, lives in ``lmforge.model.hf``.
 
 A model folder is data, never code: ``refuse_custom_code`` turns away, before ``transformers`` sees
 it, a folder that asks to run its own Python (``auto_map``) or is of a model type we do not map;
@@ -30,17 +31,19 @@ from tokenizers import models, processors
 from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.config import ModelConfig, TrainConfig, save_yaml
+from lmforge.data.seq2seq import Seq2SeqTokens
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.classifier import SequenceClassifier
-from lmforge.model.encoder import Encoder
-from lmforge.model.gpt import GPT
 from lmforge.model.hf import (
+    AUTO_CLASSES,
     SUPPORTED,
+    Backbone,
     config_from_hf,
     from_hf_model,
     from_hf_state_dict,
     hf_labels,
+    hf_task,
     new_model,
     to_hf_model,
 )
@@ -48,7 +51,7 @@ from lmforge.options import ImportOptions
 from lmforge.training.checkpoint import mismatch_detail, save_weights_only
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 HF_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -194,21 +197,23 @@ def hub_reachable(repo_id: str) -> bool:
     return True
 
 
-def load_hf(source: str | Path) -> tuple[GPT | Encoder | SequenceClassifier, Tokenizer | None]:
+def load_hf(source: str | Path) -> tuple[Backbone | SequenceClassifier, Tokenizer | None]:
     """Model (fp32, eval) and tokenizer from a local ``save_pretrained`` folder or a hub id: a GPT for a causal LM,
     an Encoder for a BERT, a SequenceClassifier on one for a BertForSequenceClassification (its labels:
-    :func:`hf_folder_labels`).
+    :func:`hf_folder_labels`), an EncoderDecoder for a BART.
 
     A hub id is downloaded by ``transformers`` (it needs the network; its code is never run, only its
-    safetensors weights are read); when the hub cannot be reached, only the local hub cache is looked at,
-    so the answer comes in seconds. A folder is checked (:func:`refuse_custom_code`) and read directly.
+    safetensors weights are read, with the auto class of what its config says it is, once the config is known to
+    import); when the hub cannot be reached, only the local hub cache is looked at, so the answer comes in seconds.
+    A folder is checked (:func:`refuse_custom_code`) and read directly.
     """
+    import transformers
     from transformers import AutoConfig
 
     folder = Path(source)
     if not folder.is_dir():
         from huggingface_hub import try_to_load_from_cache
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         offline = not hub_reachable(str(source))
         unreachable = UserError(f"'{source}' is not a local folder and the Hugging Face hub cannot be reached (no "
@@ -218,9 +223,12 @@ def load_hf(source: str | Path) -> tuple[GPT | Encoder | SequenceClassifier, Tok
         # Offline, a model in the local hub cache still loads. adapter_kwargs too: transformers' look for a PEFT
         # adapter does not inherit local_files_only, and would ask the hub again, with retries, for half a minute.
         try:
-            hf = AutoModelForCausalLM.from_pretrained(str(source), torch_dtype=torch.float32, trust_remote_code=False,
-                                                      use_safetensors=True, local_files_only=offline,
-                                                      adapter_kwargs={"local_files_only": offline})
+            hf_cfg = AutoConfig.from_pretrained(str(source), trust_remote_code=False, local_files_only=offline)
+            config_from_hf(hf_cfg)  # an architecture we cannot compute is refused before its weights download
+            auto = getattr(transformers, AUTO_CLASSES[hf_task(hf_cfg)])
+            hf = auto.from_pretrained(str(source), config=hf_cfg, torch_dtype=torch.float32, trust_remote_code=False,
+                                      use_safetensors=True, local_files_only=offline,
+                                      adapter_kwargs={"local_files_only": offline})
             tok_dir = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False, local_files_only=offline)
         except OSError as e:
             if offline:
@@ -290,7 +298,7 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
                 if own is not None:  # keep the model's own chat format for SFT and `generate --chat`
                     ChatTemplate(own[0], tokenizer, own[1]).save(tmp)
             save_weights_only(tmp, 0, model)
-            rundir.write_run_info(tmp, "imported", "mlm" if model.cfg.arch == "encoder" else "lm")
+            rundir.write_run_info(tmp, "imported", rundir.backbone_task(model.cfg.arch))
             check_new_folder(out)  # again: something may have been written there meanwhile
             os.replace(tmp, out)
     finally:
@@ -321,10 +329,8 @@ def _encoder_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[PreTrain
         tok.hf.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", marks.cls), ("[SEP]", marks.sep)])
-    unk = getattr(tok.hf.model, "unk_token", None)
-    unk = unk if unk and tok.token_to_id(unk) is not None else None
     fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   pad_token="[PAD]", unk_token=unk,
+                                   pad_token="[PAD]", unk_token=_unk_token(tok),
                                    model_max_length=cfg.block_size,
                                    model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     vocab = None
@@ -334,12 +340,56 @@ def _encoder_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[PreTrain
     return fast, marks.pad, vocab
 
 
-def export_hf(model: GPT | Encoder | SequenceClassifier, tokenizer: Tokenizer, out_dir: str | Path,
+def _unk_token(tok: Tokenizer) -> str | None:
+    """The unknown token of the tokenizer's model, where it has one in its vocabulary."""
+    unk = getattr(tok.hf.model, "unk_token", None)
+    return unk if unk and tok.token_to_id(unk) is not None else None
+
+
+def _seq2seq_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig) -> tuple[PreTrainedTokenizerFast, Seq2SeqTokens]:
+    """An encoder-decoder's tokenizer for ``transformers``: (the fast tokenizer, its special ids).
+
+    It frames a text as the encoder read its sources (:func:`lmforge.data.seq2seq.frame_source`: the tokens, then
+    end-of-text; that template replaces any the tokenizer had), pads with ``[PAD]``, and names end-of-text, ``[PAD]``
+    and ``[MASK]`` as its eos, pad and mask tokens.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: Seq2SeqTokens.of adds [PAD] and [MASK] where it lacks them
+    tokens = Seq2SeqTokens.of(tok)
+    tok.check_fits(cfg.vocab_size)
+    eos = tok.hf.id_to_token(tokens.eos)
+    tok.hf.post_processor = processors.TemplateProcessing(single=["$A", eos], pair=["$A", eos, "$B:1", f"{eos}:1"],
+                                                          special_tokens=[(eos, tokens.eos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=eos, pad_token=tok.hf.id_to_token(tokens.pad),
+                                   mask_token=tok.hf.id_to_token(tokens.mask), unk_token=_unk_token(tok),
+                                   model_max_length=cfg.block_size)
+    return fast, tokens
+
+
+def set_seq2seq_generation(hf: PreTrainedModel, tokens: Seq2SeqTokens, max_length: int) -> None:
+    """Give a BartForConditionalGeneration of ours (``lmforge.model.hf.to_hf_model``) our special ids, and generation
+    defaults that make ``hf.generate(input_ids, attention_mask=...)`` plain greedy decoding as lmforge's: the decoder
+    starts from end-of-text (BART's decoder_start_token_id = eos) and stops there, batches pad with ``[PAD]``, no
+    forced first or last token, no n-gram blocking, one beam, at most ``max_length`` decoder tokens (block_size,
+    the start token included)."""
+    for settings in (hf.config, hf.generation_config):
+        settings.pad_token_id = tokens.pad
+        settings.bos_token_id = settings.eos_token_id = settings.decoder_start_token_id = tokens.eos
+        settings.forced_eos_token_id = None
+    g = hf.generation_config
+    g.forced_bos_token_id = None
+    g.no_repeat_ngram_size, g.num_beams, g.do_sample, g.max_length = 0, 1, False, max_length
+    g._from_model_config = False  # settings of its own, never to be re-derived from the model's config
+
+
+def export_hf(model: Backbone | SequenceClassifier, tokenizer: Tokenizer, out_dir: str | Path,
               chat_template: tuple[str, str | None] | None = None, labels: list[str] | None = None) -> Path:
     """Write ``model`` and ``tokenizer`` as a folder that ``transformers``' auto classes load: a decoder for
     ``AutoModelForCausalLM``, an encoder for ``AutoModelForMaskedLM`` (BertForMaskedLM), a classifier on an encoder
-    for ``AutoModelForSequenceClassification`` (BertForSequenceClassification, with ``labels`` as id2label), and the
-    tokenizer for ``AutoTokenizer``.
+    for ``AutoModelForSequenceClassification`` (BertForSequenceClassification, with ``labels`` as id2label), an
+    encoder-decoder for ``AutoModelForSeq2SeqLM`` (BartForConditionalGeneration, whose ``generate`` decodes greedily
+    as ours), and the tokenizer for ``AutoTokenizer``.
 
     chat_template: (Jinja template, end-of-answer token) of a chat model, for
     ``tokenizer.apply_chat_template``; generation then also stops at that token (decoders only).
@@ -355,6 +405,9 @@ def export_hf(model: GPT | Encoder | SequenceClassifier, tokenizer: Tokenizer, o
     vocab = None
     if cfg.arch == "encoder":  # BERT's tokenizer files; no generation settings (an encoder neither writes nor chats)
         fast, hf.config.pad_token_id, vocab = _encoder_tokenizer(tokenizer, cfg)
+    elif cfg.arch == "encoder_decoder":
+        fast, tokens = _seq2seq_tokenizer(tokenizer, cfg)
+        set_seq2seq_generation(hf, tokens, cfg.block_size)
     else:
         eot = tokenizer.eot_id
         hf.config.bos_token_id = hf.config.eos_token_id = eot

@@ -15,7 +15,7 @@ import torch
 
 from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
-from lmforge.config import FinetuneConfig, ModelConfig, TrainConfig, from_dict, load_yaml
+from lmforge.config import FinetuneConfig, TrainConfig, from_dict, load_yaml
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.interop import hf_folder_labels, is_hf_folder, load_hf
@@ -54,7 +54,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
             raise UserError(f"'{path}' has no tokenizer.json (lmforge needs the fast-tokenizer file)")
         labels = hf_folder_labels(path) if isinstance(model, SequenceClassifier) else None
         cfg = model.backbone.cfg if labels is not None else model.cfg
-        task = "classify" if labels is not None else backbone_task(cfg)
+        task = "classify" if labels is not None else rundir.backbone_task(cfg.arch)
         run = LoadedRun(model=model, tokenizer=tokenizer, config=TrainConfig(model=cfg), checkpoint=Path(path),
                         folder=Path(path), task=task, labels=labels)
     else:
@@ -68,28 +68,42 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
 
 
 def load_lm(path: str | Path, device: str | torch.device = "cpu", command: str = "this command") -> LoadedRun:
-    """:func:`load_run`, for a command that needs a language model: UserError naming ``command`` for a
-    classification run."""
+    """:func:`load_run`, for a command that needs a decoder-only language model (chat, quantize, prune, serve):
+    UserError naming ``command`` for any other run."""
     run = load_run(path, device)
-    if run.task == "seq2seq":
-        raise UserError(f"'{path}' is an encoder-decoder (model.arch=encoder_decoder): it writes a target for a "
-                        f"source; {command} needs a decoder-only language model")
-    if run.task == "mlm":
-        raise UserError(f"'{path}' is an encoder (model.arch=encoder): it fills in masked tokens and feeds "
-                        f"classifiers, it does not write text; {command} needs a decoder (a causal language model)")
-    if run.task != "lm":
-        raise UserError(f"'{path}' is a {run.task} run: it labels texts (lmforge predict); {command} needs a "
-                        f"language model")
+    _check_writes(run, path, command, ("lm",))
     return run
 
 
+def load_writer(path: str | Path, device: str | torch.device = "cpu", command: str = "this command") -> LoadedRun:
+    """:func:`load_run`, for a command that writes text (generate, eval --generate): a language model continues a
+    prompt, an encoder-decoder writes a target for a source; UserError naming ``command`` for any other run."""
+    run = load_run(path, device)
+    _check_writes(run, path, command, ("lm", "seq2seq"))
+    return run
+
+
+def _check_writes(run: LoadedRun, path: str | Path, command: str, accepted: tuple[str, ...]) -> None:
+    """UserError naming ``command`` and what it needs unless the run's task is one of ``accepted``."""
+    if run.task in accepted:
+        return
+    needs = "a decoder-only language model" if "seq2seq" not in accepted else "a language model or an encoder-decoder"
+    if run.task == "seq2seq":
+        raise UserError(f"'{path}' is an encoder-decoder (model.arch=encoder_decoder): it writes a target for a "
+                        f"source; {command} needs {needs}")
+    if run.task == "mlm":
+        raise UserError(f"'{path}' is an encoder (model.arch=encoder): it fills in masked tokens and feeds "
+                        f"classifiers, it does not write text; {command} needs {needs}")
+    raise UserError(f"'{path}' is a {run.task} run: it labels texts (lmforge predict); {command} needs {needs}")
+
+
 def load_base(path: str | Path, command: str) -> LoadedRun:
-    """:func:`load_run`, for a command that builds on a backbone (fine-tuning): a language model or an encoder;
-    UserError naming ``command`` for a run that already has a task head."""
+    """:func:`load_run`, for a command that builds on a backbone (fine-tuning): a language model, an encoder or an
+    encoder-decoder; UserError naming ``command`` for a run that already has a task head."""
     run = load_run(path)
-    if run.task not in ("lm", "mlm"):
+    if run.task not in ("lm", "mlm", "seq2seq"):
         raise UserError(f"'{path}' is a {run.task} run: it labels texts (lmforge predict); {command} needs a "
-                        f"language model or an encoder")
+                        f"language model, an encoder or an encoder-decoder")
     return run
 
 
@@ -125,12 +139,8 @@ def _load_pretrained(run_dir: Path, ckpt: Path, quantized: QuantSpec | None = No
         quantize_model(model, quantized, empty=True)
     load_weights(model, ckpt)
     return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, checkpoint=ckpt, folder=run_dir,
-                     task=backbone_task(cfg.model))
+                     task=rundir.backbone_task(cfg.model.arch))
 
-
-def backbone_task(cfg: ModelConfig) -> str:
-    """The task of a model without a task head, from its architecture: 'lm', 'mlm' (an encoder) or 'seq2seq'."""
-    return {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}[cfg.arch]
 
 
 def _run_tokenizer(run_dir: Path, vocab_size: int) -> Tokenizer:
@@ -157,4 +167,4 @@ def _load_finetuned(run_dir: Path, ckpt: Path, info: rundir.RunInfo) -> LoadedRu
         lora.load_adapter(model, ckpt / rundir.ADAPTER)
         model = lora.merge(model)
     return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, checkpoint=ckpt, folder=run_dir,
-                     task=info.task if head is not None else backbone_task(cfg.model), labels=labels)
+                     task=info.task if head is not None else rundir.backbone_task(cfg.model.arch), labels=labels)

@@ -206,6 +206,38 @@ GREEDY = Sampling(temperature=0.0)
 """Always the most likely token."""
 
 
+@dataclass(frozen=True)
+class Search:
+    """Beam search (encoder-decoder runs): keep the ``beams`` likeliest partial outputs at each step, return the best
+    finished one.
+
+    Apart from :class:`Sampling` because it chooses whole outputs, not each next token: deterministic, so it takes
+    temperature 0 (:meth:`check_sampling`). Embedded like Sampling by each command that writes with an encoder-decoder
+    (generate, eval --generate; a server would check its request's fields by building one).
+    """
+
+    beams: int = 1
+    """Beam search over N hypotheses (encoder-decoder runs, with -t 0); 1: none, each token drawn as the sampling
+    options say."""
+    length_penalty: float = 1.0
+    """Beam search: a finished output scores its summed log-probabilities / its length ** this (transformers'
+    rule): above 0 favours longer outputs, below 0 shorter ones."""
+
+    def __post_init__(self) -> None:
+        check(self.beams >= 1, "beams", "an integer of at least 1", self.beams)
+        check_finite("length_penalty", self.length_penalty)
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        """OptionError naming ``beams`` when beam search is asked together with sampling (temperature above 0)."""
+        if self.beams > 1 and sampling.temperature > 0:
+            raise OptionError("beams", f"beam search keeps the likeliest outputs, it does not sample: with "
+                                       f"{self.beams} beams give temperature 0 (-t 0)")
+
+
+BEAMLESS = Search()
+"""No beam search: each token drawn as the sampling says."""
+
+
 # --- the options of the top-level commands whose modules import PyTorch ---------------------------------------
 
 @dataclass(kw_only=True)
@@ -225,14 +257,15 @@ class GenerationOptions(RuntimeOptions):
 
 @dataclass
 class GenerateOptions(GenerationOptions):
-    """Sample text from a trained model."""
+    """Sample text from a trained model, or write the target of each source with an encoder-decoder."""
 
     run: str = option(positional=True)
     """Run directory, checkpoint directory or Hugging Face folder."""
     prompt: list[str] = option([], short="-p")
-    """Prompt text (repeat for a batch; default: none, one empty prompt starts a new document)."""
+    """Prompt text, an encoder-decoder run's source (repeat for a batch; default: none, one empty prompt starts a new
+    document)."""
     prompt_file: str | None = None
-    """File with one prompt per line, after the --prompt ones (default: none)."""
+    """File with one prompt (or source) per line, after the --prompt ones (default: none)."""
     stop: list[str] = option([])
     """Stop where the text contains this string, taken literally (a newline in bash: $'\\n'); repeatable
     (default: none)."""
@@ -248,9 +281,11 @@ class GenerateOptions(GenerationOptions):
     decodes plainly (default: off)."""
     draft_tokens: int = 4
     """Tokens --lookup or --draft proposes per step."""
+    search: Search = option(Search())
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.search.check_sampling(self.sampling)
         check(self.lookup is None or self.lookup >= 1, "lookup", "an n-gram size of at least 1", self.lookup)
         check(self.draft_tokens >= 1, "draft_tokens", "an integer of at least 1", self.draft_tokens)
         if self.lookup is not None and self.draft is not None:

@@ -80,6 +80,12 @@ Kind = Literal["pretrain", "finetune", "imported", "compressed"]
 Task = Literal["lm", "mlm", "seq2seq", "sft", "classify", "token_classify"]
 
 
+def backbone_task(arch: str) -> Task:
+    """The task of a model without a task head, from its ``model.arch``: 'lm' (a decoder), 'mlm' (an encoder) or
+    'seq2seq' (an encoder-decoder)."""
+    return {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}[arch]
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """The contents of ``run.json``."""

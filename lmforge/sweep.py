@@ -64,13 +64,21 @@ from lmforge.training.pretrain import train
 
 METRICS = {"train": ("val_loss", "val_bpb", "val_ppl"),
            "encoder train": ("val_loss", "val_ppl", "val_mlm_accuracy"),
+           "encoder-decoder train": ("val_loss", "val_ppl", "val_reconstruction_accuracy"),
            "sft": ("val_loss", "val_ppl", "exact_match"),
            "classify": ("val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall"),
-           "token_classify": ("val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall")}
-"""What each kind of trial reports: pretraining (a decoder's, an encoder's), and fine-tuning per task (exact_match only
-at the end)."""
+           "token_classify": ("val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall"),
+           "seq2seq": ("val_loss", "val_ppl")}
+"""What each kind of trial reports: pretraining (a decoder's, an encoder's, an encoder-decoder's), and fine-tuning per
+task (exact_match only at the end)."""
 DECODER_ONLY_KEYS = ("sample.max_new_tokens", "sample.prompt", "sample.temperature", "sample.top_k")
-"""Keys that change only what a decoder writes (its samples): an encoder's trials would all be the same."""
+"""Keys that change only what a decoder writes (its samples): an encoder's trials would all be the same, and so would
+an encoder-decoder's (its samples are greedy reconstructions of validation windows)."""
+PRETRAINING_KINDS = {"decoder": "train", "encoder": "encoder train", "encoder_decoder": "encoder-decoder train"}
+"""The kind of a pretraining trial (its METRICS), by model.arch."""
+WRITES_NO_SAMPLES = {"encoder": "writes nothing",
+                     "encoder_decoder": "writes greedy reconstructions of validation windows as its samples"}
+"""Why DECODER_ONLY_KEYS change nothing for an architecture other than the decoder."""
 PRUNERS = ("median", "hyperband", "asha", "none")
 TYPES = ("float", "int", "categorical")
 STUDY_DB = "study.db"
@@ -147,12 +155,13 @@ def load_sweep(path: str) -> SweepConfig:
     if cfg.command == "finetune":
         kind = fixed.task
     else:
-        kind = "encoder train" if fixed.model.arch == "encoder" else "train"
+        arch = fixed.model.arch
+        kind = PRETRAINING_KINDS[arch]
         decoder_only = [key for key in cfg.space if key in DECODER_ONLY_KEYS]
-        if kind == "encoder train" and decoder_only:
+        if arch in WRITES_NO_SAMPLES and decoder_only:
             raise _problem(path, f"space key '{decoder_only[0]}' changes what a decoder writes; these trials train "
-                                 f"an encoder (model.arch=encoder), which writes nothing, so every trial would be "
-                                 f"the same")
+                                 f"an {arch.replace('_', '-')} (model.arch={arch}), which {WRITES_NO_SAMPLES[arch]}, "
+                                 f"so every trial would be the same")
     if cfg.metric not in METRICS[kind]:
         raise _problem(path, f"metric '{cfg.metric}' is not one {kind} trials report "
                              f"(expected: {', '.join(METRICS[kind])})")

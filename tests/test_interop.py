@@ -181,26 +181,41 @@ def test_pickled_weights_are_refused_never_loaded(name, pickled, tmp_path, capsy
     assert not marker.exists() and not out.exists()
 
 
-def test_a_hub_id_is_loaded_without_its_code_and_from_safetensors_only(monkeypatch):
-    tok, calls = Tokenizer.train_char(["abc"]), []
+def _hf_bart():
+    """A tiny random transformers BartForConditionalGeneration (vocabulary 101)."""
+    cfg = transformers.BartConfig(vocab_size=101, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=32)
+    return transformers.BartForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize(("hf_model", "auto"), [(hf_gpt2, "AutoModelForCausalLM"), (_hf_bart, "AutoModelForSeq2SeqLM")],
+                         ids=["gpt2", "bart"])
+def test_a_hub_id_is_loaded_without_its_code_and_from_safetensors_only(hf_model, auto, monkeypatch):
+    tok, calls, hf = Tokenizer.train_char(["abc"]), [], hf_model()
+
+    def config(name, **kw):
+        calls.append(("config", name, kw))
+        return hf.config
 
     def model(name, **kw):
         calls.append(("model", name, kw))
-        return hf_gpt2()
+        return hf
 
     def tokenizer(name, **kw):
         calls.append(("tokenizer", name, kw))
         return types.SimpleNamespace(backend_tokenizer=tok.hf)
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
+    monkeypatch.setattr(getattr(transformers, auto), "from_pretrained", model)  # the class its config says it is
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
     monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", lambda url, **kw: None)  # the hub answers, offline
     loaded, loaded_tok = load_hf("some-org/tiny-model")
     assert loaded.cfg.vocab_size == 101 and loaded_tok.vocab_size == tok.vocab_size
-    assert [(what, name) for what, name, _ in calls] == [("model", "some-org/tiny-model"),
+    assert [(what, name) for what, name, _ in calls] == [("config", "some-org/tiny-model"),
+                                                         ("model", "some-org/tiny-model"),
                                                          ("tokenizer", "some-org/tiny-model")]
-    assert calls[0][2]["trust_remote_code"] is False and calls[0][2]["use_safetensors"] is True
-    assert calls[1][2]["trust_remote_code"] is False
+    assert all(kw["trust_remote_code"] is False for _, _, kw in calls) and calls[1][2]["use_safetensors"] is True
 
 
 @pytest.mark.parametrize("no_answer", [ConnectionError("[Errno -2] Name or service not known"),

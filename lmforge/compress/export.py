@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lmforge import rundir
 from lmforge.chat import ChatTemplate, find_chat_template
 from lmforge.compress.gguf import export_gguf
 from lmforge.compress.options import ExportOptions
@@ -23,15 +24,18 @@ def export_run(o: ExportOptions) -> Path:
     Quantized weights go out dequantized to float: neither format holds lmforge's integer layout. An encoder goes
     out as BERT (BertForMaskedLM), a classification run on one as BertForSequenceClassification with its labels; a
     classification run on a decoder as its fine-tuned transformer under its language-model head: neither format's
-    causal LM has a label head. GGUF (llama.cpp) holds decoders only."""
+    causal LM has a label head. An encoder-decoder (pretrained or fine-tuned) goes out as BART
+    (BartForConditionalGeneration). GGUF (llama.cpp) holds decoders only."""
     run = load_run(o.run, "cpu")
     model, note, labels = run.model, "", None
-    encoder = run.config.model.arch == "encoder"
+    arch = run.config.model.arch
+    encoder = arch == "encoder"
     if run.task == "token_classify":
         raise UserError(f"'{o.run}' is a token_classify run: exporting its tagging head is not supported (lmforge "
                         f"predict tags texts with it)")
-    if encoder and o.format == "gguf":
-        raise UserError(f"'{o.run}' is an encoder (model.arch=encoder): GGUF files hold decoders for llama.cpp; "
+    if arch != "decoder" and o.format == "gguf":
+        kind = arch.replace("_", "-")
+        raise UserError(f"'{o.run}' is an {kind} (model.arch={arch}): GGUF files hold decoders for llama.cpp; "
                         f"export it as a Hugging Face folder (--format hf)")
     if run.task == "classify" and encoder:
         labels = run.labels  # whole, as BertForSequenceClassification
@@ -46,7 +50,7 @@ def export_run(o: ExportOptions) -> Path:
     template = find_chat_template(run.folder)
     if o.format == "hf":
         out = export_hf(model, run.tokenizer, o.out, chat_template=template, labels=labels)
-        auto = AUTO_CLASSES["classify" if labels is not None else "mlm" if encoder else "lm"]
+        auto = AUTO_CLASSES["classify" if labels is not None else rundir.backbone_task(model.cfg.arch)]
         print(f"exported {run.checkpoint}{note} to {out} (transformers: {auto}.from_pretrained('{out}'))")
         return out
     # A run without a template of its own chats in lmforge's default (as `lmforge serve` does): the file carries

@@ -272,11 +272,14 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | Path, qtype: str = 
     chat template, stored as ``tokenizer.chat_template``; turn_end: the token that ends an answer under it,
     stored as the end-of-turn id where the vocabulary has it (llama.cpp stops generating there), else the
     end-of-text token is. UserError with one line, and no file written, for: an architecture GGUF cannot
-    express (``ModelConfig.export_problem``), an unknown qtype or one the width cannot use, an existing ``out``
-    (never overwritten), a tokenizer GGUF cannot describe (not byte-level BPE). The file appears whole or not at
-    all: it is written next to ``out`` under a temporary name and renamed.
+    express (an encoder or encoder-decoder; ``ModelConfig.export_problem``), an unknown qtype or one the width
+    cannot use, an existing ``out`` (never overwritten), a tokenizer GGUF cannot describe (not byte-level BPE).
+    The file appears whole or not at all: it is written next to ``out`` under a temporary name and renamed.
     """
     cfg = model.cfg
+    if cfg.arch != "decoder":  # BERT and BART are standard shapes too, of architectures this writer has no graph for
+        raise UserError(f"model.arch={cfg.arch}: GGUF files hold decoders for llama.cpp (model.arch=decoder); export "
+                        f"it as a Hugging Face folder")
     problem = cfg.export_problem()
     if problem:
         raise UserError(f"{problem}, so llama.cpp cannot run it")

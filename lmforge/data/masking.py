@@ -10,12 +10,14 @@ token, 10% stay as they are (the model cannot tell which tokens to trust).
 Every draw comes from a generator seeded by (seed, step, micro-batch): each step masks afresh
 (dynamic masking, as RoBERTa), and a resumed run replays exactly the masks the uninterrupted run
 would have drawn. The validation masks are fixed (seeded by the batch's index), so evaluations
-compare.
+compare. The sampler and the validation batches take any :class:`Corruption` of windows: an
+encoder-decoder's denoising (:class:`lmforge.data.denoising.Infilling`) is seeded the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +27,13 @@ from lmforge.data.tokenizer import EncoderTokens
 
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1
 """Of the chosen positions: the share replaced by [MASK], and by a random token (the rest stay)."""
+
+
+class Corruption(Protocol):
+    """What turns a shard's windows into a pretraining batch, drawing from a generator its caller seeds."""
+
+    def windows(self, shard: TokenShard, offsets: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        ...
 
 
 @dataclass(frozen=True)
@@ -71,9 +80,10 @@ class Masking:
 
 
 class MaskedBatchSampler(BatchSampler):
-    """:class:`BatchSampler`'s windows (the same offsets for the same (seed, step, micro-batch)), masked."""
+    """:class:`BatchSampler`'s windows (the same offsets for the same (seed, step, micro-batch)), masked (or
+    corrupted otherwise)."""
 
-    def __init__(self, shard: TokenShard, batch_size: int, seed: int, masking: Masking, rank: int = 0,
+    def __init__(self, shard: TokenShard, batch_size: int, seed: int, masking: Corruption, rank: int = 0,
                  world_size: int = 1):
         super().__init__(shard, batch_size, seed, rank, world_size)
         self.masking = masking
@@ -87,7 +97,7 @@ class EvalBatches:
     """Masked batches over evenly spaced windows of a split (all of it for a huge n_batches), batch ``i`` the same at
     every evaluation (its masks seeded by ``i``)."""
 
-    def __init__(self, shard: TokenShard, masking: Masking, batch_size: int, n_batches: int, seed: int):
+    def __init__(self, shard: TokenShard, masking: Corruption, batch_size: int, n_batches: int, seed: int):
         offsets = eval_offsets(len(shard), shard.block_size, n_batches, batch_size)
         self.offsets = [offsets[i:i + batch_size] for i in range(0, len(offsets), batch_size)]
         self.shard, self.masking, self.seed = shard, masking, seed

@@ -30,7 +30,11 @@ class Seq2SeqTokens:
 
     @classmethod
     def of(cls, tokenizer: Tokenizer) -> Seq2SeqTokens:
-        """The ids in ``tokenizer``, ``[PAD]`` and ``[MASK]`` added where it lacks them (the same ids every time)."""
+        """The ids in ``tokenizer``: BART's own ``<pad>`` and ``<mask>`` where it has both (an imported BART's), else
+        ``[PAD]`` and ``[MASK]``, added where it lacks them (the same ids every time)."""
+        bart = [tokenizer.hf.token_to_id(t) for t in ("<pad>", "<mask>")]
+        if None not in bart:
+            return cls(tokenizer.eot_id, *bart)
         marks = tokenizer.encoder_tokens()
         return cls(tokenizer.eot_id, marks.pad, marks.mask)
 

@@ -1,5 +1,6 @@
 """Language-modelling evaluation: loss, perplexity and bits per byte over any amount of text (an
-encoder's: masked-LM loss, accuracy and pseudo-perplexity on a prepared split, :func:`score_masked_split`).
+encoder's: masked-LM loss, accuracy and pseudo-perplexity on a prepared split, :func:`score_masked_split`; an
+encoder-decoder's: denoising loss and reconstruction accuracy, :func:`score_denoising_split`).
 
 Texts longer than the context are scored with a sliding window (the ``transformers`` perplexity
 recipe): windows of ``block_size`` input tokens start every ``stride`` tokens, and each scores only
@@ -27,15 +28,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.denoising import Infilling
 from lmforge.data.loader import TokenShard, eval_offsets, open_split
 from lmforge.data.masking import EvalBatches, Masking
 from lmforge.data.prepare import load_meta
+from lmforge.data.seq2seq import Seq2SeqTokens
 from lmforge.data.sources import expand_sources, iter_documents, looks_binary
 from lmforge.data.tokenizer import EncoderTokens, Tokenizer
 from lmforge.errors import UserError
 from lmforge.runtime import Runtime, eval_mode
 from lmforge.training.metrics import bits_per_byte, perplexity
-from lmforge.training.validation import masked_lm_metrics, split_loss
+from lmforge.training.validation import denoising_metrics, masked_lm_metrics, split_loss
 
 PIECE_BYTES = 1 << 20
 PPPL_WINDOWS = 8
@@ -188,6 +191,20 @@ def score_masked_split(model: torch.nn.Module, tokenizer: Tokenizer, dataset_dir
     return {"loss": loss, "perplexity": perplexity(loss), "mlm_accuracy": accuracy, "pseudo_perplexity": pppl,
             "pseudo_perplexity_tokens": scored, "tokens": meta["splits"][split]["tokens"], "split": split,
             "data_sha256": meta.get("content_hash")}
+
+
+def score_denoising_split(model: torch.nn.Module, tokenizer: Tokenizer, dataset_dir: str | Path, rt: Runtime,
+                          split: str, batch_size: int, seed: int, noise_density: float, mean_noise_span: float) -> dict:
+    """An encoder-decoder's figures on a prepared dataset's split: the denoising loss per target token and the
+    reconstruction accuracy (target tokens predicted exactly, teacher-forced) as training's final evaluation computes
+    them (``batch_size``, ``seed``, ``noise_density`` and ``mean_noise_span`` the run's: the same noise, the same
+    figures). No bits per byte: the loss is conditioned on most of the text (its corrupted copy)."""
+    meta = load_meta(Path(dataset_dir))
+    shard = open_split(meta, split, model.cfg.block_size, model.cfg.vocab_size)
+    infilling = Infilling(Seq2SeqTokens.of(tokenizer), model.cfg.block_size, noise_density, mean_noise_span)
+    loss, accuracy = denoising_metrics(model, EvalBatches(shard, infilling, batch_size, 10**9, seed), rt)
+    return {"loss": loss, "perplexity": perplexity(loss), "reconstruction_accuracy": accuracy,
+            "tokens": meta["splits"][split]["tokens"], "split": split, "data_sha256": meta.get("content_hash")}
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmforge.options import GREEDY, DeviceOptions, RuntimeOptions, Sampling, check, option
+from lmforge.options import GREEDY, DeviceOptions, RuntimeOptions, Sampling, Search, check, option
 
 
 @dataclass
@@ -21,8 +21,11 @@ class EvalRequest:
     """A prepared dataset: its split, windowed exactly as training evaluates it."""
     split: Literal["train", "val"] = "val"
     """The --dataset split to score."""
+    pairs: str | None = option(None, metavar="FILE")
+    """JSONL of prompt + reference (encoder-decoder runs): loss and perplexity of each reference given its prompt as
+    the source (teacher-forced; per target token, end-of-text included, as fine-tuning's val_loss)."""
     generate: str | None = option(None, metavar="FILE")
-    """JSONL of prompt + reference(s): BLEU, chrF, ROUGE, exact match."""
+    """JSONL of prompt (an encoder-decoder run: the source) + reference(s): BLEU, chrF, ROUGE, exact match."""
     choice: str | None = option(None, metavar="FILE")
     """JSONL of context + choices + label: multiple-choice accuracy."""
     classify: str | None = option(None, metavar="FILE")
@@ -41,11 +44,13 @@ class EvalRequest:
     """--generate: wrap each prompt as a user turn of the run's chat template (fine-tuned runs); its answer ends at
     the turn's end."""
     sampling: Sampling = option(GREEDY)
+    search: Search = option(Search())
 
     def __post_init__(self) -> None:
         for name in ("stride", "batch_size", "max_new_tokens"):
             value = getattr(self, name)
             check(value is None or value >= 1, name, "an integer of at least 1", value)
+        self.search.check_sampling(self.sampling)
 
 
 @dataclass

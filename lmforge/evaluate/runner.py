@@ -18,7 +18,9 @@ from lmforge.errors import UserError
 from lmforge.evaluate import lm, tasks
 from lmforge.evaluate.options import EvalOptions, EvalRequest
 from lmforge.evaluate.predict import gold_ids, label_probabilities, read_texts
+from lmforge.evaluate.seq2seq import score_pairs
 from lmforge.generate import generate_text
+from lmforge.generate_seq2seq import write_text
 from lmforge.loading import LoadedRun, load_run
 from lmforge.runtime import Runtime, setup_runtime
 
@@ -29,11 +31,11 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
     pretraining run's own val split (the prepared dataset it trained on)."""
     rt = setup_runtime(device, precision)
     run = load_run(path, rt.device)
-    if not (req.lm or req.dataset or req.generate or req.choice or req.classify):
+    if not (req.lm or req.dataset or req.pairs or req.generate or req.choice or req.classify):
         own = run.config.data.dataset_dir if isinstance(run.config, TrainConfig) else None
         if not (own and Path(own, "meta.json").is_file()):
             raise UserError(f"nothing to evaluate: '{path}' names no prepared dataset of its own; give --lm FILES, "
-                            f"--dataset DIR, --generate FILE, --choice FILE or --classify FILE")
+                            f"--dataset DIR, --pairs FILE, --generate FILE, --choice FILE or --classify FILE")
         req = replace(req, dataset=own)
     model = run.model
     if run.task == "classify" and (req.lm or req.dataset or req.generate or req.choice):
@@ -48,6 +50,12 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
         raise UserError(f"'{path}' is an encoder (model.arch=encoder): --lm, --generate and --choice score or write "
                         f"text left to right, which it does not; --dataset DIR (masked-LM loss, accuracy, "
                         f"pseudo-perplexity) applies")
+    if req.pairs and run.task != "seq2seq":
+        raise UserError(f"--pairs scores an encoder-decoder's targets given their sources; '{path}' is not one "
+                        f"(model.arch={run.config.model.arch}): --generate FILE scores what it writes for each prompt")
+    if run.task == "seq2seq" and (req.lm or req.choice):
+        raise UserError(f"'{path}' is an encoder-decoder (model.arch=encoder_decoder): --lm and --choice score text "
+                        f"left to right with a decoder-only model; --generate FILE (its prompts the sources) applies")
     report: dict = {"model": str(path), "checkpoint": str(run.checkpoint), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "device": str(rt.device), "precision": rt.precision, "results": {}}
     results = report["results"]
@@ -62,9 +70,18 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
         tc = run.config.train  # the run's batches, seed and masking rate: training's final evaluation, repeated
         results["dataset"] = {**lm.score_masked_split(model, run.tokenizer, req.dataset, rt, req.split, tc.batch_size,
                                                       tc.seed, tc.mlm_probability), "dataset": req.dataset}
+    elif req.dataset and run.task == "seq2seq":
+        # A pretraining run's own noise settings, batches and seed: training's final evaluation, repeated (defaults
+        # for a fine-tuned or imported model, which has none).
+        tc = run.config.train if isinstance(run.config, TrainConfig) else TrainConfig().train
+        results["dataset"] = {**lm.score_denoising_split(model, run.tokenizer, req.dataset, rt, req.split,
+                                                         tc.batch_size, tc.seed, tc.noise_density,
+                                                         tc.mean_noise_span), "dataset": req.dataset}
     elif req.dataset:
         results["dataset"] = {**lm.score_split(model, req.dataset, rt, req.split, req.batch_size),
                               "dataset": req.dataset}
+    if req.pairs:
+        results["pairs"] = score_pairs(model, run.tokenizer, req.pairs, rt, req.batch_size)
     if req.generate:
         results["generate"] = _generation(model, run, req, rt, progress)
     if req.choice:
@@ -81,8 +98,17 @@ def evaluate_run(path: str, req: EvalRequest, device: str = "auto", precision: s
 
 
 def _generation(model: torch.nn.Module, run: LoadedRun, req: EvalRequest, rt: Runtime, progress: bool) -> dict:
+    """--generate: each prompt's answer (an encoder-decoder's: the target it writes for the prompt as its source)
+    scored against its references."""
     items = tasks.read_generation_task(req.generate)
     prompts = [p for p, _ in items]
+    seq2seq = run.task == "seq2seq"
+    if seq2seq and req.chat:
+        raise UserError("--chat: an encoder-decoder reads each prompt as its source, with no chat template; drop "
+                        "--chat")
+    if not seq2seq and req.search.beams > 1:
+        raise UserError("--beams: beam search is for encoder-decoder runs; this is a decoder-only language model "
+                        "(drop --beams)")
     chat: dict = {}
     if req.chat:
         template = ChatTemplate.resolve(None, run.folder, run.tokenizer)
@@ -90,16 +116,21 @@ def _generation(model: torch.nn.Module, run: LoadedRun, req: EvalRequest, rt: Ru
         chat = {"stop_ids": template.stop_ids, "allow_special": True}
     outputs: list[str] = []
     bar = tqdm(total=len(items), unit="prompt", desc="generating", disable=not progress, file=sys.stderr)
-    for i in range(0, len(items), req.batch_size):
+    if seq2seq:  # one call, batched inside: its warning counts the sources cut in the whole file
         with rt.autocast():
-            outputs += generate_text(model, run.tokenizer, prompts[i:i + req.batch_size], req.max_new_tokens,
-                                     req.sampling, stop_strings=req.stop, **chat)
-        bar.update(len(items[i:i + req.batch_size]))
+            outputs = write_text(model, run.tokenizer, prompts, req.max_new_tokens, req.sampling, req.search,
+                                 stop_strings=req.stop, batch_size=req.batch_size, progress=bar.update)
+    else:
+        for i in range(0, len(items), req.batch_size):
+            with rt.autocast():
+                outputs += generate_text(model, run.tokenizer, prompts[i:i + req.batch_size], req.max_new_tokens,
+                                         req.sampling, stop_strings=req.stop, **chat)
+            bar.update(len(items[i:i + req.batch_size]))
     bar.close()
     metrics = tasks.generation_metrics(outputs, [refs for _, refs in items])
     return {**metrics, "file": req.generate, "data_sha256": tasks.file_sha256(req.generate),
             "settings": {"max_new_tokens": req.max_new_tokens, "stop": req.stop, "chat": req.chat,
-                         **asdict(req.sampling)},
+                         **asdict(req.sampling), **asdict(req.search)},
             "outputs": outputs,
             "samples": [{"prompt": p, "output": o, "references": r}
                         for (p, r), o in list(zip(items, outputs, strict=True))[:5]]}

@@ -1,5 +1,5 @@
-"""``lmforge finetune``: start from a trained model and adapt it (SFT, classification or token classification, full
-or LoRA).
+"""``lmforge finetune``: start from a trained model and adapt it (SFT, classification, token classification or
+sequence-to-sequence, full or LoRA).
 
 The optimisation loop, checkpoints, metrics and resume are pretraining's (:mod:`lmforge.training`);
 this module builds what differs: the examples, the batches, the loss, the evaluation and, for LoRA
@@ -23,6 +23,7 @@ from lmforge.config import FinetuneConfig, validate_finetune_config
 from lmforge.data.loader import EpochSampler, to_device
 from lmforge.errors import UserError
 from lmforge.finetuning.classify import ClassifyTask
+from lmforge.finetuning.seq2seq import Seq2SeqTask
 from lmforge.finetuning.sft import SFTTask
 from lmforge.finetuning.token_classify import TokenClassifyTask
 from lmforge.loading import load_base
@@ -47,7 +48,8 @@ class FinetuneResult:
 
 
 class FinetuneTask(Protocol):
-    """What the command needs of a task (:class:`SFTTask`, :class:`ClassifyTask`, :class:`TokenClassifyTask`)."""
+    """What the command needs of a task (:class:`SFTTask`, :class:`ClassifyTask`, :class:`TokenClassifyTask`,
+    :class:`Seq2SeqTask`)."""
 
     model: torch.nn.Module
     """The model to train: the base model, or the base model with a new head."""
@@ -94,9 +96,7 @@ def _finetune(session: TrainingSession, cfg: FinetuneConfig,
     base = load_base(cfg.base, command="fine-tuning (base=)")
     if cfg.class_weights is not None and cfg.task != "classify":
         raise UserError(f"class_weights applies to task=classify; this run is task={cfg.task}")
-    if base.task == "mlm" and cfg.task == "sft":
-        raise UserError(f"base '{cfg.base}' is an encoder (model.arch=encoder): it does not write text, so task=sft "
-                        f"does not apply; task=classify or task=token_classify fine-tune an encoder")
+    check_task_fits(cfg.task, base.model.cfg.arch, cfg.base)
     if is_quantized(base.model):
         raise UserError(f"base '{cfg.base}' is quantized (its integer weights do not train): fine-tune its source "
                         f"run, then quantize the result")
@@ -118,6 +118,7 @@ def _finetune(session: TrainingSession, cfg: FinetuneConfig,
     torch.manual_seed(tc.seed)  # the same initial weights (a new head) on every rank
     task: FinetuneTask = (SFTTask(cfg, base.model, base.tokenizer, base.folder, max_len, rt) if cfg.task == "sft"
                           else ClassifyTask(cfg, base.model, base.tokenizer, max_len, rt) if cfg.task == "classify"
+                          else Seq2SeqTask(cfg, base.model, base.tokenizer, max_len, rt) if cfg.task == "seq2seq"
                           else TokenClassifyTask(cfg, base.model, base.tokenizer, max_len, rt))
     for line in task.summary:
         say(line)
@@ -177,11 +178,36 @@ def _finetune(session: TrainingSession, cfg: FinetuneConfig,
     for line in task.final_lines(final_metrics):
         say(line)
     use = {"classify": f"lmforge predict {run_dir} --text TEXT",
-           "token_classify": f"lmforge predict {run_dir} --file WORDS.jsonl"}.get(
+           "token_classify": f"lmforge predict {run_dir} --file WORDS.jsonl",
+           "seq2seq": f"lmforge generate {run_dir} -p SOURCE"}.get(
         cfg.task, f"lmforge generate {run_dir} --chat -p TEXT")
     session.say_done(f"{out.step} steps in {format_duration(out.train_time_s)} | val {format_metrics(final_metrics)} | "
                      f"{run_dir}", [use, f"lmforge export {run_dir} --out DIR"], out.too_short)
     return FinetuneResult(run_dir, out.step, final_metrics, out.train_time_s, out.too_short)
+
+
+ARCHES = {"decoder": ("a decoder", "task=sft, classify or token_classify"),
+          "encoder": ("an encoder", "task=classify or token_classify"),
+          "encoder_decoder": ("an encoder-decoder", "task=seq2seq")}
+"""Each model.arch: its name in errors, and the tasks that fine-tune it."""
+NOT_ON_ENCODER_DECODER = {"sft": "chat fine-tuning of a decoder-only model does not apply to it",
+                          "classify": "classification on an encoder-decoder is not built",
+                          "token_classify": "token classification on an encoder-decoder is not built"}
+
+
+def check_task_fits(task: str, arch: str, base: str) -> None:
+    """UserError naming the base's model.arch and the tasks that fine-tune it, unless ``task`` is one of them."""
+    name, tasks = ARCHES[arch]
+    where = f"base '{base}' is {name} (model.arch={arch})"
+    if arch == "encoder_decoder" and task != "seq2seq":
+        raise UserError(f"{where}: task=seq2seq fine-tunes it (a target text for each source text); task={task}: "
+                        f"{NOT_ON_ENCODER_DECODER[task]}")
+    if task == "seq2seq" and arch != "encoder_decoder":
+        raise UserError(f"{where}: task=seq2seq needs an encoder-decoder base (model.arch=encoder_decoder); "
+                        f"{name} fine-tunes with {tasks}")
+    if task == "sft" and arch == "encoder":
+        raise UserError(f"{where}: it does not write text, so task=sft does not apply; {name} fine-tunes with "
+                        f"{tasks}")
 
 
 def write_merged(model: torch.nn.Module, ckpt: Path) -> None:

@@ -3,13 +3,15 @@
 GPT-2 style models map to ``GPT2LMHeadModel``, Llama style ones to ``LlamaForCausalLM``; Mistral
 and Qwen2 configs (Llama-shaped, with their own theta/GQA/bias choices) import too. BERT-style
 encoders map to ``BertForMaskedLM``, and a classifier on one to ``BertForSequenceClassification``
-(a ``BertModel``, without the masked-LM head, imports too).
+(a ``BertModel``, without the masked-LM head, imports too). BART-style encoder-decoders map to
+``BartForConditionalGeneration`` (a ``BartModel``, without the output head's bias, imports too).
 
 The weights map through one :class:`NameTable` per family (:data:`GPT2`, :data:`LLAMA`,
-:data:`BERT`): our parameter name -> theirs, with ``{i}`` for the layer index, plus declarative
-notes on what is more than a rename:
+:data:`BERT`, :data:`BART`): our parameter name -> theirs, with ``{i}`` for the layer index (``{j}``
+for an encoder-decoder's decoder layers), plus declarative notes on what is more than a rename:
 
-* fused splits (:class:`Split`): our ``qkv`` rows are [q; k; v], a SwiGLU ``fc`` is [gate; up];
+* fused splits (:class:`Split`): our ``qkv`` rows are [q; k; v], a SwiGLU ``fc`` is [gate; up], a
+  cross-attention's ``kv`` is [k; v];
 * transposes: GPT-2's ``Conv1D`` stores weights as (in, out), the transpose of ``nn.Linear``;
 * key/value expansion: GPT-2 has no grouped-query attention, so a GPT-2-style model with fewer
   key/value heads exports with each key/value head repeated for its query heads (the same
@@ -21,7 +23,10 @@ notes on what is more than a rename:
 * parts a model or folder may lack (BERT's pooler; a bare ``BertModel``'s masked-LM head, which an
   import then leaves freshly initialized), names a folder may hold a tensor under instead (aliases),
   a table BERT always has and ours may lack (token types: exported as one row of zeros), and the
-  classifier head's names.
+  classifier head's names;
+* layouts: BART's learned positions start at row 2 of its table (``BartLearnedPositionalEmbedding``:
+  two rows in front, unused: written as zeros), and its output bias ``final_logits_bias`` is one row
+  (1, vocab).
 
 :func:`map_to_hf` and :func:`map_from_hf` apply a table in either direction. Our RoPE uses HF
 Llama's 'rotate half' layout, so no permutation of q/k is needed. Folders on disk: ``lmforge.interop``.
@@ -35,17 +40,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmforge import rundir
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.model import build_model
 from lmforge.model.classifier import SequenceClassifier
 from lmforge.model.encoder import Encoder
+from lmforge.model.encoder_decoder import EncoderDecoder
 from lmforge.model.gpt import GPT
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", "bart")
 _GELU = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 _GELU_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -53,9 +60,13 @@ BERT_ARCHITECTURES = {"BertForMaskedLM": "mlm", "BertForPreTraining": "mlm", "Be
                       "BertForSequenceClassification": "classify"}
 """The BERT classes (config.json's ``architectures``) that import, and the task of what they become: an Encoder
 (``BertForPreTraining``'s next-sentence head is left out) or a SequenceClassifier on one."""
-AUTO_CLASSES = {"lm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM",
+BART_ARCHITECTURES = ("BartForConditionalGeneration", "BartModel")
+"""The BART classes that import, as an EncoderDecoder (a ``BartModel``'s output head: the tied embedding, no bias)."""
+AUTO_CLASSES = {"lm": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM",
                 "classify": "AutoModelForSequenceClassification"}
 """The ``transformers`` auto class that loads an export, by the task of the model exported."""
+BART_NORM_EPS = 1e-5
+"""BART's LayerNorm epsilon: torch's default, which no BartConfig key changes."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,8 @@ class NameTable:
     aliases: dict[str, str] = field(default_factory=dict)  # theirs -> the name a folder may hold it under instead
     absent_as_zeros: frozenset[str] = frozenset()  # ours a model may lack that they always hold: exported as zeros
     classifier: dict[str, str] = field(default_factory=dict)  # a SequenceClassifier's head: ours -> theirs
+    leading_rows: dict[str, int] = field(default_factory=dict)  # ours -> unused rows they hold in front (zeros out)
+    as_row: frozenset[str] = frozenset()  # ours (1-D) that they hold as one row (1, n)
 
 
 GPT2 = NameTable(
@@ -192,6 +205,77 @@ BERT = NameTable(
 )
 
 
+_E, _D = "model.encoder.layers.{i}.", "model.decoder.layers.{j}."
+_E_SELF, _D_SELF, _D_CROSS = _E + "self_attn.", _D + "self_attn.", _D + "encoder_attn."
+_KK = ("q", "q")  # a cross-attention's [k; v], key/value heads expanded as _QQQ's
+
+# BartForConditionalGeneration; a BartModel (no output head, no "model." prefix). One embedding table for both sides
+# and the head. Post-norm: our norm1 follows self-attention, norm_cross cross-attention, norm2 the MLP. BART has no
+# grouped-query attention: fewer key/value heads export repeated (kv_expanded).
+BART = NameTable(
+    names={
+        "wte.weight": "model.shared.weight",
+        "enc_wpe.weight": "model.encoder.embed_positions.weight",
+        "enc_emb_norm.weight": "model.encoder.layernorm_embedding.weight",
+        "enc_emb_norm.bias": "model.encoder.layernorm_embedding.bias",
+        "encoder_blocks.{i}.attn.qkv.weight": Split((_E_SELF + "q_proj.weight", _E_SELF + "k_proj.weight",
+                                                     _E_SELF + "v_proj.weight"), _QQQ),
+        "encoder_blocks.{i}.attn.qkv.bias": Split((_E_SELF + "q_proj.bias", _E_SELF + "k_proj.bias",
+                                                   _E_SELF + "v_proj.bias"), _QQQ),
+        "encoder_blocks.{i}.attn.proj.weight": _E_SELF + "out_proj.weight",
+        "encoder_blocks.{i}.attn.proj.bias": _E_SELF + "out_proj.bias",
+        "encoder_blocks.{i}.norm1.weight": _E + "self_attn_layer_norm.weight",
+        "encoder_blocks.{i}.norm1.bias": _E + "self_attn_layer_norm.bias",
+        "encoder_blocks.{i}.mlp.fc.weight": _E + "fc1.weight",
+        "encoder_blocks.{i}.mlp.fc.bias": _E + "fc1.bias",
+        "encoder_blocks.{i}.mlp.proj.weight": _E + "fc2.weight",
+        "encoder_blocks.{i}.mlp.proj.bias": _E + "fc2.bias",
+        "encoder_blocks.{i}.norm2.weight": _E + "final_layer_norm.weight",
+        "encoder_blocks.{i}.norm2.bias": _E + "final_layer_norm.bias",
+        "dec_wpe.weight": "model.decoder.embed_positions.weight",
+        "dec_emb_norm.weight": "model.decoder.layernorm_embedding.weight",
+        "dec_emb_norm.bias": "model.decoder.layernorm_embedding.bias",
+        "decoder_blocks.{j}.attn.qkv.weight": Split((_D_SELF + "q_proj.weight", _D_SELF + "k_proj.weight",
+                                                     _D_SELF + "v_proj.weight"), _QQQ),
+        "decoder_blocks.{j}.attn.qkv.bias": Split((_D_SELF + "q_proj.bias", _D_SELF + "k_proj.bias",
+                                                   _D_SELF + "v_proj.bias"), _QQQ),
+        "decoder_blocks.{j}.attn.proj.weight": _D_SELF + "out_proj.weight",
+        "decoder_blocks.{j}.attn.proj.bias": _D_SELF + "out_proj.bias",
+        "decoder_blocks.{j}.norm1.weight": _D + "self_attn_layer_norm.weight",
+        "decoder_blocks.{j}.norm1.bias": _D + "self_attn_layer_norm.bias",
+        "decoder_blocks.{j}.cross.q.weight": _D_CROSS + "q_proj.weight",
+        "decoder_blocks.{j}.cross.q.bias": _D_CROSS + "q_proj.bias",
+        "decoder_blocks.{j}.cross.kv.weight": Split((_D_CROSS + "k_proj.weight", _D_CROSS + "v_proj.weight"), _KK),
+        "decoder_blocks.{j}.cross.kv.bias": Split((_D_CROSS + "k_proj.bias", _D_CROSS + "v_proj.bias"), _KK),
+        "decoder_blocks.{j}.cross.proj.weight": _D_CROSS + "out_proj.weight",
+        "decoder_blocks.{j}.cross.proj.bias": _D_CROSS + "out_proj.bias",
+        "decoder_blocks.{j}.norm_cross.weight": _D + "encoder_attn_layer_norm.weight",
+        "decoder_blocks.{j}.norm_cross.bias": _D + "encoder_attn_layer_norm.bias",
+        "decoder_blocks.{j}.mlp.fc.weight": _D + "fc1.weight",
+        "decoder_blocks.{j}.mlp.fc.bias": _D + "fc1.bias",
+        "decoder_blocks.{j}.mlp.proj.weight": _D + "fc2.weight",
+        "decoder_blocks.{j}.mlp.proj.bias": _D + "fc2.bias",
+        "decoder_blocks.{j}.norm2.weight": _D + "final_layer_norm.weight",
+        "decoder_blocks.{j}.norm2.bias": _D + "final_layer_norm.bias",
+        "lm_head.weight": "lm_head.weight",
+        "lm_head.bias": "final_logits_bias",
+    },
+    kv_expanded=frozenset({"encoder_blocks.{i}.attn.qkv.weight", "encoder_blocks.{i}.attn.qkv.bias",
+                           "decoder_blocks.{j}.attn.qkv.weight", "decoder_blocks.{j}.attn.qkv.bias",
+                           "decoder_blocks.{j}.cross.kv.weight", "decoder_blocks.{j}.cross.kv.bias"}),
+    biases_always=True,
+    optional_prefix="model.",
+    head_optional=True,
+    # A BartModel has no output bias; transformers reads a folder without one as zeros (as ours starts).
+    optional=frozenset({"lm_head.bias"}),
+    leading_rows={"enc_wpe.weight": 2, "dec_wpe.weight": 2},
+    as_row=frozenset({"lm_head.bias"}),
+)
+
+_LAYERS = {"{i}": "n_layer", "{j}": "n_decoder_layer"}
+"""A name template's layer placeholder -> the ModelConfig property counting those layers."""
+
+
 def is_gpt2_style(cfg: ModelConfig) -> bool:
     """Whether ``cfg`` maps to GPT-2 (learned positions) rather than Llama (the default: also what a custom mix is
     checked against)."""
@@ -200,26 +284,32 @@ def is_gpt2_style(cfg: ModelConfig) -> bool:
 
 def name_table(cfg: ModelConfig) -> NameTable:
     """The name table of ``cfg``'s family (Llama's for a decoder of none)."""
-    return {"gpt2": GPT2, "bert": BERT}.get(cfg.standard_family or "", LLAMA)
+    return {"gpt2": GPT2, "bert": BERT, "bart": BART}.get(cfg.standard_family or "", LLAMA)
 
 
-def _entries(table: NameTable, n_layer: int) -> Iterator[tuple[str, str, str | Split]]:
-    """(template, ours, theirs) for every parameter, in table order, ``{i}`` runs repeated per layer."""
+def _layer_mark(template: str) -> str | None:
+    return next((mark for mark in _LAYERS if mark in template), None)
+
+
+def _entries(table: NameTable, cfg: ModelConfig) -> Iterator[tuple[str, str, str | Split]]:
+    """(template, ours, theirs) for every parameter, in table order, runs of ``{i}`` (``{j}``) templates repeated per
+    layer (decoder layer)."""
     items = list(table.names.items())
     j = 0
     while j < len(items):
-        if "{i}" not in items[j][0]:
+        mark = _layer_mark(items[j][0])
+        if mark is None:
             yield items[j][0], items[j][0], items[j][1]
             j += 1
             continue
         end = j
-        while end < len(items) and "{i}" in items[end][0]:
+        while end < len(items) and _layer_mark(items[end][0]) == mark:
             end += 1
-        for i in range(n_layer):
+        for n in range(getattr(cfg, _LAYERS[mark])):
             for ours, theirs in items[j:end]:
-                named = Split(tuple(p.format(i=i) for p in theirs.parts), theirs.rows) \
-                    if isinstance(theirs, Split) else theirs.format(i=i)
-                yield ours, ours.format(i=i), named
+                named = Split(tuple(p.replace(mark, str(n)) for p in theirs.parts), theirs.rows) \
+                    if isinstance(theirs, Split) else theirs.replace(mark, str(n))
+                yield ours, ours.replace(mark, str(n)), named
         j = end
 
 
@@ -244,9 +334,10 @@ def _get(sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 def _expand_kv(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
-    """qkv rows (or bias) [q; k; v] with each key/value head repeated n_head // kv_heads times."""
-    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    wq, wk, wv = t.split([q, kv, kv])
+    """qkv rows (or bias) [q; k; v], or a cross-attention's [k; v], with each key/value head repeated
+    n_head // kv_heads times."""
+    kv = cfg.kv_heads * cfg.head_dim
+    wq, wk, wv = t.split([t.shape[0] - 2 * kv, kv, kv])  # no query rows in a cross-attention's kv
     group = cfg.n_head // cfg.kv_heads
 
     def rep(x: torch.Tensor) -> torch.Tensor:
@@ -259,7 +350,7 @@ def map_to_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -
     """Our state dict ``sd`` (of a GPT built from ``cfg``) under the names of ``table``'s family."""
     out: dict[str, torch.Tensor] = {}
     ours_done: dict[str, torch.Tensor] = {}  # after k/v expansion, before transposing
-    for template, ours, theirs in _entries(table, cfg.n_layer):
+    for template, ours, theirs in _entries(table, cfg):
         if template in table.optional and not _present(ours, sd):
             continue  # a part this model lacks (BERT's pooler; the masked-LM head of a classifier's backbone)
         if ours not in sd and template in table.absent_as_zeros:
@@ -276,6 +367,10 @@ def map_to_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -
         ours_done[ours] = t
         if template in table.transposed:
             t = t.t()
+        if template in table.leading_rows:
+            t = torch.cat([t.new_zeros(table.leading_rows[template], *t.shape[1:]), t])
+        if template in table.as_row:
+            t = t[None]
         if isinstance(theirs, Split):
             out.update(zip(theirs.parts, t.split(_rows(cfg, theirs)), strict=True))
         else:
@@ -305,7 +400,7 @@ def map_from_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor])
         return sd[name] if name in sd else torch.zeros(get(_weight_of(name)).shape[0])
 
     out: dict[str, torch.Tensor] = {}
-    for template, ours, theirs in _entries(table, cfg.n_layer):
+    for template, ours, theirs in _entries(table, cfg):
         is_bias = ours.endswith(".bias")
         if is_bias and not table.biases_always and not cfg.bias:
             continue
@@ -320,14 +415,21 @@ def map_from_hf(table: NameTable, cfg: ModelConfig, sd: dict[str, torch.Tensor])
             t = torch.cat([fetch(theirs_name(p)) for p in theirs.parts])
         else:
             t = fetch(theirs_name(theirs))
+        if template in table.as_row:
+            t = t.reshape(-1)
+        if template in table.leading_rows:
+            t = t[table.leading_rows[template]:]
         out[ours] = t.t().contiguous() if template in table.transposed else t
     return out
 
 
 def hf_config(cfg: ModelConfig, labels: list[str] | None = None) -> PretrainedConfig:
-    """The ``transformers`` config of the same architecture (GPT2Config, LlamaConfig or BertConfig); ``labels``: the
-    class names of a classifier on the model (BERT's only: a BertForSequenceClassification)."""
-    from transformers import BertConfig, GPT2Config, LlamaConfig
+    """The ``transformers`` config of the same architecture (GPT2Config, LlamaConfig, BertConfig or BartConfig);
+    ``labels``: the class names of a classifier on the model (BERT's only: a BertForSequenceClassification).
+
+    A BartConfig's special ids (padding, end-of-text, the decoder's start) are the tokenizer's: left None here,
+    ``lmforge.interop`` sets them with the generation settings."""
+    from transformers import BartConfig, BertConfig, GPT2Config, LlamaConfig
 
     problem = cfg.export_problem()
     if problem:
@@ -351,6 +453,18 @@ def hf_config(cfg: ModelConfig, labels: list[str] | None = None) -> PretrainedCo
                           tie_word_embeddings=cfg.tie_embeddings, pad_token_id=None,
                           architectures=["BertForSequenceClassification" if labels is not None
                                          else "BertForMaskedLM"], **head)
+    if cfg.standard_family == "bart":
+        if cfg.norm_eps != BART_NORM_EPS:
+            raise UserError(f"model.norm_eps={cfg.norm_eps:g}: BART's LayerNorms have eps {BART_NORM_EPS:g}, which no "
+                            f"BartConfig key changes, so transformers cannot load it")
+        return BartConfig(vocab_size=cfg.vocab_size, d_model=cfg.n_embd, encoder_layers=cfg.n_layer,
+                          decoder_layers=cfg.n_decoder_layer, encoder_attention_heads=cfg.n_head,
+                          decoder_attention_heads=cfg.n_head, encoder_ffn_dim=cfg.mlp_hidden,
+                          decoder_ffn_dim=cfg.mlp_hidden, max_position_embeddings=cfg.block_size,
+                          activation_function=_GELU[cfg.mlp], dropout=0.0, attention_dropout=0.0,
+                          activation_dropout=0.0, scale_embedding=False, tie_word_embeddings=True,
+                          pad_token_id=None, bos_token_id=None, eos_token_id=None, decoder_start_token_id=None,
+                          forced_eos_token_id=None, architectures=["BartForConditionalGeneration"])
     if is_gpt2_style(cfg):
         return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,
@@ -378,6 +492,13 @@ def bert_task(hf: PretrainedConfig) -> str:
     return BERT_ARCHITECTURES[_bert_class(hf)]
 
 
+def hf_task(hf: PretrainedConfig) -> str:
+    """What a ``transformers`` config imports as, a key of :data:`AUTO_CLASSES`: 'lm' (a GPT), 'mlm' (an Encoder),
+    'classify' (a SequenceClassifier on one) or 'seq2seq' (an EncoderDecoder)."""
+    kind = getattr(hf, "model_type", None)
+    return bert_task(hf) if kind == "bert" else "seq2seq" if kind == "bart" else "lm"
+
+
 def hf_labels(hf: PretrainedConfig) -> list[str] | None:
     """The class names of a sequence classifier's config (its id2label, in id order); None for other models."""
     if getattr(hf, "model_type", None) != "bert" or bert_task(hf) != "classify":
@@ -390,7 +511,7 @@ def hf_labels(hf: PretrainedConfig) -> list[str] | None:
 
 
 def config_from_hf(hf: PretrainedConfig, names: Collection[str] | None = None) -> ModelConfig:
-    """Our ModelConfig for a ``transformers`` config (GPT-2, Llama, Mistral, Qwen2, BERT).
+    """Our ModelConfig for a ``transformers`` config (GPT-2, Llama, Mistral, Qwen2, BERT, BART).
 
     names: the folder's weight names, which say what only the weights tell (whether a BERT has a pooler); None:
     what its class has by default (all but BertForMaskedLM).
@@ -398,6 +519,8 @@ def config_from_hf(hf: PretrainedConfig, names: Collection[str] | None = None) -
     kind = getattr(hf, "model_type", None)
     if kind == "bert":
         return _bert_config(hf, names)
+    if kind == "bart":
+        return _bart_config(hf)
     if kind == "gpt2":
         act = hf.activation_function
         if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
@@ -465,7 +588,41 @@ def _bert_config(hf: PretrainedConfig, names: Collection[str] | None) -> ModelCo
                        pooler=pooler)
 
 
-def _parts(model: GPT | Encoder | SequenceClassifier) -> tuple[GPT | Encoder, NameTable, torch.nn.Linear | None]:
+def _bart_config(hf: PretrainedConfig) -> ModelConfig:
+    """Our encoder-decoder's ModelConfig for a BartConfig (see :func:`config_from_hf`)."""
+    arch = (getattr(hf, "architectures", None) or [BART_ARCHITECTURES[0]])[0]
+    if arch not in BART_ARCHITECTURES:
+        raise UserError(f"BART architecture '{arch}' is not supported ({', '.join(BART_ARCHITECTURES)})")
+    # Keys of BART's relatives (mBART, older configs) that change what it computes; ours is BART itself.
+    unlike = {"scale_embedding": "token embeddings unscaled", "add_bias_logits": "no bias inside the output head",
+              "normalize_before": "post-norm blocks", "add_final_layer_norm": "no final norm (post-norm)"}
+    for key, ours in unlike.items():
+        if getattr(hf, key, False):
+            raise UserError(f"BART {key}=true is not supported (lmforge's BART has {ours}: {key}=false)")
+    if not getattr(hf, "tie_word_embeddings", True):
+        raise UserError("BART tie_word_embeddings=false is not supported (lmforge's encoder-decoder shares one "
+                        "embedding between encoder, decoder and output head: tie_word_embeddings=true)")
+    for what, ours in (("attention_heads", "model.n_head"), ("ffn_dim", "model.intermediate_size")):
+        enc, dec = getattr(hf, f"encoder_{what}"), getattr(hf, f"decoder_{what}")
+        if enc != dec:
+            raise UserError(f"BART encoder_{what}={enc} and decoder_{what}={dec} differ (lmforge has one {ours} "
+                            f"for both sides)")
+    act = hf.activation_function
+    if act not in _GELU_FROM_HF:
+        raise UserError(f"BART activation_function '{act}' is not supported ({', '.join(_GELU_FROM_HF)})")
+    return ModelConfig(arch="encoder_decoder", vocab_size=hf.vocab_size, block_size=hf.max_position_embeddings,
+                       n_layer=hf.encoder_layers, decoder_layers=0 if hf.decoder_layers == hf.encoder_layers
+                       else hf.decoder_layers, n_head=hf.encoder_attention_heads, n_embd=hf.d_model,
+                       intermediate_size=hf.encoder_ffn_dim, pos_embedding="learned", norm="layernorm",
+                       mlp=_GELU_FROM_HF[act], bias=True, tie_embeddings=True, norm_eps=BART_NORM_EPS, dropout=0.0,
+                       post_norm=True)
+
+
+Backbone = GPT | Encoder | EncoderDecoder
+"""A model without a task head, which maps to one ``transformers`` family."""
+
+
+def _parts(model: Backbone | SequenceClassifier) -> tuple[Backbone, NameTable, torch.nn.Linear | None]:
     """(backbone, its name table, a classifier's head or None)."""
     head = model.score if isinstance(model, SequenceClassifier) else None
     backbone = model.backbone if isinstance(model, SequenceClassifier) else model
@@ -476,9 +633,10 @@ def _parts(model: GPT | Encoder | SequenceClassifier) -> tuple[GPT | Encoder, Na
     return backbone, table, head
 
 
-def to_hf_state_dict(model: GPT | Encoder | SequenceClassifier) -> dict[str, torch.Tensor]:
-    """Our weights under ``transformers`` names (GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM, or a classifier
-    on a BERT encoder's: BertForSequenceClassification, which also gets the masked-LM head's, to leave out)."""
+def to_hf_state_dict(model: Backbone | SequenceClassifier) -> dict[str, torch.Tensor]:
+    """Our weights under ``transformers`` names (GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM,
+    BartForConditionalGeneration, or a classifier on a BERT encoder's: BertForSequenceClassification, which also gets
+    the masked-LM head's, to leave out)."""
     backbone, table, head = _parts(model)
     sd = {k: v.detach() for k, v in backbone.state_dict().items()}
     out = map_to_hf(table, backbone.cfg, sd)
@@ -488,10 +646,9 @@ def to_hf_state_dict(model: GPT | Encoder | SequenceClassifier) -> dict[str, tor
     return out
 
 
-def from_hf_state_dict(model: GPT | Encoder | SequenceClassifier,
-                       sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(model: Backbone | SequenceClassifier, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``transformers`` weights -> a whole state dict for ``model`` (built from the folder's config): the optional
-    parts the weights lack (a BertModel's masked-LM head) keep the model's own values."""
+    parts the weights lack (a BertModel's masked-LM head, a BartModel's output bias) keep the model's own values."""
     backbone, table, head = _parts(model)
     mapped = map_from_hf(table, backbone.cfg, sd)
     if head is not None:
@@ -500,17 +657,18 @@ def from_hf_state_dict(model: GPT | Encoder | SequenceClassifier,
     return {**model.state_dict(), **mapped}
 
 
-def new_model(cfg: ModelConfig, labels: list[str] | None = None) -> GPT | Encoder | SequenceClassifier:
+def new_model(cfg: ModelConfig, labels: list[str] | None = None) -> Backbone | SequenceClassifier:
     """A freshly initialized model of ``cfg``, under a classifier head of ``labels`` if given: what weights from
     ``transformers`` are loaded into."""
     backbone = build_model(cfg)
     return backbone if labels is None else SequenceClassifier(backbone, len(labels))
 
 
-def to_hf_model(model: GPT | Encoder | SequenceClassifier, labels: list[str] | None = None) -> PreTrainedModel:
-    """An eval-mode ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``BertForMaskedLM`` holding a copy of our weights,
-    on our model's device and in its dtype; a classifier on a BERT encoder becomes a
-    ``BertForSequenceClassification`` of ``labels`` (default LABEL_0, LABEL_1, ...)."""
+def to_hf_model(model: Backbone | SequenceClassifier, labels: list[str] | None = None) -> PreTrainedModel:
+    """An eval-mode ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``BertForMaskedLM`` / ``BartForConditionalGeneration``
+    holding a copy of our weights, on our model's device and in its dtype; a classifier on a BERT encoder becomes a
+    ``BertForSequenceClassification`` of ``labels`` (default LABEL_0, LABEL_1, ...). A BART's special ids and
+    generation settings are the tokenizer's: ``lmforge.interop.set_seq2seq_generation`` sets them."""
     import transformers
 
     head = model.score if isinstance(model, SequenceClassifier) else None
@@ -520,7 +678,7 @@ def to_hf_model(model: GPT | Encoder | SequenceClassifier, labels: list[str] | N
         if len(labels) != head.out_features:
             raise ValueError(f"{len(labels)} labels for a classifier of {head.out_features} classes")
     config = hf_config(backbone.cfg, labels if head is not None else None)  # what transformers cannot load, first
-    task = "classify" if head is not None else "mlm" if backbone.cfg.arch == "encoder" else "lm"
+    task = "classify" if head is not None else rundir.backbone_task(backbone.cfg.arch)
     hf = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
     sd = to_hf_state_dict(model)
     table = name_table(backbone.cfg)
@@ -529,7 +687,9 @@ def to_hf_model(model: GPT | Encoder | SequenceClassifier, labels: list[str] | N
     optional = {name for o in table.optional for name in (table.names[o], table.aliases.get(table.names[o]))}
     unexpected = [k for k in sd if k not in wanted and k not in optional]
     missing, _ = hf.load_state_dict({k: v for k, v in sd.items() if k in wanted}, strict=False)
-    missing = [k for k in missing if not k.endswith("attn.bias") and "rotary_emb" not in k]
+    # A tied name (BART's encoder and decoder embed_tokens: its shared table) is the same tensor as one loaded.
+    tied = wanted - dict(hf.named_parameters()).keys() - dict(hf.named_buffers()).keys()
+    missing = [k for k in missing if k not in tied and not k.endswith("attn.bias") and "rotary_emb" not in k]
     if missing or unexpected:
         raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
     if backbone.cfg.tie_embeddings:
@@ -538,9 +698,10 @@ def to_hf_model(model: GPT | Encoder | SequenceClassifier, labels: list[str] | N
     return hf.to(device=p.device, dtype=p.dtype).eval()
 
 
-def from_hf_model(hf: PreTrainedModel) -> GPT | Encoder | SequenceClassifier:
+def from_hf_model(hf: PreTrainedModel) -> Backbone | SequenceClassifier:
     """Our model holding a copy of a ``transformers`` model's weights (fp32, eval mode): a GPT for a causal LM, an
-    Encoder for a BERT, a SequenceClassifier on one for a BertForSequenceClassification."""
+    Encoder for a BERT, a SequenceClassifier on one for a BertForSequenceClassification, an EncoderDecoder for a
+    BartForConditionalGeneration (or BartModel)."""
     sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
     model = new_model(config_from_hf(hf.config, sd.keys()), hf_labels(hf.config))
     model.load_state_dict(from_hf_state_dict(model, sd))

@@ -15,6 +15,7 @@ from torch import nn
 
 from lmforge.config import LoraSettings
 from lmforge.errors import UserError
+from lmforge.model.encoder_decoder import CrossAttention
 
 
 def apply_lora(model: nn.Module, cfg: LoraSettings, trainable_modules: list[str] | None = None) -> nn.Module:
@@ -28,8 +29,18 @@ def apply_lora(model: nn.Module, cfg: LoraSettings, trainable_modules: list[str]
         raise UserError(f"lora.target_modules: no linear layer named {', '.join(unknown)} "
                         f"(this model has: {', '.join(sorted(names))})")
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                        target_modules=list(cfg.target_modules), modules_to_save=trainable_modules)
+                        target_modules=target_names(model, cfg.target_modules), modules_to_save=trainable_modules)
     return get_peft_model(model, config)
+
+
+def target_names(model: nn.Module, names: list[str]) -> list[str]:
+    """The linear layers' names that get adapters: ``names``, where ``qkv`` (attention's input projection) also names
+    a cross-attention's ``q`` and ``kv``, the same projection split in two because its keys and values read the
+    encoder's output; so the default targets adapt an encoder-decoder's attention on both sides and between them."""
+    out = list(names)
+    if "qkv" in names and any(isinstance(m, CrossAttention) for m in model.modules()):
+        out += [n for n in ("q", "kv") if n not in out]
+    return out
 
 
 def trainable_fraction(model: nn.Module) -> tuple[int, int]:

@@ -8,6 +8,11 @@ an unknown model 404, a missing or wrong key 401 (with ``--api-key``), a ``Host`
 400 (against DNS rebinding: :mod:`lmforge.serve.security`), a body over 1 MiB 413, a full queue 429 with
 ``Retry-After``, a failure inside the engine 500 with its message (for that request only), a dead engine 503.
 
+An encoder-decoder run (``model.arch=encoder_decoder``) is served by
+:class:`~lmforge.serve.seq2seq_engine.Seq2SeqEngine`: ``/v1/completions`` writes a target for each prompt, its source
+(with the extension fields ``beams`` and ``length_penalty`` for beam search, as ``lmforge generate --beams``); chat,
+``echo`` and ``logprobs`` are 400 there, and so is a source past the encoder's context.
+
 No request holds the event loop for long: prompts are tokenized on worker threads (without the GIL), stop strings
 are watched in time linear in their length, and their length is bounded (:data:`MAX_STOP_CHARS`).
 """
@@ -36,18 +41,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.chat import ChatTemplate
 from lmforge.data.records import BadRecord
+from lmforge.data.seq2seq import Seq2SeqTokens, frame_source
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.generate import TextStream
 from lmforge.inference import decode_setup
-from lmforge.loading import load_lm, run_template
-from lmforge.options import OptionError, Sampling
+from lmforge.loading import load_writer, run_template
+from lmforge.options import BEAMLESS, OptionError, Sampling, Search
 from lmforge.runtime import compile_falls_back_to_eager, maybe_compile, setup_runtime
 from lmforge.serve import security
-from lmforge.serve.engine import Engine, EngineDown, Finished, Job, QueueFull, Token
+from lmforge.serve.engine import Engine, EngineDown, Finished, Job, JobQueue, QueueFull, Token
 from lmforge.serve.errors import APIError
 from lmforge.serve.guard import RequestGuard
 from lmforge.serve.options import ServeOptions
+from lmforge.serve.seq2seq_engine import Seq2SeqEngine
 
 STATIC = Path(__file__).parent / "static"
 MAX_STOP = 4
@@ -56,6 +63,8 @@ MAX_STOP_CHARS = 256
 """The longest stop string accepted, in characters (stop strings are matched against the text at every token)."""
 SEEDS = 2 ** 64
 """Seeds are 64-bit: what ``torch.Generator.manual_seed`` takes is [-2**63, 2**64)."""
+MAX_BEAMS = 16
+"""The most beams a request may ask for: each is a decoder row for the whole answer (as many as ``n`` may ask)."""
 
 
 # --- request bodies (strict: "5" is not a number) ------------------------------------------------------
@@ -90,7 +99,12 @@ class _Sampling(_Body):
         try:
             return Sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
         except OptionError as e:
-            raise APIError(400, f"'{e.name}': {e.problem}", param=e.name) from None
+            raise _option_error(e) from None
+
+
+def _option_error(e: OptionError) -> APIError:
+    """A 400 naming the body's field whose value cannot work, in the options' own words."""
+    return APIError(400, f"'{e.name}': {e.problem}", param=e.name)
 
 
 class CompletionRequest(_Sampling):
@@ -98,6 +112,19 @@ class CompletionRequest(_Sampling):
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
+    beams: Annotated[int, Field(le=MAX_BEAMS)] = 1
+    """Not OpenAI's, but ``lmforge generate --beams``: beam search (encoder-decoder models, temperature 0)."""
+    length_penalty: float = 1.0
+    """With beams: a finished output scores its summed log-probabilities / its length ** this."""
+
+    def search(self, sampling: Sampling) -> Search:
+        """The request's beam search; 400 naming ``beams`` or ``length_penalty`` when it cannot work."""
+        try:
+            search = Search(self.beams, self.length_penalty)
+            search.check_sampling(sampling)
+        except OptionError as e:
+            raise _option_error(e) from None
+        return search
 
 
 class Message(_Body):
@@ -124,9 +151,13 @@ class DetokenizeRequest(_Body):
 class Served:
     name: str
     tokenizer: Tokenizer
-    template: ChatTemplate
-    engine: Engine
+    template: ChatTemplate | None
+    """The chat template (None for an encoder-decoder, which does not chat)."""
+    engine: JobQueue
     context: int
+    task: str = "lm"
+    """'lm' (a decoder-only model, :class:`Engine`) or 'seq2seq' (an encoder-decoder, :class:`Seq2SeqEngine`):
+    :func:`lmforge.loading.load_writer`'s task."""
 
 
 @dataclass
@@ -222,13 +253,35 @@ def _fit(served: Served, prompt: list[int], max_tokens: int | None, param: str) 
     return max_tokens
 
 
+def _fit_source(served: Served, source: list[int], max_tokens: int | None) -> int:
+    """max_tokens for an encoder-decoder's ``source``: as asked, or all the decoder's context; 400 with the counts
+    when the source or the answer does not fit.
+
+    A source past the encoder's context is refused, not cut as ``lmforge generate`` cuts it: as for a decoder's
+    prompt past the context, an answer to a text other than the one sent would come with no word of it (an API
+    has nowhere to put the command's warning); a client that wants the beginning can send it."""
+    if not source:
+        raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
+    if len(source) > served.context - 1:
+        raise APIError(400, f"this model's encoder reads {served.context} tokens: a source of at most "
+                            f"{served.context - 1} and its end-of-text; the prompt has {len(source)}", param="prompt",
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        return served.context
+    if max_tokens > served.context:
+        raise APIError(400, f"this model's decoder writes at most {served.context} tokens (its context); max_tokens "
+                            f"asks for {max_tokens}", param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
 def _jobs(req: _Sampling, sampling: Sampling, prompt: list[int], max_tokens: int, stop_ids: frozenset[int],
-          logprobs: int | None, first_index: int) -> list[tuple[int, Job]]:
+          logprobs: int | None, first_index: int, search: Search = BEAMLESS) -> list[tuple[int, Job]]:
     """``req.n`` jobs for one prompt (seeded seed, seed + 1, ... when a seed is given)."""
     seeds: list[int | None] = [None] * req.n if sampling.seed is None else \
         [sampling.seed + k if sampling.seed + k < SEEDS else sampling.seed + k - SEEDS for k in range(req.n)]
     return [(first_index + k, Job(prompt=prompt, max_tokens=max_tokens, emit=lambda _e: None,
-                                  sampling=replace(sampling, seed=seed), stop_ids=stop_ids, logprobs=logprobs))
+                                  sampling=replace(sampling, seed=seed), search=search, stop_ids=stop_ids,
+                                  logprobs=logprobs))
             for k, seed in enumerate(seeds)]
 
 
@@ -422,7 +475,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
     async def tokenizer_info() -> dict:
         s = served()
         return {"eos_token": s.tokenizer.id_to_token(s.tokenizer.eot_id), "bos_token": None, "pad_token": None,
-                "chat_template": s.template.source, "model_max_length": s.context}
+                "chat_template": s.template and s.template.source, "model_max_length": s.context}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> Response:
@@ -454,6 +507,17 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         s = served()
         _check_model(s, req.model)
         sampling, stop = req.sampling(), _stop_list(req.stop)
+        seq2seq = s.task == "seq2seq"
+        if seq2seq:
+            for name, given in (("echo", req.echo), ("logprobs", req.logprobs is not None)):
+                if given:
+                    raise APIError(400, f"'{name}' is for decoder-only models: this one is an encoder-decoder, whose "
+                                        f"answer is a target written for the prompt, not its continuation "
+                                        f"(drop '{name}')", param=name)
+        elif req.beams > 1:
+            raise APIError(400, "'beams': beam search is for encoder-decoder models; this one is a decoder-only "
+                                "language model (drop 'beams': temperature 0 decodes greedily)", param="beams")
+        search = req.search(sampling)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "'max_tokens' must be at least 1 (0 only with echo)", param="max_tokens")
         if req.stream and (req.echo or req.logprobs is not None):
@@ -469,9 +533,14 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
                            param="prompt")
         jobs, fits = [], []
         for i, ids in enumerate(prompts):
-            fits.append(_fit(s, ids, req.max_tokens, "prompt"))
+            if seq2seq:  # the prompt is the source: the encoder reads it framed
+                fits.append(_fit_source(s, ids, req.max_tokens))
+                ids = frame_source(ids, s.context, s.engine.tokens)
+            else:
+                fits.append(_fit(s, ids, req.max_tokens, "prompt"))
             if fits[-1] > 0:
-                jobs += _jobs(req, sampling, ids, fits[-1], frozenset({s.tokenizer.eot_id}), req.logprobs, i * req.n)
+                jobs += _jobs(req, sampling, ids, fits[-1], frozenset({s.tokenizer.eot_id}), req.logprobs, i * req.n,
+                              search)
         want_logprobs = req.logprobs is not None
         choices = {i * req.n + k: Choice(i * req.n + k, tokens=[] if want_logprobs else None)
                    for i in range(len(prompts)) for k in range(req.n)}
@@ -521,6 +590,10 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
     async def chat(req: ChatRequest, request: Request):
         s = served()
         _check_model(s, req.model)
+        if s.task == "seq2seq":
+            raise APIError(400, f"'{s.name}' is an encoder-decoder: it writes a target for a source and does not chat; "
+                                f"chat needs a decoder-only (chat-tuned) model. Send the source as the prompt of "
+                                f"/v1/completions", param="model", code="model_not_chat")
         if not req.messages:
             raise APIError(400, "'messages' is empty: give at least one message", param="messages")
         sampling, stop = req.sampling(), _stop_list(req.stop)
@@ -642,9 +715,18 @@ async def _stream_chat(s: Served, req: ChatRequest, request: Request, runs: list
 
 
 def load_served(o: ServeOptions) -> Served:
-    """A run (or checkpoint, or Hugging Face folder) ready to serve: its model in an engine, its chat template."""
+    """A run (or checkpoint, or Hugging Face folder) ready to serve: a decoder-only model in an :class:`Engine` with
+    its chat template, an encoder-decoder in a :class:`Seq2SeqEngine` (no chat template: it does not chat)."""
     rt = setup_runtime(o.device, o.precision)
-    loaded = load_lm(o.run, rt.device, "lmforge serve")
+    loaded = load_writer(o.run, rt.device, "lmforge serve")
+    name = o.model_name or Path(o.run).resolve().name
+    if loaded.task == "seq2seq":
+        if o.compile:
+            raise UserError(f"--compile is for decoder-only runs; '{o.run}' is an encoder-decoder (drop --compile)")
+        # Run as `lmforge generate` runs it (its weights as loaded, under the runtime's autocast).
+        engine = Seq2SeqEngine(loaded.model, rt, Seq2SeqTokens.of(loaded.tokenizer), max_batch=o.max_batch,
+                               max_queue=o.max_queue)
+        return Served(name, loaded.tokenizer, None, engine, loaded.model.cfg.block_size, task="seq2seq")
     # Weights in the precision that measured fastest at decoding (lmforge.inference), not autocast.
     if o.compile:
         compile_falls_back_to_eager()
@@ -652,8 +734,7 @@ def load_served(o: ServeOptions) -> Served:
     engine = Engine(model, rt, max_batch=o.max_batch, max_queue=o.max_queue,
                     step_model=maybe_compile(model, o.compile, dynamic=True), static=o.batching == "static",
                     prefix_cache_mib=o.prefix_cache_mib)
-    return Served(o.model_name or Path(o.run).resolve().name, loaded.tokenizer, run_template(o.run, loaded), engine,
-                  model.cfg.block_size)
+    return Served(name, loaded.tokenizer, run_template(o.run, loaded), engine, model.cfg.block_size)
 
 
 def listen(host: str, port: int) -> socket.socket:

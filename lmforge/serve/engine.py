@@ -23,6 +23,9 @@ Jobs hear back through ``emit`` (called on the engine thread): :class:`Token` ev
 thread die all the same, :attr:`Engine.failure` says why, every job it held ends with ``Finished('error')`` and
 :meth:`Engine.submit` refuses new ones (:class:`EngineDown`), so no caller waits for an answer that cannot come.
 
+The queue, the thread and what a failure does are :class:`JobQueue`'s, which the encoder-decoders' engine
+(:class:`lmforge.serve.seq2seq_engine.Seq2SeqEngine`) shares.
+
 Sampling follows the job's :class:`~lmforge.options.Sampling` with the functions :func:`lmforge.generate.generate`
 uses (repetition penalty, :func:`~lmforge.generate.sample_next`) and a generator per job, so a job samples the
 tokens it would sample alone.
@@ -41,7 +44,7 @@ import torch
 
 from lmforge.generate import apply_repetition_penalty, sample_next
 from lmforge.model.gpt import GPT, KVCache
-from lmforge.options import Sampling
+from lmforge.options import BEAMLESS, Sampling, Search
 from lmforge.runtime import Runtime
 
 
@@ -65,9 +68,12 @@ class Finished:
 @dataclass
 class Job:
     prompt: list[int]
+    """Token ids: a decoder's prompt, or an encoder-decoder's framed source (its tokens, then end-of-text)."""
     max_tokens: int
     emit: Callable[[Token | Finished], None]
     sampling: Sampling = Sampling()
+    search: Search = BEAMLESS
+    """Beam search (an encoder-decoder's engine only: :class:`~lmforge.serve.seq2seq_engine.Seq2SeqEngine`)."""
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -86,11 +92,130 @@ class QueueFull(Exception):
 
 
 class EngineDown(Exception):
-    """The engine thread died (:attr:`Engine.failure` says why): it runs no more jobs."""
+    """The engine thread died (:attr:`JobQueue.failure` says why): it runs no more jobs."""
 
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+class JobQueue:
+    """What every engine shares: the waiting jobs (at most ``max_queue``), the thread that serves them, and what
+    happens when a job, a step or the thread itself fails. A subclass says how jobs run: :meth:`_prepare` once the
+    thread starts, :meth:`_step` whenever jobs wait or run, :meth:`_running` (the jobs begun and not finished) and
+    :meth:`_release` once it stops."""
+
+    def __init__(self, model: torch.nn.Module, rt: Runtime, max_batch: int, max_queue: int):
+        self.model, self.rt = model, rt
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.rows: list = []
+        """What runs now, one entry per job (their number is /health's ``running``)."""
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._died: str | None = None
+        self.peak_batch = 0
+        """The most jobs that ever ran in one step."""
+        self.prompt_tokens = 0
+        """Prompt tokens admitted so far."""
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters for /health."""
+        return {"prompt_tokens": self.prompt_tokens}
+
+    # --- the API the server uses (any thread) --------------------------------------------------------
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine thread died (None while it runs, or was stopped on purpose)."""
+        if self._died is None and self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread ended"  # not through _run's handler: only a BaseException gets here
+        return self._died
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; QueueFull if ``max_queue`` jobs are already waiting, EngineDown if the thread died."""
+        with self._cv:
+            if self.failure is not None:
+                raise EngineDown(self.failure)
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull
+            self.waiting.append(job)
+            self._cv.notify()
+
+    def start(self) -> None:
+        """Run the engine thread (again, after :meth:`stop`: the waiting jobs are still queued)."""
+        self._stopping, self._died = False, None
+        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread: the running jobs end with ``Finished('cancelled')`` at their next step; the waiting
+        ones stay queued."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- the engine thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # a bug outside any one job: say so, and end every job rather than leave it waiting
+            traceback.print_exc()
+            with self._cv:
+                self._died = f"the engine stopped: {_describe(e)}"
+                jobs = self._running() + list(self.waiting)
+                self.rows.clear()
+                self.waiting.clear()
+            for job in jobs:
+                self._end(job, Finished("error", self._died))
+
+    def _serve(self) -> None:
+        self._prepare()
+        with torch.inference_mode(), self.rt.autocast():
+            self.model.eval()
+            while True:
+                with self._cv:
+                    self._cv.wait_for(lambda: self._stopping or self.waiting or self.rows)
+                    if self._stopping:
+                        break
+                self._step()
+        for job in self._running():
+            self._end(job, Finished("cancelled"))
+        self.rows.clear()
+        self._release()
+
+    def _prepare(self) -> None:
+        """Set up what serving needs (on the engine thread, before the first job)."""
+
+    def _step(self) -> None:
+        """Run the jobs some more: admit waiting ones, generate (called while jobs wait or run)."""
+        raise NotImplementedError
+
+    def _running(self) -> list[Job]:
+        """The jobs begun and not finished."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free what :meth:`_prepare` set up (the thread is stopping)."""
+
+    @staticmethod
+    def _end(job: Job, event: Finished) -> None:
+        """Tell a job it is over; a job whose listener is gone (its event loop closed) has nobody to tell."""
+        try:
+            job.emit(event)
+        except Exception:  # the listener's failure must not end the engine for everyone else
+            traceback.print_exc()
+
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        """End ``jobs`` with the error ``e`` (a bug: its traceback goes to stderr, its message to the clients)."""
+        print(f"lmforge serve: {len(jobs)} request(s) failed in the engine: {_describe(e)}", file=sys.stderr)
+        traceback.print_exception(e)
+        for job in jobs:
+            self._end(job, Finished("error", _describe(e)))
 
 
 @dataclass
@@ -188,121 +313,49 @@ class PrefixCache:
         self.used -= node.kv.element_size() * node.kv.numel()
 
 
-class Engine:
-    """Runs jobs on ``model`` in a background thread (see the module docstring)."""
+class Engine(JobQueue):
+    """Runs jobs on a decoder-only ``model`` in a background thread (see the module docstring)."""
 
     def __init__(self, model: GPT, rt: Runtime, max_batch: int = 16, max_queue: int = 64,
                  step_model: torch.nn.Module | None = None, static: bool = False, prefix_cache_mib: float = 0):
         """``static``: static batching, for comparison: waiting jobs are admitted only once every running one has
         finished (the batch runs as long as its longest job). ``prefix_cache_mib``: memory for the keys/values of
         recent prompts and outputs, which prompts that begin with them reuse (:class:`PrefixCache`; 0: none)."""
-        self.model, self.rt, self.static = model, rt, static
+        super().__init__(model, rt, max_batch, max_queue)
+        self.static = static
         self.step_model = model if step_model is None else step_model
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.waiting: collections.deque[Job] = collections.deque()
         self.rows: list[_Row] = []
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._died: str | None = None
-        self.peak_batch = 0
-        """The most rows that ever ran in one step."""
         self.prefix = PrefixCache(int(prefix_cache_mib * 2**20)) if prefix_cache_mib > 0 else None
-        self.prompt_tokens = 0
-        """Prompt tokens admitted so far."""
         self.reused_tokens = 0
-        """Of those, tokens whose keys/values came from the prefix cache (not prefilled)."""
+        """Of the prompt tokens, those whose keys/values came from the prefix cache (not prefilled)."""
 
     def stats(self) -> dict[str, int | float]:
         """Counters for /health: prompt tokens admitted, how many the prefix cache saved, its size in MiB."""
-        out: dict[str, int | float] = {"prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens}
+        out: dict[str, int | float] = {**super().stats(), "reused_tokens": self.reused_tokens}
         if self.prefix is not None:
             out["prefix_cache_mib"] = round(self.prefix.used / 2**20, 1)
         return out
 
-    # --- the API the server uses (any thread) --------------------------------------------------------
-
-    @property
-    def failure(self) -> str | None:
-        """Why the engine thread died (None while it runs, or was stopped on purpose)."""
-        if self._died is None and self._thread is not None and not self._thread.is_alive() and not self._stopping:
-            return "the engine thread ended"  # not through _run's handler: only a BaseException gets here
-        return self._died
-
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; QueueFull if ``max_queue`` jobs are already waiting, EngineDown if the thread died."""
-        with self._cv:
-            if self.failure is not None:
-                raise EngineDown(self.failure)
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull
-            self.waiting.append(job)
-            self._cv.notify()
-
-    def start(self) -> None:
-        """Run the engine thread (again, after :meth:`stop`: the waiting jobs are still queued)."""
-        self._stopping, self._died = False, None
-        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join()
-
     # --- the engine thread ----------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            self._serve()
-        except Exception as e:  # a bug outside any one job: say so, and end every job rather than leave it waiting
-            traceback.print_exc()
-            with self._cv:
-                self._died = f"the engine stopped: {_describe(e)}"
-                jobs = [row.job for row in self.rows] + list(self.waiting)
-                self.rows.clear()
-                self.waiting.clear()
-            for job in jobs:
-                self._end(job, Finished("error", self._died))
-
-    def _serve(self) -> None:
+    def _prepare(self) -> None:
         cfg = self.model.cfg
         device = self.model.device
         dtype = torch.get_autocast_dtype(device.type) if self.rt.autocast_dtype else self.model.dtype
         self.caches = [KVCache.empty(self.max_batch, b.attn.n_kv, cfg.block_size, b.attn.hd, dtype, device)
                        for b in self.model.blocks]
         self.slots = torch.arange(cfg.block_size, device=device)
-        with torch.inference_mode(), self.rt.autocast():
-            self.model.eval()
-            while True:
-                with self._cv:
-                    self._cv.wait_for(lambda: self._stopping or self.waiting or self.rows)
-                    if self._stopping:
-                        break
-                self._admit()
-                if self.rows:
-                    self._decode()
-        for row in self.rows:
-            self._end(row.job, Finished("cancelled"))
-        self.rows.clear()
+
+    def _step(self) -> None:
+        self._admit()
+        if self.rows:
+            self._decode()
+
+    def _running(self) -> list[Job]:
+        return [row.job for row in self.rows]
+
+    def _release(self) -> None:
         self.model.clear_cache()
-
-    @staticmethod
-    def _end(job: Job, event: Finished) -> None:
-        """Tell a job it is over; a job whose listener is gone (its event loop closed) has nobody to tell."""
-        try:
-            job.emit(event)
-        except Exception:  # the listener's failure must not end the engine for everyone else
-            traceback.print_exc()
-
-    def _fail(self, jobs: list[Job], e: Exception) -> None:
-        """End ``jobs`` with the error ``e`` (a bug: its traceback goes to stderr, its message to the clients)."""
-        print(f"lmforge serve: {len(jobs)} request(s) failed in the engine: {_describe(e)}", file=sys.stderr)
-        traceback.print_exception(e)
-        for job in jobs:
-            self._end(job, Finished("error", _describe(e)))
 
     def _admit(self) -> None:
         """Prefill waiting jobs into free rows, one at a time."""

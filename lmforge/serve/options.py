@@ -10,7 +10,8 @@ from lmforge.options import RuntimeOptions, check, check_finite, option
 
 @dataclass
 class ServeOptions(RuntimeOptions):
-    """An OpenAI-compatible server (completions, chat, streaming) and a chat page."""
+    """An OpenAI-compatible server (completions, chat, streaming) and a chat page; an encoder-decoder run answers
+    completions only, its prompt the source."""
 
     run: str = option(positional=True)
     """Run directory, checkpoint directory or Hugging Face folder."""
@@ -30,12 +31,13 @@ class ServeOptions(RuntimeOptions):
     """Requests waiting for a free row before the server answers 429."""
     batching: Literal["continuous", "static"] = "continuous"
     """continuous: requests join and leave the running batch between steps; static (to compare): waiting requests
-    start only when the whole batch has finished."""
+    start only when the whole batch has finished (always so for an encoder-decoder run)."""
     prefix_cache_mib: float = 256
     """MiB of memory for the keys/values of recent prompts and answers, reused by requests that begin with them (a
-    system prompt, a chat's earlier turns): their prefill starts where the stored prefix ends. 0: off."""
+    system prompt, a chat's earlier turns): their prefill starts where the stored prefix ends. 0: off. Decoder-only
+    runs."""
     compile: bool = False
-    """torch.compile the model first."""
+    """torch.compile the model first (decoder-only runs)."""
     model_name: str | None = None
     """The model's name in the API (default: the run directory's name)."""
 

@@ -11,6 +11,7 @@ from torch.optim._muon import _adjust_lr
 
 from lmforge.config import OptimConfig
 from lmforge.errors import UserError
+from lmforge.model.gpt import Block
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int, warmup_steps: int | None = None) -> float:
@@ -163,8 +164,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     if cfg.name == "adamw":
         return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=cfg.eps,
                                  fused=fused)
-    blocks = getattr(model, "blocks", None)
-    hidden = {id(p) for p in blocks.parameters() if p.dim() == 2 and p.requires_grad} if blocks is not None else set()
+    # Every Transformer block's matrices, wherever the blocks sit: a decoder's or encoder's ``blocks``, an
+    # encoder-decoder's ``encoder_blocks`` and ``decoder_blocks`` (cross-attention's q, kv and proj too).
+    hidden = {id(p) for block in model.modules() if isinstance(block, Block)
+              for p in block.parameters() if p.dim() == 2 and p.requires_grad}
     if not hidden:
         raise UserError("optim.name=muon: this model has no trainable Transformer block matrices for Muon "
                         "(use optim.name=adamw)")

@@ -8,10 +8,11 @@ collective is the identity. Under torchrun (``torchrun --nproc_per_node N -m lmf
 * the process group is gloo on CPUs and NCCL on GPUs; FSDP's device mesh is built on the run's own device
   type, so on a CPU nothing is moved to a GPU;
 * ``ddp`` wraps the model in DistributedDataParallel (gradients averaged over the processes); ``fsdp``
-  applies FSDP2's ``fully_shard`` to every Transformer block, then to the root. FSDP2 averages gradients
-  with a reduce op that gloo's reduce-scatter does not honour (it sums: pytorch issue 162338), so here it
-  sums everywhere (divide factor 1, SUM reductions) and the loss is divided by the world size before the
-  backward instead, as torchtitan does;
+  applies FSDP2's ``fully_shard`` to every Transformer block (a decoder's or encoder's ``blocks``, both
+  sides of an encoder-decoder: every :class:`~lmforge.model.gpt.Block`, wherever it sits), then to the
+  root. FSDP2 averages gradients with a reduce op that gloo's reduce-scatter does not honour (it sums:
+  pytorch issue 162338), so here it sums everywhere (divide factor 1, SUM reductions) and the loss is
+  divided by the world size before the backward instead, as torchtitan does;
 * gradients are reduced on a step's last micro-batch only (``no_sync``, ``set_requires_gradient_sync``);
 * whatever one rank would decide alone (a measurement, its clock, a signal, the run directory) is decided
   by rank 0 and broadcast, or agreed by all, so ranks never diverge;

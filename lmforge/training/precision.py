@@ -48,11 +48,13 @@ def time_train_step(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
         model = build_model(cfg).to(device).eval()  # eval: no dropout masks drawn; backward works all the same
         idx = torch.randint(cfg.vocab_size, (PROBE_SEQUENCES, cfg.block_size + 1), device=device)
         x, y = idx[:, :-1], idx[:, 1:]
+        # An encoder-decoder reads a source and writes a target, each a block long (as its pretraining does).
+        inputs = (x, x, y) if cfg.arch == "encoder_decoder" else (x, y)
         best, loss_value = math.inf, math.nan
         for i in range(repeats + 1):
             t = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                _, loss = model(x, y)
+                _, loss = model(*inputs)
             loss.backward()
             loss_value = loss.item()  # waits for the device
             if i:

@@ -2,7 +2,8 @@
 
 It reads like the algorithm because its parts live elsewhere: the set-up every training command
 shares (runtime, run directory, resume, metrics) in ``session``, the loop in ``steps``, the optimizer
-and schedule in ``optim``, checkpoints in ``checkpoint``, batches in ``data.loader``.
+and schedule in ``optim``, checkpoints in ``checkpoint``, batches in ``data.loader``, and what each
+architecture learns (its batches, loss, validation figures, samples) in ``objectives``.
 """
 
 from __future__ import annotations
@@ -19,21 +20,17 @@ import torch
 
 from lmforge import rundir
 from lmforge.config import TrainConfig, validate_train_config
-from lmforge.data.loader import BatchSampler, open_split, prefetch_batches
-from lmforge.data.masking import EvalBatches, MaskedBatchSampler, Masking
+from lmforge.data.loader import open_split, prefetch_batches
 from lmforge.data.prepare import format_summary, load_meta, prepare, prepared_default_dataset
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.generate import generate_text
-from lmforge.model import GPT, Encoder, build_model, flops_per_token
-from lmforge.options import Sampling
-from lmforge.runtime import Runtime
+from lmforge.model import GPT, build_model
 from lmforge.training.checkpoint import load_weights
-from lmforge.training.metrics import bits_per_byte, format_duration, perplexity
+from lmforge.training.metrics import format_duration
+from lmforge.training.objectives import objective_for
 from lmforge.training.parallel import Parallel
 from lmforge.training.session import Trainee, TrainingSession
 from lmforge.training.sparsity import MaskHolder
-from lmforge.training.validation import masked_lm_metrics, split_loss
 
 
 @dataclass
@@ -93,10 +90,9 @@ def _train(session: TrainingSession, cfg: TrainConfig, progress: bool, allow_dat
     if progress and par.where.is_main:
         print(f"dataset {dataset_dir}\n" + format_summary(meta), flush=True)
     tokenizer = Tokenizer.from_file(dataset_dir / "tokenizer.json")
-    encoder = cfg.model.arch == "encoder"
-    # An encoder needs [CLS] [SEP] [MASK] [PAD]: a vocabulary without them (BPE, characters) gets them appended, and
-    # the run's tokenizer.json holds them.
-    masking = Masking(tokenizer.encoder_tokens(), tokenizer.vocab_size, cfg.train.mlm_probability) if encoder else None
+    # What the model learns: the next token, masked tokens or hidden spans (the special tokens the last two need are
+    # appended to the vocabulary here, and the run's tokenizer.json holds them).
+    objective = objective_for(cfg, tokenizer, meta["splits"]["val"])
 
     def derived(config: TrainConfig) -> None:
         config.data.dataset_dir = str(dataset_dir)
@@ -109,66 +105,44 @@ def _train(session: TrainingSession, cfg: TrainConfig, progress: bool, allow_dat
         check_same_data(run_dir, dataset_dir, meta, allow_data_change)
     block = cfg.model.block_size
     train_shard, val_shard = (open_split(meta, split, block, cfg.model.vocab_size) for split in ("train", "val"))
-    val_split = meta["splits"]["val"]
 
     # --- the model, and what training it means
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = build_model(cfg.model).to(rt.device)
     model.activation_checkpointing = tc.activation_checkpointing
     n_params = model.num_params()
-    # An encoder's output layer (and the dense layer before it) runs on the masked positions only.
-    head = (1 - tc.mlm_probability) * (cfg.model.vocab_size + cfg.model.n_embd) * cfg.model.n_embd if encoder else 0
-    flops_tok = flops_per_token(cfg.model, round(n_params - head))
+    flops_tok = objective.flops_per_token(cfg.model, n_params)
 
     def write_files(folder: Path) -> None:
         tokenizer.save(folder / rundir.TOKENIZER)
         shutil.copyfile(dataset_dir / "meta.json", folder / rundir.DATASET_META)
 
     def batches(step: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        sampler = BatchSampler(train_shard, tc.batch_size, tc.seed, rt.rank, rt.world_size) if masking is None \
-            else MaskedBatchSampler(train_shard, tc.batch_size, tc.seed, masking, rt.rank, rt.world_size)
+        sampler = objective.sampler(train_shard, tc.batch_size, tc.seed, rt.rank, rt.world_size)
         return prefetch_batches(sampler, step, tc.grad_accum, rt.device)
 
     def evaluate(eval_model: torch.nn.Module, final: bool) -> dict[str, float]:
         # The final evaluation covers the whole val split (non-overlapping windows).
         n_batches = 10**9 if final else tc.eval_batches
-        if masking is not None:
-            loss, accuracy = masked_lm_metrics(eval_model, EvalBatches(val_shard, masking, tc.batch_size, n_batches,
-                                                                       tc.seed), rt, par)
-            return {"val_loss": loss, "val_ppl": perplexity(loss), "val_mlm_accuracy": accuracy}
-        loss = split_loss(eval_model, val_shard, rt, tc.batch_size, n_batches, par)
-        return {"val_loss": loss, "val_ppl": perplexity(loss),
-                "val_bpb": bits_per_byte(loss, val_split["tokens"], val_split["bytes"])}
-
-    def loss(step_model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if masking is None:
-            return step_model(*batch)[1]
-        x, positions, targets = batch
-        return step_model(x, targets, masked=positions)[1]
+        return objective.evaluate(eval_model, val_shard, tc.batch_size, n_batches, tc.seed, rt, par)
 
     out = session.train(Trainee(
-        model=model, kind="pretrain", task="mlm" if encoder else "lm", lora=False,
+        model=model, kind="pretrain", task=objective.task, lora=False,
         describe=f"model {cfg.model.family}, {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOPs/token",
         flops_per_token=flops_tok, write_files=write_files, load_state=lambda ckpt: load_weights(model, ckpt),
-        batches=batches, loss=loss, evaluate=evaluate,
+        batches=batches, loss=objective.loss, evaluate=evaluate,
         tokens_per_sequence=block, on_eval=on_eval,
         after_step=sparsity_mask(run_dir, model, par) if session.resume_from is not None else None))
 
     step, last_eval = out.step, out.last_eval
-    figure = f"{last_eval['val_mlm_accuracy']:.1%} of masked tokens right" if encoder \
-        else f"{last_eval['val_bpb']:.4f} bits/byte"
-    use = [f"lmforge finetune task=classify base={run_dir} data.train=FILE"] if encoder \
-        else [f"lmforge generate {run_dir} -p TEXT"]
     session.say_done(f"{step} steps in {format_duration(out.train_time_s)} | val loss {last_eval['val_loss']:.4f} | "
-                     f"{figure} | {run_dir}", use + [f"lmforge eval {run_dir}"]
+                     f"{objective.figure(last_eval)} | {run_dir}",
+                     [*objective.next_commands(run_dir), f"lmforge eval {run_dir}"]
                      + ([] if cfg.model.export_problem() else [f"lmforge export {run_dir} --out DIR"]), out.too_short)
     if progress and cfg.sample.num_samples > 0:
         sample_model = par.unsharded(model, lambda: build_model(cfg.model).to(rt.device))  # every rank (a gather)
-        if rt.is_main and isinstance(sample_model, Encoder):
-            print_fill_mask_samples(sample_model, tokenizer, EvalBatches(val_shard, masking, 1, 10**9, tc.seed),
-                                    cfg.sample.num_samples, rt)
-        elif rt.is_main:
-            print_samples(sample_model, tokenizer, cfg, rt)
+        if rt.is_main:
+            objective.print_samples(sample_model, tokenizer, cfg, val_shard, rt)
     return TrainResult(run_dir, step, last_eval["val_loss"], last_eval.get("val_bpb", math.nan), out.train_time_s,
                        out.stopped_early)
 
@@ -182,31 +156,3 @@ def sparsity_mask(run_dir: Path, model: GPT, par: Parallel) -> MaskHolder | None
         raise UserError(f"{run_dir} is a pruned run with a sparsity mask: train it in one process or with "
                         f"parallel.strategy=ddp (the mask is not sharded)")
     return MaskHolder(model, run_dir / mask)
-
-
-@torch.no_grad()
-def print_fill_mask_samples(model: Encoder, tokenizer: Tokenizer, batches: EvalBatches, n: int, rt: Runtime) -> None:
-    """An encoder's samples: ``n`` validation sequences as the model saw them, each masked token shown as
-    [the model's guess|the truth] (one sign each: = right, x wrong)."""
-    model.eval()
-    for i in range(min(n, len(batches))):
-        x, positions, targets = (t.to(rt.device) for t in batches[len(batches) * i // n])
-        with rt.autocast():
-            guesses = model(x, masked=positions)[0].argmax(-1)[0].tolist()
-        ids = x[0].tolist()
-        for pos, guess, truth in zip(positions[0].tolist(), guesses, targets[0].tolist(), strict=True):
-            if truth != -100:
-                mark = "=" if guess == truth else "x"
-                ids[pos] = f"[{tokenizer.decode([guess])}{mark}{tokenizer.decode([truth])}]"
-        text = "".join(t if isinstance(t, str) else tokenizer.decode([t]) for t in ids[1:40])
-        print(f"\n--- fill-mask sample {i + 1} (first 40 tokens; [guess=truth] right, [guessxtruth] wrong) ---\n{text}")
-
-
-def print_samples(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, rt: Runtime) -> None:
-    s = cfg.sample
-    prompts = [s.prompt] * s.num_samples
-    with rt.autocast():
-        texts = generate_text(model, tokenizer, prompts, s.max_new_tokens,
-                              Sampling(temperature=s.temperature, top_k=s.top_k, seed=cfg.train.seed))
-    for i, text in enumerate(texts):
-        print(f"\n--- sample {i + 1} ---\n{s.prompt}{text}")

@@ -1,11 +1,13 @@
 """The validation loss that training reports, computed the same way wherever it is asked for.
 
 Training's periodic and final evaluations call :func:`split_loss` (an encoder's:
-:func:`masked_lm_metrics`), and so does ``lmforge eval --dataset``, so the two report the same figure
-for the same checkpoint and split.
+:func:`masked_lm_metrics`; an encoder-decoder's: :func:`denoising_metrics`), and so does
+``lmforge eval --dataset``, so the two report the same figure for the same checkpoint and split.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -39,20 +41,42 @@ def split_loss(model: torch.nn.Module, shard: TokenShard, rt: Runtime, batch_siz
     return par.sum(total).item() / len(offsets)
 
 
-@torch.no_grad()
 def masked_lm_metrics(model: torch.nn.Module, batches: EvalBatches, rt: Runtime,
                       par: Parallel | None = None) -> tuple[float, float]:
     """(mean loss per masked token, the share of masked tokens predicted exactly) over an encoder's fixed validation
     batches: its masked-LM figures, computed as :func:`split_loss` deals batches out under torchrun."""
+    def forward(x, positions, targets):
+        return (*model(x, targets, masked=positions), targets)
+
+    return _token_metrics(model, batches, forward, rt, par)
+
+
+def denoising_metrics(model: torch.nn.Module, batches: EvalBatches, rt: Runtime,
+                      par: Parallel | None = None) -> tuple[float, float]:
+    """(mean loss per target token, the share of target tokens predicted exactly with the true ones before them)
+    over an encoder-decoder's fixed validation batches (:class:`lmforge.data.denoising.Infilling`): how well it
+    writes back the windows it reads corrupted."""
+    def forward(src, src_mask, tgt, labels):
+        return (*model(src, tgt, labels, src_mask=src_mask), labels)
+
+    return _token_metrics(model, batches, forward, rt, par)
+
+
+@torch.no_grad()
+def _token_metrics(model: torch.nn.Module, batches: EvalBatches,
+                   forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rt: Runtime,
+                   par: Parallel | None) -> tuple[float, float]:
+    """(mean loss per predicted token, the share predicted exactly) over fixed batches, ``forward(*batch)`` giving
+    (logits, mean loss, targets with -100 where nothing is predicted); dealt out as :func:`split_loss` does."""
     par = par or Parallel(rt.placement)
     mine = list(range(rt.rank, len(batches), rt.world_size))
     rounds = -(-len(batches) // rt.world_size) if par.sharded else len(mine)
     totals = torch.zeros(3, device=rt.device)  # loss sum, tokens right, tokens predicted
     with eval_mode(model):
         for k in range(rounds):
-            x, positions, targets = (to_device(t, rt.device) for t in batches[mine[k] if k < len(mine) else 0])
+            batch = (to_device(t, rt.device) for t in batches[mine[k] if k < len(mine) else 0])
             with rt.autocast():
-                logits, loss = model(x, targets, masked=positions)
+                logits, loss, targets = forward(*batch)
             counted = (targets != -100).sum() * (k < len(mine))
             right = ((logits.argmax(-1) == targets) & (targets != -100)).sum() * (k < len(mine))
             totals += torch.stack([loss.float() * counted, right.float(), counted.float()])

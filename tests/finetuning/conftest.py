@@ -22,3 +22,38 @@ def repeat_task(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="package")
 def module_snippets(tmp_path_factory) -> Path:
     return write_module_snippets(tmp_path_factory.mktemp("cls"))
+
+
+def write_seq2seq_base(folder: Path, block_size: int = 64) -> Path:
+    """A base run directory that costs no training: a freshly initialized encoder-decoder (seq2seq-tiny: 2 blocks a
+    side) over a character tokenizer of argparse.py and textwrap.py with the framing's [PAD] and [MASK], written as a
+    pretraining run (``lmforge train`` of encoder-decoders is not needed to fine-tune one)."""
+    import argparse
+    import textwrap
+
+    import torch
+
+    from lmforge import rundir
+    from lmforge.config import ModelConfig, TrainConfig, from_dict, save_yaml
+    from lmforge.data.seq2seq import Seq2SeqTokens
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.model import build_model
+    from lmforge.training.checkpoint import save_weights_only
+
+    tokenizer = Tokenizer.train_char([Path(m.__file__).read_text() for m in (argparse, textwrap)])
+    Seq2SeqTokens.of(tokenizer)  # adds [PAD] and [MASK]: the embedding needs their rows
+    model_cfg = from_dict(ModelConfig, {"preset": "seq2seq-tiny", "block_size": block_size,
+                                        "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    folder.mkdir(parents=True)
+    save_yaml(TrainConfig(out_dir=str(folder), model=model_cfg), folder / rundir.CONFIG)
+    tokenizer.save(folder / rundir.TOKENIZER)
+    rundir.write_run_info(folder, "pretrain", "seq2seq")
+    save_weights_only(folder, 0, model)
+    return folder
+
+
+@pytest.fixture(scope="package")
+def seq2seq_base(tmp_path_factory) -> Path:
+    return write_seq2seq_base(tmp_path_factory.mktemp("bases") / "seq2seq")
