@@ -874,6 +874,9 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
     cfg.optim.validate()
     _validate_train_loop(cfg.train)
     _check("dropout", cfg.dropout, cfg.dropout is None or 0 <= cfg.dropout < 1, "null or a probability in [0, 1)")
+    if cfg.data.packing and cfg.task != "sft":
+        raise UserError(f"data.packing=true packs chat examples into rows (task=sft); task={cfg.task} pads each batch "
+                        f"instead (leave data.packing out)")
 
 
 def _key_paths(data: dict, prefix: tuple[str, ...] = ()) -> typing.Iterator[list[str]]:

@@ -103,3 +103,18 @@ def save_hf_folder(hf, folder: Path, tokenizer) -> None:
     """A Hugging Face model folder as save_pretrained writes it, with our tokenizer.json."""
     hf.save_pretrained(folder, safe_serialization=True)
     tokenizer.save(folder / "tokenizer.json")
+
+
+def save_seq2seq_run(folder: Path, model: torch.nn.Module, tokenizer) -> Path:
+    """``folder`` as a pretraining run directory of encoder-decoder ``model`` and its ``tokenizer`` (which must hold
+    the framing's [PAD] and [MASK]: ``Seq2SeqTokens.of(tokenizer)`` adds them), written without training."""
+    from lmforge import rundir
+    from lmforge.config import TrainConfig, save_yaml
+    from lmforge.training.checkpoint import save_weights_only
+
+    folder.mkdir(parents=True)
+    save_yaml(TrainConfig(out_dir=str(folder), model=model.cfg), folder / rundir.CONFIG)
+    tokenizer.save(folder / rundir.TOKENIZER)
+    rundir.write_run_info(folder, "pretrain", "seq2seq")
+    save_weights_only(folder, 0, model)
+    return folder

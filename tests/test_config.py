@@ -141,10 +141,11 @@ def test_values_that_pass_type_checks_but_make_no_sense_are_refused_at_load_time
 
 
 @pytest.mark.parametrize("override", ["lora.alpha=0", "lora.dropout=1", "data.max_length=0", "dropout=1.5",
-                                      "optim.weight_decay=-0.1", "train.patience=0"])
+                                      "optim.weight_decay=-0.1", "train.patience=0",
+                                      "data.packing=true task=seq2seq", "data.packing=true task=classify"])
 def test_finetune_values_are_checked_by_meaning_too(override):
     with pytest.raises(UserError, match=override.split("=")[0]):
-        load_finetune_config(None, ["base=runs/x", "data.train=x.jsonl", override])
+        load_finetune_config(None, ["base=runs/x", "data.train=x.jsonl", *override.split()])
 
 
 @pytest.mark.parametrize("recipe", [None, *sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))])

@@ -10,15 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lmforge import rundir
-from lmforge.config import ModelConfig, TrainConfig, save_yaml
+from lmforge.config import ModelConfig
 from lmforge.data.seq2seq import Seq2SeqTokens, frame_source, pad_batch
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.generate_seq2seq import _beam_search, generate_seq2seq, write_text
 from lmforge.model import EncoderDecoder, build_model
 from lmforge.options import GREEDY, OptionError, Sampling, Search
-from lmforge.training.checkpoint import save_weights_only
+from tests.fixtures import save_seq2seq_run
 from tests.test_speculative import write_run as write_decoder_run
 
 TOKENS = Seq2SeqTokens(eos=2, pad=1, mask=3)
@@ -216,13 +215,7 @@ def write_seq2seq_run(folder: Path) -> Path:
     """A run directory holding a random encoder-decoder (large init, as ``lively``) over a character tokenizer."""
     tokenizer = Tokenizer.train_char([string.ascii_lowercase + " "])
     Seq2SeqTokens.of(tokenizer)  # adds [PAD] and [MASK], which the saved tokenizer then holds
-    model = lively(vocab=tokenizer.vocab_size, block_size=24)
-    folder.mkdir()
-    save_yaml(TrainConfig(model=model.cfg), folder / rundir.CONFIG)
-    tokenizer.save(folder / rundir.TOKENIZER)
-    rundir.write_run_info(folder, "pretrain", "seq2seq")
-    save_weights_only(folder, 1, model)
-    return folder
+    return save_seq2seq_run(folder, lively(vocab=tokenizer.vocab_size, block_size=24), tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ class EvalRequest:
     """The --dataset split to score."""
     pairs: str | None = option(None, metavar="FILE")
     """JSONL of prompt + reference (encoder-decoder runs): loss and perplexity of each reference given its prompt as
-    the source (teacher-forced; per target token, end-of-text included, as fine-tuning's val_loss)."""
+    the source (teacher-forced; per target token, end-of-text included, as fine-tuning's val_loss) (default: none)."""
     generate: str | None = option(None, metavar="FILE")
     """JSONL of prompt (an encoder-decoder run: the source) + reference(s): BLEU, chrF, ROUGE, exact match."""
     choice: str | None = option(None, metavar="FILE")

@@ -33,25 +33,18 @@ def write_seq2seq_base(folder: Path, block_size: int = 64) -> Path:
 
     import torch
 
-    from lmforge import rundir
-    from lmforge.config import ModelConfig, TrainConfig, from_dict, save_yaml
+    from lmforge.config import ModelConfig, from_dict
     from lmforge.data.seq2seq import Seq2SeqTokens
     from lmforge.data.tokenizer import Tokenizer
     from lmforge.model import build_model
-    from lmforge.training.checkpoint import save_weights_only
+    from tests.fixtures import save_seq2seq_run
 
     tokenizer = Tokenizer.train_char([Path(m.__file__).read_text() for m in (argparse, textwrap)])
     Seq2SeqTokens.of(tokenizer)  # adds [PAD] and [MASK]: the embedding needs their rows
     model_cfg = from_dict(ModelConfig, {"preset": "seq2seq-tiny", "block_size": block_size,
                                         "vocab_size": tokenizer.vocab_size})
     torch.manual_seed(0)
-    model = build_model(model_cfg)
-    folder.mkdir(parents=True)
-    save_yaml(TrainConfig(out_dir=str(folder), model=model_cfg), folder / rundir.CONFIG)
-    tokenizer.save(folder / rundir.TOKENIZER)
-    rundir.write_run_info(folder, "pretrain", "seq2seq")
-    save_weights_only(folder, 0, model)
-    return folder
+    return save_seq2seq_run(folder, build_model(model_cfg), tokenizer)
 
 
 @pytest.fixture(scope="package")

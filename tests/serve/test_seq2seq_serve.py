@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge import rundir
 from lmforge.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
-from lmforge.config import ModelConfig, TrainConfig, from_dict, save_yaml
+from lmforge.config import ModelConfig, from_dict
 from lmforge.data.seq2seq import Seq2SeqTokens
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.generate_seq2seq import frame_sources, generate_seq2seq
@@ -26,8 +25,7 @@ from lmforge.serve import seq2seq_engine
 from lmforge.serve.app import Served, create_app
 from lmforge.serve.engine import Engine, Finished, Job, Token
 from lmforge.serve.seq2seq_engine import Seq2SeqEngine
-from lmforge.training.checkpoint import save_weights_only
-from tests.fixtures import HANG_S
+from tests.fixtures import HANG_S, save_seq2seq_run
 from tests.serve.conftest import Server, start
 
 BLOCK = 32
@@ -53,12 +51,7 @@ def write_seq2seq_run(folder: Path) -> Path:
         specials = [i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]).startswith("[")]
         model.lm_head.bias[specials] = -10.0
         model.lm_head.bias[tokens.eos] = 0.2
-    folder.mkdir(parents=True)
-    save_yaml(TrainConfig(out_dir=str(folder), model=cfg), folder / rundir.CONFIG)
-    tokenizer.save(folder / rundir.TOKENIZER)
-    rundir.write_run_info(folder, "pretrain", "seq2seq")
-    save_weights_only(folder, 0, model)
-    return folder
+    return save_seq2seq_run(folder, model, tokenizer)
 
 
 @pytest.fixture(scope="module")
