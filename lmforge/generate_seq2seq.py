@@ -190,7 +190,7 @@ def _beam_search(model: EncoderDecoder, memory: torch.Tensor, src_mask: torch.Te
         fin_len = _gather(torch.cat((fin_len, torch.full_like(tok, t)), dim=1), best)
         finished = _gather(torch.cat((finished, just), dim=1), best)
         # Each continuing beam's cache (and seen tokens) are those of the beam it extends.
-        model.reorder_cache(rows.view(-1))
+        model.reorder_cache(rows.view(-1), t)  # slots 0 .. t-1 are written
         if seen is not None:
             seen = seen[rows.view(-1)]
             seen[torch.arange(B * K, device=device), seqs[:, :, t].reshape(-1)] = True

@@ -204,13 +204,15 @@ class EncoderDecoder(nn.Module):
             a.kv_cache = KVCache.empty(memory.size(0), a.n_kv, max_len, a.hd, dtype or memory.dtype, memory.device)
             block.cross.memory_kv = block.cross.keys_values(memory)
 
-    def reorder_cache(self, rows: torch.Tensor) -> None:
-        """Keep self-attention cache row ``rows[i]`` as row i (beam search: each beam continues a chosen one). The
-        cross-attention's keys and values stay: rows are only ever chosen among the beams of the same source."""
+    def reorder_cache(self, rows: torch.Tensor, length: int) -> None:
+        """Keep self-attention cache row ``rows[i]`` as row i (beam search: each beam continues a chosen one), its
+        first ``length`` slots (those written: copying the whole static cache each step would cost ~max_len/length
+        times more). The cross-attention's keys and values stay: rows are only ever chosen among the beams of the
+        same source."""
         for block in self.decoder_blocks:
             cache = block.attn.kv_cache
-            cache.k.copy_(cache.k.index_select(0, rows))
-            cache.v.copy_(cache.v.index_select(0, rows))
+            for kv in (cache.k, cache.v):
+                kv[:, :, :length] = kv[:, :, :length].index_select(0, rows)
 
     def clear_cache(self) -> None:
         for block in self.decoder_blocks:
