@@ -477,10 +477,60 @@ def application(name: str) -> Callable[[], Row]:
     return row
 
 
+def seq2seq_generation() -> Row:
+    doc = load("seq2seq_generate_speed.json")
+    r = {(x["beams"], x["batch"]): x for x in doc["results"]}
+    same = all(x["same_tokens"] for x in r.values())
+
+    def side(key: str) -> str:
+        return "; ".join(f"{'greedy' if beams == 1 else f'beam {beams}'} {num(r[beams, 1][key]['median'])} / "
+                         f"{num(r[beams, 8][key]['median'])}" for beams in (1, 4))
+
+    def verdict(beams: int) -> str:
+        return per_batch(*(ratio_of_repeats(r[beams, b]["lmforge_tok_s"]["rounds"],
+                                            r[beams, b]["transformers_tok_s"]["rounds"]) for b in (1, 8)))
+
+    s = doc["settings"]
+    return Row(
+        f"Generation: encoder-decoder ({s['preset']}, {s['source_len']}-token sources, {s['new_tokens']} new tokens), "
+        f"{doc['precision']}",
+        f"{side('lmforge_tok_s')} tok/s (batch 1 / 8)" + ("; tokens identical" if same else ""),
+        f"`transformers` `generate()` on the same weights: {side('transformers_tok_s')}",
+        f"greedy {verdict(1)}; beam 4 {verdict(4)}",
+        machine_cpu(doc, "AVX512-BF16, no AMX†"),
+        ("seq2seq_generate_speed.json",),
+        "python bench/seq2seq_generate_speed.py --threads 2",
+    )
+
+
+def seq2seq_translation() -> Row:
+    same, own = load("seq2seq_vs_decoder.json"), load("seq2seq_vs_decoder_adamw.json")
+
+    def chrf(doc: dict, key: str) -> list[float]:
+        return doc["summary"][key]["chrf"]["values"]
+
+    dec = chrf(same, "decoder greedy")
+    enc, beam = chrf(own, "encoder_decoder greedy"), chrf(own, "encoder_decoder beam4")
+    minutes = same["pretrain_minutes"] + same["finetune_minutes"]
+    return Row(
+        f"Architecture: encoder-decoder vs decoder for translation, {minutes:g} min each (pretraining + fine-tuning), "
+        f"{own['runs'][0]['greedy']['examples']:,} test records",
+        f"encoder-decoder (2+2x256, fine-tuned with AdamW 1e-3): chrF {spread(enc, 2)} greedy, {spread(beam, 2)} "
+        f"beam 4; {len(enc)} seeds",
+        f"the default decoder (4x256) with the app's recipe (Muon): chrF {spread(dec, 2)}; the encoder-decoder with "
+        f"that recipe: {spread(chrf(same, 'encoder_decoder greedy'), 2)}",
+        f"greedy {difference_of_repeats(enc, dec, 2)} chrF; beam 4 {difference_of_repeats(beam, dec, 2)} chrF",
+        machine_cpu(own, "AVX512-BF16, no AMX†"),
+        ("seq2seq_vs_decoder.json", "seq2seq_vs_decoder_adamw.json"),
+        "python bench/seq2seq_vs_decoder.py [--seq2seq-set optim.name=adamw optim.lr=1e-3 optim.min_lr=1e-4]",
+    )
+
+
 ROWS: list[Callable[[], Row]] = [
     prepare, time_to_loss, time_to_loss_vs_nanogpt, nanogpt_parity, train_speed_amx, train_speed_avx2, scale_out,
     generation, serving, fine_tuning, quantization, pruning, structured_speed, gguf, sweep,
-    application("translation"), application("summarization"), application("qa"),
+    application("translation"), application("summarization"), application("qa"), seq2seq_generation,
+    seq2seq_translation,
 ]
 
 # ---------------------------------------------------------------------------------------------- the block

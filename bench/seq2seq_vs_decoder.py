@@ -15,7 +15,7 @@ contenders get the same minutes of pretraining and the same minutes of fine-tuni
 
 Both then write the test records' translations greedily (at most the app's 80 new tokens; the encoder-decoder also
 with 4 beams), scored by ``lmforge eval --generate`` (sacrebleu chrF and BLEU). The contenders take turns going
-first. A finished stage (its run's final_eval.json, or the eval report) is read, not run again, so a killed bench
+first. A finished stage (a run whose training ended, or an eval report) is read, not run again, so a killed bench
 continues where it stopped.
 """
 
@@ -32,14 +32,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from lmforge import rundir
 from lmforge.apps.options import AppRequest
-from lmforge.apps.recipe import APP_CONFIGS, run_app
+from lmforge.apps.recipe import APP_CONFIGS, run_app, training_finished
 from lmforge.config import load_finetune_config, load_train_config
 from lmforge.evaluate.options import EvalRequest
 from lmforge.evaluate.runner import evaluate_run, write_report
 from lmforge.finetuning.finetune import finetune
 from lmforge.hardware import cpu_name
 from lmforge.options import GREEDY, Search
+from lmforge.training.checkpoint import trainer_meta
 from lmforge.training.pretrain import train
 
 ARCH = {"decoder": [], "encoder_decoder": ["model.arch=encoder_decoder", "model.n_layer=2"]}
@@ -50,18 +52,19 @@ def _flatten(section: dict, prefix: str) -> list[str]:
     return [f"{prefix}.{k}={v}" for k, v in section.items()]
 
 
-def finetune_overrides(contender: str, base: Path, out: Path, train_file: Path, seed: int, minutes: float) -> tuple:
-    """(recipe, overrides): the app's shipped recipe for the decoder; its optimizer and training settings with
-    task=seq2seq for the encoder-decoder."""
+def finetune_overrides(contender: str, base: Path, out: Path, train_file: Path, seed: int, minutes: float,
+                       extra: list[str], decoder_extra: list[str]) -> tuple:
+    """(recipe, overrides): the app's shipped recipe for the decoder, then ``decoder_extra`` (--decoder-set); its
+    optimizer and training settings with task=seq2seq for the encoder-decoder, then ``extra`` (--seq2seq-set)."""
     common = [f"base={base}", f"out_dir={out}", f"data.train={train_file}", f"train.seed={seed}", f"data.seed={seed}",
               f"train.budget_minutes={minutes}"]
     recipe = APP_CONFIGS / "translation.yaml"
     if contender == "decoder":
-        return recipe, common
+        return recipe, [*common, *decoder_extra]
     shipped = yaml.safe_load(recipe.read_text(encoding="utf-8"))
     train_keys = {k: v for k, v in shipped["train"].items() if k != "budget_minutes"}
     return None, ["task=seq2seq", f"data.val_fraction={shipped['data']['val_fraction']}",
-                  *_flatten(shipped["optim"], "optim"), *_flatten(train_keys, "train"), *common]
+                  *_flatten(shipped["optim"], "optim"), *_flatten(train_keys, "train"), *common, *extra]
 
 
 def evaluate(run: Path, test: Path, out: Path, chat: bool, beams: int = 1) -> dict:
@@ -79,12 +82,12 @@ def evaluate(run: Path, test: Path, out: Path, chat: bool, beams: int = 1) -> di
 def one(contender: str, seed: int, root: Path, data: Path, args: argparse.Namespace) -> dict:
     folder = root / f"{contender}-seed{seed}"
     base, model = folder / "base", folder / "model"
-    if not (base / "final_eval.json").is_file():
+    if not training_finished(base):
         train(load_train_config("default", [f"out_dir={base}", f"train.seed={seed}",
                                             f"train.budget_minutes={args.pretrain_minutes}", *ARCH[contender]]))
     if not (model / "final_eval.json").is_file():
         recipe, overrides = finetune_overrides(contender, base, model, data / "train.jsonl", seed,
-                                               args.finetune_minutes)
+                                               args.finetune_minutes, args.seq2seq_set, args.decoder_set)
         finetune(load_finetune_config(recipe, overrides))
     test = data / "test.jsonl"
     if args.max_test:
@@ -94,10 +97,12 @@ def one(contender: str, seed: int, root: Path, data: Path, args: argparse.Namesp
             test.write_text("".join(lines[: args.max_test]), encoding="utf-8")
     result = {"contender": contender, "seed": seed}
     for name, path in (("base", base), ("model", model)):
-        meta = json.loads((path / "final_eval.json").read_text(encoding="utf-8"))
-        result[f"{name}_val_loss"] = meta.get("val_loss")
-        result[f"{name}_steps"] = meta.get("step")
-        result[f"{name}_train_s"] = meta.get("train_time_s")
+        meta = trainer_meta(rundir.latest_checkpoint(path))
+        evals = [json.loads(line) for line in (path / rundir.METRICS).read_text(encoding="utf-8").splitlines()
+                 if '"val_loss"' in line]
+        result[f"{name}_val_loss"] = evals[-1]["val_loss"]
+        result[f"{name}_steps"] = meta["step"]
+        result[f"{name}_train_s"] = meta["train_time_s"]
     searches = {"greedy": 1} if contender == "decoder" else {"greedy": 1, "beam4": 4}
     for label, beams in searches.items():
         gen = evaluate(model, test, folder / f"eval-{label}.json", chat=contender == "decoder", beams=beams)
@@ -120,6 +125,11 @@ def main() -> None:
     ap.add_argument("--finetune-minutes", type=float, default=4.0)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--max-test", type=int, default=None, help="score only the first N test records")
+    ap.add_argument("--contenders", nargs="+", default=list(ARCH), choices=list(ARCH))
+    ap.add_argument("--seq2seq-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the encoder-decoder's fine-tuning (exploration; the table uses none)")
+    ap.add_argument("--decoder-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the decoder's fine-tuning (exploration; the table uses none)")
     ap.add_argument("--json", default="bench/results/seq2seq_vs_decoder.json")
     args = ap.parse_args()
     root = Path(args.dir)
@@ -130,6 +140,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         order = list(ARCH) if seed % 2 == 0 else list(reversed(ARCH))  # take turns going first
+        order = [c for c in order if c in args.contenders]
         for contender in order:
             results.append(one(contender, seed, root, data, args))
             print(json.dumps(results[-1]), flush=True)
@@ -137,9 +148,10 @@ def main() -> None:
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "pretrain_minutes": args.pretrain_minutes, "finetune_minutes": args.finetune_minutes,
+        "seq2seq_set": args.seq2seq_set, "decoder_set": args.decoder_set,
         "max_test": args.max_test, "runs": results,
         "summary": {f"{c} {label}": {m: summarize(results, c, label, m) for m in ("chrf", "bleu")}
-                    for c in ARCH for label in (("greedy",) if c == "decoder" else ("greedy", "beam4"))}}
+                    for c in args.contenders for label in (("greedy",) if c == "decoder" else ("greedy", "beam4"))}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     for name, s in summary["summary"].items():

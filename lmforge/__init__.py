@@ -4,6 +4,7 @@ The public API::
 
     from lmforge import load_train_config, train, load_finetune_config, finetune, load_run, generate_text
     from lmforge import Sampling, GREEDY  # how generate_text draws tokens
+    from lmforge import generate_targets, Search  # an encoder-decoder's targets for sources (beam search: Search)
 
     result = train(load_train_config("default", ["train.max_steps=100"]))  # a shipped recipe, by name
 
@@ -21,7 +22,8 @@ _EXPORTS = {
     "LoadedRun": "lmforge.loading", "load_run": "lmforge.loading",
     "TrainResult": "lmforge.training.pretrain", "train": "lmforge.training.pretrain",
     "FinetuneResult": "lmforge.finetuning.finetune", "finetune": "lmforge.finetuning.finetune",
-    "Sampling": "lmforge.options", "GREEDY": "lmforge.options",
+    "Sampling": "lmforge.options", "GREEDY": "lmforge.options", "Search": "lmforge.options",
+    "generate_targets": "lmforge.generate_seq2seq",
 }
 __all__ = sorted(_EXPORTS)
 

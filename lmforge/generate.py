@@ -355,7 +355,7 @@ def generate_from_ids(model: torch.nn.Module, tokenizer: Tokenizer, inputs: list
                       stream: TextIO | None, decode: Callable[..., list[list[int]]]) -> list[str]:
     """:func:`generate_text` from the token ids of its inputs on: ``decode`` (with :func:`generate`'s signature)
     writes new tokens for each input, which come back as texts, cut at stop strings, and streamed as it says (an
-    encoder-decoder's sources, framed, take this path too: :func:`lmforge.generate_seq2seq.write_text`)."""
+    encoder-decoder's sources, framed, take this path too: :func:`lmforge.generate_seq2seq.generate_targets`)."""
     stop_ids = {tokenizer.eot_id, *stop_ids}
     live = TextStream(tokenizer, list(stop_strings)) if stream is not None and len(inputs) == 1 else None
     new_ids: list[list[int]] = [[] for _ in inputs]

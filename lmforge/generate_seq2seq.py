@@ -216,16 +216,16 @@ def frame_sources(tokenizer: Tokenizer, sources: list[str], block_size: int) -> 
     tokens = Seq2SeqTokens.of(tokenizer)
     framed, _, cut, _ = encode_pairs(tokenizer, sources, None, block_size, tokens)
     if cut:
-        # stacklevel 3: past write_text, to its caller.
+        # stacklevel 3: past generate_targets, to its caller.
         warnings.warn(f"{cut} of {len(sources)} sources are longer than the encoder's context of {block_size - 1} "
                       f"tokens: cut to their first {block_size - 1}", stacklevel=3)
     return framed, tokens
 
 
-def write_text(model: EncoderDecoder, tokenizer: Tokenizer, sources: list[str], max_new_tokens: int,
-               sampling: Sampling = GREEDY, search: Search = BEAMLESS, *, stop_strings: Sequence[str] = (),
-               stream: TextIO | None = None, batch_size: int | None = None,
-               progress: Callable[[int], object] | None = None) -> list[str]:
+def generate_targets(model: EncoderDecoder, tokenizer: Tokenizer, sources: list[str], max_new_tokens: int,
+                     sampling: Sampling = GREEDY, search: Search = BEAMLESS, *, stop_strings: Sequence[str] = (),
+                     stream: TextIO | None = None, batch_size: int | None = None,
+                     progress: Callable[[int], object] | None = None) -> list[str]:
     """The target text ``model`` writes for each source text (by :func:`generate_seq2seq`; ``sampling`` and
     ``search`` say how), cut before the first stop string.
 
@@ -284,8 +284,8 @@ def _write_command(o: GenerateOptions, sources: list[str], run: LoadedRun, rt: R
         raise UserError(f"'{o.run}' is an encoder-decoder: it writes a target for a source; give one with -p TEXT "
                         f"or --prompt-file FILE")
     with rt.autocast():
-        texts = write_text(run.model, run.tokenizer, sources, o.max_new_tokens, o.sampling, o.search,
-                           stop_strings=o.stop, stream=sys.stdout if len(sources) == 1 else None)
+        texts = generate_targets(run.model, run.tokenizer, sources, o.max_new_tokens, o.sampling, o.search,
+                                 stop_strings=o.stop, stream=sys.stdout if len(sources) == 1 else None)
     if len(sources) == 1:
         print(flush=True)
     else:

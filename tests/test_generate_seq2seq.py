@@ -14,7 +14,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.seq2seq import Seq2SeqTokens, frame_source, pad_batch
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.generate_seq2seq import _beam_search, generate_seq2seq, write_text
+from lmforge.generate_seq2seq import _beam_search, generate_seq2seq, generate_targets
 from lmforge.model import EncoderDecoder, build_model
 from lmforge.options import GREEDY, OptionError, Sampling, Search
 from tests.fixtures import save_seq2seq_run
@@ -165,7 +165,7 @@ def test_write_text_cuts_long_sources_with_one_warning_counting_them():
     model = lively(vocab=tokenizer.vocab_size, block_size=16)
     texts = ["abc", "x" * 40, "hello world", "y" * 16]
     with pytest.warns(UserWarning, match=r"^2 of 4 sources are longer than the encoder's context of 15 tokens"):
-        out = write_text(model, tokenizer, texts, 8)
+        out = generate_targets(model, tokenizer, texts, 8)
     framed = [frame_source(tokenizer.encode(t), 16, tokens) for t in texts]
     assert out == [tokenizer.decode(ids) for ids in generate_seq2seq(model, framed, 8, tokens, temperature=0)]
 
@@ -233,7 +233,7 @@ def test_generate_prints_the_target_of_each_source(seq2seq_run, capsys, monkeypa
     args = ["generate", str(seq2seq_run), "-n", "12", "-t", "0", "--device", "cpu", "--precision", "fp32"]
     for search in (Search(), Search(beams=3, length_penalty=0.5)):
         flags = ["--beams", str(search.beams), "--length-penalty", str(search.length_penalty)]
-        want = write_text(run.model, run.tokenizer, srcs, 12, GREEDY, search)
+        want = generate_targets(run.model, run.tokenizer, srcs, 12, GREEDY, search)
         assert main([*args, "-p", srcs[0], *flags]) == 0
         assert capsys.readouterr().out == want[0] + "\n"
         assert main([*args, "-p", srcs[0], "-p", srcs[1], *flags]) == 0
@@ -253,7 +253,7 @@ def test_eval_generate_scores_the_targets_an_encoder_decoder_writes(seq2seq_run,
     report = evaluate_run(str(seq2seq_run), EvalRequest(generate=str(task), search=search, batch_size=2,
                                                         max_new_tokens=10), "cpu", "fp32", progress=False)
     res = report["results"]["generate"]
-    assert res["outputs"] == write_text(run.model, run.tokenizer, [p for p, _ in items], 10, GREEDY, search)
+    assert res["outputs"] == generate_targets(run.model, run.tokenizer, [p for p, _ in items], 10, GREEDY, search)
     assert {"bleu", "chrf", "rougeL"} <= set(res) and res["settings"]["beams"] == 2
 
 

@@ -20,7 +20,7 @@ from lmforge.evaluate.options import EvalOptions, EvalRequest
 from lmforge.evaluate.predict import gold_ids, label_probabilities, read_texts
 from lmforge.evaluate.seq2seq import score_pairs
 from lmforge.generate import generate_text
-from lmforge.generate_seq2seq import write_text
+from lmforge.generate_seq2seq import generate_targets
 from lmforge.loading import LoadedRun, load_run
 from lmforge.runtime import Runtime, setup_runtime
 
@@ -118,8 +118,8 @@ def _generation(model: torch.nn.Module, run: LoadedRun, req: EvalRequest, rt: Ru
     bar = tqdm(total=len(items), unit="prompt", desc="generating", disable=not progress, file=sys.stderr)
     if seq2seq:  # one call, batched inside: its warning counts the sources cut in the whole file
         with rt.autocast():
-            outputs = write_text(model, run.tokenizer, prompts, req.max_new_tokens, req.sampling, req.search,
-                                 stop_strings=req.stop, batch_size=req.batch_size, progress=bar.update)
+            outputs = generate_targets(model, run.tokenizer, prompts, req.max_new_tokens, req.sampling, req.search,
+                                       stop_strings=req.stop, batch_size=req.batch_size, progress=bar.update)
     else:
         for i in range(0, len(items), req.batch_size):
             with rt.autocast():
