@@ -68,7 +68,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
 
 
 def load_lm(path: str | Path, device: str | torch.device = "cpu", command: str = "this command") -> LoadedRun:
-    """:func:`load_run`, for a command that needs a decoder-only language model (chat, quantize, prune, serve):
+    """:func:`load_run`, for a command that needs a decoder-only language model (chat, quantize, prune):
     UserError naming ``command`` for any other run."""
     run = load_run(path, device)
     _check_writes(run, path, command, ("lm",))
@@ -140,7 +140,6 @@ def _load_pretrained(run_dir: Path, ckpt: Path, quantized: QuantSpec | None = No
     load_weights(model, ckpt)
     return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, checkpoint=ckpt, folder=run_dir,
                      task=rundir.backbone_task(cfg.model.arch))
-
 
 
 def _run_tokenizer(run_dir: Path, vocab_size: int) -> Tokenizer:
