@@ -4,9 +4,10 @@ the strongest baseline, for BENCHMARKS.md and the README's table.
     python bench/apps.py [--apps translation summarization qa] [--seeds 0 1 2] [--dir runs/apps-bench]
                          [--json bench/results/apps.json]
 
-Each (app, seed) is one ordinary recipe run, ``lmforge app NAME --seed S --out DIR/NAME-seedS``, from the default
-run (runs/default; trained first if missing). A finished run (its results.json) is read, not run again, so a killed
-bench continues where it stopped; the JSON keeps the entries of apps not named this time.
+Each (app, seed) is one ordinary recipe run, ``lmforge app NAME --seed S --out DIR/NAME-seedS``: translation
+pretrains its own base in it (seeded by S too), the others start from the default run (runs/default; trained first
+if missing). A finished run (its results.json) is read, not run again, so a killed bench continues where it
+stopped; the JSON keeps the entries of apps not named this time.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def main() -> None:
     args = ap.parse_args()
     json_path = Path(args.json)
     summary = json.loads(json_path.read_text()) if json_path.is_file() else {"apps": {}}  # other apps' entries are kept
-    summary["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "python": platform.python_version()}
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "python": platform.python_version()}
+    summary["machine"] = machine  # this run's; each app keeps the machine it was measured on
     for name in args.apps:
         runs = []
         for seed in args.seeds:
@@ -45,8 +47,11 @@ def main() -> None:
                 runs.append(run_app(AppRequest(name=name, seed=seed, out_dir=str(out))))
         s = summarize_seeds(runs)
         s.update(baselines=runs[0]["baselines"], models=[r["model"] for r in runs],
+                 searches=[r.get("searches") for r in runs], breakdown=[r.get("breakdown") for r in runs],
                  minutes=[r["total_s"] / 60 for r in runs], test_records=runs[0]["test_records"],
-                 train_records=runs[0]["train_records"], steps=[r["finetune_steps"] for r in runs])
+                 train_records=runs[0]["train_records"], steps=[r["finetune_steps"] for r in runs],
+                 base_steps=[r.get("base_steps") for r in runs], search=[r.get("search") for r in runs],
+                 memory=[r.get("memory") for r in runs], machine=machine)
         summary["apps"][name] = s
         print(f"{name}: {s['metric']} {s['mean']:.2f} ± {s['sd']:.2f} over seeds {s['seeds']} | bar "
               f"{s['bar']['baseline']} {s['bar']['value']:.2f} | {max(s['minutes']):.1f} min at most", flush=True)

@@ -457,6 +457,20 @@ METRIC_NAMES = {"squad_f1": "token F1", "rougeL": "ROUGE-L", "chrf": "chrF"}
 APP_SINGLE_SEED_NOISE = 3.0
 
 
+APP_ISA = {"translation": "AVX512-BF16, no AMX†", "summarization": AVX2, "qa": AVX2}
+"""What the CPU each app was last measured on has (translation since issue 34 on the Zen 4 host)."""
+
+
+def with_memory(a: dict) -> str:
+    """What an app's figure is when it answers with a translation memory above a threshold, and the model alone."""
+    searches = a.get("search") or []
+    if not any(" + memory" in (s or "") for s in searches):
+        return ""
+    alone = [run[label.split(" + ")[0]][a["metric"]] for run, label in zip(a["searches"], searches, strict=True)]
+    return (" (the model's answers below the memory threshold chosen on dev records, the memory's match above it; "
+            f"the model alone {spread(alone, 2)})")
+
+
 def application(name: str) -> Callable[[], Row]:
     def row() -> Row:
         doc = load("apps.json")
@@ -465,11 +479,12 @@ def application(name: str) -> Callable[[], Row]:
         values = a["values"]
         return Row(
             f"Application: `lmforge app {name}` ({a['test_records']:,} test records)",
-            f"{metric} {spread(values, 2)}, {len(values)} seed{'s' if len(values) > 1 else ''}, "
-            f"{max(a['minutes']):.1f} min per seed at most",
+            f"{metric} {spread(values, 2)}, {len(values)} seed{'s' if len(values) > 1 else ''}"
+            + with_memory(a)
+            + f", {max(a['minutes']):.1f} min per seed at most",
             f"{a['bar']['baseline']}: {a['bar']['value']:.2f}",
             f"{points_vs_bar(values, a['bar']['value'], APP_SINGLE_SEED_NOISE)} {metric}",
-            machine_cpu(doc),
+            machine_cpu(a, APP_ISA[name]) if "machine" in a else machine_cpu(doc),
             ("apps.json",),
             f"python bench/apps.py --apps {name}",
         )

@@ -29,8 +29,9 @@ class NearestNeighbours:
         self.matrix = self.vectorizer.fit_transform(train_sources).tocsr()
 
     def query(self, sources: list[str], exclude: list[str] | None = None, chunk: int = 2048,
-              desc: str | None = None) -> list[int]:
-        """The index of each source's most similar training source.
+              desc: str | None = None) -> tuple[list[int], list[float]]:
+        """(the index of each source's most similar training source, that similarity: cosine, rounded to 4
+        places so that the records written from it are the same bytes on every machine).
 
         exclude: the sources are the training sources themselves, and these are their keys: each one's own
         group is passed over, as a test record's group is never among the training records (leave one
@@ -39,6 +40,7 @@ class NearestNeighbours:
         for i, key in enumerate(exclude or []):
             groups.setdefault(key, []).append(i)
         found: list[int] = []
+        similarity: list[float] = []
         bar = tqdm(total=len(sources), unit="query", desc=desc, disable=desc is None, file=sys.stderr)
         for start in range(0, len(sources), chunk):
             sims = (self.vectorizer.transform(sources[start:start + chunk]) @ self.matrix.T).toarray()
@@ -46,10 +48,12 @@ class NearestNeighbours:
                 for row in range(sims.shape[0]):
                     sims[row, groups[exclude[start + row]]] = -1.0
             # argmax takes the first of equal scores: the lowest index, so ties break the same way everywhere
-            found += sims.argmax(axis=1).tolist()
+            best = sims.argmax(axis=1)
+            found += best.tolist()
+            similarity += [round(float(v), 4) for v in sims[np.arange(len(best)), best]]
             bar.update(sims.shape[0])
         bar.close()
-        return found
+        return found, similarity
 
 
 def copy_source(record: TaskRecord) -> str:

@@ -16,9 +16,9 @@ DEFAULT_BASE = "runs/default"
 class AppRequest:
     """An application end to end: translation, summarization or qa from local text.
 
-    Build the task's records from this machine's text (or SOURCES), split them, fine-tune the default run on them
-    (chat SFT), evaluate on the held-out split beside the simple baselines, and write OUT/report.md and
-    results.json.
+    Build the task's records from this machine's text (or SOURCES), split them, pretrain a base on the training
+    records' text where the app has a base recipe (translation) or take the default run, fine-tune it on them,
+    evaluate on the held-out split beside the simple baselines, and write OUT/report.md and results.json.
     """
 
     name: Literal["translation", "summarization", "qa"] = option(positional=True)
@@ -30,8 +30,12 @@ class AppRequest:
     """translation: the language to translate English into."""
     out_dir: str | None = option(None, flag="out")
     """Output folder (default runs/apps/NAME-seedN)."""
-    base: str = DEFAULT_BASE
-    """The run to fine-tune (trained first if missing)."""
+    base: str | None = None
+    """The run to fine-tune instead of the app's own (default: translation pretrains its own in OUT/base; the
+    others fine-tune runs/default, trained first if missing)."""
+    budget_minutes: float | None = None
+    """Minutes of training, pretraining and fine-tuning together, shared between them as the app's recipe shares
+    them (default: the recipe's own, sized for a 2-core CPU; more on a stronger machine)."""
     seed: int = 0
     """Fine-tuning seed (the split has its own, --split-seed, so that seeds compare on the same records)."""
     split_seed: int = 0
@@ -41,11 +45,14 @@ class AppRequest:
     max_test: int | None = None
     """Evaluate on the first N test records only (default: all)."""
     overrides: list[str] = option([], flag="set", metavar="KEY=VALUE")
-    """A fine-tuning override on top of the app's recipe, e.g. train.budget_minutes=2; repeatable (default: none)."""
+    """An override on top of the app's fine-tuning recipe, e.g. train.budget_minutes=2, or with base. in front on
+    top of its own base recipe, e.g. base.model.n_layer=3; repeatable (default: none)."""
     data_only: bool = False
     """Build and write the data, then stop."""
 
     def __post_init__(self) -> None:
         check(self.test_fraction is None or 0 < self.test_fraction < 1, "test_fraction", "a number between 0 and 1",
               self.test_fraction)
+        check(self.budget_minutes is None or self.budget_minutes > 0, "budget_minutes", "a positive number of "
+              "minutes", self.budget_minutes)
         check(self.max_test is None or self.max_test >= 1, "max_test", "an integer of at least 1", self.max_test)

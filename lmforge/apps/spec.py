@@ -31,3 +31,22 @@ class App:
     """No test target may recur in train (see :func:`~lmforge.apps.task_records.split_records`)."""
     options: tuple[str, ...] = ()
     """Keyword options ``build`` takes (translation: lang)."""
+    pretrain_text: Callable[[list[TaskRecord]], list[str]] | None = None
+    """The texts, drawn from the training records alone, that the app's own base is pretrained on (by its recipe
+    ``configs/apps/base/NAME.yaml``, with a tokenizer trained on them); None: the app fine-tunes the default run."""
+    dev_fraction: float = 0.0
+    """Share of the training records (by group) held out of fine-tuning and pretraining as dev records: the
+    fine-tuning's validation set, and where the memory threshold is chosen (see ``memory``); 0: none."""
+    self_matches: float = 0.0
+    """Share of fine-tuning records also given with themselves as their nearest example (a translation memory's
+    exact match), so that the model learns early to copy what the memory has right (needs dev_fraction)."""
+    memory: bool = False
+    """The app answers with the nearest training example's target (the memory's match) where its similarity is at
+    least a threshold, and with the model's answer below it: the threshold that scores best on the dev records
+    (translation tools use a memory's close matches and machine translation for the rest)."""
+    beams: int = 1
+    """Also write the test records' answers with beam search over this many hypotheses (encoder-decoder models);
+    the main figure is then the beam's, greedy's beside it."""
+    breakdown: Callable[[list[dict], list[str]], dict] | None = None
+    """(test rows as written, one output per row) -> figures the report adds for any output (translation: by the
+    memory's similarity band, placeholders kept)."""

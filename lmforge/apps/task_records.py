@@ -62,10 +62,15 @@ class BuildReport:
         return out
 
 
-def in_test(key: str, test_fraction: float, seed: int) -> bool:
-    """Whether the group ``key`` is held out: a hash of (seed, key), uniform in [0, 1), below the fraction."""
+def group_hash(key: str, seed: int) -> float:
+    """A hash of (seed, key), uniform in [0, 1)."""
     digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2 ** 64 < test_fraction
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def in_test(key: str, test_fraction: float, seed: int) -> bool:
+    """Whether the group ``key`` is held out: its :func:`group_hash` is below the fraction."""
+    return group_hash(key, seed) < test_fraction
 
 
 def split_records(records: list[TaskRecord], test_fraction: float, seed: int, report: BuildReport,

@@ -18,7 +18,6 @@ from lmforge.apps.options import DEFAULT_BASE, AppRequest
 from lmforge.config import DEFAULT_RECIPE, load_train_config, to_dict
 from lmforge.errors import UserError
 from lmforge.testhooks import FAKE_STEP_SECONDS
-from lmforge.training.pretrain import train
 from tests.fixtures import HANG_S
 
 TOY_BASE = ["data.tokenizer=char", "model.preset=gpt2-tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
@@ -26,12 +25,14 @@ TOY_BASE = ["data.tokenizer=char", "model.preset=gpt2-tiny", "model.n_layer=1", 
             "train.eval_batches=1", "sample.num_samples=0"]
 
 
-@pytest.fixture(scope="module")
-def toy_base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    train(load_train_config(None, [f"data.sources=[{argparse.__file__}]", f"out_dir={folder / 'run'}", *TOY_BASE]),
-          progress=False)
-    return folder / "run"
+TOY_APP_BASE = [f"base.{kv}" for kv in ("model.n_embd=32", "model.n_head=2", "model.block_size=48",
+                                          "train.max_steps=3", "train.budget_minutes=null", "train.batch_size=2",
+                                          "data.val_fraction=0.2", "train.eval_interval=3")]
+"""``--set`` values that shrink the translation app's own base to a toy."""
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for kv in overrides for arg in ("--set", kv)]
 
 
 def lmforge(*args: str, cwd: Path | None = None, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -41,37 +42,65 @@ def lmforge(*args: str, cwd: Path | None = None, fault: str | None = None) -> su
                           cwd=cwd, env=env)
 
 
-def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs, toy_base, tmp_path, monkeypatch):
+def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs, tmp_path, monkeypatch):
     out = tmp_path / "app"
     # A machine far too slow for the recipe: on the budget's fake clock (0.1 s a step) a 1.2 s budget plans 12 steps
     # at step 11, under 3x the recipe's 30-step warmup; the report says so.
     monkeypatch.setenv(FAKE_STEP_SECONDS, "0.1")
-    done = lmforge("app", "translation", str(catalogs), "--base", str(toy_base), "--out", str(out),
-                   "--test-fraction", "0.3", "--set", "train.budget_minutes=0.02",
-                   "--set", "train.batch_size=4", "--set", "data.val_fraction=0.2")
+    done = lmforge("app", "translation", str(catalogs), "--out", str(out), "--test-fraction", "0.3",
+                   *sets(*TOY_APP_BASE, "train.budget_minutes=0.02", "train.batch_size=4", "data.val_fraction=0.2"))
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
+    # its own base, pretrained on the training records' text (tokenizer included), then fine-tuned as seq2seq
+    assert results["base"] == str(out / "base") and results["base_steps"] == 3
+    base_cfg = load_train_config(out / "base" / "config.yaml")
+    assert base_cfg.model.arch == "encoder_decoder" and base_cfg.data.sources == [str(out / "data" / "pretrain.jsonl")]
     assert results["finetune_steps"] == 12 and results["test_records"] >= 2
     assert results["too_short"].startswith("too short for this recipe: 12 steps, under 3x its 30-step warmup")
-    assert f"**Warning**: the fine-tuning was {results['too_short']}" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert f"**Warning**: the fine-tuning was {results['too_short']}" in report
     assert set(results["baselines"]) == {"copy the source", "nearest neighbour"}
     assert results["bar"]["value"] == max(b["chrf"] for b in results["baselines"].values())
     assert results["beats_bar"] == (results["model"]["chrf"] > results["bar"]["value"])
-    report = (out / "report.md").read_text()
-    for row in ("| model |", "| copy the source |", "| nearest neighbour |", "**Input**", "- reference:"):
+    for row in ("| model (beam4) |", "| model (greedy) |", "| copy the source |", "| nearest neighbour |",
+                "| chrF by the memory's similarity |", "**Input**", "- reference:"):
         assert row in report
     assert "chrf" in done.stdout and "wrote" in done.stdout
-    # the model was scored as `lmforge eval --generate TEST --chat` scores it, on every test record
-    gen = json.loads((out / "eval.json").read_text())["results"]["generate"]
-    assert gen["settings"]["chat"] and gen["examples"] == results["test_records"]
-    assert gen["file"] == str(out / "data" / "test.jsonl")
-    assert {k: gen[k] for k in results["model"]} == results["model"]
+    # the model was scored as `lmforge eval --generate TEST [--beams 4]` scores it, on every test record
+    for name, label, beams in (("eval.json", "greedy", 1), ("eval-beam4.json", "beam4", 4)):
+        gen = json.loads((out / name).read_text())["results"]["generate"]
+        assert gen["examples"] == results["test_records"] and gen["settings"]["beams"] == beams
+        assert gen["file"] == str(out / "data" / "test.jsonl")
+        assert {k: gen[k] for k in results["model"]} == {k: results["searches"][label][k] for k in results["model"]}
+    # the memory threshold: the one whose answers scored best on the dev records (held out of fine-tuning)
+    memory = results["memory"]
+    best = max(memory["dev"].values())
+    assert memory["dev_records"] >= 1 and memory["dev"][f"{memory['threshold'] or 1.01:g}"] == best
+    assert max(float(t) for t, v in memory["dev"].items() if v == best) == (memory["threshold"] or 1.01)
+    main = "beam4" if memory["threshold"] is None else f"beam4 + memory ≥ {memory['threshold']:g}"
+    assert results["search"] == main and results["model"]["chrf"] == results["searches"][main]["chrf"]
+    assert set(results["breakdown"]) == {f"model ({s})" for s in results["searches"]} | set(results["baselines"])
+
+
+def test_the_budget_is_shared_as_the_recipe_shares_it_and_base_keys_need_an_own_base():
+    from lmforge.apps.recipe import APPS, budget_overrides, recipe_minutes
+
+    pretrain, finetuning = recipe_minutes(APPS["translation"])
+    assert pretrain > 0 and finetuning > 0
+    base, fine = budget_overrides(APPS["translation"], AppRequest(name="translation", budget_minutes=2 * (
+        pretrain + finetuning)))
+    assert base == [f"train.budget_minutes={2 * pretrain:.4g}"]
+    assert fine == [f"train.budget_minutes={2 * finetuning:.4g}"]
+    assert budget_overrides(APPS["qa"], AppRequest(name="qa", budget_minutes=8)) == ([], ["train.budget_minutes=8"])
+    assert budget_overrides(APPS["qa"], AppRequest(name="qa")) == ([], [])
 
 
 @pytest.mark.parametrize("args, message", [
     (["qa", "--lang", "fr"], "--lang applies to translation"),
     (["translation", "/nonexistent.po"], "catalog '/nonexistent.po' does not exist"),
     (["summarization", "--set", "model.n_layer=2"], "cannot be set"),
+    (["qa", "--set", "base.model.n_layer=2"], "sets the app's own base recipe, and qa has none"),
+    (["translation", "--budget-minutes", "0"], "--budget-minutes: expected a positive number of minutes"),
 ])
 def test_bad_requests_fail_in_one_line(args, message, tmp_path):
     done = lmforge("app", *args, "--out", str(tmp_path / "x"))
@@ -84,9 +113,15 @@ def test_every_app_has_a_shipped_recipe_that_loads():
     from lmforge.config import load_finetune_config
 
     assert sorted(p.stem for p in APP_CONFIGS.glob("*.yaml")) == sorted(APPS)
-    for name in APPS:
+    assert sorted(p.stem for p in (APP_CONFIGS / "base").glob("*.yaml")) == sorted(
+        name for name, app in APPS.items() if app.pretrain_text is not None)
+    for name, app in APPS.items():
         cfg = load_finetune_config(APP_CONFIGS / f"{name}.yaml", ["base=runs/x", "data.train=t.jsonl"])
-        assert cfg.task == "sft" and cfg.data.response_field == "reference" and cfg.train.budget_minutes
+        assert cfg.task == ("seq2seq" if app.beams > 1 else "sft") and cfg.data.response_field == "reference"
+        assert cfg.train.budget_minutes
+        if app.pretrain_text is not None:
+            base = load_train_config(APP_CONFIGS / "base" / f"{name}.yaml", ["data.sources=[p.jsonl]"])
+            assert base.model.arch == "encoder_decoder" and base.train.budget_minutes
 
 
 def test_a_missing_default_base_is_trained_by_the_recipe_lmforge_train_runs_into_the_base_path(tmp_path, monkeypatch):
@@ -135,13 +170,13 @@ def test_an_app_folder_is_continued_only_with_the_settings_it_was_started_with(c
 
 
 @pytest.mark.slow
-def test_a_killed_app_continues_on_the_same_command_without_redoing_finished_stages(catalogs, tmp_path):
+def test_a_killed_app_continues_on_the_same_command_without_redoing_finished_stages(source_tree, tmp_path):
     # The default run, stopped in step 3 after its checkpoint of step 2: the app resumes it (with its own config)
     killed = lmforge("train", "out_dir=runs/default", f"data.sources=[{argparse.__file__}]", *TOY_BASE,
                      "train.max_steps=4", "train.ckpt_interval=2", cwd=tmp_path, fault="mid_step:3")
     assert killed.returncode == -9, killed.stderr[-2000:]
-    app = ["app", "translation", str(catalogs), "--out", "app", "--test-fraction", "0.3", "--set", "train.max_steps=4",
-           "--set", "train.budget_minutes=null", "--set", "train.batch_size=4", "--set", "data.val_fraction=0.2",
+    app = ["app", "summarization", str(source_tree), "--out", "app", "--test-fraction", "0.3",
+           *sets("train.max_steps=4", "train.budget_minutes=null", "train.batch_size=4", "data.val_fraction=0.2"),
            "--set", "train.ckpt_interval=2", "--set", "train.precision=fp32"]
     # the base's steps 3-4 pass the fault point twice; the fine-tuning dies in its step 3 (after step 2's checkpoint)
     first = lmforge(*app, cwd=tmp_path, fault="mid_step:5")
