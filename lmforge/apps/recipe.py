@@ -349,8 +349,8 @@ def evaluate_model(run: Path, test_path: Path, app: App, out: Path, chat: bool, 
     return ev
 
 
-MEMORY_THRESHOLDS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.01)
-"""The memory thresholds tried on the dev records (1.01: the model always)."""
+MEMORY_THRESHOLDS = (0.0, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.01)
+"""The memory thresholds tried on the dev records (0: the memory always; 1.01: the model always)."""
 
 
 def with_memory(rows: list[dict], outputs: list[str], train_recs: list[TaskRecord], threshold: float) -> list[str]:
