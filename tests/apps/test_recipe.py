@@ -75,8 +75,9 @@ def test_translation_recipe_writes_the_report_with_model_and_baselines(catalogs,
     # the memory threshold: the one whose answers scored best on the dev records (held out of fine-tuning)
     memory = results["memory"]
     best = max(memory["dev"].values())
-    assert memory["dev_records"] >= 1 and memory["dev"][f"{memory['threshold'] or 1.01:g}"] == best
-    assert max(float(t) for t, v in memory["dev"].items() if v == best) == (memory["threshold"] or 1.01)
+    chosen = 1.01 if memory["threshold"] is None else memory["threshold"]  # None: the model always
+    assert memory["dev_records"] >= 1 and memory["dev"][f"{chosen:g}"] == best
+    assert max(float(t) for t, v in memory["dev"].items() if v == best) == chosen
     main = "beam4" if memory["threshold"] is None else f"beam4 + memory ≥ {memory['threshold']:g}"
     assert results["search"] == main and results["model"]["chrf"] == results["searches"][main]["chrf"]
     assert set(results["breakdown"]) == {f"model ({s})" for s in results["searches"]} | set(results["baselines"])
