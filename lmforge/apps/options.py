@@ -37,7 +37,8 @@ class AppRequest:
     """Minutes of training, pretraining and fine-tuning together, shared between them as the app's recipe shares
     them (default: the recipe's own, sized for a 2-core CPU; more on a stronger machine)."""
     seed: int = 0
-    """Fine-tuning seed (the split has its own, --split-seed, so that seeds compare on the same records)."""
+    """Seed of the app's own base (its pretraining) and of the fine-tuning (the split has its own, --split-seed, so
+    that seeds compare on the same records)."""
     split_seed: int = 0
     """Seed of the train/test split."""
     test_fraction: float | None = None
