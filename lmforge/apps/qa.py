@@ -81,6 +81,26 @@ def build_qa(sources: list[str], report: BuildReport) -> list[TaskRecord]:
     return records
 
 
+def rule_answer(record: TaskRecord) -> str:
+    """Baseline: what a rule reads without a model. The default value of P is the literal after ``P=`` in the
+    signature (the help text's first line); what F returns is the rest of the docstring's first sentence after
+    "Return(s)". Empty when the rule finds nothing."""
+    context, question = record.source.rsplit(_QUESTION, 1)
+    head, _, doc = context.partition("\n")
+    if match := re.fullmatch(r"What is the default value of (\w+) in \w+\?", question):
+        try:
+            args = ast.parse(f"def {head}: pass").body[0].args
+        except SyntaxError:
+            return ""
+        positional = args.posonlyargs + args.args
+        pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults, strict=True))
+        pairs += [(a, v) for a, v in zip(args.kwonlyargs, args.kw_defaults, strict=True) if v is not None]
+        return next((ast.unparse(v) for a, v in pairs if a.arg == match.group(1)), "")
+    first = " ".join(doc.split("\n\n")[0].split())
+    returns = re.match(r"Returns? (.+?)\.(?:\s|$)", first)
+    return returns.group(1) if returns else ""
+
+
 def qa_prompt(record: TaskRecord, neighbour: TaskRecord) -> str:
     """The user turn: the context and the question (the neighbour is left out: the context fills the room)."""
     context, question = record.source.rsplit(_QUESTION, 1)
@@ -89,4 +109,5 @@ def qa_prompt(record: TaskRecord, neighbour: TaskRecord) -> str:
 
 APP = App(name="qa", summary="questions on the library reference (help() text), answered from it",
           build=build_qa, prompt=qa_prompt, metric="squad_f1", metrics=("squad_em", "squad_f1"),
-          test_fraction=0.18, max_new_tokens=32, majority=True, distinct_targets=False)
+          test_fraction=0.18, max_new_tokens=32, majority=True, distinct_targets=False,
+          baselines={"rule (the signature's default, the Return(s) sentence)": rule_answer})

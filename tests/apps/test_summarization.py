@@ -82,3 +82,14 @@ def test_qa_baselines_include_the_most_frequent_training_answer(source_tree, tmp
     top, _ = Counter(r.target for r in train).most_common(1)[0]
     assert scores["most frequent answer"]["outputs"] == [top] * len(test)
     assert scores["nearest neighbour"]["outputs"] == [train[j].target for j in nn]
+
+
+def test_the_qa_rule_reads_the_default_from_the_signature_and_the_return_sentence(source_tree, tmp_path):
+    from lmforge.apps.qa import rule_answer
+
+    app = APPS["qa"]
+    _, test = build_data(app, AppRequest(name="qa", sources=[str(source_tree)], test_fraction=0.3), tmp_path,
+                         say=lambda _: None)
+    assert test and [rule_answer(r) for r in test] == [r.target for r in test]  # templated questions: all right
+    odd = test[0].source.rsplit("Question: ", 1)[0] + "Question: What is the default value of nothing in f?"
+    assert rule_answer(test[0].__class__("", odd, "")) == ""
