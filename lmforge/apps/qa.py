@@ -42,21 +42,28 @@ def help_text(d: Documented) -> str:
     return out
 
 
+def defaults(args: ast.arguments) -> list[tuple[str, str]]:
+    """(parameter, its default's literal) for every parameter of a signature that has a default."""
+    positional = args.posonlyargs + args.args
+    pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults, strict=True))
+    pairs += [(a, v) for a, v in zip(args.kwonlyargs, args.kw_defaults, strict=True) if v is not None]
+    return [(a.arg, ast.unparse(v)) for a, v in pairs]
+
+
+def what_it_returns(docstring: str) -> str | None:
+    """The rest of the docstring's first sentence when that starts "Return(s)"; else None."""
+    first = " ".join(docstring.split("\n\n")[0].split())
+    match = re.match(r"Returns? (.+?)\.(?:\s|$)", first)
+    return match.group(1) if match else None
+
+
 def questions(d: Documented) -> list[tuple[str, str]]:
     """(question, answer) pairs answered by the definition's help text."""
-    args = d.node.args
-    positional = args.posonlyargs + args.args
-    defaults = list(zip(positional[len(positional) - len(args.defaults):], args.defaults, strict=True))
-    defaults += [(a, v) for a, v in zip(args.kwonlyargs, args.kw_defaults, strict=True) if v is not None]
-    out = []
-    for arg, value in defaults:
-        literal = ast.unparse(value)
-        if len(literal) <= MAX_LITERAL:
-            out.append((f"What is the default value of {arg.arg} in {d.node.name}?", literal))
-    first = " ".join(d.docstring.split("\n\n")[0].split())
-    match = re.match(r"Returns? (.+?)\.(?:\s|$)", first)
-    if match and len(match.group(1).split()) <= MAX_ANSWER_WORDS:
-        out.append((f"What does {d.node.name} return?", match.group(1)))
+    out = [(f"What is the default value of {arg} in {d.node.name}?", literal)
+           for arg, literal in defaults(d.node.args) if len(literal) <= MAX_LITERAL]
+    returns = what_it_returns(d.docstring)
+    if returns and len(returns.split()) <= MAX_ANSWER_WORDS:
+        out.append((f"What does {d.node.name} return?", returns))
     return out
 
 
@@ -92,13 +99,8 @@ def rule_answer(record: TaskRecord) -> str:
             args = ast.parse(f"def {head}: pass").body[0].args
         except SyntaxError:
             return ""
-        positional = args.posonlyargs + args.args
-        pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults, strict=True))
-        pairs += [(a, v) for a, v in zip(args.kwonlyargs, args.kw_defaults, strict=True) if v is not None]
-        return next((ast.unparse(v) for a, v in pairs if a.arg == match.group(1)), "")
-    first = " ".join(doc.split("\n\n")[0].split())
-    returns = re.match(r"Returns? (.+?)\.(?:\s|$)", first)
-    return returns.group(1) if returns else ""
+        return dict(defaults(args)).get(match.group(1), "")
+    return what_it_returns(doc) or ""
 
 
 def qa_prompt(record: TaskRecord, neighbour: TaskRecord) -> str:

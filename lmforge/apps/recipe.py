@@ -371,6 +371,14 @@ def choose_threshold(app: App, dev_rows: list[dict], dev_outputs: list[str],
     return best, curve
 
 
+def memory_threshold(app: App, dev_rows: list[dict], dev_outputs: list[str],
+                     train_recs: list[TaskRecord]) -> tuple[float | None, dict]:
+    """(the chosen threshold, None when the model alone did best; results.json's ``memory`` entry)."""
+    threshold, curve = choose_threshold(app, dev_rows, dev_outputs, train_recs)
+    chosen = threshold if threshold <= 1 else None
+    return chosen, {"memory": {"threshold": chosen, "dev": curve, "dev_records": len(dev_outputs)}}
+
+
 def recipe_minutes(app: App) -> tuple[float, float]:
     """(pretraining, fine-tuning) minutes of the app's shipped recipes (no pretraining without a base recipe)."""
     def minutes(path: Path) -> float:
@@ -487,11 +495,9 @@ def _model_and_report(app: App, req: AppRequest, cfg: FinetuneConfig, state: App
         dev = evaluate_model(result.run_dir, out / "data" / DEV_FILE, app, out, chat=not seq2seq,
                              beams=searches[main], say=say, prefix="dev")
         state.save()
-        threshold, dev_curve = choose_threshold(app, read_jsonl(out / "data" / DEV_FILE),
-                                                dev["results"]["generate"]["outputs"], train_recs)
-        memory = {"memory": {"threshold": threshold if threshold <= 1 else None, "dev": dev_curve,
-                             "dev_records": len(dev["results"]["generate"]["outputs"])}}
-        if threshold <= 1:  # else the model alone did best on the dev records
+        threshold, memory = memory_threshold(app, read_jsonl(out / "data" / DEV_FILE),
+                                             dev["results"]["generate"]["outputs"], train_recs)
+        if threshold is not None:  # else the model alone did best on the dev records
             label = f"{main} + memory ≥ {threshold:g}"
             outputs[label] = with_memory(rows, outputs[main], train_recs, threshold)
             by_search[label] = tasks.generation_metrics(outputs[label], [[r.target] for r in test_recs])
@@ -532,9 +538,8 @@ def format_table(app: App, results: dict) -> str:
 def format_breakdown(results: dict) -> str:
     """Translation's figures by the memory's similarity band, and the placeholders kept, as a markdown table."""
     rows = results["breakdown"]
-    bands = list(next(iter(rows.values()))["bands"])
-    counts = next(iter(rows.values()))["bands"]
-    head = ("| chrF by the memory's similarity | " + " | ".join(f"{b} ({counts[b]['examples']})" for b in bands)
+    bands = next(iter(rows.values()))["bands"]  # every row has the same bands, of the same records
+    head = ("| chrF by the memory's similarity | " + " | ".join(f"{b} ({n['examples']})" for b, n in bands.items())
             + " | placeholders kept (all / where any) |\n|---|" + "---:|" * (len(bands) + 1) + "\n")
     return head + "".join(
         f"| {name} | " + " | ".join("-" if r["bands"][b]["chrf"] is None else f"{r['bands'][b]['chrf']:.2f}"
