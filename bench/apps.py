@@ -4,10 +4,9 @@ the strongest baseline, for BENCHMARKS.md and the README's table.
     python bench/apps.py [--apps translation summarization qa] [--seeds 0 1 2] [--dir runs/apps-bench]
                          [--json bench/results/apps.json]
 
-Each (app, seed) is one ordinary recipe run, ``lmforge app NAME --seed S --out DIR/NAME-seedS``: translation
-pretrains its own base in it (seeded by S too), the others start from the default run (runs/default; trained first
-if missing). A finished run (its results.json) is read, not run again, so a killed bench continues where it
-stopped; the JSON keeps the entries of apps not named this time.
+Each (app, seed) is one ordinary recipe run, ``lmforge app NAME --seed S --out DIR/NAME-seedS``: each app pretrains
+its own base in it (seeded by S too). A finished run (its results.json) is read, not run again, so a killed bench
+continues where it stopped; the JSON keeps the entries of apps not named this time.
 """
 
 from __future__ import annotations
@@ -55,6 +54,9 @@ def main() -> None:
         summary["apps"][name] = s
         print(f"{name}: {s['metric']} {s['mean']:.2f} ± {s['sd']:.2f} over seeds {s['seeds']} | bar "
               f"{s['bar']['baseline']} {s['bar']['value']:.2f} | {max(s['minutes']):.1f} min at most", flush=True)
+        for part, p in s.get("parts", {}).items():
+            print(f"  {part} ({p['examples']} test records): {p['mean']:.2f} ± {p['sd']:.2f} | bar "
+                  f"{p['bar']['baseline']} {p['bar']['value']:.2f}", flush=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.json}", file=sys.stderr)

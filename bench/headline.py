@@ -457,8 +457,8 @@ METRIC_NAMES = {"squad_f1": "token F1", "rougeL": "ROUGE-L", "chrf": "chrF"}
 APP_SINGLE_SEED_NOISE = 3.0
 
 
-APP_ISA = {"translation": "AVX512-BF16, no AMX†", "summarization": AVX2, "qa": AVX2}
-"""What the CPU each app was last measured on has (translation since issue 34 on the Zen 4 host)."""
+APP_ISA = {name: "AVX512-BF16, no AMX†" for name in ("translation", "summarization", "qa")}
+"""What the CPU each app was last measured on has (all three since issue 34 on the Zen 4 host)."""
 
 
 def with_memory(a: dict) -> str:
@@ -477,13 +477,20 @@ def application(name: str) -> Callable[[], Row]:
         a = doc["apps"][name]
         metric = METRIC_NAMES.get(a["metric"], a["metric"])
         values = a["values"]
+        seeds = f"{len(values)} seed{'s' if len(values) > 1 else ''}"
+        if parts := a.get("parts"):  # each part against its own bar
+            figure = "; ".join(f"{part} ({p['examples']:,}): {metric} {spread(p['values'], 2)}"
+                               for part, p in parts.items()) + f"; {seeds}"
+            bar = "; ".join(f"{part}: {p['bar']['baseline']} {p['bar']['value']:.2f}" for part, p in parts.items())
+            diff = "; ".join(f"{part}: {points_vs_bar(p['values'], p['bar']['value'], APP_SINGLE_SEED_NOISE)}"
+                             for part, p in parts.items()) + f" {metric}"
+        else:
+            figure = f"{metric} {spread(values, 2)}, {seeds}" + with_memory(a)
+            bar = f"{a['bar']['baseline']}: {a['bar']['value']:.2f}"
+            diff = f"{points_vs_bar(values, a['bar']['value'], APP_SINGLE_SEED_NOISE)} {metric}"
         return Row(
             f"Application: `lmforge app {name}` ({a['test_records']:,} test records)",
-            f"{metric} {spread(values, 2)}, {len(values)} seed{'s' if len(values) > 1 else ''}"
-            + with_memory(a)
-            + f", {max(a['minutes']):.1f} min per seed at most",
-            f"{a['bar']['baseline']}: {a['bar']['value']:.2f}",
-            f"{points_vs_bar(values, a['bar']['value'], APP_SINGLE_SEED_NOISE)} {metric}",
+            figure + f", {max(a['minutes']):.1f} min per seed at most", bar, diff,
             machine_cpu(a, APP_ISA[name]) if "machine" in a else machine_cpu(doc),
             ("apps.json",),
             f"python bench/apps.py --apps {name}",

@@ -16,23 +16,24 @@ DEFAULT_BASE = "runs/default"
 class AppRequest:
     """An application end to end: translation, summarization or qa from local text.
 
-    Build the task's records from this machine's text (or SOURCES), split them, pretrain a base on the training
-    records' text where the app has a base recipe (translation) or take the default run, fine-tune it on them,
-    evaluate on the held-out split beside the simple baselines, and write OUT/report.md and results.json.
+    Build the task's records from this machine's text (or SOURCES), split them, pretrain the app's own base on the
+    training records' text (or take --base), fine-tune it on them, evaluate on the held-out split beside the
+    simple baselines, and write OUT/report.md and results.json.
     """
 
     name: Literal["translation", "summarization", "qa"] = option(positional=True)
     """The application."""
     sources: list[str] = option([], positional=True)
-    """translation: .po/.mo files or folders (default: the system's catalogs for --lang); summarization, qa: .py
-    files or folders (default: the standard library)."""
+    """translation: .po/.mo files or folders (default: the system's catalogs for --lang); summarization: .py files,
+    man pages or folders of them (default: the standard library and the system's manual); qa: .py files or folders
+    (default: the standard library)."""
     lang: str = "de"
     """translation: the language to translate English into."""
     out_dir: str | None = option(None, flag="out")
     """Output folder (default runs/apps/NAME-seedN)."""
     base: str | None = None
-    """The run to fine-tune instead of the app's own (default: translation pretrains its own in OUT/base; the
-    others fine-tune runs/default, trained first if missing)."""
+    """The run to fine-tune instead of the app's own base (default: each app pretrains its own in OUT/base;
+    runs/default is trained first if it is given and missing)."""
     budget_minutes: float | None = None
     """Minutes of training, pretraining and fine-tuning together, shared between them as the app's recipe shares
     them (default: the recipe's own, sized for a 2-core CPU; more on a stronger machine)."""

@@ -1,15 +1,18 @@
-"""Question answering over the library's reference text: a function's entry as ``help()`` shows it (its
-signature and docstring) is the context, and the question's answer is a span of it.
+"""Question answering over the library reference: which of a few functions does what a sentence says?
 
-Two kinds of question, both answered from the context alone:
+The context is :data:`CHOICES` numbered entries of one file's documented functions, as ``help()`` shows them
+(the signature and the docstring) but with each docstring's first sentence taken out; the question is one of
+those first sentences less the words of the function's name ("Which of them: Return the number of in text." for
+``count_words``); the answer is that entry's number. So the answer is not found by matching the question against
+the context: the sentence is not there, nor the name's words in it, and the model must read the signatures and
+the rest of the docstrings to tell which entry the sentence describes. (The first version asked "What is the
+default value of P in F?" and "What does F return?", whose answers a rule reads off the signature and the
+docstring's first sentence with F1 100: BENCHMARKS.md.)
 
-- "What is the default value of P in F?": the literal in the signature (``None``, ``'strict'``, ``0``);
-  the signature holds the other parameters and their defaults too;
-- "What does F return?": the rest of the docstring's first sentence after "Return(s)", when that is
-  at most :data:`MAX_ANSWER_WORDS` words.
-
-Built from the standard library (or any source tree given); scored SQuAD style (normalised exact
-match and token F1). Records are keyed by file, like summarization's.
+Built from the standard library (or any source tree given); scored SQuAD style (normalised exact match and
+token F1, one and the same for a number). Records are keyed by file, like summarization's. The rule baseline is
+the entry that shares the most words with the question (its name split into words, its signature and the rest
+of its docstring): the sliding-window baseline of reading comprehension.
 """
 
 from __future__ import annotations
@@ -17,99 +20,103 @@ from __future__ import annotations
 import ast
 import re
 
+from lmforge.apps.baselines import name_words
 from lmforge.apps.pysource import Documented, documented_definitions
 from lmforge.apps.spec import App
-from lmforge.apps.task_records import BuildReport, TaskRecord
+from lmforge.apps.summarization import first_sentence
+from lmforge.apps.task_records import BuildReport, TaskRecord, group_hash
 
-MAX_CONTEXT = 420
-"""Characters of context (signature + docstring), cut at a line end: about 150 of the default model's tokens."""
-MAX_ANSWER_WORDS = 12
-MAX_LITERAL = 24
-"""Longest default value asked about, in characters."""
+CHOICES = 3
+MAX_ENTRY = 150
+"""Characters of each entry (signature + the docstring's rest), cut at a word end: the three fill about 160 of
+the base's tokens."""
+MAX_QUESTION_WORDS = 30
 
-_QUESTION = "\n\nQuestion: "
-
-
-def help_text(d: Documented) -> str:
-    """``NAME(SIGNATURE)`` and the docstring's lines, indented as help() shows them, cut to MAX_CONTEXT."""
-    head = f"{d.node.name}({ast.unparse(d.node.args)})"
-    out = head
-    for line in d.docstring.splitlines():
-        line = f"    {line}".rstrip()
-        if len(out) + len(line) + 1 > MAX_CONTEXT:
-            break
-        out += "\n" + line
-    return out
+_QUESTION = "\n\nWhich of them: "
+_STOPWORDS = frozenset(("a", "an", "the", "of", "to", "in", "on", "for", "and", "or", "is", "are", "be", "by",
+                        "with", "as", "at", "if", "it", "its", "this", "that", "from", "return", "returns", "true",
+                        "false", "none"))
 
 
-def defaults(args: ast.arguments) -> list[tuple[str, str]]:
-    """(parameter, its default's literal) for every parameter of a signature that has a default."""
-    positional = args.posonlyargs + args.args
-    pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults, strict=True))
-    pairs += [(a, v) for a, v in zip(args.kwonlyargs, args.kw_defaults, strict=True) if v is not None]
-    return [(a.arg, ast.unparse(v)) for a, v in pairs]
+def entry(d: Documented) -> str:
+    """``NAME(SIGNATURE)`` and the docstring without its first sentence, on one line, cut to MAX_ENTRY."""
+    rest = " ".join(d.docstring.split())[len(first_sentence(d.docstring)):].strip()
+    text = f"{d.node.name}({ast.unparse(d.node.args)}) {rest}".strip()
+    if len(text) <= MAX_ENTRY:
+        return text
+    cut = text[:MAX_ENTRY]
+    return cut[:cut.rfind(" ")] if " " in cut else cut
 
 
-def what_it_returns(docstring: str) -> str | None:
-    """The rest of the docstring's first sentence when that starts "Return(s)"; else None."""
-    first = " ".join(docstring.split("\n\n")[0].split())
-    match = re.match(r"Returns? (.+?)\.(?:\s|$)", first)
-    return match.group(1) if match else None
-
-
-def questions(d: Documented) -> list[tuple[str, str]]:
-    """(question, answer) pairs answered by the definition's help text."""
-    out = [(f"What is the default value of {arg} in {d.node.name}?", literal)
-           for arg, literal in defaults(d.node.args) if len(literal) <= MAX_LITERAL]
-    returns = what_it_returns(d.docstring)
-    if returns and len(returns.split()) <= MAX_ANSWER_WORDS:
-        out.append((f"What does {d.node.name} return?", returns))
-    return out
+def functions_by_file(sources: list[str], report: BuildReport) -> dict[str, list[Documented]]:
+    """Each file's documented functions and methods with a usable first sentence, one per name (the first)."""
+    files: dict[str, dict[str, Documented]] = {}
+    for d in documented_definitions(sources, report):
+        sentence = first_sentence(d.docstring)
+        if isinstance(d.node, ast.ClassDef):
+            report.dropped["classes"] += 1
+        elif not 3 <= len(sentence.split()) <= MAX_QUESTION_WORDS:
+            report.dropped[f"first sentences under 3 or over {MAX_QUESTION_WORDS} words"] += 1
+        elif d.node.name in files.setdefault(d.file, {}):
+            report.dropped["functions whose name an earlier one in the file has"] += 1
+        else:
+            files[d.file][d.node.name] = d
+    return {f: list(fs.values()) for f, fs in files.items()}
 
 
 def build_qa(sources: list[str], report: BuildReport) -> list[TaskRecord]:
-    """A record per question on each documented function (classes have no signature to ask about)."""
+    """A question per function of a file with at least CHOICES of them: its first sentence, asked among itself and
+    the CHOICES - 1 others of the file that a hash of their names puts next to it; the entries in an order that
+    hash decides too (so the answer's place carries nothing)."""
     records = []
-    for d in documented_definitions(sources, report):
-        if isinstance(d.node, ast.ClassDef):
-            report.dropped["classes"] += 1
+    for file, functions in sorted(functions_by_file(sources, report).items()):
+        if len(functions) < CHOICES:
+            report.dropped[f"functions in files with fewer than {CHOICES}"] += len(functions)
             continue
-        pairs = questions(d)
-        if not pairs:
-            report.dropped["functions with nothing to ask"] += 1
-            continue
-        context = help_text(d)
-        for question, answer in pairs:
-            if answer not in context:  # a long docstring cut before its first sentence ended
-                report.dropped["answers cut from the context"] += 1
-                continue
-            records.append(TaskRecord(key=d.file, source=context + _QUESTION + question, target=answer,
-                                      origin=f"{d.file}:{d.node.lineno}"))
+        ring = sorted(functions, key=lambda d: group_hash(f"{file}\0{d.node.name}", 0))
+        for i, d in enumerate(ring):
+            picked = [ring[(i + k) % len(ring)] for k in range(CHOICES)]
+            picked.sort(key=lambda c: group_hash(f"{file}\0{d.node.name}\0{c.node.name}", 1))
+            context = "\n".join(f"{n}. {entry(c)}" for n, c in enumerate(picked, 1))
+            records.append(TaskRecord(key=file, source=context + _QUESTION + question(d),
+                                      target=str(picked.index(d) + 1), origin=f"{file}:{d.node.lineno}"))
     return records
 
 
+def question(d: Documented) -> str:
+    """The docstring's first sentence less its words that are the name's (``read_config``: "Read the configuration
+    file." -> "the configuration file."): the question does not give the name away."""
+    named = set(name_words(d.node.name).split())
+    return " ".join(w for w in first_sentence(d.docstring).split()
+                    if not named & set(name_words(" ".join(re.findall(r"[^\W_]+", w))).split()))
+
+
+def words(text: str) -> set[str]:
+    """Lower-case words of text, identifiers split (``read_config`` -> read, config), common words left out."""
+    return {w for w in name_words(" ".join(re.findall(r"\w+", text))).split() if w not in _STOPWORDS}
+
+
 def rule_answer(record: TaskRecord) -> str:
-    """Baseline: what a rule reads without a model. The default value of P is the literal after ``P=`` in the
-    signature (the help text's first line); what F returns is the rest of the docstring's first sentence after
-    "Return(s)". Empty when the rule finds nothing."""
+    """Baseline: the number of the entry sharing the most words with the question (the first of equal ones)."""
     context, question = record.source.rsplit(_QUESTION, 1)
-    head, _, doc = context.partition("\n")
-    if match := re.fullmatch(r"What is the default value of (\w+) in \w+\?", question):
-        try:
-            args = ast.parse(f"def {head}: pass").body[0].args
-        except SyntaxError:
-            return ""
-        return dict(defaults(args)).get(match.group(1), "")
-    return what_it_returns(doc) or ""
+    asked = words(question)
+    entries = [line.split(". ", 1) for line in context.splitlines() if line]
+    return max(entries, key=lambda e: len(asked & words(e[1])))[0]
 
 
 def qa_prompt(record: TaskRecord, neighbour: TaskRecord) -> str:
-    """The user turn: the context and the question (the neighbour is left out: the context fills the room)."""
-    context, question = record.source.rsplit(_QUESTION, 1)
-    return f"Answer from the documentation, in a few words.\n\n{context}{_QUESTION}{question}"
+    """The encoder's input: the numbered entries and the question (the neighbour is left out: its answer is about
+    another file's functions)."""
+    return f"Which function does what the sentence says? Answer with its number.\n\n{record.source}"
 
 
-APP = App(name="qa", summary="questions on the library reference (help() text), answered from it",
-          build=build_qa, prompt=qa_prompt, metric="squad_f1", metrics=("squad_em", "squad_f1"),
-          test_fraction=0.18, max_new_tokens=32, majority=True, distinct_targets=False,
-          baselines={"rule (the signature's default, the Return(s) sentence)": rule_answer})
+def contexts_and_answers(records: list[TaskRecord]) -> list[str]:
+    """What the qa base is pretrained on: every training record's entries, question and answer."""
+    return [f"{r.source}\n{r.target}" for r in records]
+
+
+APP = App(name="qa", summary="which of three library functions (help() text, first sentence taken out) does what "
+          "a sentence says", build=build_qa, prompt=qa_prompt, metric="squad_f1", metrics=("squad_em", "squad_f1"),
+          test_fraction=0.15, max_new_tokens=16, distinct_targets=False,
+          majority=True, baselines={"rule (the entry sharing most words with the question)": rule_answer},
+          pretrain_text=contexts_and_answers)

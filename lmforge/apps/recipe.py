@@ -487,7 +487,7 @@ def _model_and_report(app: App, req: AppRequest, cfg: FinetuneConfig, state: App
     keys = tasks.generation_metrics(["x"], [["x"]])
     by_search = {label: {k: ev["results"]["generate"][k] for k in keys if k in ev["results"]["generate"]}
                  | {"eval_s": ev.get("eval_s")} for label, ev in evals.items()}
-    main = list(searches)[-1]  # the beam's, when there is one
+    main = "greedy" if app.greedy_main else list(searches)[-1]  # else the beam's, when there is one
     outputs = {label: ev["results"]["generate"]["outputs"] for label, ev in evals.items()}
     model = {k: v for k, v in by_search[main].items() if k != "eval_s"}
     memory = {}
@@ -503,6 +503,7 @@ def _model_and_report(app: App, req: AppRequest, cfg: FinetuneConfig, state: App
             by_search[label] = tasks.generation_metrics(outputs[label], [[r.target] for r in test_recs])
             main, model = label, dict(by_search[label])
     bar_name = max(baselines, key=lambda b: baselines[b][app.metric])
+    parts = {} if app.part is None else {"parts": by_part(app, rows, outputs[main], baselines)}
     breakdown = {} if app.breakdown is None else {
         "breakdown": {**{f"model ({label})": app.breakdown(rows, out_) for label, out_ in outputs.items()},
                       **{name: app.breakdown(rows, b["outputs"]) for name, b in baselines.items()}}}
@@ -515,13 +516,48 @@ def _model_and_report(app: App, req: AppRequest, cfg: FinetuneConfig, state: App
         "total_s": state.elapsed(), "model": model, "searches": by_search,
         "baselines": {k: {m: v for m, v in b.items() if m != "outputs"} for k, b in baselines.items()},
         "bar": {"baseline": bar_name, "value": baselines[bar_name][app.metric]},
-        "beats_bar": model[app.metric] > baselines[bar_name][app.metric], **breakdown, **memory}
+        "beats_bar": model[app.metric] > baselines[bar_name][app.metric]
+        and all(p["beats_bar"] for p in parts.get("parts", {}).values()), **parts, **breakdown, **memory}
     rundir.write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
     rundir.write_text_atomic(out / "report.md", format_report(app, results, test_recs, outputs[main], baselines))
-    for line in format_table(app, results).splitlines():
+    for line in format_table(app, results).splitlines() + (format_parts(app, results).splitlines() if parts else []):
         say(line)
     say(f"wrote {out / 'report.md'} and {out / 'results.json'}")
     return results
+
+
+def by_part(app: App, rows: list[dict], outputs: list[str], baselines: dict[str, dict]) -> dict:
+    """Each part's figures (``app.part``): its examples, the model's and every baseline's metrics, its own bar (the
+    strongest baseline on that part) and whether the model beats it."""
+    labels = [app.part(r) for r in rows]
+    parts = {}
+    for name in sorted(set(labels)):
+        picked = [i for i, label in enumerate(labels) if label == name]
+        refs = [[rows[i]["reference"]] for i in picked]
+
+        def score(answers: list[str], picked: list[int] = picked, refs: list = refs) -> dict:
+            return tasks.generation_metrics([answers[i] for i in picked], refs)
+
+        scored = {b: score(v["outputs"]) for b, v in baselines.items()}
+        bar = max(scored, key=lambda b: scored[b][app.metric])
+        model = score(outputs)
+        parts[name] = {"examples": len(picked), "model": model, "baselines": scored,
+                       "bar": {"baseline": bar, "value": scored[bar][app.metric]},
+                       "beats_bar": model[app.metric] > scored[bar][app.metric]}
+    return parts
+
+
+def format_parts(app: App, results: dict) -> str:
+    """The main metric of the model and every baseline on each part, as a markdown table (the bar in bold)."""
+    parts = results["parts"]
+    names = list(next(iter(parts.values()))["baselines"])
+    head = (f"| {app.metric} by part | model | " + " | ".join(names) + " |\n|---|" + "---:|" * (len(names) + 1)
+            + "\n")
+    return head + "".join(
+        f"| {part} ({p['examples']}) | {p['model'][app.metric]:.2f} | "
+        + " | ".join(f"**{v[app.metric]:.2f}**" if b == p["bar"]["baseline"] else f"{v[app.metric]:.2f}"
+                     for b, v in p["baselines"].items()) + " |\n"
+        for part, p in parts.items())
 
 
 def format_table(app: App, results: dict) -> str:
@@ -552,7 +588,7 @@ def format_breakdown(results: dict) -> str:
 def format_report(app: App, results: dict, test_recs: list[TaskRecord], outputs: list[str],
                   baselines: dict[str, dict], examples: int = 5) -> str:
     """report.md: what was run, the table, and the first few test records side by side."""
-    verdict = "beats" if results["beats_bar"] else "does not beat"
+    verdict = "beats" if results["model"][app.metric] > results["bar"]["value"] else "does not beat"
     lines = [f"# {app.name}: {app.summary}", "",
              f"{results['train_records']:,} train / {results['test_records']:,} test records; fine-tuned "
              f"{results['finetune_steps']} steps ({results['finetune_s'] / 60:.1f} min) from {results['base']}"
@@ -565,7 +601,11 @@ def format_report(app: App, results: dict, test_recs: list[TaskRecord], outputs:
              format_table(app, results),
              f"The model {verdict} the strongest baseline ({results['bar']['baseline']}, "
              f"{app.metric} {results['bar']['value']:.2f}) with {app.metric} {results['model'][app.metric]:.2f}"
-             f" ({results.get('search', 'greedy')}).", "",
+             f" ({results.get('search', 'greedy')})"
+             + (", and it must beat each part's own (below)." if results.get("parts") else "."), "",
+             *([format_parts(app, results), "The model " + " and ".join(
+                 f"{'beats' if p['beats_bar'] else 'does not beat'} {p['bar']['baseline']} on {part}"
+                 for part, p in results["parts"].items()) + ".", ""] if results.get("parts") else []),
              *([format_breakdown(results)] if results.get("breakdown") else []),
              "## Examples", ""]
     nn = baselines["nearest neighbour"]["outputs"]
@@ -576,8 +616,16 @@ def format_report(app: App, results: dict, test_recs: list[TaskRecord], outputs:
 
 
 def summarize_seeds(results: list[dict]) -> dict:
-    """Mean and sample sd of the main metric over seeds, beside the (seed-independent) bar."""
-    values = [r["model"][r["metric"]] for r in results]
-    return {"app": results[0]["app"], "metric": results[0]["metric"], "seeds": [r["seed"] for r in results],
-            "values": values, "mean": statistics.mean(values),
-            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "bar": results[0]["bar"]}
+    """Mean and sample sd of the main metric over seeds, beside the (seed-independent) bar; the same for each part
+    of an app with parts (summarization: code, man pages)."""
+    def spread(values: list[float]) -> dict:
+        return {"values": values, "mean": statistics.mean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    metric = results[0]["metric"]
+    parts = {name: {**spread([r["parts"][name]["model"][metric] for r in results]), "examples": part["examples"],
+                    "bar": part["bar"], "baselines": {b: v[metric] for b, v in part["baselines"].items()}}
+             for name, part in (results[0].get("parts") or {}).items()}
+    return {"app": results[0]["app"], "metric": metric, "seeds": [r["seed"] for r in results],
+            **spread([r["model"][metric] for r in results]), "bar": results[0]["bar"],
+            **({"parts": parts} if parts else {})}

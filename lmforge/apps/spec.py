@@ -26,7 +26,7 @@ class App:
     baselines: dict[str, Callable[[TaskRecord], str]] = field(default_factory=dict)
     """Baselines that look at the record alone (copy, lead); nearest neighbour is every app's."""
     majority: bool = False
-    """Also score the most frequent training target given to every record (qa: "None")."""
+    """Also score the most frequent training target given to every record (qa: one of the entry numbers)."""
     distinct_targets: bool = True
     """No test target may recur in train (see :func:`~lmforge.apps.task_records.split_records`)."""
     options: tuple[str, ...] = ()
@@ -46,7 +46,13 @@ class App:
     (translation tools use a memory's close matches and machine translation for the rest)."""
     beams: int = 1
     """Also write the test records' answers with beam search over this many hypotheses (encoder-decoder models);
-    the main figure is then the beam's, greedy's beside it."""
+    the main figure is then the beam's, greedy's beside it (unless greedy_main)."""
+    greedy_main: bool = False
+    """The app's answers are greedy's even with beams (summarization: beam search scored lower ROUGE-L in every run
+    measured, BENCHMARKS.md), the beam's beside them."""
     breakdown: Callable[[list[dict], list[str]], dict] | None = None
     """(test rows as written, one output per row) -> figures the report adds for any output (translation: by the
     memory's similarity band, placeholders kept)."""
+    part: Callable[[dict], str] | None = None
+    """(a test row as written) -> the part of the task it belongs to (summarization: code, man pages): the report
+    gives each part's figures beside its own strongest baseline, and the model must beat that bar on every part."""

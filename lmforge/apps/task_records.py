@@ -62,6 +62,11 @@ class BuildReport:
         return out
 
 
+def both_sides(records: list[TaskRecord]) -> list[str]:
+    """Every record's source and target: what translation's and summarization's bases are pretrained on."""
+    return [text for r in records for text in (r.source, r.target)]
+
+
 def group_hash(key: str, seed: int) -> float:
     """A hash of (seed, key), uniform in [0, 1)."""
     digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()

@@ -19,7 +19,7 @@ import polib
 
 from lmforge.apps.baselines import copy_source
 from lmforge.apps.spec import App
-from lmforge.apps.task_records import BuildReport, TaskRecord
+from lmforge.apps.task_records import BuildReport, TaskRecord, both_sides
 from lmforge.errors import UserError
 from lmforge.evaluate import tasks
 
@@ -149,11 +149,6 @@ def translation_prompt(record: TaskRecord, neighbour: TaskRecord) -> str:
     it does not. (Measured, BENCHMARKS.md: this compact form on an encoder-decoder, chrF 29.5, against 21.8 for
     the decoder's chat prompt "Translate, as in the example ..." from the default run.)"""
     return f"{record.source}\n<=> {neighbour.source}\n<=> {neighbour.target}"
-
-
-def both_sides(records: list[TaskRecord]) -> list[str]:
-    """What the translation base is pretrained on: every training message and its translation."""
-    return [text for r in records for text in (r.source, r.target)]
 
 
 BANDS = (("≥ 0.9", 0.9, 2.0), ("0.7-0.9", 0.7, 0.9), ("< 0.7", -1.0, 0.7))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -19,11 +18,6 @@ from lmforge.config import DEFAULT_RECIPE, load_train_config, to_dict
 from lmforge.errors import UserError
 from lmforge.testhooks import FAKE_STEP_SECONDS
 from tests.fixtures import HANG_S
-
-TOY_BASE = ["data.tokenizer=char", "model.preset=gpt2-tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-            "model.block_size=256", "train.batch_size=4", "train.max_steps=3", "train.eval_interval=3",
-            "train.eval_batches=1", "sample.num_samples=0"]
-
 
 TOY_APP_BASE = [f"base.{kv}" for kv in ("model.n_embd=32", "model.n_head=2", "model.block_size=48",
                                           "train.max_steps=3", "train.budget_minutes=null", "train.batch_size=2",
@@ -92,7 +86,9 @@ def test_the_budget_is_shared_as_the_recipe_shares_it_and_base_keys_need_an_own_
         pretrain + finetuning)))
     assert base == [f"train.budget_minutes={2 * pretrain:.4g}"]
     assert fine == [f"train.budget_minutes={2 * finetuning:.4g}"]
-    assert budget_overrides(APPS["qa"], AppRequest(name="qa", budget_minutes=8)) == ([], ["train.budget_minutes=8"])
+    # fine-tuning another base (--base): all of the budget is the fine-tuning's
+    assert budget_overrides(APPS["qa"], AppRequest(name="qa", base="runs/x", budget_minutes=8)) == (
+        [], ["train.budget_minutes=8"])
     assert budget_overrides(APPS["qa"], AppRequest(name="qa")) == ([], [])
 
 
@@ -100,7 +96,8 @@ def test_the_budget_is_shared_as_the_recipe_shares_it_and_base_keys_need_an_own_
     (["qa", "--lang", "fr"], "--lang applies to translation"),
     (["translation", "/nonexistent.po"], "catalog '/nonexistent.po' does not exist"),
     (["summarization", "--set", "model.n_layer=2"], "cannot be set"),
-    (["qa", "--set", "base.model.n_layer=2"], "sets the app's own base recipe, and qa has none"),
+    (["qa", "--base", "runs/x", "--set", "base.model.n_layer=2"],
+     "sets the app's own base recipe, and qa fine-tunes --base runs/x"),
     (["translation", "--budget-minutes", "0"], "--budget-minutes: expected a positive number of minutes"),
 ])
 def test_bad_requests_fail_in_one_line(args, message, tmp_path):
@@ -118,7 +115,7 @@ def test_every_app_has_a_shipped_recipe_that_loads():
         name for name, app in APPS.items() if app.pretrain_text is not None)
     for name, app in APPS.items():
         cfg = load_finetune_config(APP_CONFIGS / f"{name}.yaml", ["base=runs/x", "data.train=t.jsonl"])
-        assert cfg.task == ("seq2seq" if app.beams > 1 else "sft") and cfg.data.response_field == "reference"
+        assert cfg.task == "seq2seq" and cfg.data.response_field == "reference"
         assert cfg.train.budget_minutes
         if app.pretrain_text is not None:
             base = load_train_config(APP_CONFIGS / "base" / f"{name}.yaml", ["data.sources=[p.jsonl]"])
@@ -172,29 +169,29 @@ def test_an_app_folder_is_continued_only_with_the_settings_it_was_started_with(c
 
 @pytest.mark.slow
 def test_a_killed_app_continues_on_the_same_command_without_redoing_finished_stages(source_tree, tmp_path):
-    # The default run, stopped in step 3 after its checkpoint of step 2: the app resumes it (with its own config)
-    killed = lmforge("train", "out_dir=runs/default", f"data.sources=[{argparse.__file__}]", *TOY_BASE,
-                     "train.max_steps=4", "train.ckpt_interval=2", cwd=tmp_path, fault="mid_step:3")
-    assert killed.returncode == -9, killed.stderr[-2000:]
     app = ["app", "summarization", str(source_tree), "--out", "app", "--test-fraction", "0.3",
-           *sets("train.max_steps=4", "train.budget_minutes=null", "train.batch_size=4", "data.val_fraction=0.2"),
-           "--set", "train.ckpt_interval=2", "--set", "train.precision=fp32"]
+           *sets(*TOY_APP_BASE, "base.train.max_steps=4", "base.train.ckpt_interval=2", "train.max_steps=4",
+                 "train.budget_minutes=null", "train.batch_size=4", "data.val_fraction=0.2", "train.ckpt_interval=2",
+                 "train.precision=fp32")]
+    # the app's own base dies in its step 3, after its checkpoint of step 2
+    killed = lmforge(*app, cwd=tmp_path, fault="mid_step:3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    build = tmp_path / "app" / "data" / "build.json"
+    written = build.stat().st_mtime_ns
     # the base's steps 3-4 pass the fault point twice; the fine-tuning dies in its step 3 (after step 2's checkpoint)
     first = lmforge(*app, cwd=tmp_path, fault="mid_step:5")
     assert first.returncode == -9, first.stderr[-2000:]
-    assert "runs/default stopped before it finished: resuming it" in first.stdout
-    metrics = (tmp_path / "runs" / "default" / "metrics.jsonl").read_text()
+    assert "base stopped before it finished: resuming it" in first.stdout and "(step 2)" in first.stdout
+    metrics = (tmp_path / "app" / "base" / "metrics.jsonl").read_text()
     assert json.loads(metrics.splitlines()[-1]) | {"time_s": 0} == {"step": 4, "kind": "done", "time_s": 0}
-    build = tmp_path / "app" / "data" / "build.json"
-    written = build.stat().st_mtime_ns
 
     done = lmforge(*app, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "runs" / "default" / "metrics.jsonl").read_text() == metrics  # finished: not trained again
+    assert (tmp_path / "app" / "base" / "metrics.jsonl").read_text() == metrics  # finished: not trained again
     assert "built with these settings before" in done.stdout and build.stat().st_mtime_ns == written
-    assert "stopped before it finished: resuming" in done.stdout and "(step 2)" in done.stdout
+    assert "model stopped before it finished: resuming" in done.stdout and "(step 2)" in done.stdout
     results = json.loads((tmp_path / "app" / "results.json").read_text())
-    assert results["finetune_steps"] == 4 and (tmp_path / "app" / "report.md").is_file()
+    assert results["finetune_steps"] == 4 and results["base_steps"] == 4 and (tmp_path / "app" / "report.md").is_file()
     assert not list((tmp_path / "app").glob(".*tmp*"))
 
     again = lmforge(*app, cwd=tmp_path)  # finished: the same command reuses the model and its evaluation

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from lmforge.apps.baselines import name_words
-from lmforge.apps.qa import build_qa
 from lmforge.apps.recipe import APPS, AppRequest, build_data
-from lmforge.apps.summarization import build_summarization, first_sentence, lead_line, lead_name
+from lmforge.apps.summarization import build_summarization, first_sentence, lead, lead_line
 from lmforge.apps.task_records import BuildReport, read_jsonl
 
 
@@ -25,7 +24,7 @@ def test_summaries_are_first_sentences_of_docstrings_taken_out_of_the_code(sourc
     assert report.files == 12 and len(report.skipped_files) == 2  # the syntax error and the Latin-1 file
     assert report.dropped["definitions without a docstring"] == 24  # undocumented() and __init__
     assert report.dropped["definitions that are only a docstring"] == 12
-    assert lead_name(r) == "read config 0" and lead_line(r) == 'def read_config0(path, encoding="utf-8", strict=False):'
+    assert lead(r) == "read config 0" and lead_line(r) == 'def read_config0(path, encoding="utf-8", strict=False):'
 
 
 def test_first_sentence_and_name_words():
@@ -35,20 +34,41 @@ def test_first_sentence_and_name_words():
     assert name_words("getHTTPResponse_code2") == "get http response code 2"
 
 
-def test_qa_answers_are_spans_of_the_help_text(source_tree):
+def test_qa_asks_which_entry_a_first_sentence_describes_without_giving_it_or_the_name_away(source_tree):
+    from lmforge.apps import qa
+
     report = BuildReport()
-    records = build_qa([str(source_tree)], report)
-    pairs = {r.source.rsplit("Question: ", 1)[1]: r.target for r in records if "read_config0" in r.source
-             or "count_words0" in r.source or "push" in r.source}
-    assert pairs == {"What is the default value of encoding in read_config0?": "'utf-8'",
-                     "What is the default value of strict in read_config0?": "False",
-                     "What is the default value of sep in count_words0?": "None",
-                     "What does count_words0 return?": "the number of words in text",
-                     "What is the default value of times in push?": "1"}
-    for r in records:
-        context = r.source.rsplit("\n\nQuestion: ", 1)[0]
-        assert r.target in context
+    records = qa.build_qa([str(source_tree)], report)
+    assert len(records) == 12 * 4  # read_config, count_words, push and only_doc in each module; the class is not asked
+
+    def answered(r):  # the name of the entry the answer's number points to
+        return r.source.splitlines()[int(r.target) - 1].split(". ", 1)[1].split("(")[0]
+
+    by_answer = {answered(r): r for r in records if r.key == "pkg/mod00.py"}
+    assert sorted(by_answer) == ["count_words0", "only_doc", "push", "read_config0"]
+    r = by_answer["count_words0"]
+    context, question = r.source.split("\n\nWhich of them: ")
+    assert question == "Return the number of in text."  # "words" is the name's: left out
+    entries = context.splitlines()
+    assert len(entries) == qa.CHOICES and f"{r.target}. count_words0(text, sep=None)" in entries
+    assert [e.split(". ")[0] for e in entries] == ["1", "2", "3"]
+    assert "number of words" not in context  # the first sentence is taken out of the entries
+    read = by_answer["read_config0"]
+    assert read.source.endswith("Which of them: the configuration file at path.")
+    assert f"{read.target}. read_config0(path, encoding='utf-8', strict=False) Blank lines are ignored. More details " \
+        "here." in read.source.splitlines()  # its entry: the signature and the docstring's rest
+    assert {x.target for x in records} == {"1", "2", "3"}  # the entries' order is a hash's
     assert report.dropped["classes"] == 12 and len(report.skipped_files) == 2
+
+
+def test_the_qa_rule_picks_the_entry_sharing_most_words_with_the_question():
+    from lmforge.apps.qa import rule_answer, words
+    from lmforge.apps.task_records import TaskRecord
+
+    context = "1. open_file(path) Opens it.\n2. close(fd) Close the descriptor fd.\n3. send(data) Writes bytes."
+    record = TaskRecord("", context + "\n\nWhich of them: Release the file descriptor fd.", "2")
+    assert words("Release the descriptor of open_file") == {"release", "descriptor", "open", "file"}
+    assert rule_answer(record) == "2"  # descriptor and fd beat open_file's file
 
 
 def test_builds_are_byte_identical_and_test_strings_stay_out_of_train(source_tree, tmp_path):
@@ -67,29 +87,3 @@ def test_builds_are_byte_identical_and_test_strings_stay_out_of_train(source_tre
         assert not {r["source"] for r in test} & train_strings
         if APPS[name].distinct_targets:
             assert not {r["reference"] for r in test} & train_strings
-
-
-def test_qa_baselines_include_the_most_frequent_training_answer(source_tree, tmp_path):
-    from collections import Counter
-
-    from lmforge.apps.recipe import score_baselines
-
-    app = APPS["qa"]
-    train, test = build_data(app, AppRequest(name="qa", sources=[str(source_tree)], test_fraction=0.3),
-                             tmp_path, say=lambda _: None)
-    nn = [r["neighbour"] for r in read_jsonl(tmp_path / "test.jsonl")]
-    scores = score_baselines(app, train, test, nn)
-    top, _ = Counter(r.target for r in train).most_common(1)[0]
-    assert scores["most frequent answer"]["outputs"] == [top] * len(test)
-    assert scores["nearest neighbour"]["outputs"] == [train[j].target for j in nn]
-
-
-def test_the_qa_rule_reads_the_default_from_the_signature_and_the_return_sentence(source_tree, tmp_path):
-    from lmforge.apps.qa import rule_answer
-
-    app = APPS["qa"]
-    _, test = build_data(app, AppRequest(name="qa", sources=[str(source_tree)], test_fraction=0.3), tmp_path,
-                         say=lambda _: None)
-    assert test and [rule_answer(r) for r in test] == [r.target for r in test]  # templated questions: all right
-    odd = test[0].source.rsplit("Question: ", 1)[0] + "Question: What is the default value of nothing in f?"
-    assert rule_answer(test[0].__class__("", odd, "")) == ""
