@@ -71,18 +71,24 @@ def test_the_qa_rule_picks_the_entry_sharing_most_words_with_the_question():
     assert rule_answer(record) == "2"  # descriptor and fd beat open_file's file
 
 
-def test_builds_are_byte_identical_and_test_strings_stay_out_of_train(source_tree, tmp_path):
+def test_builds_are_byte_identical_and_test_strings_stay_out_of_train(source_tree, man_pages, tmp_path):
+    def group(origin: str) -> str:  # a file, or a man page's family
+        return origin.split(".")[0].split("-")[0] if origin.startswith("man:") else origin.rsplit(":", 1)[0]
+
     for name in ("summarization", "qa"):
         outs = []
         for run in ("a", "b"):
-            build_data(APPS[name], AppRequest(name=name, sources=[str(source_tree)], test_fraction=0.3),
-                       tmp_path / name / run, say=lambda _: None)
-            outs.append([(tmp_path / name / run / f).read_bytes() for f in ("train.jsonl", "test.jsonl")])
+            build_data(APPS[name], AppRequest(name=name, sources=[str(source_tree), str(man_pages)],
+                                              test_fraction=0.3), tmp_path / name / run, say=lambda _: None)
+            outs.append([(tmp_path / name / run / f).read_bytes()
+                         for f in ("train.jsonl", "test.jsonl", "pretrain.jsonl")])
         assert outs[0] == outs[1]
         train, test = (read_jsonl(tmp_path / name / "a" / f) for f in ("train.jsonl", "test.jsonl"))
         assert train and test
-        train_files = {r["origin"].rsplit(":", 1)[0] for r in train}
-        assert not train_files & {r["origin"].rsplit(":", 1)[0] for r in test}  # split by file
+        if name == "summarization":
+            assert {r["origin"][:4] for r in train + test} == {"man:", "pkg/"}  # both parts
+        train_files = {group(r["origin"]) for r in train}
+        assert not train_files & {group(r["origin"]) for r in test}  # split by file (by family)
         train_strings = {s for r in train for s in (r["source"], r["reference"])}
         assert not {r["source"] for r in test} & train_strings
         if APPS[name].distinct_targets:
