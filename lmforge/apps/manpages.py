@@ -114,11 +114,11 @@ def page_files(sources: list[str]) -> list[tuple[Path, str]]:
     return sorted(((path, name) for name, path in pages.items()), key=lambda x: x[1])
 
 
-def name_and_description(lines: list[tuple[str, str]]) -> tuple[str, str]:
-    """(the page's names, the description) from its NAME section's ``names \\- description``; empty without one."""
+def name_description(lines: list[tuple[str, str]]) -> str:
+    """The description of the NAME section's ``names \\- description``; empty without one."""
     name_line = section_text(lines, "NAME")
     match = re.search(r"\s+--?\s+", name_line)
-    return (name_line[:match.start()], name_line[match.end():]) if match else ("", "")
+    return name_line[match.end():] if match else ""
 
 
 def build_manpages(sources: list[str], report: BuildReport) -> list[TaskRecord]:
@@ -135,9 +135,8 @@ def build_manpages(sources: list[str], report: BuildReport) -> list[TaskRecord]:
             report.dropped["pages that include another (.so)"] += 1
             continue
         lines = text_lines(source)
-        _, target = name_and_description(lines)
+        target = name_description(lines).rstrip(".").strip()
         description = section_text(lines, "DESCRIPTION")
-        target = target.rstrip(".").strip()
         if not 2 <= len(target.split()) <= MAX_TARGET_WORDS:
             report.dropped[f"pages without a NAME description of 2 to {MAX_TARGET_WORDS} words"] += 1
         elif len(description.split()) < MIN_WORDS:

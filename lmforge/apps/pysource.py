@@ -4,6 +4,7 @@ summarization and question-answering builders read."""
 from __future__ import annotations
 
 import ast
+import re
 import sysconfig
 import warnings
 from collections.abc import Iterator
@@ -72,3 +73,10 @@ def documented_definitions(sources: list[str], report: BuildReport) -> Iterator[
                 report.dropped["definitions without a docstring"] += 1
             else:
                 yield Documented(name, lines, node, doc)
+
+
+def first_sentence(docstring: str) -> str:
+    """The docstring's (or any text's) first paragraph, on one line, up to the end of its first sentence."""
+    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+    match = re.search(r"(?<=[.!?])\s", paragraph)
+    return paragraph[:match.start()] if match else paragraph

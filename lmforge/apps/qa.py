@@ -21,9 +21,8 @@ import ast
 import re
 
 from lmforge.apps.baselines import name_words
-from lmforge.apps.pysource import Documented, documented_definitions
+from lmforge.apps.pysource import Documented, documented_definitions, first_sentence
 from lmforge.apps.spec import App
-from lmforge.apps.summarization import first_sentence
 from lmforge.apps.task_records import BuildReport, TaskRecord, group_hash
 
 CHOICES = 3
@@ -52,10 +51,9 @@ def functions_by_file(sources: list[str], report: BuildReport) -> dict[str, list
     """Each file's documented functions and methods with a usable first sentence, one per name (the first)."""
     files: dict[str, dict[str, Documented]] = {}
     for d in documented_definitions(sources, report):
-        sentence = first_sentence(d.docstring)
         if isinstance(d.node, ast.ClassDef):
             report.dropped["classes"] += 1
-        elif not 3 <= len(sentence.split()) <= MAX_QUESTION_WORDS:
+        elif not 3 <= len(first_sentence(d.docstring).split()) <= MAX_QUESTION_WORDS:
             report.dropped[f"first sentences under 3 or over {MAX_QUESTION_WORDS} words"] += 1
         elif d.node.name in files.setdefault(d.file, {}):
             report.dropped["functions whose name an earlier one in the file has"] += 1

@@ -534,13 +534,9 @@ def by_part(app: App, rows: list[dict], outputs: list[str], baselines: dict[str,
     for name in sorted(set(labels)):
         picked = [i for i, label in enumerate(labels) if label == name]
         refs = [[rows[i]["reference"]] for i in picked]
-
-        def score(answers: list[str], picked: list[int] = picked, refs: list = refs) -> dict:
-            return tasks.generation_metrics([answers[i] for i in picked], refs)
-
-        scored = {b: score(v["outputs"]) for b, v in baselines.items()}
+        scored = {b: tasks.generation_metrics([v["outputs"][i] for i in picked], refs) for b, v in baselines.items()}
         bar = max(scored, key=lambda b: scored[b][app.metric])
-        model = score(outputs)
+        model = tasks.generation_metrics([outputs[i] for i in picked], refs)
         parts[name] = {"examples": len(picked), "model": model, "baselines": scored,
                        "bar": {"baseline": bar, "value": scored[bar][app.metric]},
                        "beats_bar": model[app.metric] > scored[bar][app.metric]}

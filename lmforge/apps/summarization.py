@@ -19,20 +19,13 @@ import re
 
 from lmforge.apps import manpages
 from lmforge.apps.baselines import name_words
-from lmforge.apps.pysource import documented_definitions
+from lmforge.apps.pysource import documented_definitions, first_sentence
 from lmforge.apps.spec import App
 from lmforge.apps.task_records import BuildReport, TaskRecord, both_sides
 
 MAX_INPUT = 300
 """Characters of source the model reads: with the prompt around it, within the default model's 256 tokens."""
 MAX_TARGET = 160
-
-
-def first_sentence(docstring: str) -> str:
-    """The docstring's first paragraph, on one line, up to the end of its first sentence."""
-    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
-    match = re.search(r"(?<=[.!?])\s", paragraph)
-    return paragraph[:match.start()] if match else paragraph
 
 
 def without_docstring(lines: list[str], node: ast.AST) -> str:
@@ -73,13 +66,14 @@ def build_code(sources: list[str], report: BuildReport) -> list[TaskRecord]:
     return records
 
 
-def is_man(record: TaskRecord) -> bool:
-    return record.origin.startswith(manpages.ORIGIN)
+def is_man(origin: str) -> bool:
+    """Whether a record (by its origin) is a man page's."""
+    return origin.startswith(manpages.ORIGIN)
 
 
 def part(row: dict) -> str:
     """Which of the two tasks a written row is."""
-    return "man pages" if is_man(TaskRecord("", "", "", row["origin"])) else "code"
+    return "man pages" if is_man(row["origin"]) else "code"
 
 
 def definition_name(record: TaskRecord) -> str:
@@ -95,12 +89,12 @@ def first_words(text: str, n: int = 8) -> str:
 def lead(record: TaskRecord) -> str:
     """Baseline: code, the definition's name split into words (``read_file`` -> ``read file``); a man page, its
     DESCRIPTION's first sentence."""
-    return first_sentence(record.source) if is_man(record) else name_words(definition_name(record))
+    return first_sentence(record.source) if is_man(record.origin) else name_words(definition_name(record))
 
 
 def lead_line(record: TaskRecord) -> str:
     """Baseline: code, the definition's first line (its signature); a man page, its DESCRIPTION's first 8 words."""
-    if is_man(record):
+    if is_man(record.origin):
         return first_words(record.source)
     return next((x.strip() for x in record.source.splitlines() if re.match(r"\s*(async\s+)?(def|class)\s", x)), "")
 
@@ -110,7 +104,7 @@ def summarization_prompt(record: TaskRecord, neighbour: TaskRecord) -> str:
     the summary can reuse, where the identifier's are code tokens). The neighbour's summary is left out: given
     after a man page's name it moved that part's ROUGE-L from 19.7 to 20.0 (one seed: noise), far from its
     nearest neighbour's 28.9 (BENCHMARKS.md)."""
-    if is_man(record):
+    if is_man(record.origin):
         return (f"Summarize the manual page in one line, as its NAME line would.\n\n{record.source}\n\n"
                 f"Name: {manpages.page_name(record)}")
     return (f"Summarize the code in one sentence, as its docstring would.\n\n{record.source}\n\n"
