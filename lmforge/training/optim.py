@@ -4,6 +4,8 @@ schedules (warmup, then cosine decay or warmup-stable-decay)."""
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,11 +74,19 @@ def orthogonalize(g: torch.Tensor, steps: int, coefficients: tuple[float, float,
 
 
 class Muon(torch.optim.Muon):
-    """``torch.optim.Muon`` with the Newton-Schulz iteration in a chosen dtype.
+    """``torch.optim.Muon`` with the Newton-Schulz iteration in a chosen dtype, and on FSDP2's sharded matrices.
 
     PyTorch's runs it in bf16, which is right on GPUs and CPUs with bf16 units, and ~100x slower than
     fp32 on CPUs without them (a bf16 GEMM at ~1 GFLOP/s): the training precision decides instead.
     The update is PyTorch's otherwise (Nesterov momentum, decoupled weight decay, its lr adjustment).
+
+    Under FSDP2 each process holds a slice of every matrix's rows (DTensors), but the iteration needs whole
+    matrices. As the published distributed Muon implementations do, each matrix gets an owner, round-robin over
+    the processes: the momentum update's slices go to the owner (one all-to-all for every ``world_size``
+    matrices), the owner orthogonalizes the whole matrix, and the slices of the result go back (a second
+    all-to-all). Every process thus orthogonalizes ~1/world_size of the matrices, holds whole matrices only
+    transiently, and keeps its momentum sharded; the update is the one process's, up to the order in which the
+    gradients were summed.
     """
 
     def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
@@ -93,14 +103,74 @@ class Muon(torch.optim.Muon):
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
             lr, momentum = float(group["lr"]), group["momentum"]
-            for p, grad, buf in zip(params, grads, bufs, strict=True):
+
+            def ortho(update: torch.Tensor, group: dict = group) -> torch.Tensor:
+                return orthogonalize(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                     self.ns_dtype)
+
+            updates = []
+            for grad, buf in zip(grads, bufs, strict=True):
                 buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                       self.ns_dtype)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+                updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            sharded = [_is_sharded(u) for u in updates]
+            if any(sharded) and not all(sharded):
+                raise ValueError("Muon: either every matrix of a group is sharded (FSDP2) or none is")
+            orthogonal = orthogonalize_sharded(updates, ortho) if all(sharded) and updates else map(ortho, updates)
+            for p, update in zip(params, orthogonal, strict=True):
+                local = p.to_local() if _is_sharded(p) else p  # the same storage: in place is in place
+                local.mul_(1 - lr * group["weight_decay"])
+                local.add_(update.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (FSDP2's parameters, their gradients and the state made like them)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported (it is slow to): there are none
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def _shard_rows(rows: int, world: int) -> list[int]:
+    """How many of a matrix's ``rows`` each rank holds under FSDP2's Shard(0) (``torch.chunk``'s split: ranks of
+    ceil(rows / world) rows, the last ones fewer or none)."""
+    size = -(-rows // world)
+    return [max(0, min(rows, (r + 1) * size) - r * size) for r in range(world)]
+
+
+def orthogonalize_sharded(updates: list[torch.Tensor],
+                          ortho: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``ortho`` of each whole matrix whose row slices ``updates`` are (DTensors sharded on dim 0 over one process
+    group), as this rank's slice of each result (plain tensors).
+
+    Matrix ``i`` is orthogonalized by rank ``i % world_size``; the slices travel in two all-to-alls per
+    ``world_size`` matrices (``all_to_all_single`` with split sizes: gloo and NCCL both have it).
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor.placement_types import Shard
+
+    mesh = updates[0].device_mesh
+    if mesh.ndim != 1 or any(u.placements != (Shard(0),) for u in updates):
+        raise ValueError("Muon under FSDP: expected matrices sharded by rows over one mesh dimension")
+    pg = mesh.get_group()
+    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    results: list[torch.Tensor] = []
+    for start in range(0, len(updates), world):
+        chunk = updates[start:start + world]  # chunk[j] is owned by rank j
+        rows = [_shard_rows(u.shape[0], world) for u in chunk]
+        cols = [u.shape[1] for u in chunk]
+        dtype = chunk[0].dtype
+        pieces = [u.to_local().to(dtype).reshape(-1) for u in chunk]
+        # 1. To the owners: rank j receives every rank's slice of chunk[j], in rank order (= the rows' order).
+        send = [rows[j][rank] * cols[j] for j in range(len(chunk))] + [0] * (world - len(chunk))
+        mine = rank < len(chunk)
+        recv = [rows[rank][i] * cols[rank] for i in range(world)] if mine else [0] * world
+        whole = pieces[0].new_empty(sum(recv))
+        dist.all_to_all_single(whole, torch.cat(pieces), recv, send, group=pg)
+        # 2. The owner orthogonalizes its whole matrix; 3. each rank gets its slice of every result back.
+        done = ortho(whole.view(chunk[rank].shape)).to(dtype).reshape(-1) if mine else whole
+        back = pieces[0].new_empty(sum(send))
+        dist.all_to_all_single(back, done.contiguous(), send, recv, group=pg)
+        results += [piece.view(rows[j][rank], cols[j]) for j, piece in enumerate(back.split(send[:len(chunk)]))]
+    return results
 
 
 class MuonAdamW:

@@ -39,6 +39,7 @@ from torch import nn
 from lmforge.errors import UserError
 from lmforge.model.gpt import Block
 from lmforge.runtime import Placement
+from lmforge.training.optim import MuonAdamW
 
 T = TypeVar("T")
 # torch.distributed.tensor, .checkpoint and .fsdp (a second or more to import) are imported where used, by runs
@@ -189,14 +190,11 @@ class Parallel:
 
     # --- the model ----------------------------------------------------------------------------------
 
-    def check(self, model: nn.Module, optimizer_name: str, lora: bool) -> None:
+    def check(self, model: nn.Module, lora: bool) -> None:
         """UserError where the strategy cannot work for this model on this many processes."""
         if not self.sharded:
             return
         world = self.where.world_size
-        if optimizer_name == "muon":
-            raise UserError("parallel.strategy=fsdp with optim.name=muon: Muon orthogonalizes whole matrices, which "
-                            "FSDP splits over the processes; use parallel.strategy=ddp (or optim.name=adamw)")
         if lora:
             raise UserError("parallel.strategy=fsdp with lora.rank > 0: LoRA trains small adapters on a frozen base "
                             "that is not sharded here; use parallel.strategy=ddp")
@@ -305,12 +303,12 @@ class Parallel:
         set_model_state_dict(model, sd if self.where.is_main else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
-    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | MuonAdamW) -> dict:
         """The optimizer's full state on rank 0 (a collective under FSDP), numbered like ``optimizer.state_dict()``
         of one process; {} elsewhere."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        sd = get_optimizer_state_dict(model, optimizer,
+        sd = get_optimizer_state_dict(model, _parts(optimizer),
                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.where.is_main:
             return {}
@@ -318,7 +316,8 @@ class Parallel:
         return {"state": {index[name]: s for name, s in sd["state"].items()},
                 "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in sd["param_groups"]]}
 
-    def load_full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    def load_full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | MuonAdamW,
+                                  sd: dict) -> None:
         """Rank 0's full optimizer state ``sd`` (numbered as :meth:`full_optimizer_state` writes it) into every
         rank's optimizer."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -327,7 +326,7 @@ class Parallel:
             names = _param_names(model, optimizer)
             sd = {"state": {names[int(i)]: s for i, s in sd["state"].items()},
                   "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
-        set_optimizer_state_dict(model, optimizer, sd if self.where.is_main else {},
+        set_optimizer_state_dict(model, _parts(optimizer), sd if self.where.is_main else {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def unsharded(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
@@ -369,6 +368,12 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     return {name: min(group) for group in names.values() for name in group}
+
+
+def _parts(optimizer: torch.optim.Optimizer | MuonAdamW) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind ``optimizer`` (Muon's and AdamW's), whose parameter groups, in this order, are
+    its own: what torch.distributed.checkpoint's state-dict functions take."""
+    return list(optimizer.parts) if isinstance(optimizer, MuonAdamW) else [optimizer]
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

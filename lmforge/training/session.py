@@ -224,7 +224,7 @@ class TrainingSession:
         processes, build the optimizer, restore the checkpoint, compile, print the header, run the loop."""
         plan, par, model = self.plan, self.parallel, trainee.model
         cfg, rt = plan.config, plan.rt
-        par.check(model, cfg.optim.name, lora=trainee.lora)
+        par.check(model, lora=trainee.lora)
         self._write_run_dir(trainee)
         synced = par.wrap(model, rt.precision)
         optimizer = build_optimizer(model, cfg.optim, rt.device, rt.precision)
