@@ -413,8 +413,10 @@ class TrainLoopConfig:
     """torch.compile the model (the lmforge command falls back to eager with a warning where it cannot)."""
     threads: int = 0
     """CPU threads for PyTorch; 0 leaves PyTorch's default."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward: far less memory for about one more forward pass."""
+    activation_checkpointing: bool | Literal["selective"] = False
+    """Recompute activations in backward, per Transformer block: true keeps only each block's input (the least memory,
+    for about one more forward pass); 'selective' keeps the matrix products' and attention's outputs and recomputes
+    the rest (norms, RoPE, activations: much of the saving for a few percent of a step); false keeps everything."""
     on_nonfinite: Literal["halt", "skip"] = "halt"
     """A step with a NaN/Inf loss or gradient: 'halt' (exit 3; the last checkpoint is good) or 'skip' it."""
     max_nonfinite_steps: int = 10
@@ -658,8 +660,14 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    """A union's members as a user writes them: ``int or null``, ``true, false or 'selective'``."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    names = [getattr(a, "__name__", str(a)) for a in args]
+    names = []
+    for a in args:
+        if typing.get_origin(a) is Literal:
+            names += [repr(v) for v in typing.get_args(a)]
+        else:
+            names.append("true or false" if a is bool else getattr(a, "__name__", str(a)))
     return " or ".join(names) + (" or null" if len(args) < len(typing.get_args(tp)) else "")
 
 

@@ -33,6 +33,8 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     ("train.max_steps=abc", "config key 'train.max_steps': expected an integer, got 'abc'"),
     ("train.compile=maybe", "config key 'train.compile': expected true or false"),
     ("train.precision=fp8", "config key 'train.precision': expected one of"),
+    ("train.activation_checkpointing=some",
+     "config key 'train.activation_checkpointing': expected true or false or 'selective', got 'some'"),
     ("model.preset=gpt9", "unknown model preset 'gpt9'"),
     ("train=3", "config section 'train': expected a mapping"),
     ("nonsense", "expected key=value"),
@@ -46,6 +48,12 @@ def test_bad_keys_and_types_name_the_key(override, message):
 def test_none_and_floats_parse():
     cfg = load_train_config(None, ["train.patience=null", "train.max_minutes=1.5", "optim.decay_steps=none"])
     assert cfg.train.patience is None and cfg.train.max_minutes == 1.5 and cfg.optim.decay_steps is None
+
+
+def test_a_key_of_a_boolean_or_a_word_takes_either():
+    for value, parsed in (("true", True), ("false", False), ("selective", "selective")):
+        assert load_train_config(None, [f"train.activation_checkpointing={value}"]).train.activation_checkpointing \
+            == parsed
 
 
 def test_missing_and_invalid_yaml_files(tmp_path):

@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
-from lmforge.model.gpt import GPT, Block, Linear, init_weights, make_norm, rope_cache
+from lmforge.model.gpt import GPT, Block, Linear, init_weights, make_norm, rope_cache, run_block
 
 
 class Encoder(nn.Module):
@@ -45,7 +44,7 @@ class Encoder(nn.Module):
         self.emb_norm = make_norm(cfg) if cfg.post_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, causal=False) for _ in range(cfg.n_layer))
-        self.activation_checkpointing = False  # recompute block activations in backward (saves memory)
+        self.activation_checkpointing: bool | str = False  # see lmforge.model.gpt.run_block
         self.norm_f = None if cfg.post_norm else make_norm(cfg)
         self.head_dense = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.head_norm = make_norm(cfg)
@@ -117,10 +116,7 @@ class Encoder(nn.Module):
         x = self.drop(x)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys
         for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, mask, None, use_reentrant=False)
-            else:
-                x = block(x, rope, mask, None)
+            x = run_block(block, self.activation_checkpointing, x, rope, mask, None)
         return x if self.norm_f is None else self.norm_f(x)
 
     def sequence_representation(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 from lmforge.model.attention import causal_attention
-from lmforge.model.gpt import Block, KVCache, Linear, init_weights, make_norm, rope_cache
+from lmforge.model.gpt import Block, KVCache, Linear, init_weights, make_norm, rope_cache, run_block
 
 
 class CrossAttention(nn.Module):
@@ -102,7 +101,7 @@ class EncoderDecoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder_blocks = nn.ModuleList(Block(cfg, causal=False) for _ in range(cfg.n_layer))
         self.decoder_blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layer))
-        self.activation_checkpointing = False  # recompute block activations in backward (saves memory)
+        self.activation_checkpointing: bool | str = False  # see lmforge.model.gpt.run_block
         self.enc_norm_f = None if cfg.post_norm else make_norm(cfg)
         self.dec_norm_f = None if cfg.post_norm else make_norm(cfg)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.bias)
@@ -160,17 +159,12 @@ class EncoderDecoder(nn.Module):
             x = norm(x)
         return self.drop(x), rope
 
-    def _run(self, block: nn.Module, *args) -> torch.Tensor:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's output (B, S, n_embd) for source ids ``src`` (B, S): what cross-attention reads."""
         x, rope = self._embed(src, self.enc_wpe, self.enc_emb_norm)
         mask = _key_mask(src_mask)
         for block in self.encoder_blocks:
-            x = self._run(block, x, rope, mask, None)
+            x = run_block(block, self.activation_checkpointing, x, rope, mask, None)
         return x if self.enc_norm_f is None else self.enc_norm_f(x)
 
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor | None, src_mask: torch.Tensor | None = None, *,
@@ -185,7 +179,7 @@ class EncoderDecoder(nn.Module):
         x, rope = self._embed(tgt, self.dec_wpe, self.dec_emb_norm, cache_start or 0)
         mask = _key_mask(src_mask)
         for block in self.decoder_blocks:
-            x = self._run(block, x, rope, None, cache_start, memory, mask)
+            x = run_block(block, self.activation_checkpointing, x, rope, None, cache_start, memory, mask)
         if self.dec_norm_f is not None:
             x = self.dec_norm_f(x)
         if last_only:

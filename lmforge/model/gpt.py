@@ -16,11 +16,12 @@ prompt is written in one call (prefill), then one token per call.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lmforge.config import ModelConfig
 from lmforge.model.attention import causal_attention
@@ -194,6 +195,34 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# What selective checkpointing keeps: the outputs of the matrix products and of attention, the work that costs to
+# redo. The rest of a block's saved activations (norms, RoPE, the MLP's activation and product, dtype casts,
+# dropout) is elementwise: recomputing it in backward costs a few percent of a step and frees most of a block's
+# activation memory (BENCHMARKS.md, "Activation checkpointing").
+_KEPT_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _keep_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def run_block(block: nn.Module, checkpointing: bool | str, *args) -> torch.Tensor:
+    """``block(*args)``, with its activations recomputed in backward (``train.activation_checkpointing``): all of
+    them (True: the block keeps only its input), or all but the products' and attention's outputs ("selective");
+    False keeps everything. Checkpointing applies while training with gradients on; the RNG state is replayed, so
+    dropout draws the same masks again."""
+    if not checkpointing or not block.training or not torch.is_grad_enabled():
+        return block(*args)
+    if checkpointing == "selective":
+        return checkpoint(block, *args, use_reentrant=False,
+                          context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
+    return checkpoint(block, *args, use_reentrant=False)
+
+
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """GPT-2's initialization: every Linear and Embedding weight from N(0, 0.02), biases zero, and the projections into
     the residual stream scaled by 1/sqrt(2 * n_layer), so that the residual's variance does not grow with depth (zero
@@ -224,7 +253,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.activation_checkpointing = False  # recompute block activations in backward (saves memory)
+        self.activation_checkpointing: bool | str = False  # see run_block
         self.norm_f = make_norm(cfg)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -297,10 +326,7 @@ class GPT(nn.Module):
             rope = (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
         for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, mask, cache_start, use_reentrant=False)
-            else:
-                x = block(x, rope, mask, cache_start)
+            x = run_block(block, self.activation_checkpointing, x, rope, mask, cache_start)
         return self.norm_f(x)
 
     classifier_bias = False
