@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
@@ -60,9 +61,11 @@ def main() -> None:
     print(f"{where} | {device} | {precision} | torch {torch.__version__} | {args.preset} "
           f"({model.num_params() / 1e6:.0f}M) | batch {args.batch} x {args.context}", flush=True)
 
-    def step() -> None:  # as the training loop's: forward under autocast, backward, optimizer
+    def step(after_forward: Callable[[], None] = lambda: None) -> None:
+        """As the training loop's: forward under autocast, backward, optimizer."""
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             _, loss = model(x, y)
+        after_forward()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -75,13 +78,9 @@ def main() -> None:
         model.activation_checkpointing = mode
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
-        with tracker:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                _, loss = model(x, y)
-            held = tracker.get_tracker_snapshot()[device]  # what the forward left for the backward
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        held: dict = {}
+        with tracker:  # what the forward left for the backward, then the whole step's peak
+            step(lambda held=held, tracker=tracker: held.update(tracker.get_tracker_snapshot()[device]))
         peak = tracker.get_tracker_snapshot("peak")[device]
         memory[name] = {"peak_total": peak["Total"], "held_after_forward": held["Total"],
                         "activations_after_forward": next(b for kind, b in held.items() if str(kind).endswith("ACT"))}

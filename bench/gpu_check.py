@@ -70,6 +70,7 @@ from lmforge.options import GREEDY
 from lmforge.runtime import Runtime, maybe_compile
 from lmforge.serve.engine import Engine, Finished, Job, Token
 from lmforge.training.guard import NonfiniteGuard
+from lmforge.training.metrics import read_metrics
 from lmforge.training.objectives import NextToken
 from lmforge.training.optim import build_optimizer
 from lmforge.training.pretrain import TrainResult, train
@@ -289,7 +290,7 @@ def one_line(e: BaseException) -> str:
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
     """A run's metrics.jsonl."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
